@@ -1,0 +1,99 @@
+"""hivemem: shared memory and coordination for AI agents in separate processes.
+
+Open a hive with :func:`connect` (async) or :func:`connect_sync` (blocking)::
+
+    hive = hivemem.connect("sqlite:///hive.db", agent="researcher")   # embedded
+    hive = hivemem.connect("http://localhost:8765", agent="researcher")  # service
+
+The same methods, return types and exceptions work for every URL.
+"""
+
+from __future__ import annotations
+
+from hivemem.config import Settings
+from hivemem.errors import (
+    Conflict,
+    CursorExpired,
+    HivememError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+from hivemem.hive import Hive
+from hivemem.models import DeleteOp, Event, Item, Message, MessageIn, Page, PutOp, Session
+from hivemem.sync import SyncHive
+
+__all__ = [
+    "Conflict",
+    "CursorExpired",
+    "DeleteOp",
+    "Event",
+    "Hive",
+    "HivememError",
+    "InvalidInput",
+    "Item",
+    "Message",
+    "MessageIn",
+    "NotFound",
+    "Page",
+    "PermissionDenied",
+    "PutOp",
+    "RateLimited",
+    "Session",
+    "Settings",
+    "SyncHive",
+    "TooLarge",
+    "Unauthenticated",
+    "Unavailable",
+    "connect",
+    "connect_sync",
+]
+
+__version__ = "0.1.0"
+
+
+def connect(
+    url: str = "sqlite:///hive.db", *, agent: str = "anonymous", settings: Settings | None = None
+) -> Hive:
+    """Open the async Hive that ``url`` names. Nothing is contacted until first use.
+
+    Args:
+        url: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
+            ``sqlite://:memory:`` (private to this Hive object), ``http://host:port``,
+            or several ``http://`` URLs separated by commas (replicas of one service).
+        agent: the identity stamped as author of this hive's writes (one namespace
+            segment: letters, digits, ``_ - . : @ +``).
+        settings: limits and tuning; by default read from ``HIVEMEM_*`` variables.
+
+    Returns:
+        A :class:`LocalHive` for ``sqlite`` URLs, a :class:`RemoteHive` for ``http(s)``.
+
+    Raises:
+        InvalidInput: unknown scheme (field ``url``) or invalid agent (field ``agent``).
+    """
+    settings = settings or Settings()
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        from hivemem.backends.sqlite import SqliteBackend
+        from hivemem.core.hive import LocalHive
+
+        return LocalHive(SqliteBackend.from_url(url, settings), agent=agent, settings=settings)
+    if scheme in ("http", "https"):
+        from hivemem.client.remote import RemoteHive
+
+        return RemoteHive(url, agent=agent, settings=settings)
+    raise InvalidInput(
+        f"unsupported store URL {url!r}: expected sqlite:///path, sqlite://:memory: or http://host:port",
+        field="url",
+    )
+
+
+def connect_sync(
+    url: str = "sqlite:///hive.db", *, agent: str = "anonymous", settings: Settings | None = None
+) -> SyncHive:
+    """Open a blocking :class:`SyncHive`; arguments as for :func:`connect`."""
+    return SyncHive(connect(url, agent=agent, settings=settings))

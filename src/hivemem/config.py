@@ -1,0 +1,75 @@
+"""Settings: limits, retention and tuning, from arguments or ``HIVEMEM_*`` variables.
+
+Every field can be set by the environment variable ``HIVEMEM_<FIELD>`` (e.g.
+``HIVEMEM_MAX_VALUE_BYTES=2097152``) or by passing ``Settings(...)`` to
+:func:`hivemem.connect`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+MiB = 1024 * 1024
+KiB = 1024
+
+
+class Settings(BaseSettings):
+    """Limits and tuning of a hive. Sizes are bytes, times are seconds."""
+
+    model_config = SettingsConfigDict(env_prefix="HIVEMEM_", extra="ignore")
+
+    store: str = Field(
+        default="sqlite:///hive.db", description="Store URL used by `hivemem serve` and the CLI."
+    )
+
+    # Input limits.
+    max_value_bytes: int = Field(default=1 * MiB, gt=0, description="Largest value, as JSON.")
+    max_text_bytes: int = Field(default=256 * KiB, gt=0, description="Largest `text`, UTF-8.")
+    max_metadata_bytes: int = Field(default=16 * KiB, gt=0, description="Largest metadata, JSON.")
+    max_key_bytes: int = Field(default=512, gt=0, description="Longest key, UTF-8.")
+    max_namespace_depth: int = Field(default=8, gt=0, description="Most segments in a namespace.")
+    max_segment_chars: int = Field(default=128, gt=0, description="Longest namespace segment.")
+    max_batch_ops: int = Field(default=100, gt=0, description="Most operations in one batch.")
+    max_page_size: int = Field(default=1000, gt=0, description="Largest `limit` of a listing.")
+    max_payload_bytes: int = Field(default=64 * KiB, gt=0, description="Largest publish payload.")
+
+    # Retention.
+    history_limit: int = Field(
+        default=10, ge=0, description="Versions kept per item for history(); 0 keeps none."
+    )
+    event_retention_seconds: float = Field(
+        default=7 * 24 * 3600.0, gt=0, description="How long feed events are kept."
+    )
+    sweep_interval_seconds: float = Field(
+        default=30.0, gt=0, description="How often expired items and old events are removed."
+    )
+
+    # SQLite tuning.
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL",
+        description="FULL: a commit is fsynced before it is acknowledged (survives power loss). "
+        "NORMAL: survives a process crash (kill -9) but not power loss.",
+    )
+    sqlite_busy_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="How long a writer waits for another process's lock."
+    )
+    sqlite_readers: int = Field(default=4, gt=0, description="Reader threads (file stores).")
+    feed_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="Safety poll of the feed for watchers; change notifications wake them sooner.",
+    )
+
+    # Service.
+    max_request_bytes: int = Field(
+        default=4 * MiB, gt=0, description="Largest HTTP request body the service accepts."
+    )
+    sse_ping_seconds: float = Field(default=15.0, gt=0, description="SSE keep-alive interval.")
+
+    # Client.
+    request_timeout_seconds: float = Field(default=30.0, gt=0, description="Client HTTP timeout.")

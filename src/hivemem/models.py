@@ -1,0 +1,141 @@
+"""The records a Hive returns and accepts.
+
+All times are timezone-aware UTC datetimes. All models are immutable pydantic
+models, so they serialise to the same JSON embedded and over HTTP.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "DeleteOp",
+    "Event",
+    "Item",
+    "Message",
+    "MessageIn",
+    "Page",
+    "PutOp",
+    "Session",
+]
+
+T = TypeVar("T")
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Item(_Record):
+    """One entry of the shared memory bank, at (namespace, key)."""
+
+    namespace: str = Field(description="Path of segments separated by '/', e.g. 'team/research'.")
+    key: str = Field(description="Key inside the namespace.")
+    value: Any = Field(description="Any JSON value.")
+    version: int = Field(description="1 on create, +1 on every write.")
+    author: str = Field(description="Agent that wrote this version (stamped by the hive).")
+    created_at: datetime = Field(description="When the item was created (UTC).")
+    updated_at: datetime = Field(description="When this version was written (UTC).")
+    expires_at: datetime | None = Field(default=None, description="When the item expires (UTC).")
+    text: str | None = Field(default=None, description="Text that search indexes, if given.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Filterable attributes.")
+
+
+class Page(_Record, Generic[T]):
+    """One page of a listing; pass ``next_cursor`` back to get the next page."""
+
+    items: list[T]
+    next_cursor: str | None = Field(
+        default=None, description="Opaque cursor of the next page; None on the last page."
+    )
+
+
+class PutOp(_Record):
+    """A put inside :meth:`Hive.batch`; fields mean what they mean for :meth:`Hive.put`."""
+
+    op: Literal["put"] = "put"
+    namespace: str
+    key: str
+    value: Any
+    if_version: int | None = None
+    ttl: float | None = Field(default=None, description="Seconds until the item expires.")
+    text: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class DeleteOp(_Record):
+    """A delete inside :meth:`Hive.batch`; fields mean what they mean for :meth:`Hive.delete`."""
+
+    op: Literal["delete"] = "delete"
+    namespace: str
+    key: str
+    if_version: int | None = None
+
+
+class Session(_Record):
+    """A conversation: its identity, running counters and versioned state document."""
+
+    id: str
+    app: str = Field(description="Application the session belongs to.")
+    user: str | None = Field(default=None, description="End user of the conversation.")
+    agent: str | None = Field(default=None, description="Agent that owns the conversation.")
+    created_by: str = Field(description="Agent identity that created the session.")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    state: dict[str, Any] = Field(default_factory=dict, description="Agent state document.")
+    state_version: int = Field(description="0 before the first save, +1 on each save.")
+    messages: int = Field(description="Messages appended so far (= last sequence number).")
+    turns: int = Field(description="Messages with role 'user' appended so far.")
+    tokens_in: int = Field(description="Sum of tokens_in over all messages.")
+    tokens_out: int = Field(description="Sum of tokens_out over all messages.")
+    cost: float = Field(description="Sum of cost over all messages (caller's currency).")
+    started_at: datetime
+    last_activity_at: datetime
+
+
+class MessageIn(_Record):
+    """A message to append to a session."""
+
+    role: str = Field(description="'user', 'assistant', 'system', 'tool' or your own role.")
+    content: Any = Field(description="Text or any JSON value (e.g. a list of content parts).")
+    tokens_in: int = Field(default=0, ge=0)
+    tokens_out: int = Field(default=0, ge=0)
+    cost: float = Field(default=0.0, ge=0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Message(_Record):
+    """A message stored in a session's log."""
+
+    session_id: str
+    seq: int = Field(description="1 for the first message of the session, +1 per message.")
+    role: str
+    content: Any
+    author: str = Field(description="Agent identity that appended the message.")
+    created_at: datetime
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class Event(_Record):
+    """One entry of the change feed.
+
+    Types: ``item.put``, ``item.deleted``, ``item.expired`` (namespace, key,
+    version); ``session.created``, ``session.messages`` (version = last sequence
+    number), ``session.state`` (version = state version), ``session.deleted``
+    (namespace ``_sessions/<id>``); ``publish`` (namespace = channel, ``data`` =
+    payload).
+    """
+
+    cursor: str = Field(description="Opaque position in the feed; resume with after=cursor.")
+    type: str
+    namespace: str
+    key: str | None = None
+    version: int | None = None
+    author: str
+    at: datetime
+    data: Any = None
