@@ -1,0 +1,315 @@
+"""hivemem benchmark runner.
+
+Usage::
+
+    python bench/run.py [--quick] [--json PATH] [--only NAME,...] [--duration SECONDS]
+
+Sections (names for ``--only``):
+
+    embedded  LocalHive get/put over a SQLite file: async (one task) and SyncHive
+    sqlite    raw sqlite3 select/upsert on a comparable table (the floor)
+    service   ``hivemem serve`` under 32 concurrent clients: RemoteHive and raw aiohttp
+    minimal   a minimal FastAPI dict endpoint under the same clients (the HTTP floor)
+    wrk       wrk GET against the minimal endpoint and our GET /v1/items route
+    watch     write-to-event latency of watch(): embedded (2 processes) and service
+
+Each section prints its figures; a final table puts ours beside the baselines with
+ratios, and every figure is written as JSON (default ``bench/results/latest.json``).
+All traffic stays on 127.0.0.1; every subprocess is stopped at the end, also on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from common import Procs, Result  # noqa: E402
+from embedded import bench_embedded, bench_sqlite  # noqa: E402
+from http_bench import CLIENTS, Servers, bench_minimal, bench_service, bench_wrk  # noqa: E402
+from watch_latency import bench_watch  # noqa: E402
+
+SECTIONS = ("embedded", "sqlite", "service", "minimal", "wrk", "watch")
+
+#: (ours, baseline, what the ratio says) for the final table.
+COMPARISONS: list[tuple[str, str, str]] = [
+    ("embedded.async.get", "sqlite.get", "embedded overhead"),
+    ("embedded.async.put", "sqlite.put", "embedded overhead"),
+    ("embedded.sync.get", "sqlite.get", "embedded overhead"),
+    ("embedded.sync.put", "sqlite.put", "embedded overhead"),
+    ("service.remote.get", "minimal.aiohttp.get", "whole stack vs floor"),
+    ("service.remote.put", "minimal.aiohttp.put", "whole stack vs floor"),
+    ("service.aiohttp.get", "minimal.aiohttp.get", "server overhead"),
+    ("service.aiohttp.put", "minimal.aiohttp.put", "server overhead"),
+    ("service.wrk.get", "minimal.wrk.get", "server overhead (wrk)"),
+    ("service.remote.get", "service.aiohttp.get", "client overhead"),
+    ("service.remote.put", "service.aiohttp.put", "client overhead"),
+    ("minimal.remote.get", "minimal.aiohttp.get", "client overhead"),
+    ("minimal.remote.put", "minimal.aiohttp.put", "client overhead"),
+    ("minimal.aiohttp.get", "minimal.wrk.get", "python client vs wrk"),
+]
+LATENCY_ONLY = ["watch.embedded", "watch.service"]
+
+console = Console(width=150)
+
+
+def _fmt_rate(v: float | None) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _fmt_ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def print_results(title: str, results: list[Result]) -> None:
+    """One rich table of a section's figures."""
+    t = Table(title=title, title_justify="left")
+    for col in ("figure", "name", "conc", "ops", "err", "ops/s", "p50 ms", "p90 ms", "p99 ms",
+                "max ms"):
+        t.add_column(col, justify="left" if col in ("figure", "name") else "right")
+    for r in results:
+        t.add_row(r.label, r.name, str(r.concurrency), f"{r.ops:,}", str(r.errors),
+                  _fmt_rate(r.ops_per_s), _fmt_ms(r.p50_ms), _fmt_ms(r.p90_ms),
+                  _fmt_ms(r.p99_ms), _fmt_ms(r.max_ms))  # fmt: skip
+    console.print(t)
+    for r in results:
+        if r.extra.get("first_error"):
+            console.print(f"  [red]{r.name}: {r.errors} errors, first: {r.extra['first_error']}")
+
+
+def comparisons(results: dict[str, Result]) -> list[dict[str, Any]]:
+    """The final table's rows: ours beside its baseline, ratio = ours ops/s ÷ baseline ops/s."""
+    rows: list[dict[str, Any]] = []
+    for ours, base, what in COMPARISONS:
+        a, b = results.get(ours), results.get(base)
+        if a is None or b is None:
+            continue
+        rows.append(
+            {
+                "ours": ours,
+                "baseline": base,
+                "meaning": what,
+                "ours_ops_per_s": round(a.ops_per_s, 1),
+                "ours_p50_ms": a.p50_ms,
+                "ours_p99_ms": a.p99_ms,
+                "baseline_ops_per_s": round(b.ops_per_s, 1),
+                "baseline_p50_ms": b.p50_ms,
+                "baseline_p99_ms": b.p99_ms,
+                "ratio": round(a.ops_per_s / b.ops_per_s, 4) if b.ops_per_s else None,
+            }
+        )
+    return rows
+
+
+def print_final(results: dict[str, Result], rows: list[dict[str, Any]]) -> None:
+    """The summary table: ours, the baseline, and the throughput ratio."""
+    t = Table(title="Summary: ours vs. baselines (ratio = ours ops/s ÷ baseline ops/s)",
+              title_justify="left")  # fmt: skip
+    for col in ("ours", "ops/s", "p50 ms", "p99 ms", "baseline", "ops/s ", "p50 ms ", "p99 ms ",
+                "ratio", "what it shows"):
+        t.add_column(col, justify="left" if col in ("ours", "baseline", "what it shows")
+                     else "right")  # fmt: skip
+    for row in rows:
+        ratio = row["ratio"]
+        t.add_row(
+            results[row["ours"]].label, _fmt_rate(row["ours_ops_per_s"]),
+            _fmt_ms(row["ours_p50_ms"]), _fmt_ms(row["ours_p99_ms"]),
+            results[row["baseline"]].label, _fmt_rate(row["baseline_ops_per_s"]),
+            _fmt_ms(row["baseline_p50_ms"]), _fmt_ms(row["baseline_p99_ms"]),
+            "-" if ratio is None else f"{ratio:.2f}x", row["meaning"],
+        )  # fmt: skip
+    for name in LATENCY_ONLY:
+        r = results.get(name)
+        if r is not None:
+            t.add_row(r.label, f"{r.extra.get('rate_per_s', 0):,.0f} w/s", _fmt_ms(r.p50_ms),
+                      _fmt_ms(r.p99_ms), "-", "-", "-", "-", "-",
+                      f"write-to-event latency, missed {r.extra.get('missed')}")  # fmt: skip
+    console.print(t)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures were measured: CPUs, Python, library versions."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("hivemem", "fastapi", "starlette", "uvicorn", "aiohttp", "pydantic", "orjson",
+                "uvloop", "httptools"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    versions["sqlite"] = sqlite3.sqlite_version
+    wrk = shutil.which("wrk")
+    if wrk:
+        out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
+        versions["wrk"] = (out.stdout + out.stderr).strip().splitlines()[0]
+    return {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; see the module docstring."""
+    p = argparse.ArgumentParser(description="hivemem benchmarks (see bench/README.md)")
+    p.add_argument("--quick", action="store_true", help="about 30 s in all (1 s per figure)")
+    p.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json",
+                   help="where to write every figure as JSON (default: %(default)s)")
+    p.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    p.add_argument("--duration", type=float, default=None,
+                   help="measured seconds per figure (default 5, --quick 1)")
+    p.add_argument("--keys", type=int, default=1000, help="key count (default %(default)s)")
+    p.add_argument("--watch-rate", type=float, default=200.0,
+                   help="puts per second of the watch writer (default %(default)s)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (databases, logs)")
+    a = p.parse_args(argv)
+    a.sections = [s.strip() for s in a.only.split(",") if s.strip()] or list(SECTIONS)
+    unknown = set(a.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    if a.duration is None:
+        a.duration = 1.0 if a.quick else 5.0
+    if not 0.1 <= a.duration <= 600:
+        p.error("--duration must be within 0.1..600 seconds")
+    if not 1 <= a.keys <= 1_000_000:
+        p.error("--keys must be within 1..1000000")
+    a.warmup = min(1.0, a.duration * 0.2)
+    return a
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected sections; returns the process exit code (1 if a section failed)."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix="hivemem-bench-"))
+    started = time.perf_counter()
+    info = machine_info()
+    console.print(
+        f"[bold]hivemem bench[/] sections={','.join(args.sections)} duration={args.duration}s "
+        f"warmup={args.warmup}s keys={args.keys} clients={CLIENTS} tmp={tmp}\n"
+        f"nproc={info['nproc']} python={info['python']} cpu={info['cpu_model']!r}"
+    )
+    results: dict[str, Result] = {}
+    failures: dict[str, str] = {}
+    notes: list[str] = []
+    d, w, k = args.duration, args.warmup, args.keys
+
+    def record(title: str, rs: list[Result]) -> None:
+        for r in rs:
+            results[r.name] = r
+        print_results(title, rs)
+
+    with Procs(tmp) as procs:
+        servers = Servers(procs, tmp)
+        steps: list[tuple[str, str, Any]] = [
+            ("embedded", "1. embedded (LocalHive over sqlite file)",
+             lambda: bench_embedded(tmp, k, d, w)),
+            ("sqlite", "2. raw sqlite3 (WAL, synchronous=FULL), same process and dir",
+             lambda: bench_sqlite(tmp, k, d, w)),
+            ("service", f"3. service (hivemem serve, sqlite), {CLIENTS} concurrent clients",
+             lambda: bench_service(servers, k, d, w)),
+            ("minimal", f"4. minimal FastAPI dict endpoint, {CLIENTS} concurrent clients",
+             lambda: bench_minimal(servers, k, d, w)),
+        ]  # fmt: skip
+        try:
+            for name, title, fn in steps:
+                if name not in args.sections:
+                    continue
+                console.rule(title)
+                try:
+                    record(title, fn())
+                except Exception:
+                    failures[name] = traceback.format_exc()
+                    console.print(f"[red]section {name} failed:\n{failures[name]}")
+            if "wrk" in args.sections:
+                title = f"4b. wrk GET, {CLIENTS} connections, 1 thread"
+                console.rule(title)
+                try:
+                    rs, skipped = bench_wrk(servers, k, d)
+                    if skipped:
+                        notes.append(skipped)
+                        console.print(f"[yellow]skipped: {skipped}")
+                    else:
+                        record(title, rs)
+                except Exception:
+                    failures["wrk"] = traceback.format_exc()
+                    console.print(f"[red]section wrk failed:\n{failures['wrk']}")
+            if "watch" in args.sections:
+                title = f"5. watch latency, writer at {args.watch_rate:.0f} puts/s"
+                console.rule(title)
+                try:
+                    rs = bench_watch(procs, servers, tmp, max(1.0, d), args.watch_rate,
+                                     log=lambda *r: None)  # fmt: skip
+                    record(title, rs)
+                except Exception:
+                    failures["watch"] = traceback.format_exc()
+                    console.print(f"[red]section watch failed:\n{failures['watch']}")
+        finally:
+            procs.stop_all()
+        service_cmd = " ".join(servers.service_cmd)
+        minimal_cmd = " ".join(servers.minimal_cmd)
+
+    rows = comparisons(results)
+    console.rule("Summary")
+    print_final(results, rows)
+    elapsed = time.perf_counter() - started
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed, 1),
+        "settings": {"duration_s": d, "warmup_s": w, "keys": k, "clients": CLIENTS,
+                     "watch_rate_per_s": args.watch_rate, "sections": args.sections},
+        "machine": info,
+        "servers": {"service": service_cmd, "minimal": minimal_cmd},
+        "results": {name: r.to_json() for name, r in results.items()},
+        "comparisons": rows,
+        "notes": notes,
+        "failures": failures,
+    }  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {args.json} ({elapsed:.0f} s)")
+    if failures or args.keep_tmp:
+        console.print(f"kept {tmp} (databases and server logs)")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Storage backends: the primitives each engine provides (see base.py)."""

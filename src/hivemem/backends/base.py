@@ -1,0 +1,296 @@
+"""The backend contract: storage primitives, no rules.
+
+A backend stores rows and applies each write, its version check and its feed
+event in one atomic step. Validation, identities, TTL arithmetic, JSON encoding
+and the public records live in :mod:`hivemem.core`; a backend sees already
+checked arguments, JSON as ``bytes`` and times as UNIX seconds (float, UTC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "Backend",
+    "ChangeSignal",
+    "DeleteWrite",
+    "EventRow",
+    "ItemRow",
+    "MessageRow",
+    "NewMessage",
+    "PutWrite",
+    "SessionRow",
+]
+
+
+@dataclass(slots=True, frozen=True)
+class ItemRow:
+    """A stored item version. ``value`` and ``metadata`` are JSON bytes."""
+
+    namespace: str
+    key: str
+    value: bytes
+    version: int
+    author: str
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    text: str | None
+    metadata: bytes | None
+
+
+@dataclass(slots=True, frozen=True)
+class PutWrite:
+    """Write ``value`` at (namespace, key) if the current version is ``if_version``
+    (0 = absent; ``None`` = any)."""
+
+    namespace: str
+    key: str
+    value: bytes
+    text: str | None
+    metadata: bytes | None
+    expires_at: float | None
+    if_version: int | None
+
+
+@dataclass(slots=True, frozen=True)
+class DeleteWrite:
+    """Delete (namespace, key) if the current version is ``if_version`` (``None`` = any)."""
+
+    namespace: str
+    key: str
+    if_version: int | None
+
+
+@dataclass(slots=True, frozen=True)
+class SessionRow:
+    """A stored session. ``metadata`` and ``state`` are JSON bytes of objects."""
+
+    id: str
+    app: str
+    user: str | None
+    agent: str | None
+    created_by: str
+    metadata: bytes
+    state: bytes
+    state_version: int
+    messages: int
+    turns: int
+    tokens_in: int
+    tokens_out: int
+    cost: float
+    started_at: float
+    last_activity_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class NewMessage:
+    """A message to append; ``content`` and ``metadata`` are JSON bytes."""
+
+    role: str
+    content: bytes
+    tokens_in: int
+    tokens_out: int
+    cost: float
+    metadata: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class MessageRow:
+    """A stored message of a session's log."""
+
+    session_id: str
+    seq: int
+    role: str
+    content: bytes
+    author: str
+    created_at: float
+    tokens_in: int
+    tokens_out: int
+    cost: float
+    metadata: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class EventRow:
+    """A stored feed event; ``data`` is JSON bytes or ``None``."""
+
+    cursor: str
+    type: str
+    namespace: str
+    key: str | None
+    version: int | None
+    author: str
+    at: float
+    data: bytes | None
+
+
+class ChangeSignal:
+    """Wakes feed watchers of this process when the feed may have grown.
+
+    Watchers read :attr:`generation`, query the feed, and if they found nothing
+    call :meth:`wait` with the generation they read: a change signalled after the
+    read (by a local commit or another process's notification) returns at once,
+    so no wake-up is lost between the query and the wait.
+    """
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def notify(self) -> None:
+        """Signal a change; must be called on the event loop's thread."""
+        self.generation += 1
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, generation: int, timeout: float) -> None:
+        """Return when :attr:`generation` differs from ``generation`` or after ``timeout`` s."""
+        if self.generation != generation:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(fut)
+
+
+class Backend(ABC):
+    """Storage primitives for items, sessions and the feed.
+
+    Every method that changes state appends the matching event to the feed in
+    the same transaction. Errors: :class:`~hivemem.errors.Conflict` for a version
+    mismatch or duplicate id, :class:`~hivemem.errors.NotFound` for an unknown
+    session, :class:`~hivemem.errors.CursorExpired` for a trimmed cursor,
+    :class:`~hivemem.errors.Unavailable` when the engine cannot be reached.
+    """
+
+    #: Wakes this process's watchers; set by the backend.
+    changes: ChangeSignal
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and create or migrate the schema."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections, threads and notification handles."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Round-trip to the engine; raise Unavailable if it does not answer."""
+
+    # Items
+
+    @abstractmethod
+    async def get_item(self, namespace: str, key: str, now: float) -> ItemRow | None:
+        """The live item, or None if absent or expired at ``now``."""
+
+    @abstractmethod
+    async def write_items(
+        self,
+        writes: Sequence[PutWrite | DeleteWrite],
+        *,
+        author: str,
+        now: float,
+        history_limit: int,
+    ) -> list[ItemRow | bool]:
+        """Apply all writes atomically, checking each ``if_version`` in order.
+
+        An item expired at ``now`` counts as absent. A put stores version
+        current+1 (1 when absent) and keeps at most ``history_limit`` versions;
+        a delete removes the item and its versions. Each applied write appends an
+        ``item.put`` or ``item.deleted`` event. Returns the new row for a put and
+        whether something was deleted for a delete.
+
+        Raises:
+            Conflict: with ``field="ops.<i>.if_version"``; nothing was written.
+        """
+
+    @abstractmethod
+    async def list_items(
+        self, prefix: str, after: tuple[str, str] | None, limit: int, now: float
+    ) -> list[ItemRow]:
+        """Live items at or under ``prefix`` ("" = all) after (namespace, key), in order."""
+
+    @abstractmethod
+    async def list_namespaces(self, prefix: str, now: float) -> list[str]:
+        """Distinct namespaces at or under ``prefix`` holding a live item, sorted."""
+
+    @abstractmethod
+    async def item_history(self, namespace: str, key: str, limit: int, now: float) -> list[ItemRow]:
+        """Stored versions of a live item, newest first."""
+
+    @abstractmethod
+    async def sweep(self, now: float, events_before: float) -> tuple[int, int]:
+        """Delete items expired at ``now`` (with ``item.expired`` events) and events
+        older than ``events_before``. Returns (items expired, events trimmed)."""
+
+    # Sessions
+
+    @abstractmethod
+    async def create_session(self, row: SessionRow) -> SessionRow:
+        """Insert a session (event ``session.created``). Raises Conflict on a duplicate id."""
+
+    @abstractmethod
+    async def get_session(self, session_id: str) -> SessionRow | None:
+        """The session, or None."""
+
+    @abstractmethod
+    async def list_sessions(
+        self, app: str | None, user: str | None, agent: str | None, after: str | None, limit: int
+    ) -> list[SessionRow]:
+        """Sessions matching every given identifier with id > ``after``, by id."""
+
+    @abstractmethod
+    async def delete_session(self, session_id: str, *, author: str, now: float) -> bool:
+        """Delete a session and its messages (event ``session.deleted``)."""
+
+    @abstractmethod
+    async def append_messages(
+        self, session_id: str, messages: Sequence[NewMessage], *, author: str, now: float
+    ) -> list[MessageRow]:
+        """Append with consecutive sequence numbers and move the counters, atomically
+        (event ``session.messages``, version = last seq). Raises NotFound."""
+
+    @abstractmethod
+    async def read_messages(self, session_id: str, after: int, limit: int) -> list[MessageRow]:
+        """Messages with seq > ``after``, in order. Raises NotFound."""
+
+    @abstractmethod
+    async def save_state(
+        self, session_id: str, state: bytes, if_version: int | None, *, author: str, now: float
+    ) -> SessionRow:
+        """Replace the state document (event ``session.state``). Raises NotFound, Conflict."""
+
+    # Feed
+
+    @abstractmethod
+    async def publish(self, channel: str, payload: bytes, *, author: str, now: float) -> EventRow:
+        """Append a ``publish`` event on ``channel``."""
+
+    @abstractmethod
+    async def read_events(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[list[EventRow], str]:
+        """Events at or under ``prefix`` after cursor ``after`` (None = oldest), in order,
+        and the cursor to continue from: the last row's when ``limit`` rows came back,
+        otherwise the feed's head as of the same read (so a reader skips non-matching
+        events once, not on every poll).
+
+        Raises:
+            InvalidInput: ``after`` is not a cursor of this backend (field ``after``).
+            CursorExpired: events after ``after`` were trimmed.
+        """
+
+    @abstractmethod
+    async def head(self) -> str:
+        """The cursor of the newest event ever appended ("0" when none)."""

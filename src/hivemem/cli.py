@@ -1,0 +1,547 @@
+"""The ``hivemem`` command line: run the service, and read and write a hive from a shell.
+
+Every client command opens the hive that ``--url`` names (a ``sqlite:///`` file or an
+``http://`` service), acts as ``--agent``, and prints a rich rendering for people or,
+with ``--json``, one JSON document for programs (``watch``: one JSON object per line).
+A :class:`~hivemem.errors.HivememError` becomes one red line on stderr and exit code 2
+(1 for :class:`~hivemem.errors.NotFound`); user errors never print a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import click
+import typer
+from pydantic import ValidationError
+from pydantic_core import to_json
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+import hivemem
+from hivemem.config import Settings
+from hivemem.errors import Conflict, HivememError, InvalidInput, NotFound
+from hivemem.models import Event, Item, Page, Session
+from hivemem.sync import SyncHive
+
+__all__ = ["app", "main"]
+
+T = TypeVar("T")
+DEFAULT_URL = "sqlite:///hive.db"
+EPILOG = (
+    "[bold]Examples[/]\n\n"
+    "  [cyan]hivemem put team/research findings '{\"papers\": 3}' --ttl 3600[/]\n\n"
+    "  [cyan]hivemem --url http://127.0.0.1:8765 ls team --all[/]\n\n"
+    "  [cyan]hivemem watch team --from-start --count 10 --json[/]"
+)
+
+app = typer.Typer(
+    name="hivemem",
+    help="Shared memory and coordination for AI agents: store, list, watch and serve a hive.",
+    epilog=EPILOG,
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+session_app = typer.Typer(
+    help="Create, inspect and append to conversation sessions.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+)
+app.add_typer(session_app, name="session")
+
+_out = Console(highlight=False)
+_err = Console(stderr=True, highlight=False)
+
+# Arguments and options used by several commands.
+Ns = Annotated[
+    str, typer.Argument(help="Namespace: 1-8 segments joined by '/', e.g. team/research.")
+]
+Key = Annotated[str, typer.Argument(help="Key inside the namespace.")]
+Prefix = Annotated[str, typer.Argument(help="Namespace to look at or under; empty: all.")]
+SessionId = Annotated[str, typer.Argument(help="Session id.")]
+Limit = Annotated[int, typer.Option(min=1, help="Most records to return.")]
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The options of the top-level command, defaults for every client command."""
+
+    url: str = DEFAULT_URL
+    agent: str = "cli"
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a client command works with: the open hive and the output mode."""
+
+    hive: SyncHive
+    json: bool
+
+    def emit(self, data: Any, human: Callable[[], None]) -> None:
+        """Print ``data`` as one JSON document with --json, else call ``human``."""
+        if self.json:
+            typer.echo(to_json(data, indent=2).decode())
+        else:
+            human()
+
+
+def _fail(exc: HivememError) -> NoReturn:
+    """Print ``exc`` as one red line on stderr; exit 1 for NotFound, 2 otherwise."""
+    detail = f" (field: {exc.field})" if exc.field else ""
+    if isinstance(exc, Conflict) and exc.current_version is not None:
+        detail += f" (current version: {exc.current_version})"
+    _err.print(f"[red]error:[/] {escape(exc.message + detail)}", soft_wrap=True)
+    raise typer.Exit(1 if isinstance(exc, NotFound) else 2)
+
+
+@contextmanager
+def _guard() -> Iterator[None]:
+    """Turn a HivememError raised inside the block into :func:`_fail`."""
+    try:
+        yield
+    except HivememError as exc:
+        _fail(exc)
+
+
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        show_default=False,
+        help="Hive: sqlite:///rel.db, sqlite:////abs.db or http://host:port[,http://...]. "
+        f"Default: the global --url, env HIVEMEM_URL, else {DEFAULT_URL}.",
+    ),
+]
+AgentOpt = Annotated[
+    str | None,
+    typer.Option(
+        show_default=False,
+        help="Agent identity stamped on writes. Default: the global --agent, env "
+        "HIVEMEM_AGENT, else cli.",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine output: one JSON document.")]
+_COMMON = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann)
+    for name, ann, default in [
+        ("url", UrlOpt, None),
+        ("agent", AgentOpt, None),
+        ("as_json", JsonOpt, False),
+    ]
+]
+
+
+def _client(group: typer.Typer, name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``func(run, ...)`` as command ``name`` of ``group``.
+
+    The command gains --url, --agent and --json (falling back to the top-level options);
+    ``run`` is a :class:`_Run` on the open hive, closed when the command ends, and any
+    HivememError it raises is printed by :func:`_fail`.
+    """
+
+    def register(func: Callable[..., None]) -> Callable[..., None]:
+        sig = inspect.signature(func, eval_str=True)
+        params = [p for p in sig.parameters.values() if p.name != "run"] + _COMMON
+
+        @functools.wraps(func)
+        def command(
+            *args: Any, url: str | None, agent: str | None, as_json: bool, **kwargs: Any
+        ) -> None:
+            root = click.get_current_context().find_root().obj
+            base = root if isinstance(root, _Options) else _Options()
+            with _guard():
+                hive = hivemem.connect_sync(url or base.url, agent=agent or base.agent)
+                try:
+                    func(_Run(hive, as_json or base.json), *args, **kwargs)
+                finally:
+                    hive.close()
+
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        group.command(name)(command)
+        return func
+
+    return register
+
+
+def _parse(raw: str) -> Any:
+    """``raw`` as JSON when it parses, otherwise the string itself."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _read_value(value: str | None, value_file: str | None) -> Any:
+    """The value of ``put``: the VALUE argument or the content of --value-file (``-``: stdin)."""
+    if (value is None) == (value_file is None):
+        raise InvalidInput("give exactly one of VALUE and --value-file", field="value")
+    if value_file is None:
+        return _parse(str(value))
+    try:
+        raw = sys.stdin.read() if value_file == "-" else Path(value_file).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"cannot read {value_file}: {exc}", field="value_file") from exc
+    return _parse(raw.removesuffix("\n"))
+
+
+def _parse_meta(pairs: list[str] | None) -> dict[str, Any] | None:
+    """``--meta k=v`` pairs as a dict; each value parsed as JSON when it parses."""
+    if not pairs:
+        return None
+    meta: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise InvalidInput(f"expected KEY=VALUE, got {pair!r}", field="meta")
+        meta[name] = _parse(raw)
+    return meta
+
+
+def _pages(
+    fetch: Callable[[str | None], Page[T]], cursor: str | None = None, every: bool = True
+) -> tuple[list[T], str | None]:
+    """One page from ``cursor``, or every page when ``every``; returns (items, next cursor)."""
+    page = fetch(cursor)
+    items = list(page.items)
+    while every and page.next_cursor:
+        page = fetch(page.next_cursor)
+        items.extend(page.items)
+    return items, page.next_cursor
+
+
+def _ts(at: datetime | None) -> str:
+    """A UTC timestamp to the second, or an empty string."""
+    return at.strftime("%Y-%m-%d %H:%M:%SZ") if at else ""
+
+
+def _preview(value: Any, width: int = 60) -> str:
+    """``value`` on one line (strings raw, others compact JSON), cut to ``width`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
+    """Print a table; cells are shown literally (no rich markup)."""
+    table = Table(*columns, title=title, header_style="bold")
+    for row in rows:
+        table.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
+    _out.print(table)
+
+
+def _items_table(items: list[Item]) -> None:
+    cols = ["namespace", "key", "version", "author", "updated", "value"]
+    rows = [
+        [i.namespace, i.key, i.version, i.author, _ts(i.updated_at), _preview(i.value)]
+        for i in items
+    ]
+    _table(cols, rows)
+
+
+def _show_session(s: Session) -> None:
+    fields = s.model_dump(exclude={"id", "state", "metadata"})
+    rows = [[k, _ts(v) if isinstance(v, datetime) else v] for k, v in fields.items()]
+    _table(["session", s.id], rows)
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    url: Annotated[
+        str, typer.Option(envvar="HIVEMEM_URL", help="Hive the client commands use.")
+    ] = DEFAULT_URL,
+    agent: Annotated[
+        str, typer.Option(envvar="HIVEMEM_AGENT", help="Agent identity stamped on writes.")
+    ] = "cli",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine output for every command.")] = (
+        False
+    ),
+) -> None:
+    """Shared memory and coordination for AI agents: store, list, watch and serve a hive."""
+    ctx.obj = _Options(url, agent, as_json)
+
+
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+
+
+@app.command()
+def serve(
+    store: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help=f"Store URL to serve. Default: env HIVEMEM_STORE, else {DEFAULT_URL}.",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 for all.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(envvar="HIVEMEM_PORT", min=1, max=65535, help="TCP port to listen on.")
+    ] = 8765,
+    log_level: Annotated[
+        str, typer.Option(click_type=click.Choice(LOG_LEVELS), help="uvicorn log level.")
+    ] = "info",
+) -> None:
+    """Run the hivemem HTTP service (HTTP API, /docs, /healthz) over a store until Ctrl-C."""
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        _fail(InvalidInput(f"invalid HIVEMEM_* setting: {first['msg']}", field=loc))
+    import uvicorn
+
+    from hivemem.service.app import create_app
+
+    store_url = store or settings.store
+    with _guard():
+        service = create_app(store_url, settings)
+    typer.echo(f"hivemem serving http://{host}:{port} (store: {store_url})")
+    uvicorn.run(service, host=host, port=port, log_level=log_level, loop="auto", http="auto")
+
+
+@_client(app, "put")
+def put(
+    run: _Run,
+    namespace: Ns,
+    key: Key,
+    value: Annotated[
+        str | None, typer.Argument(help="The value: JSON when it parses, else a string.")
+    ] = None,
+    value_file: Annotated[
+        str | None,
+        typer.Option(help="Read the value from this file ('-': stdin) instead of VALUE."),
+    ] = None,
+    ttl: Annotated[float | None, typer.Option(help="Seconds until the item expires.")] = None,
+    if_version: Annotated[
+        int | None, typer.Option(help="Write only if at this version (0: only if absent).")
+    ] = None,
+    text: Annotated[str | None, typer.Option(help="Text for search to index.")] = None,
+    meta: Annotated[
+        list[str] | None, typer.Option(help="Metadata KEY=VALUE (VALUE as JSON if it parses).")
+    ] = None,
+) -> None:
+    """Create or replace the item at NAMESPACE KEY and print its new version."""
+    data, metadata = _read_value(value, value_file), _parse_meta(meta)
+    item = run.hive.put(
+        namespace, key, data, if_version=if_version, ttl=ttl, text=text, metadata=metadata
+    )
+    run.emit(item, lambda: typer.echo(f"{item.namespace} {item.key}: version {item.version}"))
+
+
+@_client(app, "get")
+def get(run: _Run, namespace: Ns, key: Key) -> None:
+    """Print the value at NAMESPACE KEY (--json: the whole item); exit 1 when absent."""
+    item = run.hive.get(namespace, key)
+    if item is None:
+        raise NotFound(f"no item at {namespace} {key}")
+    shown = item.value if isinstance(item.value, str) else json.dumps(item.value, indent=2)
+    run.emit(item, lambda: typer.echo(shown))
+
+
+@_client(app, "ls")
+def list_items(
+    run: _Run,
+    prefix: Prefix = "",
+    limit: Limit = 100,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of the previous page.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Fetch every page, not just one.")] = False,
+) -> None:
+    """List items at or under PREFIX, ordered by namespace and key."""
+    items, nxt = _pages(lambda c: run.hive.list(prefix, limit=limit, cursor=c), cursor, all_)
+
+    def human() -> None:
+        _items_table(items)
+        if nxt:
+            _err.print(f"more: --cursor {escape(nxt)}", style="dim", soft_wrap=True)
+
+    run.emit({"items": items, "next_cursor": nxt}, human)
+
+
+@_client(app, "ns")
+def namespaces(
+    run: _Run,
+    prefix: Prefix = "",
+    depth: Annotated[int | None, typer.Option(min=1, help="Cut names to N segments.")] = None,
+) -> None:
+    """List the namespaces holding live items at or under PREFIX, one per line."""
+    names, _ = _pages(lambda c: run.hive.list_namespaces(prefix, max_depth=depth, cursor=c))
+    run.emit(names, lambda: typer.echo("\n".join(names)) if names else None)
+
+
+@_client(app, "rm")
+def remove(
+    run: _Run,
+    namespace: Ns,
+    key: Key,
+    if_version: Annotated[int | None, typer.Option(help="Delete only if at this version.")] = None,
+) -> None:
+    """Delete the item at NAMESPACE KEY and its history; exit 1 when absent."""
+    if not run.hive.delete(namespace, key, if_version=if_version):
+        raise NotFound(f"no item at {namespace} {key}")
+    run.emit({"deleted": True}, lambda: typer.echo(f"deleted {namespace} {key}"))
+
+
+@_client(app, "history")
+def history(run: _Run, namespace: Ns, key: Key, limit: Limit = 100) -> None:
+    """Show the stored versions of an item, newest first."""
+    versions = run.hive.history(namespace, key, limit=limit)
+    run.emit(versions, lambda: _items_table(versions))
+
+
+def _event_line(ev: Event) -> str:
+    target = ev.namespace + (f" {ev.key}" if ev.key is not None else "")
+    version = f" v{ev.version}" if ev.version is not None else ""
+    data = f" {_preview(ev.data)}" if ev.data is not None else ""
+    return f"{_ts(ev.at)} {ev.type:<16} {target}{version} by {ev.author}{data}"
+
+
+@_client(app, "watch")
+def watch(
+    run: _Run,
+    prefix: Prefix = "",
+    after: Annotated[str | None, typer.Option(help="Replay events after this cursor.")] = None,
+    from_start: Annotated[bool, typer.Option(help="Replay from the oldest kept event.")] = False,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after N events.")] = None,
+) -> None:
+    """Print change-feed events under PREFIX as they happen (--json: one object per line).
+
+    Without --after or --from-start only new events are shown. Ctrl-C stops.
+    """
+    if after is not None and from_start:
+        raise InvalidInput("give --after or --from-start, not both", field="after")
+    seen = 0
+    try:
+        with closing(run.hive.watch(prefix, after="0" if from_start else after)) as events:
+            for ev in events:
+                typer.echo(ev.model_dump_json() if run.json else _event_line(ev))
+                seen += 1
+                if seen == count:
+                    break
+    except KeyboardInterrupt:
+        pass
+
+
+@_client(app, "publish")
+def publish(
+    run: _Run,
+    channel: Annotated[str, typer.Argument(help="Channel (a namespace) to publish on.")],
+    payload: Annotated[str, typer.Argument(help="Payload: JSON when it parses, else a string.")],
+) -> None:
+    """Publish an event on CHANNEL for watchers; nothing is stored as an item."""
+    ev = run.hive.publish(channel, _parse(payload))
+    run.emit(ev, lambda: typer.echo(f"published on {ev.namespace} (cursor {ev.cursor})"))
+
+
+@_client(session_app, "create")
+def session_create(
+    run: _Run,
+    app_name: Annotated[str, typer.Option("--app", help="Application of the session.")],
+    user: Annotated[str | None, typer.Option(help="End user of the conversation.")] = None,
+    agent_id: Annotated[str | None, typer.Option(help="Agent owning the conversation.")] = None,
+    session_id: Annotated[str | None, typer.Option("--id", help="Your own id; else new.")] = None,
+) -> None:
+    """Create a session and show it."""
+    s = run.hive.create_session(app=app_name, user=user, agent=agent_id, session_id=session_id)
+    run.emit(s, lambda: _show_session(s))
+
+
+@_client(session_app, "get")
+def session_get(run: _Run, session_id: SessionId) -> None:
+    """Show a session's identity and counters; exit 1 when absent."""
+    s = run.hive.get_session(session_id)
+    run.emit(s, lambda: _show_session(s))
+
+
+@_client(session_app, "ls")
+def session_list(
+    run: _Run,
+    app_name: Annotated[str | None, typer.Option("--app", help="Only this application.")] = None,
+    user: Annotated[str | None, typer.Option(help="Only this end user.")] = None,
+    agent_id: Annotated[str | None, typer.Option(help="Only this owning agent.")] = None,
+) -> None:
+    """List sessions matching every given filter, oldest first."""
+    found, _ = _pages(
+        lambda c: run.hive.list_sessions(app=app_name, user=user, agent=agent_id, cursor=c)
+    )
+    cols = ["id", "app", "user", "agent", "messages", "turns", "last activity"]
+    rows = [
+        [s.id, s.app, s.user, s.agent, s.messages, s.turns, _ts(s.last_activity_at)] for s in found
+    ]
+    run.emit(found, lambda: _table(cols, rows))
+
+
+@_client(session_app, "rm")
+def session_remove(run: _Run, session_id: SessionId) -> None:
+    """Delete a session and its messages; exit 1 when absent."""
+    if not run.hive.delete_session(session_id):
+        raise NotFound(f"no session {session_id}")
+    run.emit({"deleted": True}, lambda: typer.echo(f"deleted session {session_id}"))
+
+
+@_client(session_app, "append")
+def session_append(
+    run: _Run,
+    session_id: SessionId,
+    role: Annotated[str, typer.Argument(help="user, assistant, system, tool or your own.")],
+    content: Annotated[str, typer.Argument(help="Message text, stored as given.")],
+    tokens_in: Annotated[int, typer.Option(min=0, help="Prompt tokens of the turn.")] = 0,
+    tokens_out: Annotated[int, typer.Option(min=0, help="Completion tokens of the turn.")] = 0,
+    cost: Annotated[float, typer.Option(min=0, help="Cost of the turn (your currency).")] = 0.0,
+) -> None:
+    """Append one message to a session and print its sequence number."""
+    msg = run.hive.append_message(
+        session_id, role, content, tokens_in=tokens_in, tokens_out=tokens_out, cost=cost
+    )
+    run.emit(msg, lambda: typer.echo(f"appended message {msg.seq} to session {session_id}"))
+
+
+@_client(session_app, "messages")
+def session_messages(
+    run: _Run,
+    session_id: SessionId,
+    after: Annotated[int, typer.Option(min=0, help="Only messages numbered above N.")] = 0,
+    limit: Limit = 100,
+) -> None:
+    """Show a session's messages in order."""
+    msgs = run.hive.get_messages(session_id, after=after, limit=limit)
+    cols = ["seq", "role", "author", "at", "content"]
+    rows = [[m.seq, m.role, m.author, _ts(m.created_at), _preview(m.content, 10**6)] for m in msgs]
+    run.emit(msgs, lambda: _table(cols, rows))
+
+
+@_client(session_app, "state")
+def session_state(
+    run: _Run,
+    session_id: SessionId,
+    state: Annotated[str | None, typer.Argument(help="JSON object to save; omit to show.")] = None,
+    if_version: Annotated[int | None, typer.Option(help="Save only if at this version.")] = None,
+) -> None:
+    """Show a session's state document, or replace it with STATE (a JSON object)."""
+    if state is None:
+        s = run.hive.get_session(session_id)
+        doc = {"state": s.state, "state_version": s.state_version}
+        run.emit(doc, lambda: typer.echo(json.dumps(s.state, indent=2, ensure_ascii=False)))
+        return
+    parsed = _parse(state)
+    if not isinstance(parsed, dict):
+        raise InvalidInput(f"expected a JSON object, got {state!r}", field="state")
+    s = run.hive.save_state(session_id, parsed, if_version=if_version)
+    run.emit(s, lambda: typer.echo(f"saved state of {s.id}: version {s.state_version}"))
+
+
+def main() -> None:
+    """Entry point of the ``hivemem`` command."""
+    app()

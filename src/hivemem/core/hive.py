@@ -1,0 +1,137 @@
+"""LocalHive: the embedded Hive, every rule applied in this process over a backend."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from hivemem.backends.base import Backend
+from hivemem.config import Settings
+from hivemem.core import validation as check
+from hivemem.core.events import EventsMixin
+from hivemem.core.items import ItemsMixin
+from hivemem.core.sessions import SessionsMixin
+from hivemem.hive import Hive
+
+__all__ = ["LocalHive"]
+
+log = logging.getLogger("hivemem")
+
+
+class _Shared:
+    """What the views of one LocalHive share: the backend and its background sweeper."""
+
+    def __init__(self, backend: Backend, settings: Settings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.lock = asyncio.Lock()
+        self.opened = False
+        self.sweeper: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        if self.opened:
+            return
+        async with self.lock:
+            if self.opened:
+                return
+            await self.backend.open()
+            self.sweeper = asyncio.create_task(self._sweep_forever(), name="hivemem-sweeper")
+            self.opened = True
+
+    async def close(self) -> None:
+        async with self.lock:
+            if self.sweeper is not None:
+                self.sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.sweeper
+                self.sweeper = None
+            if self.opened:
+                await self.backend.close()
+                self.opened = False
+
+    async def sweep(self) -> tuple[int, int]:
+        now = time.time()
+        return await self.backend.sweep(now, now - self.settings.event_retention_seconds)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            try:
+                expired, trimmed = await self.sweep()
+                if expired or trimmed:
+                    log.debug("swept %d expired items, trimmed %d events", expired, trimmed)
+            except Exception:  # keep sweeping; the next round retries
+                log.exception("sweep failed")
+
+
+class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, Hive):
+    """The embedded Hive over a storage backend (SQLite today).
+
+    Validation, identities, TTL arithmetic and record building happen here; the
+    backend applies each write with its version check and feed event atomically.
+    A background task removes expired items and trims the feed every
+    ``sweep_interval_seconds`` (expired items are filtered out of every read
+    before that).
+
+    Args:
+        backend: an unopened backend; opened on first use or by :meth:`open`.
+        agent: the identity stamped as author of writes.
+        settings: limits and tuning.
+
+    Raises:
+        InvalidInput: ``agent`` is not a valid identity (field ``agent``).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        agent: str = "anonymous",
+        settings: Settings | None = None,
+        _shared: _Shared | None = None,
+    ) -> None:
+        self._settings = settings or Settings()
+        self.agent = check.segment(agent, "agent", self._settings)
+        self._backend = backend
+        self._shared = _shared or _Shared(backend, self._settings)
+
+    def __repr__(self) -> str:
+        return f"LocalHive({self._backend!r}, agent={self.agent!r})"
+
+    @property
+    def backend(self) -> Backend:
+        """The storage backend."""
+        return self._backend
+
+    @property
+    def settings(self) -> Settings:
+        """The limits and tuning in force."""
+        return self._settings
+
+    def _now(self) -> float:
+        return time.time()
+
+    async def _ready(self) -> None:
+        if not self._shared.opened:
+            await self._shared.open()
+
+    async def open(self) -> None:
+        await self._shared.open()
+
+    async def close(self) -> None:
+        await self._shared.close()
+
+    def as_agent(self, agent: str) -> LocalHive:
+        return LocalHive(self._backend, agent=agent, settings=self._settings, _shared=self._shared)
+
+    async def ping(self) -> None:
+        await self._ready()
+        await self._backend.ping()
+
+    async def sweep(self) -> tuple[int, int]:
+        """Remove expired items and trim the feed now (the background task does it
+        every ``sweep_interval_seconds``). Returns (items expired, events trimmed)."""
+        await self._ready()
+        return await self._shared.sweep()

@@ -1,0 +1,233 @@
+"""Items: the shared memory bank (put, get, delete, list, batch, history)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from hivemem.backends.base import Backend, DeleteWrite, ItemRow, PutWrite
+from hivemem.config import Settings
+from hivemem.core import cursors
+from hivemem.core import validation as check
+from hivemem.errors import InvalidInput
+from hivemem.models import DeleteOp, Item, Page, PutOp
+
+
+def timestamp(seconds: float) -> datetime:
+    """UNIX seconds to an aware UTC datetime."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def to_item(row: ItemRow) -> Item:
+    """Build the public record from a stored row."""
+    return Item.model_construct(
+        namespace=row.namespace,
+        key=row.key,
+        value=orjson.loads(row.value),
+        version=row.version,
+        author=row.author,
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+        expires_at=None if row.expires_at is None else timestamp(row.expires_at),
+        text=row.text,
+        metadata={} if row.metadata is None else orjson.loads(row.metadata),
+    )
+
+
+class ItemsMixin:
+    """The item operations of :class:`~hivemem.core.LocalHive`."""
+
+    agent: str
+    _backend: Backend
+    _settings: Settings
+
+    async def _ready(self) -> None:
+        raise NotImplementedError
+
+    def _now(self) -> float:
+        raise NotImplementedError
+
+    def _put_write(
+        self,
+        namespace: str,
+        key: str,
+        value: Any,
+        if_version: int | None,
+        ttl: float | None,
+        text: str | None,
+        metadata: dict[str, Any] | None,
+        now: float,
+        field: str = "",
+    ) -> PutWrite:
+        s = self._settings
+        return PutWrite(
+            namespace=check.namespace(namespace, s, field=f"{field}namespace"),
+            key=check.key(key, s, field=f"{field}key"),
+            value=check.to_json(value, f"{field}value", s.max_value_bytes),
+            text=None if text is None else check.text(text, s, field=f"{field}text"),
+            metadata=None
+            if metadata is None
+            else check.json_object(metadata, f"{field}metadata", s.max_metadata_bytes),
+            expires_at=None if ttl is None else now + check.ttl(ttl, field=f"{field}ttl"),
+            if_version=None
+            if if_version is None
+            else check.version(if_version, field=f"{field}if_version"),
+        )
+
+    async def put(
+        self,
+        namespace: str,
+        key: str,
+        value: Any,
+        *,
+        if_version: int | None = None,
+        ttl: float | None = None,
+        text: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Item:
+        now = self._now()
+        write = self._put_write(namespace, key, value, if_version, ttl, text, metadata, now)
+        await self._ready()
+        (row,) = await self._backend.write_items(
+            [write], author=self.agent, now=now, history_limit=self._settings.history_limit
+        )
+        assert isinstance(row, ItemRow)
+        return to_item(row)
+
+    async def get(self, namespace: str, key: str) -> Item | None:
+        check.namespace(namespace, self._settings)
+        check.key(key, self._settings)
+        await self._ready()
+        row = await self._backend.get_item(namespace, key, self._now())
+        return None if row is None else to_item(row)
+
+    async def delete(self, namespace: str, key: str, *, if_version: int | None = None) -> bool:
+        write = DeleteWrite(
+            check.namespace(namespace, self._settings),
+            check.key(key, self._settings),
+            None if if_version is None else check.version(if_version),
+        )
+        await self._ready()
+        (deleted,) = await self._backend.write_items(
+            [write], author=self.agent, now=self._now(), history_limit=self._settings.history_limit
+        )
+        return bool(deleted)
+
+    async def list(
+        self, prefix: str = "", *, limit: int = 100, cursor: str | None = None
+    ) -> Page[Item]:
+        check.namespace(prefix, self._settings, field="prefix", allow_empty=True)
+        check.limit(limit, self._settings)
+        after = cursors.decode(cursor)
+        if after is not None and not (
+            isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)
+        ):
+            raise InvalidInput("cursor was not made by list()", field="cursor")
+        await self._ready()
+        rows = await self._backend.list_items(
+            prefix, None if after is None else (after[0], after[1]), limit, self._now()
+        )
+        next_cursor = (
+            cursors.encode([rows[-1].namespace, rows[-1].key]) if len(rows) == limit else None
+        )
+        return Page[Item](items=[to_item(r) for r in rows], next_cursor=next_cursor)
+
+    async def list_namespaces(
+        self,
+        prefix: str = "",
+        *,
+        max_depth: int | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[str]:
+        check.namespace(prefix, self._settings, field="prefix", allow_empty=True)
+        check.limit(limit, self._settings)
+        if max_depth is not None and (
+            isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 1
+        ):
+            raise InvalidInput("max_depth must be an integer >= 1", field="max_depth")
+        after = cursors.decode(cursor)
+        if after is not None and not isinstance(after, str):
+            raise InvalidInput("cursor was not made by list_namespaces()", field="cursor")
+        await self._ready()
+        found = await self._backend.list_namespaces(prefix, self._now())
+        if max_depth is not None:
+            found = sorted({"/".join(ns.split("/")[:max_depth]) for ns in found})
+        if after is not None:
+            found = [ns for ns in found if ns > after]
+        page = found[:limit]
+        next_cursor = cursors.encode(page[-1]) if len(found) > limit else None
+        return Page[str](items=page, next_cursor=next_cursor)
+
+    async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> list[Item | bool]:
+        if not isinstance(ops, Sequence) or isinstance(ops, str | bytes):
+            raise InvalidInput("ops must be a list of operations", field="ops")
+        if not 1 <= len(ops) <= self._settings.max_batch_ops:
+            raise InvalidInput(
+                f"a batch holds 1 to {self._settings.max_batch_ops} operations", field="ops"
+            )
+        now = self._now()
+        writes: list[PutWrite | DeleteWrite] = []
+        for i, op in enumerate(ops):
+            op = _coerce_op(op, i)
+            if isinstance(op, PutOp):
+                writes.append(
+                    self._put_write(
+                        op.namespace,
+                        op.key,
+                        op.value,
+                        op.if_version,
+                        op.ttl,
+                        op.text,
+                        op.metadata,
+                        now,
+                        field=f"ops.{i}.",
+                    )
+                )
+            else:
+                writes.append(
+                    DeleteWrite(
+                        check.namespace(op.namespace, self._settings, field=f"ops.{i}.namespace"),
+                        check.key(op.key, self._settings, field=f"ops.{i}.key"),
+                        None
+                        if op.if_version is None
+                        else check.version(op.if_version, field=f"ops.{i}.if_version"),
+                    )
+                )
+        await self._ready()
+        results = await self._backend.write_items(
+            writes, author=self.agent, now=now, history_limit=self._settings.history_limit
+        )
+        return [to_item(r) if isinstance(r, ItemRow) else r for r in results]
+
+    async def history(self, namespace: str, key: str, *, limit: int = 100) -> list[Item]:
+        check.namespace(namespace, self._settings)
+        check.key(key, self._settings)
+        check.limit(limit, self._settings)
+        await self._ready()
+        rows = await self._backend.item_history(namespace, key, limit, self._now())
+        return [to_item(r) for r in rows]
+
+
+def _coerce_op(op: Any, index: int) -> PutOp | DeleteOp:
+    """Accept PutOp/DeleteOp records or plain dicts with an ``op`` field."""
+    if isinstance(op, PutOp | DeleteOp):
+        return op
+    if isinstance(op, dict):
+        kind = op.get("op")
+        model: type[PutOp] | type[DeleteOp] | None = {"put": PutOp, "delete": DeleteOp}.get(
+            kind if isinstance(kind, str) else ""
+        )
+        if model is None:
+            raise InvalidInput("op must be 'put' or 'delete'", field=f"ops.{index}.op")
+        try:
+            return model.model_validate(op)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise InvalidInput(f"{err['msg']}", field=f"ops.{index}.{loc}") from None
+    raise InvalidInput("each operation must be a PutOp, DeleteOp or dict", field=f"ops.{index}")

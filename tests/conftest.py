@@ -1,0 +1,234 @@
+"""Shared fixtures: free loopback ports, `hivemem serve` subprocesses and the `hive` fixture.
+
+The ``hive`` fixture runs each test that uses it three times: against an embedded hive on a
+SQLite file, an embedded in-memory hive, and a RemoteHive talking to a real service process.
+Tests isolate themselves with the ``ns`` fixture (a unique namespace per test).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import hivemem
+
+HEALTH_TIMEOUT_SECONDS = 20.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    """A ``hivemem serve`` subprocess on one SQLite store file and one loopback port.
+
+    It can be started, killed with SIGKILL and restarted on the same file and port, which is
+    what the crash tests need. Its stdout and stderr go to ``log_path`` (appended across
+    restarts) so that a failure to start can show what the service printed.
+    """
+
+    def __init__(
+        self,
+        store_path: Path,
+        port: int | None = None,
+        *,
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.store_path = store_path
+        self.port = port if port is not None else free_port()
+        self.log_path = log_path or store_path.with_name(store_path.name + ".log")
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL of the service, e.g. ``http://127.0.0.1:40123``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def store_url(self) -> str:
+        """The ``sqlite:///`` URL of the store file (absolute path)."""
+        return f"sqlite:///{self.store_path}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self, tail_bytes: int = 20_000) -> str:
+        """The last ``tail_bytes`` of what the service wrote to stdout/stderr."""
+        try:
+            data = self.log_path.read_bytes()
+        except FileNotFoundError:
+            return "<no output>"
+        return data[-tail_bytes:].decode("utf-8", "replace")
+
+    def start(self, timeout: float = HEALTH_TIMEOUT_SECONDS) -> None:
+        """Start the service and wait until GET /healthz answers 200.
+
+        Raises:
+            RuntimeError: the process exited or did not become healthy within ``timeout``
+                seconds; the message holds its output.
+        """
+        if self.running:
+            raise RuntimeError("service already running")
+        cmd = [
+            sys.executable,
+            "-m",
+            "hivemem",
+            "serve",
+            "--store",
+            self.store_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n--- {time.strftime('%H:%M:%S')} start: {' '.join(cmd)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**os.environ, **self.env},
+                start_new_session=True,
+            )
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = HEALTH_TIMEOUT_SECONDS) -> None:
+        """Poll GET /healthz every 0.1 s until it answers 200 (see :meth:`start`)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise RuntimeError(
+                    f"service exited with status {code} before it was healthy; output:\n"
+                    + self.output()
+                )
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1.0) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.kill9()
+                raise RuntimeError(
+                    f"service not healthy on {self.url} within {timeout} s; output:\n"
+                    + self.output()
+                )
+            time.sleep(0.1)
+
+    def kill9(self) -> None:
+        """SIGKILL the service (its whole process group) and reap it."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 10.0) -> None:
+        """Stop the service with SIGTERM, or SIGKILL if it has not exited after ``timeout``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill9()
+
+    def restart(self, timeout: float = HEALTH_TIMEOUT_SECONDS) -> None:
+        """Start the service again on the same store file and port."""
+        if self.running:
+            self.terminate()
+        self.start(timeout)
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """One service for the whole session, on ``sqlite:///<tmp>/svc.db``."""
+    svc = ServiceProcess(tmp_path_factory.mktemp("service") / "svc.db")
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.terminate()
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Make (and start) dedicated services on fresh store files; all are stopped afterwards.
+
+    Call it as ``service_factory(name="crash", start=True)``.
+    """
+    made: list[ServiceProcess] = []
+
+    def make(name: str = "dedicated", *, start: bool = True) -> ServiceProcess:
+        svc = ServiceProcess(tmp_path / f"{name}-{len(made)}.db")
+        made.append(svc)
+        if start:
+            svc.start()
+        return svc
+
+    try:
+        yield make
+    finally:
+        for svc in made:
+            svc.terminate()
+
+
+@pytest.fixture(scope="session")
+def sqlite_file_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SQLite store file shared by every sqlite-file test of the session."""
+    return f"sqlite:///{tmp_path_factory.mktemp('embedded') / 'hive.db'}"
+
+
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "remote"])
+def hive_url(request: pytest.FixtureRequest, sqlite_file_url: str) -> str:
+    """The store URL of each deployment the conformance suite runs against."""
+    if request.param == "sqlite-file":
+        return sqlite_file_url
+    if request.param == "sqlite-memory":
+        return "sqlite://:memory:"
+    svc: ServiceProcess = request.getfixturevalue("service")
+    return svc.url
+
+
+@pytest.fixture
+async def hive(hive_url: str) -> AsyncIterator[hivemem.Hive]:
+    """An opened async Hive acting as agent ``tester``; closed after the test."""
+    h = hivemem.connect(hive_url, agent="tester")
+    await h.open()
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
+@pytest.fixture
+def ns() -> str:
+    """A namespace no other test uses (one segment, e.g. ``t1a2b3c4d``)."""
+    return f"t{uuid.uuid4().hex[:8]}"
