@@ -118,8 +118,21 @@ def summarize(
     """
     n = len(latencies_ns)
     if n == 0:
-        return Result(name, label, 0, errors, seconds, 0.0, None, None, None, None, None,
-                      concurrency, extra or {})
+        return Result(
+            name,
+            label,
+            0,
+            errors,
+            seconds,
+            0.0,
+            None,
+            None,
+            None,
+            None,
+            None,
+            concurrency,
+            extra or {},
+        )
     ms = sorted(v / 1e6 for v in latencies_ns)
     return Result(
         name=name,
@@ -290,8 +303,7 @@ def wait_http_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, log
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(
-                f"server exited with code {proc.returncode} before {url} answered:\n"
-                + tail(log)
+                f"server exited with code {proc.returncode} before {url} answered:\n" + tail(log)
             )
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
@@ -339,7 +351,7 @@ class Procs:
         cwd: str | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``args``; stderr (and stdout unless piped) go to ``log_dir/log_name``."""
-        log = open(self.log_dir / log_name, "ab")  # noqa: SIM115 - closed with the process
+        log = open(self.log_dir / log_name, "ab")  # closed below, once Popen has it
         try:
             proc = subprocess.Popen(
                 list(args),

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
 from common import Result, run_async_loop, run_sync_loop
 
 __all__ = ["NAMESPACE", "bench_embedded", "bench_sqlite", "make_value"]
@@ -173,11 +172,10 @@ def bench_sqlite(tmp: Path, keys: int, duration: float, warmup: float) -> list[R
             orjson.loads(row[0])
 
         def put(i: int) -> None:
-            conn.execute(_UPSERT, (NAMESPACE, key_of(i % keys), orjson.dumps(make_value(i)).decode()))
+            value = orjson.dumps(make_value(i)).decode()
+            conn.execute(_UPSERT, (NAMESPACE, key_of(i % keys), value))
 
-        results.append(
-            run_sync_loop("sqlite.get", "raw sqlite3 select", get, duration, warmup)
-        )
+        results.append(run_sync_loop("sqlite.get", "raw sqlite3 select", get, duration, warmup))
         results.append(
             run_sync_loop("sqlite.put", "raw sqlite3 upsert (FULL)", put, duration, warmup)
         )
@@ -191,11 +189,17 @@ def bench_sqlite(tmp: Path, keys: int, duration: float, warmup: float) -> list[R
 
             return [
                 await run_async_loop(
-                    "sqlite.thread.get", "raw sqlite3 select via to_thread", tget, duration,
+                    "sqlite.thread.get",
+                    "raw sqlite3 select via to_thread",
+                    tget,
+                    duration,
                     warmup,
                 ),
                 await run_async_loop(
-                    "sqlite.thread.put", "raw sqlite3 upsert via to_thread", tput, duration,
+                    "sqlite.thread.put",
+                    "raw sqlite3 upsert via to_thread",
+                    tput,
+                    duration,
                     warmup,
                 ),
             ]

@@ -25,7 +25,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-
 from common import Procs, Result, free_port, run_async_clients, wait_http_ready
 from embedded import NAMESPACE, key_of, make_value
 
@@ -40,9 +39,9 @@ __all__ = [
 
 #: Concurrent client tasks for every HTTP figure.
 CLIENTS = 32
-#: Connection-pool size of the raw aiohttp client; the same as RemoteHive's pool
-#: (aiohttp's default TCPConnector limit, 100, which 32 clients never reach).
-AIOHTTP_LIMIT = 100
+#: Connection-pool size of the raw aiohttp client: the same as RemoteHive's
+#: ``TCPConnector(limit=256)``; 32 clients never reach it, so each keeps its own connection.
+AIOHTTP_LIMIT = 256
 #: Identity header sent by the raw clients (RemoteHive sends the same one).
 AGENT_HEADER = {"X-Hivemem-Agent": "bench"}
 
@@ -83,14 +82,18 @@ class Servers:
         return self.service_url
 
     def minimal(self) -> str:
-        """Start the minimal endpoint (bench/minimal_app.py) under uvicorn; return its URL."""
+        """Start the minimal endpoint (bench/minimal_app.py) under uvicorn; return its URL.
+
+        uvicorn gets the settings ``hivemem serve`` gives it: one worker, log level
+        ``info`` (so one access-log line per request), ``loop`` and ``http`` ``auto``.
+        """
         if self.minimal_url is None:
             port = free_port()
             self.minimal_cmd = [
                 sys.executable, "-m", "uvicorn", "minimal_app:app",
                 "--app-dir", str(BENCH_DIR),
                 "--host", "127.0.0.1", "--port", str(port),
-                "--workers", "1", "--log-level", "warning", "--no-access-log",
+                "--workers", "1", "--log-level", "info", "--loop", "auto", "--http", "auto",
             ]  # fmt: skip
             proc = self.procs.start(self.minimal_cmd, "minimal.log")
             url = f"http://127.0.0.1:{port}"
@@ -137,14 +140,10 @@ async def _drive_remote(
             await hive.put(NAMESPACE, _key(c, i, keys), make_value(i))
 
         results.append(
-            await run_async_clients(
-                f"{prefix}.get", f"{label} GET", get, CLIENTS, duration, warmup
-            )
+            await run_async_clients(f"{prefix}.get", f"{label} GET", get, CLIENTS, duration, warmup)
         )
         results.append(
-            await run_async_clients(
-                f"{prefix}.put", f"{label} PUT", put, CLIENTS, duration, warmup
-            )
+            await run_async_clients(f"{prefix}.put", f"{label} PUT", put, CLIENTS, duration, warmup)
         )
     return results
 
@@ -201,8 +200,9 @@ def bench_service(servers: Servers, keys: int, duration: float, warmup: float) -
         _drive_remote(url, "service.remote", "service, RemoteHive", keys, duration, warmup, True)
     )
     results += asyncio.run(
-        _drive_aiohttp(url, "service.aiohttp", "service, raw aiohttp", keys, duration, warmup,
-                       False)
+        _drive_aiohttp(
+            url, "service.aiohttp", "service, raw aiohttp", keys, duration, warmup, False
+        )
     )
     return results
 
@@ -211,13 +211,15 @@ def bench_minimal(servers: Servers, keys: int, duration: float, warmup: float) -
     """Section 4: the minimal FastAPI endpoint driven by raw aiohttp, then by RemoteHive."""
     url = servers.minimal()
     results = asyncio.run(
-        _drive_aiohttp(url, "minimal.aiohttp", "minimal FastAPI, raw aiohttp", keys, duration,
-                       warmup, True)
+        _drive_aiohttp(
+            url, "minimal.aiohttp", "minimal FastAPI, raw aiohttp", keys, duration, warmup, True
+        )
     )
     try:
         results += asyncio.run(
-            _drive_remote(url, "minimal.remote", "minimal FastAPI, RemoteHive", keys, duration,
-                          warmup, False)
+            _drive_remote(
+                url, "minimal.remote", "minimal FastAPI, RemoteHive", keys, duration, warmup, False
+            )
         )
     except Exception as exc:
         # RemoteHive may need routes the minimal app does not have; the rest still counts.
@@ -282,8 +284,11 @@ def run_wrk(name: str, label: str, url: str, duration: float, threads: int = 1) 
         max_ms=p.get("max_ms"),
         mean_ms=p.get("mean_ms"),
         concurrency=CLIENTS,
-        extra={"wrk_requests_per_s": p["rps"], "socket_errors": p["socket_errors"],
-               "command": " ".join(cmd)},
+        extra={
+            "wrk_requests_per_s": p["rps"],
+            "socket_errors": p["socket_errors"],
+            "command": " ".join(cmd),
+        },
     )
 
 
@@ -311,8 +316,10 @@ def bench_wrk(servers: Servers, keys: int, duration: float) -> tuple[list[Result
     # The key must exist in both (an earlier section may already have written it).
     for base in (minimal, service):
         asyncio.run(_ensure_item(base, key))
-    results.append(run_wrk("minimal.wrk.get", "minimal FastAPI, wrk GET", _item_url(minimal, key),
-                           duration))
-    results.append(run_wrk("service.wrk.get", "service, wrk GET", _item_url(service, key),
-                           duration))
+    results.append(
+        run_wrk("minimal.wrk.get", "minimal FastAPI, wrk GET", _item_url(minimal, key), duration)
+    )
+    results.append(
+        run_wrk("service.wrk.get", "service, wrk GET", _item_url(service, key), duration)
+    )
     return results, None

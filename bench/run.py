@@ -46,6 +46,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from common import Procs, Result  # noqa: E402
 from embedded import bench_embedded, bench_sqlite  # noqa: E402
 from http_bench import CLIENTS, Servers, bench_minimal, bench_service, bench_wrk  # noqa: E402
+from watch_latency import VARIANTS as WATCH_VARIANTS  # noqa: E402
 from watch_latency import bench_watch  # noqa: E402
 
 SECTIONS = ("embedded", "sqlite", "service", "minimal", "wrk", "watch")
@@ -85,13 +86,32 @@ def _fmt_ms(v: float | None) -> str:
 def print_results(title: str, results: list[Result]) -> None:
     """One rich table of a section's figures."""
     t = Table(title=title, title_justify="left")
-    for col in ("figure", "name", "conc", "ops", "err", "ops/s", "p50 ms", "p90 ms", "p99 ms",
-                "max ms"):
+    for col in (
+        "figure",
+        "name",
+        "conc",
+        "ops",
+        "err",
+        "ops/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+    ):
         t.add_column(col, justify="left" if col in ("figure", "name") else "right")
     for r in results:
-        t.add_row(r.label, r.name, str(r.concurrency), f"{r.ops:,}", str(r.errors),
-                  _fmt_rate(r.ops_per_s), _fmt_ms(r.p50_ms), _fmt_ms(r.p90_ms),
-                  _fmt_ms(r.p99_ms), _fmt_ms(r.max_ms))  # fmt: skip
+        t.add_row(
+            r.label,
+            r.name,
+            str(r.concurrency),
+            f"{r.ops:,}",
+            str(r.errors),
+            _fmt_rate(r.ops_per_s),
+            _fmt_ms(r.p50_ms),
+            _fmt_ms(r.p90_ms),
+            _fmt_ms(r.p99_ms),
+            _fmt_ms(r.max_ms),
+        )
     console.print(t)
     for r in results:
         if r.extra.get("first_error"):
@@ -124,27 +144,54 @@ def comparisons(results: dict[str, Result]) -> list[dict[str, Any]]:
 
 def print_final(results: dict[str, Result], rows: list[dict[str, Any]]) -> None:
     """The summary table: ours, the baseline, and the throughput ratio."""
-    t = Table(title="Summary: ours vs. baselines (ratio = ours ops/s ÷ baseline ops/s)",
-              title_justify="left")  # fmt: skip
-    for col in ("ours", "ops/s", "p50 ms", "p99 ms", "baseline", "ops/s ", "p50 ms ", "p99 ms ",
-                "ratio", "what it shows"):
-        t.add_column(col, justify="left" if col in ("ours", "baseline", "what it shows")
-                     else "right")  # fmt: skip
+    t = Table(
+        title="Summary: ours vs. baselines (ratio = ours ops/s ÷ baseline ops/s)",
+        title_justify="left",
+    )
+    for col in (
+        "ours",
+        "ops/s",
+        "p50 ms",
+        "p99 ms",
+        "baseline",
+        "ops/s ",
+        "p50 ms ",
+        "p99 ms ",
+        "ratio",
+        "what it shows",
+    ):
+        t.add_column(
+            col, justify="left" if col in ("ours", "baseline", "what it shows") else "right"
+        )
     for row in rows:
         ratio = row["ratio"]
         t.add_row(
-            results[row["ours"]].label, _fmt_rate(row["ours_ops_per_s"]),
-            _fmt_ms(row["ours_p50_ms"]), _fmt_ms(row["ours_p99_ms"]),
-            results[row["baseline"]].label, _fmt_rate(row["baseline_ops_per_s"]),
-            _fmt_ms(row["baseline_p50_ms"]), _fmt_ms(row["baseline_p99_ms"]),
-            "-" if ratio is None else f"{ratio:.2f}x", row["meaning"],
-        )  # fmt: skip
+            results[row["ours"]].label,
+            _fmt_rate(row["ours_ops_per_s"]),
+            _fmt_ms(row["ours_p50_ms"]),
+            _fmt_ms(row["ours_p99_ms"]),
+            results[row["baseline"]].label,
+            _fmt_rate(row["baseline_ops_per_s"]),
+            _fmt_ms(row["baseline_p50_ms"]),
+            _fmt_ms(row["baseline_p99_ms"]),
+            "-" if ratio is None else f"{ratio:.2f}x",
+            row["meaning"],
+        )
     for name in LATENCY_ONLY:
         r = results.get(name)
         if r is not None:
-            t.add_row(r.label, f"{r.extra.get('rate_per_s', 0):,.0f} w/s", _fmt_ms(r.p50_ms),
-                      _fmt_ms(r.p99_ms), "-", "-", "-", "-", "-",
-                      f"write-to-event latency, missed {r.extra.get('missed')}")  # fmt: skip
+            t.add_row(
+                r.label,
+                f"{r.extra.get('rate_per_s', 0):,.0f} w/s",
+                _fmt_ms(r.p50_ms),
+                _fmt_ms(r.p99_ms),
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                f"write-to-event latency, missed {r.extra.get('missed')}",
+            )
     console.print(t)
 
 
@@ -159,8 +206,17 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for pkg in ("hivemem", "fastapi", "starlette", "uvicorn", "aiohttp", "pydantic", "orjson",
-                "uvloop", "httptools"):
+    for pkg in (
+        "hivemem",
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "aiohttp",
+        "pydantic",
+        "orjson",
+        "uvloop",
+        "httptools",
+    ):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -184,14 +240,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; see the module docstring."""
     p = argparse.ArgumentParser(description="hivemem benchmarks (see bench/README.md)")
     p.add_argument("--quick", action="store_true", help="about 30 s in all (1 s per figure)")
-    p.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "latest.json",
-                   help="where to write every figure as JSON (default: %(default)s)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=BENCH_DIR / "results" / "latest.json",
+        help="where to write every figure as JSON (default: %(default)s)",
+    )
     p.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
-    p.add_argument("--duration", type=float, default=None,
-                   help="measured seconds per figure (default 5, --quick 1)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="measured seconds per figure (default 5, --quick 1)",
+    )
     p.add_argument("--keys", type=int, default=1000, help="key count (default %(default)s)")
-    p.add_argument("--watch-rate", type=float, default=200.0,
-                   help="puts per second of the watch writer (default %(default)s)")
+    p.add_argument(
+        "--watch-rate",
+        type=float,
+        default=200.0,
+        help="puts per second of the watch writer (default %(default)s)",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (databases, logs)")
     a = p.parse_args(argv)
     a.sections = [s.strip() for s in a.only.split(",") if s.strip()] or list(SECTIONS)
@@ -237,15 +305,27 @@ def main(argv: list[str] | None = None) -> int:
     with Procs(tmp) as procs:
         servers = Servers(procs, tmp)
         steps: list[tuple[str, str, Any]] = [
-            ("embedded", "1. embedded (LocalHive over sqlite file)",
-             lambda: bench_embedded(tmp, k, d, w)),
-            ("sqlite", "2. raw sqlite3 (WAL, synchronous=FULL), same process and dir",
-             lambda: bench_sqlite(tmp, k, d, w)),
-            ("service", f"3. service (hivemem serve, sqlite), {CLIENTS} concurrent clients",
-             lambda: bench_service(servers, k, d, w)),
-            ("minimal", f"4. minimal FastAPI dict endpoint, {CLIENTS} concurrent clients",
-             lambda: bench_minimal(servers, k, d, w)),
-        ]  # fmt: skip
+            (
+                "embedded",
+                "1. embedded (LocalHive over sqlite file)",
+                lambda: bench_embedded(tmp, k, d, w),
+            ),
+            (
+                "sqlite",
+                "2. raw sqlite3 (WAL, synchronous=FULL), same process and dir",
+                lambda: bench_sqlite(tmp, k, d, w),
+            ),
+            (
+                "service",
+                f"3. service (hivemem serve, sqlite), {CLIENTS} concurrent clients",
+                lambda: bench_service(servers, k, d, w),
+            ),
+            (
+                "minimal",
+                f"4. minimal FastAPI dict endpoint, {CLIENTS} concurrent clients",
+                lambda: bench_minimal(servers, k, d, w),
+            ),
+        ]
         try:
             for name, title, fn in steps:
                 if name not in args.sections:
@@ -272,13 +352,18 @@ def main(argv: list[str] | None = None) -> int:
             if "watch" in args.sections:
                 title = f"5. watch latency, writer at {args.watch_rate:.0f} puts/s"
                 console.rule(title)
-                try:
-                    rs = bench_watch(procs, servers, tmp, max(1.0, d), args.watch_rate,
-                                     log=lambda *r: None)  # fmt: skip
-                    record(title, rs)
-                except Exception:
-                    failures["watch"] = traceback.format_exc()
-                    console.print(f"[red]section watch failed:\n{failures['watch']}")
+                for name, label in WATCH_VARIANTS:
+                    try:
+                        url = (
+                            f"sqlite:///{tmp / 'watch.db'}"
+                            if name == "embedded"
+                            else servers.service()
+                        )
+                        rs = bench_watch(procs, url, name, label, tmp, max(1.0, d), args.watch_rate)
+                        record(f"{title}: {name}", rs)
+                    except Exception:
+                        failures[f"watch.{name}"] = traceback.format_exc()
+                        console.print(f"[red]watch {name} failed:\n{failures[f'watch.{name}']}")
         finally:
             procs.stop_all()
         service_cmd = " ".join(servers.service_cmd)
@@ -292,15 +377,21 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
-        "settings": {"duration_s": d, "warmup_s": w, "keys": k, "clients": CLIENTS,
-                     "watch_rate_per_s": args.watch_rate, "sections": args.sections},
+        "settings": {
+            "duration_s": d,
+            "warmup_s": w,
+            "keys": k,
+            "clients": CLIENTS,
+            "watch_rate_per_s": args.watch_rate,
+            "sections": args.sections,
+        },
         "machine": info,
         "servers": {"service": service_cmd, "minimal": minimal_cmd},
         "results": {name: r.to_json() for name, r in results.items()},
         "comparisons": rows,
         "notes": notes,
         "failures": failures,
-    }  # fmt: skip
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {args.json} ({elapsed:.0f} s)")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bench_watch"]
+__all__ = ["VARIANTS", "bench_watch"]
 
 #: Events at the start of a run that are not counted (connection set-up, warm caches).
 WARMUP_EVENTS = 10
@@ -50,7 +50,7 @@ def _sent_ns(event: Any) -> int | None:
     return None
 
 
-async def _watcher(url: str, prefix: str, count: int, timeout: float) -> None:
+async def _watcher(url: str, prefix: str, count: int, wait_s: float) -> None:
     import hivemem
 
     latencies: list[int] = []
@@ -79,7 +79,7 @@ async def _watcher(url: str, prefix: str, count: int, timeout: float) -> None:
         await asyncio.sleep(0.5)
         print("READY", flush=True)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(wait_s):
                 await done.wait()
         except TimeoutError:
             timed_out = True
@@ -131,86 +131,88 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
     raise RuntimeError(f"pid {proc.pid} printed nothing in {timeout}s (exit {proc.poll()})")
 
 
+#: The two variants of section 5: (name, label).
+VARIANTS = [
+    ("embedded", "watch, embedded (2 processes, one SQLite file)"),
+    ("service", "watch, service (RemoteHive writer and watcher)"),
+]
+
+
 def bench_watch(
-    procs: Any, servers: Any, tmp: Path, duration: float, rate: float, log: Any = print
+    procs: Any, url: str, name: str, label: str, tmp: Path, duration: float, rate: float
 ) -> list[Any]:
-    """Section 5: watch latency, (a) embedded over one SQLite file, (b) through the service.
+    """Section 5, one variant: a writer and a watcher process over ``url``.
 
     Args:
         procs: the :class:`common.Procs` that owns the writer and watcher processes.
-        servers: the :class:`http_bench.Servers` (the service is started if needed).
+        url: the store both processes open (``sqlite:///...`` or ``http://...``).
+        name: ``embedded`` or ``service`` (names the results and the feed prefix).
         duration: seconds of writing; the writer puts ``rate * duration`` items.
         rate: puts per second.
 
     Returns:
-        Two :class:`common.Result` per variant: the watch latency and the writer's put.
+        Two :class:`common.Result`: the write-to-event latency (``watch.<name>``;
+        ``errors`` counts events never received) and the writer's own put latency.
+
+    Raises:
+        RuntimeError: a process failed or printed nothing in time (logs stay in ``tmp``).
     """
     from common import summarize
 
     count = max(WARMUP_EVENTS + 20, int(rate * duration))
     script = str(Path(__file__).resolve())
-    variants = [
-        ("embedded", "watch, embedded (2 processes, one SQLite file)",
-         f"sqlite:///{tmp / 'watch.db'}"),
-        ("service", "watch, service (RemoteHive writer and watcher)", None),
-    ]  # fmt: skip
-    results = []
-    for name, label, url in variants:
-        url = url or servers.service()
-        prefix = f"bench/watch/{name}"
-        shared = ["--url", url, "--prefix", prefix, "--count", str(count)]
-        timeout = duration * 3 + 30
-        watcher = procs.start(
-            [sys.executable, script, "watcher", *shared, "--timeout", str(timeout)],
-            f"watch_{name}_watcher.log",
+    prefix = f"bench/watch/{name}"
+    shared = ["--url", url, "--prefix", prefix, "--count", str(count)]
+    timeout = duration * 3 + 30
+    watcher = procs.start(
+        [sys.executable, script, "watcher", *shared, "--timeout", str(timeout)],
+        f"watch_{name}_watcher.log",
+        stdout_pipe=True,
+    )
+    writer = None
+    try:
+        line = _read_line(watcher, 60)
+        if line != "READY":
+            raise RuntimeError(f"watcher said {line!r}")
+        writer = procs.start(
+            [sys.executable, script, "writer", *shared, "--rate", str(rate)],
+            f"watch_{name}_writer.log",
             stdout_pipe=True,
         )
-        writer = None
-        try:
-            line = _read_line(watcher, 60)
-            if line != "READY":
-                raise RuntimeError(f"watcher said {line!r}")
-            writer = procs.start(
-                [sys.executable, script, "writer", *shared, "--rate", str(rate)],
-                f"watch_{name}_writer.log",
-                stdout_pipe=True,
-            )
-            w_out, _ = writer.communicate(timeout=timeout + 30)
-            r_out, _ = watcher.communicate(timeout=timeout + 30)
-        finally:
-            procs.stop(watcher)
-            if writer is not None:
-                procs.stop(writer)
-        if writer.returncode != 0 or watcher.returncode != 0:
-            raise RuntimeError(
-                f"watch {name}: writer exit {writer.returncode}, watcher exit "
-                f"{watcher.returncode}; see logs in {tmp}"
-            )
-        w = json.loads(w_out.decode().strip().splitlines()[-1])
-        r = json.loads(r_out.decode().strip().splitlines()[-1])
-        lat = r["latencies_ns"][WARMUP_EVENTS:]
-        extra = {
-            "rate_per_s": rate,
-            "written": len(w["put_ns"]),
-            "received": r["received"],
-            "missed": count - r["received"],
-            "watcher_timed_out": r["timed_out"],
-            "writer_elapsed_s": round(w["elapsed_s"], 3),
-        }
-        res = summarize(f"watch.{name}", label, lat, w["elapsed_s"], extra=extra)
-        res.errors = count - r["received"]
-        results.append(res)
-        results.append(
-            summarize(
-                f"watch.{name}.writer_put",
-                f"{label}: writer's put",
-                w["put_ns"],
-                w["elapsed_s"],
-                errors=w["errors"],
-            )
+        w_out, _ = writer.communicate(timeout=timeout + 30)
+        r_out, _ = watcher.communicate(timeout=timeout + 30)
+    finally:
+        procs.stop(watcher)
+        if writer is not None:
+            procs.stop(writer)
+    if writer.returncode != 0 or watcher.returncode != 0:
+        raise RuntimeError(
+            f"watch {name}: writer exit {writer.returncode}, watcher exit "
+            f"{watcher.returncode}; see logs in {tmp}"
         )
-        log(results[-2], results[-1])
-    return results
+    w = json.loads(w_out.decode().strip().splitlines()[-1])
+    r = json.loads(r_out.decode().strip().splitlines()[-1])
+    lat = r["latencies_ns"][WARMUP_EVENTS:]
+    extra = {
+        "rate_per_s": rate,
+        "written": len(w["put_ns"]),
+        "received": r["received"],
+        "missed": count - r["received"],
+        "watcher_timed_out": r["timed_out"],
+        "writer_elapsed_s": round(w["elapsed_s"], 3),
+        "warmup_events_dropped": WARMUP_EVENTS,
+    }
+    res = summarize(f"watch.{name}", label, lat, w["elapsed_s"], extra=extra)
+    res.ops_per_s = r["received"] / w["elapsed_s"] if w["elapsed_s"] > 0 else 0.0
+    res.errors = count - r["received"]
+    put = summarize(
+        f"watch.{name}.writer_put",
+        f"watch {name}: writer put",
+        w["put_ns"],
+        w["elapsed_s"],
+        errors=w["errors"],
+    )
+    return [res, put]
 
 
 def main() -> None:

@@ -186,41 +186,54 @@ def build_plan(
 # Findings ----------------------------------------------------------------------
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z'\u2019-]*")
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
-_PRONOUN_I = {"i", "i'm", "i've", "i'll", "i'd"}
+# Sentence-like boundaries: end punctuation, line breaks, dashes and emoji, after
+# which a capital says nothing about a name.
+_SENTENCE_END = re.compile(
+    r"(?<=[.!?:;)\u2026])\s+|\n+|\s[-\u2013\u2014]\s|[\U0001F000-\U0001FFFF\u2600-\u27BF]+"
+)
+_FUNCTION_WORDS = set(
+    "i i'm i've i'll i'd it it'll that this these those the a an and but or so my your our "
+    "their his her its we you he she they me us them what when where who why how is was "
+    "just even also always really very oh well yes no hey hi wow thanks please not".split()
+)
 
 
-def capitalised_terms(texts: list[str], exclude: set[str]) -> Counter[str]:
-    """Count capitalised words that look like names, in one speaker's texts.
+def capitalised_terms(texts: dict[str, list[str]], exclude: set[str]) -> dict[str, Counter[str]]:
+    """Count, per speaker, the capitalised words that look like names.
 
-    A word counts when it starts with a capital, is not ``I`` or one of its
-    contractions, is not in ``exclude``, and appears capitalised somewhere other
-    than the start of a sentence (so "Hey" or "Thanks" opening a sentence do not
-    count, while "Lisbon" does wherever it stands).
+    A word counts when it starts with a capital, is not in a short list of
+    function words (``I``, ``It``, ``The`` ...) nor in ``exclude``, and appears
+    capitalised somewhere in the session other than the start of a sentence
+    (so "Hey" or "Thanks" opening a sentence do not count, while "Lisbon" does
+    wherever it stands).
 
     Args:
-        texts: the speaker's turns.
+        texts: speaker -> the speaker's turns in one session.
         exclude: words to leave out (the speakers' own names).
 
     Returns:
-        word -> occurrences.
+        speaker -> (word -> occurrences).
     """
-    occurrences: list[str] = []
+    occurrences: dict[str, list[str]] = {speaker: [] for speaker in texts}
     mid_sentence: set[str] = set()
-    for text in texts:
-        for sentence in _SENTENCE_END.split(text):
-            for position, raw in enumerate(_WORD.findall(sentence)):
-                word = raw.replace("\u2019", "'").rstrip("'-")
-                if word.endswith("'s"):
-                    word = word[:-2]
-                if len(word) < 2 or not word[0].isupper():
-                    continue
-                if word.lower() in _PRONOUN_I or word in exclude:
-                    continue
-                occurrences.append(word)
-                if position > 0:
-                    mid_sentence.add(word)
-    return Counter(w for w in occurrences if w in mid_sentence)
+    for speaker, said in texts.items():
+        for text in said:
+            for sentence in _SENTENCE_END.split(text):
+                for position, raw in enumerate(_WORD.findall(sentence)):
+                    word = raw.replace("\u2019", "'").rstrip("'-")
+                    if word.endswith("'s"):
+                        word = word[:-2]
+                    if len(word) < 2 or not word[0].isupper():
+                        continue
+                    if word.lower() in _FUNCTION_WORDS or word in exclude:
+                        continue
+                    occurrences[speaker].append(word)
+                    if position > 0:
+                        mid_sentence.add(word)
+    return {
+        speaker: Counter(w for w in words if w in mid_sentence)
+        for speaker, words in occurrences.items()
+    }
 
 
 def top_terms(counts: dict[str, int], n: int = TOP_TERMS) -> list[tuple[str, int]]:
@@ -526,9 +539,10 @@ def derive_finding(
     if read != info["turns"]:
         raise CheckFailed(f"{info['session_id']}: {read} messages, summary says {info['turns']}")
     exclude = {part for name in speakers for part in name.split()}
+    counted = capitalised_terms(texts, exclude)
     per_speaker = {}
     for speaker, said in texts.items():
-        terms = capitalised_terms(said, exclude)
+        terms = counted[speaker]
         per_speaker[speaker] = {
             "turns": len(said),
             "words": sum(len(t.split()) for t in said),

@@ -18,9 +18,8 @@ from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
-import click
 import typer
 from pydantic import ValidationError
 from pydantic_core import to_json
@@ -139,6 +138,7 @@ _COMMON = [
         ("url", UrlOpt, None),
         ("agent", AgentOpt, None),
         ("as_json", JsonOpt, False),
+        ("ctx", typer.Context, inspect.Parameter.empty),
     ]
 ]
 
@@ -157,9 +157,14 @@ def _client(group: typer.Typer, name: str) -> Callable[[Callable[..., None]], Ca
 
         @functools.wraps(func)
         def command(
-            *args: Any, url: str | None, agent: str | None, as_json: bool, **kwargs: Any
+            *args: Any,
+            url: str | None,
+            agent: str | None,
+            as_json: bool,
+            ctx: typer.Context,
+            **kwargs: Any,
         ) -> None:
-            root = click.get_current_context().find_root().obj
+            root = ctx.find_root().obj
             base = root if isinstance(root, _Options) else _Options()
             with _guard():
                 hive = hivemem.connect_sync(url or base.url, agent=agent or base.agent)
@@ -274,7 +279,7 @@ def _root(
     ctx.obj = _Options(url, agent, as_json)
 
 
-LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 @app.command()
@@ -290,9 +295,7 @@ def serve(
     port: Annotated[
         int, typer.Option(envvar="HIVEMEM_PORT", min=1, max=65535, help="TCP port to listen on.")
     ] = 8765,
-    log_level: Annotated[
-        str, typer.Option(click_type=click.Choice(LOG_LEVELS), help="uvicorn log level.")
-    ] = "info",
+    log_level: Annotated[LogLevel, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Run the hivemem HTTP service (HTTP API, /docs, /healthz) over a store until Ctrl-C."""
     try:

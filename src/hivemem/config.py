@@ -73,3 +73,8 @@ class Settings(BaseSettings):
 
     # Client.
     request_timeout_seconds: float = Field(default=30.0, gt=0, description="Client HTTP timeout.")
+    watch_reconnect_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a remote watch keeps trying to reconnect before raising Unavailable.",
+    )

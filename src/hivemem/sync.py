@@ -28,7 +28,12 @@ class SyncHive:
     call :meth:`close` to stop its background event loop.
     """
 
-    def __init__(self, hive: Hive, *, _portal: tuple[AbstractContextManager[BlockingPortal], BlockingPortal] | None = None) -> None:
+    def __init__(
+        self,
+        hive: Hive,
+        *,
+        _portal: tuple[AbstractContextManager[BlockingPortal], BlockingPortal] | None = None,
+    ) -> None:
         self._hive = hive
         if _portal is None:
             cm = start_blocking_portal()

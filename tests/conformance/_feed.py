@@ -25,7 +25,9 @@ async def events_after(hive: hivemem.Hive, cursor: str, prefix: str = "") -> lis
 def mine(events: Iterable[Event], *namespaces: str) -> list[Event]:
     """The events whose namespace is one of ``namespaces`` or under one of them."""
     return [
-        e for e in events if any(e.namespace == n or e.namespace.startswith(n + "/") for n in namespaces)
+        e
+        for e in events
+        if any(e.namespace == n or e.namespace.startswith(n + "/") for n in namespaces)
     ]
 
 

@@ -31,9 +31,7 @@ async def test_get_of_absent_item_returns_none(hive: hivemem.Hive, ns: str) -> N
     assert await hive.get(ns, "nothing-here") is None
 
 
-async def test_put_creates_version_one_and_each_write_adds_one(
-    hive: hivemem.Hive, ns: str
-) -> None:
+async def test_put_creates_version_one_and_each_write_adds_one(hive: hivemem.Hive, ns: str) -> None:
     first = await hive.put(ns, "k", {"n": 1})
     assert (first.namespace, first.key, first.value, first.version) == (ns, "k", {"n": 1}, 1)
     assert first.author == "tester"

@@ -24,7 +24,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +45,9 @@ from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound, Unav
 __all__ = ["SqliteBackend"]
 
 T = TypeVar("T")
+
+#: Most write jobs committed in one transaction by the writer thread.
+_GROUP_COMMIT_MAX = 256
 
 _MIGRATIONS: list[str] = [
     # 1: items, versions, sessions, messages, feed.
@@ -133,6 +136,8 @@ class SqliteBackend(Backend):
         self._connections: list[sqlite3.Connection] = []
         self._conn_lock = threading.Lock()
         self._write_conn: sqlite3.Connection | None = None
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]] = []
+        self._pending_lock = threading.Lock()
         self._notify_fd: int | None = None
         self._inotify: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -192,28 +197,61 @@ class SqliteBackend(Backend):
         except sqlite3.OperationalError as exc:
             raise Unavailable(f"sqlite store unavailable: {exc}") from exc
 
-    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _commit_pending(self) -> None:
+        """Run every queued write job in one transaction (group commit), on the writer thread.
+
+        Each job runs inside its own SAVEPOINT: a job that raises (a Conflict, say)
+        is rolled back alone and gets its exception; the others commit together,
+        sharing one fsync. Jobs are queued before this task is submitted, so every
+        job is taken by its own drain task or an earlier one.
+        """
         conn = self._write_conn
         assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
+        with self._pending_lock:
+            jobs, self._pending = (
+                self._pending[:_GROUP_COMMIT_MAX],
+                self._pending[_GROUP_COMMIT_MAX:],
+            )
+        if not jobs:
+            return
+        outcomes: list[tuple[bool, Any]] = []
         try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, _ in jobs:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        outcomes.append((True, fn(conn)))
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO job")
+                        outcomes.append((False, exc))
+                    conn.execute("RELEASE job")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            error = Unavailable(f"sqlite store unavailable: {exc}")
+            for _, fut in jobs:
+                fut.set_exception(error)
+            return
         if self._notify_fd is not None:
             os.pwrite(self._notify_fd, b"\x01", 0)
-        return result
+        for (_, fut), (ok, value) in zip(jobs, outcomes, strict=True):
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._writer is None:
+        writer = self._writer
+        if writer is None:
             raise Unavailable("the sqlite store is closed")
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self._writer, self._transaction, fn)
-        except sqlite3.OperationalError as exc:
-            raise Unavailable(f"sqlite store unavailable: {exc}") from exc
+        fut: Future[T] = Future()
+        with self._pending_lock:
+            self._pending.append((fn, fut))
+        writer.submit(self._commit_pending)
+        result = await asyncio.wrap_future(fut)
         self.changes.notify()
         return result
 
@@ -394,8 +432,7 @@ class SqliteBackend(Backend):
         data: bytes | None = None,
     ) -> int:
         cur = c.execute(
-            "INSERT INTO events (type, ns, key, version, author, at, data) "
-            "VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO events (type, ns, key, version, author, at, data) VALUES (?,?,?,?,?,?,?)",
             (type_, namespace, key, version, author, now, data),
         )
         assert cur.lastrowid is not None
@@ -422,10 +459,7 @@ class SqliteBackend(Backend):
         if after is not None:
             where.append("(ns, key) > (?, ?)")
             args.extend(after)
-        sql = (
-            f"SELECT {_ITEM_COLS} FROM items WHERE {' AND '.join(where)} "
-            "ORDER BY ns, key LIMIT ?"
-        )
+        sql = f"SELECT {_ITEM_COLS} FROM items WHERE {' AND '.join(where)} ORDER BY ns, key LIMIT ?"
         args.append(limit)
         return await self._read(lambda c: [_item(r) for r in c.execute(sql, args)])
 

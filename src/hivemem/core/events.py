@@ -10,8 +10,8 @@ import orjson
 from hivemem.backends.base import Backend, EventRow
 from hivemem.config import Settings
 from hivemem.core import validation as check
-from hivemem.errors import InvalidInput
 from hivemem.core.items import timestamp
+from hivemem.errors import InvalidInput
 from hivemem.models import Event, Page
 
 #: Events fetched per feed query while replaying or following.

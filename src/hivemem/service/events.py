@@ -1,0 +1,96 @@
+"""HTTP routes of the events area: feed pages, the SSE watch stream, publish."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.responses import Response
+
+from hivemem.core.events import WATCH_BATCH
+from hivemem.models import Event, Page
+from hivemem.service.app import HiveDep, json_response
+
+router = APIRouter(tags=["events"])
+
+#: Header of the watch response naming the cursor the stream starts after.
+START_HEADER = "X-Hivemem-Cursor"
+
+
+class PublishBody(BaseModel):
+    """Body of POST /v1/publish/{channel}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    payload: Any = Field(description="Any JSON value (at most 64 KiB by default).")
+
+
+class Head(BaseModel):
+    cursor: str
+
+
+@router.get("/v1/events", response_model=Page[Event], summary="One page of the feed.")
+async def read_events(
+    hive: HiveDep,
+    prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
+    after: Annotated[str | None, Query(description="Cursor; absent: oldest retained.")] = None,
+    limit: Annotated[int, Query(description="Page size, 1..1000.")] = 100,
+) -> Response:
+    page = await hive.read_events(prefix, after=after, limit=limit)
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
+@router.get("/v1/events/head", response_model=Head, summary="Cursor of the newest event.")
+async def head(hive: HiveDep) -> Response:
+    return json_response({"cursor": await hive.head()})
+
+
+@router.get(
+    "/v1/watch",
+    summary="Follow the feed as Server-Sent Events (resumable with Last-Event-ID).",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def watch(
+    request: Request,
+    hive: HiveDep,
+    prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
+    after: Annotated[
+        str | None, Query(description="Resume after this cursor; absent: from now.")
+    ] = None,
+    last_event_id: Annotated[
+        str | None, Header(description="SSE resume cursor; wins over `after`.")
+    ] = None,
+) -> EventSourceResponse:
+    start = last_event_id or after
+    if start is None:
+        start = await hive.head()
+    # Read the first page before answering, so a bad prefix or an expired cursor
+    # gets its problem+json status instead of a broken stream.
+    first = await hive.read_events(prefix, after=start, limit=WATCH_BATCH)
+    settings = request.app.state.hivemem.hive.settings
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        for event in first.items:
+            yield ServerSentEvent(data=event.model_dump_json(), id=event.cursor, event="hivemem")
+        async for event in hive.watch(prefix, after=first.next_cursor):
+            yield ServerSentEvent(data=event.model_dump_json(), id=event.cursor, event="hivemem")
+
+    return EventSourceResponse(
+        stream(),
+        ping=int(settings.sse_ping_seconds),
+        headers={START_HEADER: start, "Cache-Control": "no-store"},
+    )
+
+
+@router.post(
+    "/v1/publish/{channel:path}",
+    response_model=Event,
+    summary="Publish an agent's own event on a channel (a namespace).",
+)
+async def publish(channel: str, body: PublishBody, hive: HiveDep) -> Response:
+    event = await hive.publish(channel, body.payload)
+    return Response(event.model_dump_json(), media_type="application/json")

@@ -1,0 +1,208 @@
+"""HTTP routes of the items area."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from hivemem.errors import Conflict, InvalidInput, NotFound
+from hivemem.models import Item, Page
+from hivemem.service.app import HiveDep, json_response
+from hivemem.service.problems import PreconditionFailed
+
+router = APIRouter(tags=["items"])
+
+
+class PutBody(BaseModel):
+    """Body of PUT /v1/items/{namespace}/{key}."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    value: Any = Field(description="Any JSON value (at most 1 MiB by default).")
+    if_version: int | None = Field(
+        default=None, ge=0, description="0: create only; n: only if at version n."
+    )
+    ttl: float | None = Field(default=None, description="Seconds until the item expires.")
+    text: str | None = Field(default=None, description="Text that search indexes.")
+    metadata: dict[str, Any] | None = Field(default=None, description="Filterable attributes.")
+
+
+class BatchBody(BaseModel):
+    """Body of POST /v1/batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ops: list[dict[str, Any]] = Field(
+        description="Operations: {'op':'put',...PutOp} or {'op':'delete',...DeleteOp}."
+    )
+
+
+class BatchResult(BaseModel):
+    results: list[Item | bool]
+
+
+class HistoryResult(BaseModel):
+    items: list[Item]
+
+
+def split_path(path: str) -> tuple[str, str]:
+    """'a/b/key' -> ('a/b', 'key'); the key is the last segment.
+
+    Raises:
+        InvalidInput: no namespace (field ``namespace``) or an empty key (field ``key``).
+    """
+    namespace, sep, key = path.rpartition("/")
+    if not sep or not namespace:
+        raise InvalidInput("the path must be /v1/items/{namespace}/{key}", field="namespace")
+    if not key:
+        raise InvalidInput("key must not be empty", field="key")
+    return namespace, key
+
+
+def parse_etag(value: str, header: str) -> int:
+    """'"3"', 'W/"3"' or '3' -> 3.
+
+    Raises:
+        InvalidInput: anything else (field = the header name).
+    """
+    tag = value.strip()
+    if tag.startswith("W/"):
+        tag = tag[2:]
+    tag = tag.strip('"')
+    if not tag.isascii() or not tag.isdigit():
+        raise InvalidInput(f"{header} must be an item version ETag such as '\"3\"'", field=header)
+    return int(tag)
+
+
+def item_response(item: Item, status: int = 200) -> Response:
+    return Response(
+        item.model_dump_json(),
+        status_code=status,
+        media_type="application/json",
+        headers={"ETag": f'"{item.version}"'},
+    )
+
+
+@router.put(
+    "/v1/items/{path:path}",
+    response_model=Item,
+    summary="Create or replace an item (compare-and-set with if_version or If-Match).",
+    responses={409: {"description": "Version mismatch"}, 412: {"description": "If-Match failed"}},
+)
+async def put_item(
+    path: str,
+    body: PutBody,
+    hive: HiveDep,
+    if_match: Annotated[str | None, Header(description='Expected version, e.g. "3".')] = None,
+    if_none_match: Annotated[str | None, Header(description="'*': create only.")] = None,
+) -> Response:
+    namespace, key = split_path(path)
+    if_version = body.if_version
+    from_header = False
+    if if_match is not None:
+        if_version, from_header = parse_etag(if_match, "If-Match"), True
+    elif if_none_match is not None:
+        if if_none_match.strip() != "*":
+            raise InvalidInput("If-None-Match supports only '*'", field="If-None-Match")
+        if_version, from_header = 0, True
+    if from_header and body.if_version is not None and body.if_version != if_version:
+        raise InvalidInput("if_version and the precondition header disagree", field="if_version")
+    try:
+        item = await hive.put(
+            namespace,
+            key,
+            body.value,
+            if_version=if_version,
+            ttl=body.ttl,
+            text=body.text,
+            metadata=body.metadata,
+        )
+    except Conflict as exc:
+        if from_header:
+            raise PreconditionFailed(
+                exc.message, field=exc.field, current_version=exc.current_version
+            ) from None
+        raise
+    return item_response(item, 201 if item.version == 1 else 200)
+
+
+@router.get("/v1/items/{path:path}", response_model=Item, summary="Get an item (404 if absent).")
+async def get_item(path: str, hive: HiveDep) -> Response:
+    namespace, key = split_path(path)
+    item = await hive.get(namespace, key)
+    if item is None:
+        raise NotFound(f"no item {namespace}/{key}", field="key")
+    return item_response(item)
+
+
+@router.delete(
+    "/v1/items/{path:path}",
+    status_code=204,
+    summary="Delete an item and its history (404 if absent).",
+)
+async def delete_item(
+    path: str,
+    hive: HiveDep,
+    if_version: Annotated[int | None, Query(ge=0, description="Only if at this version.")] = None,
+    if_match: Annotated[str | None, Header(description='Expected version, e.g. "3".')] = None,
+) -> Response:
+    namespace, key = split_path(path)
+    if if_match is not None:
+        if_version = parse_etag(if_match, "If-Match")
+    deleted = await hive.delete(namespace, key, if_version=if_version)
+    if not deleted:
+        raise NotFound(f"no item {namespace}/{key}", field="key")
+    return Response(status_code=204)
+
+
+@router.get("/v1/items", response_model=Page[Item], summary="List items under a namespace prefix.")
+async def list_items(
+    hive: HiveDep,
+    prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
+    limit: Annotated[int, Query(description="Page size, 1..1000.")] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+) -> Response:
+    page = await hive.list(prefix, limit=limit, cursor=cursor)
+    return Response(page.model_dump_json(), media_type="application/json")
+
+
+@router.get(
+    "/v1/namespaces", response_model=Page[str], summary="List namespaces holding live items."
+)
+async def list_namespaces(
+    hive: HiveDep,
+    prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
+    max_depth: Annotated[int | None, Query(description="Truncate to this many segments.")] = None,
+    limit: Annotated[int, Query(description="Page size, 1..1000.")] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+) -> Response:
+    page = await hive.list_namespaces(prefix, max_depth=max_depth, limit=limit, cursor=cursor)
+    return json_response({"items": page.items, "next_cursor": page.next_cursor})
+
+
+@router.post(
+    "/v1/batch",
+    response_model=BatchResult,
+    summary="Apply puts and deletes atomically (all or none).",
+)
+async def batch(body: BatchBody, hive: HiveDep) -> Response:
+    results = await hive.batch(body.ops)  # type: ignore[arg-type]
+    return Response(BatchResult(results=results).model_dump_json(), media_type="application/json")
+
+
+@router.get(
+    "/v1/history/{path:path}",
+    response_model=HistoryResult,
+    summary="Stored versions of an item, newest first.",
+)
+async def history(
+    path: str,
+    hive: HiveDep,
+    limit: Annotated[int, Query(description="Most versions returned, 1..1000.")] = 100,
+) -> Response:
+    namespace, key = split_path(path)
+    items = await hive.history(namespace, key, limit=limit)
+    return Response(HistoryResult(items=items).model_dump_json(), media_type="application/json")

@@ -1,0 +1,90 @@
+"""RFC 9457 problem+json responses for every error the service can return."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from hivemem.errors import Conflict, HivememError, InvalidInput, RateLimited
+
+log = logging.getLogger("hivemem.service")
+
+PROBLEM = "application/problem+json"
+
+
+class PreconditionFailed(Conflict):
+    """A Conflict from an If-Match / If-None-Match header: HTTP 412, as RFC 9110 requires."""
+
+    status = 412
+
+
+def problem(error: HivememError, instance: str | None = None) -> Response:
+    """The problem+json response for ``error``."""
+    body = error.to_problem()
+    if instance is not None:
+        body["instance"] = instance
+    headers = {}
+    if isinstance(error, RateLimited):
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return Response(
+        orjson.dumps(body), status_code=error.status, media_type=PROBLEM, headers=headers
+    )
+
+
+def _field(loc: tuple[Any, ...] | list[Any]) -> str:
+    """Name the field of a pydantic error location: ('body','ttl') -> 'ttl'."""
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] if len(parts) > 1 else parts
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into problem+json."""
+
+    @app.exception_handler(HivememError)
+    async def hivemem_error(request: Request, exc: HivememError) -> Response:
+        return problem(exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        err = exc.errors()[0]
+        if err.get("type") == "json_invalid":
+            error = InvalidInput(f"malformed JSON body: {err.get('msg')}", field="body")
+        else:
+            field = _field(err.get("loc", ()))
+            error = InvalidInput(f"{field}: {err.get('msg')}", field=field)
+        return problem(error, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        body = {
+            "type": "about:blank",
+            "title": str(exc.detail),
+            "status": exc.status_code,
+            "detail": str(exc.detail),
+            "instance": request.url.path,
+        }
+        return Response(
+            orjson.dumps(body),
+            status_code=exc.status_code,
+            media_type=PROBLEM,
+            headers=dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        body = {
+            "type": "/problems/internal",
+            "title": "Internal Server Error",
+            "status": 500,
+            "detail": "unexpected server error; see the service log",
+        }
+        return Response(orjson.dumps(body), status_code=500, media_type=PROBLEM)
