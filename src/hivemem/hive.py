@@ -25,9 +25,9 @@ class Hive(ABC):
     author of every write. Use :meth:`as_agent` for a view acting for another
     agent over the same connection.
 
-    Namespaces are paths of 1–8 segments separated by ``/`` (``team/research/q4``);
-    a segment is 1–128 characters from letters, digits and ``_ - . : @ +``, and may
-    not start with ``_`` (reserved for hivemem). Keys are 1–512 bytes of UTF-8
+    Namespaces are paths of 1 to 8 segments separated by ``/`` (``team/research/q4``);
+    a segment is 1 to 128 characters from letters, digits and ``_ - . : @ +``, and may
+    not start with ``_`` (reserved for hivemem). Keys are 1 to 512 bytes of UTF-8
     without ``/`` or control characters. Prefix arguments match whole segments:
     prefix ``team/re`` matches ``team/re`` and ``team/re/x``, not ``team/research``.
 

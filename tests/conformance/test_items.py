@@ -133,6 +133,18 @@ async def test_delete_of_absent_item_with_if_version_conflicts_with_version_zero
     assert info.value.current_version == 0
 
 
+async def test_delete_of_absent_item_with_if_version_zero_conflicts(
+    hive: hivemem.Hive, ns: str
+) -> None:
+    # Hive.delete: "Conflict: if_version was given and the item is absent or at another
+    # version; nothing was deleted."
+    head = await hive.head()
+    with pytest.raises(Conflict) as info:
+        await hive.delete(ns, "k", if_version=0)
+    assert info.value.current_version == 0
+    assert mine(await events_after(hive, head), ns) == []
+
+
 async def test_put_after_delete_creates_the_item_anew_at_version_one(
     hive: hivemem.Hive, ns: str
 ) -> None:

@@ -149,14 +149,15 @@ class ChangeSignal:
             if not fut.done():
                 fut.set_result(None)
 
-    async def wait(self, generation: int, timeout: float) -> None:
-        """Return when :attr:`generation` differs from ``generation`` or after ``timeout`` s."""
+    async def wait(self, generation: int, max_wait: float) -> None:
+        """Return when :attr:`generation` differs from ``generation`` or after
+        ``max_wait`` seconds."""
         if self.generation != generation:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.add(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
+            await asyncio.wait_for(fut, max_wait)
         except TimeoutError:
             pass
         finally:
