@@ -8,6 +8,7 @@ conformance suite (tests/conformance/) checks that they behave the same.
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -155,7 +156,7 @@ class Hive(ABC):
         """
 
     @abstractmethod
-    async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> list[Item | bool]:
+    async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> builtins.list[Item | bool]:
         """Apply puts and deletes atomically: all of them, or none.
 
         Args:
@@ -171,7 +172,7 @@ class Hive(ABC):
         """
 
     @abstractmethod
-    async def history(self, namespace: str, key: str, *, limit: int = 100) -> list[Item]:
+    async def history(self, namespace: str, key: str, *, limit: int = 100) -> builtins.list[Item]:
         """Stored versions of an item, newest first, the current one included.
 
         At most ``history_limit`` (10) versions are kept per item; deleting or
@@ -229,7 +230,7 @@ class Hive(ABC):
     @abstractmethod
     async def append_messages(
         self, session_id: str, messages: Sequence[MessageIn | dict[str, Any]]
-    ) -> list[Message]:
+    ) -> builtins.list[Message]:
         """Append messages to the session's log in one atomic step.
 
         Each message gets the next sequence number; the session's counters
@@ -265,7 +266,7 @@ class Hive(ABC):
     @abstractmethod
     async def get_messages(
         self, session_id: str, *, after: int = 0, limit: int = 100
-    ) -> list[Message]:
+    ) -> builtins.list[Message]:
         """Messages with sequence number > ``after``, in order, at most ``limit``.
 
         Raises:

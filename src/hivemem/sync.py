@@ -7,6 +7,7 @@ operation, not two.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -138,11 +139,11 @@ class SyncHive:
 
         return self._portal.call(run)
 
-    def batch(self, ops: Sequence[PutOp | DeleteOp]) -> list[Item | bool]:
+    def batch(self, ops: Sequence[PutOp | DeleteOp]) -> builtins.list[Item | bool]:
         return self._portal.call(self._hive.batch, ops)
 
-    def history(self, namespace: str, key: str, *, limit: int = 100) -> list[Item]:
-        async def run() -> list[Item]:
+    def history(self, namespace: str, key: str, *, limit: int = 100) -> builtins.list[Item]:
+        async def run() -> builtins.list[Item]:
             return await self._hive.history(namespace, key, limit=limit)
 
         return self._portal.call(run)
@@ -195,7 +196,7 @@ class SyncHive:
 
     def append_messages(
         self, session_id: str, messages: Sequence[MessageIn | dict[str, Any]]
-    ) -> list[Message]:
+    ) -> builtins.list[Message]:
         return self._portal.call(self._hive.append_messages, session_id, messages)
 
     def append_message(
@@ -222,8 +223,10 @@ class SyncHive:
 
         return self._portal.call(run)
 
-    def get_messages(self, session_id: str, *, after: int = 0, limit: int = 100) -> list[Message]:
-        async def run() -> list[Message]:
+    def get_messages(
+        self, session_id: str, *, after: int = 0, limit: int = 100
+    ) -> builtins.list[Message]:
+        async def run() -> builtins.list[Message]:
             return await self._hive.get_messages(session_id, after=after, limit=limit)
 
         return self._portal.call(run)
@@ -261,7 +264,8 @@ class SyncHive:
                 yield event
         finally:
             if self._portal_cm is not None:
-                self._portal.call(agen.aclose)  # type: ignore[attr-defined]
+                self._portal.call(agen.aclose)  # type: ignore[attr-defined,call-arg]
 
     def publish(self, channel: str, payload: Any) -> Event:
-        return self._portal.call(self._hive.publish, channel, payload)
+        event: Event = self._portal.call(self._hive.publish, channel, payload)
+        return event

@@ -298,7 +298,7 @@ class SqliteBackend(Backend):
         notify_path = self.path + ".notify"
         self._notify_fd = os.open(notify_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            from inotify_simple import INotify, flags
+            from inotify_simple import INotify, flags  # type: ignore[import-untyped]
         except ImportError:  # not Linux: the safety poll alone wakes watchers
             return
         inotify = INotify()
@@ -452,7 +452,7 @@ class SqliteBackend(Backend):
     async def list_items(
         self, prefix: str, after: tuple[str, str] | None, limit: int, now: float
     ) -> list[ItemRow]:
-        where, args = [_LIVE], [now]
+        where, args = [_LIVE], list[Any]([now])
         if prefix:
             where.append(_UNDER)
             args.extend(_under(prefix))
@@ -464,7 +464,7 @@ class SqliteBackend(Backend):
         return await self._read(lambda c: [_item(r) for r in c.execute(sql, args)])
 
     async def list_namespaces(self, prefix: str, now: float) -> list[str]:
-        where, args = [_LIVE], [now]
+        where, args = [_LIVE], list[Any]([now])
         if prefix:
             where.append(_UNDER)
             args.extend(_under(prefix))
@@ -715,7 +715,7 @@ class SqliteBackend(Backend):
         self, prefix: str, after: str | None, limit: int
     ) -> tuple[list[EventRow], str]:
         start = self._parse_cursor(after)
-        where, args = ["id > ?"], [start]
+        where, args = ["id > ?"], list[Any]([start])
         if prefix:
             where.append(_UNDER)
             args.extend(_under(prefix))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -36,7 +37,7 @@ _StrPage = Page[str]
 class _Shared:
     """The connection pool and endpoint list that the views of one RemoteHive share."""
 
-    def __init__(self, endpoints: list[str], settings: Settings) -> None:
+    def __init__(self, endpoints: builtins.list[str], settings: Settings) -> None:
         self.endpoints = endpoints
         self.settings = settings
         self.current = 0
@@ -65,7 +66,7 @@ class _Shared:
             self.current += 1
 
 
-def _parse_endpoints(url: str) -> list[str]:
+def _parse_endpoints(url: str) -> builtins.list[str]:
     endpoints = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
     for endpoint in endpoints:
         parsed = URL(endpoint)
@@ -265,7 +266,7 @@ class RemoteHive(Hive):
             params={"prefix": prefix, "max_depth": max_depth, "limit": limit, "cursor": cursor},
         )
 
-    async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> list[Item | bool]:
+    async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> builtins.list[Item | bool]:
         if not isinstance(ops, Sequence) or isinstance(ops, str | bytes):
             raise InvalidInput("ops must be a list of operations", field="ops")
         wire = [op.model_dump() if isinstance(op, BaseModel) else op for op in ops]
@@ -273,7 +274,7 @@ class RemoteHive(Hive):
         results = orjson.loads(data)["results"]
         return [r if isinstance(r, bool) else Item.model_validate(r) for r in results]
 
-    async def history(self, namespace: str, key: str, *, limit: int = 100) -> list[Item]:
+    async def history(self, namespace: str, key: str, *, limit: int = 100) -> builtins.list[Item]:
         _, data = await self._request(
             "GET", f"/v1/history/{_item_path(namespace, key)}", params={"limit": limit}
         )
@@ -335,7 +336,7 @@ class RemoteHive(Hive):
 
     async def append_messages(
         self, session_id: str, messages: Sequence[MessageIn | dict[str, Any]]
-    ) -> list[Message]:
+    ) -> builtins.list[Message]:
         if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
             raise InvalidInput("messages must be a list", field="messages")
         wire = [m.model_dump() if isinstance(m, BaseModel) else m for m in messages]
@@ -348,7 +349,7 @@ class RemoteHive(Hive):
 
     async def get_messages(
         self, session_id: str, *, after: int = 0, limit: int = 100
-    ) -> list[Message]:
+    ) -> builtins.list[Message]:
         _, data = await self._request(
             "GET",
             f"/v1/sessions/{self._sid(session_id)}/messages",

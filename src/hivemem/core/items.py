@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -163,7 +164,7 @@ class ItemsMixin:
         next_cursor = cursors.encode(page[-1]) if len(found) > limit else None
         return Page[str](items=page, next_cursor=next_cursor)
 
-    async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> list[Item | bool]:
+    async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> builtins.list[Item | bool]:
         if not isinstance(ops, Sequence) or isinstance(ops, str | bytes):
             raise InvalidInput("ops must be a list of operations", field="ops")
         if not 1 <= len(ops) <= self._settings.max_batch_ops:
@@ -171,7 +172,7 @@ class ItemsMixin:
                 f"a batch holds 1 to {self._settings.max_batch_ops} operations", field="ops"
             )
         now = self._now()
-        writes: list[PutWrite | DeleteWrite] = []
+        writes: builtins.list[PutWrite | DeleteWrite] = []
         for i, op in enumerate(ops):
             op = _coerce_op(op, i)
             if isinstance(op, PutOp):
@@ -204,7 +205,7 @@ class ItemsMixin:
         )
         return [to_item(r) if isinstance(r, ItemRow) else r for r in results]
 
-    async def history(self, namespace: str, key: str, *, limit: int = 100) -> list[Item]:
+    async def history(self, namespace: str, key: str, *, limit: int = 100) -> builtins.list[Item]:
         check.namespace(namespace, self._settings)
         check.key(key, self._settings)
         check.limit(limit, self._settings)
@@ -219,9 +220,8 @@ def _coerce_op(op: Any, index: int) -> PutOp | DeleteOp:
         return op
     if isinstance(op, dict):
         kind = op.get("op")
-        model: type[PutOp] | type[DeleteOp] | None = {"put": PutOp, "delete": DeleteOp}.get(
-            kind if isinstance(kind, str) else ""
-        )
+        models: dict[str, type[PutOp] | type[DeleteOp]] = {"put": PutOp, "delete": DeleteOp}
+        model = models.get(kind if isinstance(kind, str) else "")
         if model is None:
             raise InvalidInput("op must be 'put' or 'delete'", field=f"ops.{index}.op")
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from collections.abc import Sequence
@@ -147,7 +148,7 @@ class SessionsMixin:
 
     async def append_messages(
         self, session_id: str, messages: Sequence[MessageIn | dict[str, Any]]
-    ) -> list[Message]:
+    ) -> builtins.list[Message]:
         session_id = self._session_id(session_id)
         if not isinstance(messages, Sequence) or isinstance(messages, str | bytes):
             raise InvalidInput("messages must be a list", field="messages")
@@ -185,7 +186,7 @@ class SessionsMixin:
 
     async def get_messages(
         self, session_id: str, *, after: int = 0, limit: int = 100
-    ) -> list[Message]:
+    ) -> builtins.list[Message]:
         session_id = self._session_id(session_id)
         check.count(after, field="after")
         check.limit(limit, self._settings)
