@@ -365,7 +365,11 @@ class SqliteBackend(Backend):
                     self._expire(c, w.namespace, w.key, found[0], now)
                     found = None
                 current = 0 if found is None else found[0]
-                if w.if_version is not None and w.if_version != current:
+                # A conditional delete needs something to delete: absent is a mismatch.
+                mismatch = w.if_version is not None and (
+                    w.if_version != current or (found is None and isinstance(w, DeleteWrite))
+                )
+                if mismatch:
                     raise Conflict(
                         f"{w.namespace}/{w.key} is at version {current}, not {w.if_version}",
                         field=f"ops.{i}.if_version" if len(writes) > 1 else "if_version",

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
 from hivemem.errors import Conflict, InvalidInput, NotFound
@@ -14,6 +15,22 @@ from hivemem.service.app import HiveDep, json_response
 from hivemem.service.problems import PreconditionFailed
 
 router = APIRouter(tags=["items"])
+
+
+class _AnyPath(Convertor[str]):
+    """Like Starlette's ``path`` convertor, but also matching newlines, so a key with a
+    control character reaches validation (a 422 naming ``key``) instead of a 404."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", _AnyPath())
 
 
 class PutBody(BaseModel):
@@ -87,7 +104,7 @@ def item_response(item: Item, status: int = 200) -> Response:
 
 
 @router.put(
-    "/v1/items/{path:path}",
+    "/v1/items/{path:anypath}",
     response_model=Item,
     summary="Create or replace an item (compare-and-set with if_version or If-Match).",
     responses={409: {"description": "Version mismatch"}, 412: {"description": "If-Match failed"}},
@@ -129,7 +146,7 @@ async def put_item(
     return item_response(item, 201 if item.version == 1 else 200)
 
 
-@router.get("/v1/items/{path:path}", response_model=Item, summary="Get an item (404 if absent).")
+@router.get("/v1/items/{path:anypath}", response_model=Item, summary="Get an item (404 if absent).")
 async def get_item(path: str, hive: HiveDep) -> Response:
     namespace, key = split_path(path)
     item = await hive.get(namespace, key)
@@ -139,7 +156,7 @@ async def get_item(path: str, hive: HiveDep) -> Response:
 
 
 @router.delete(
-    "/v1/items/{path:path}",
+    "/v1/items/{path:anypath}",
     status_code=204,
     summary="Delete an item and its history (404 if absent).",
 )
@@ -194,7 +211,7 @@ async def batch(body: BatchBody, hive: HiveDep) -> Response:
 
 
 @router.get(
-    "/v1/history/{path:path}",
+    "/v1/history/{path:anypath}",
     response_model=HistoryResult,
     summary="Stored versions of an item, newest first.",
 )
