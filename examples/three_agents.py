@@ -50,13 +50,13 @@ import traceback
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import hivemem
-from hivemem import Conflict, Item, MessageIn, PutOp, Session, SyncHive
+from hivemem import Conflict, Event, Item, MessageIn, PutOp, Session, SyncHive
 
 SAMPLE = Path(__file__).resolve().parent / "sample_conversation.json"
 
@@ -282,6 +282,18 @@ def bump_progress(hive: SyncHive, deltas: dict[str, int]) -> int:
     raise CheckFailed("progress counter: still conflicting after 200 attempts")
 
 
+@contextlib.contextmanager
+def watching(hive: SyncHive, prefix: str, *, after: str | None) -> Iterator[Iterator[Event]]:
+    """``hive.watch(prefix, after=after)``, closed (ending the subscription) on exit."""
+    events = hive.watch(prefix, after=after)
+    try:
+        yield events
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+
+
 def wait_for_item(hive: SyncHive, namespace: str, key: str) -> Item:
     """Return the item at (namespace, key), waiting on the feed until it is written.
 
@@ -292,7 +304,7 @@ def wait_for_item(hive: SyncHive, namespace: str, key: str) -> Item:
     item = hive.get(namespace, key)
     if item is not None:
         return item
-    with contextlib.closing(hive.watch(namespace, after=cursor)) as events:
+    with watching(hive, namespace, after=cursor) as events:
         for event in events:
             if event.type == "item.put" and event.namespace == namespace and event.key == key:
                 break
@@ -360,6 +372,7 @@ def data_specialist(url: str, source: str) -> None:
     ``batch`` and, last, the session summary the researcher waits for.
     """
     with hivemem.connect_sync(url, agent=DATA_SPECIALIST) as hive:
+        hive.publish(HANDOFF, {"kind": "ready", "agent": DATA_SPECIALIST})
         plan = wait_for_item(hive, PLAN_NS, PLAN_KEY).value
         samples = {s["sample_id"]: s for s in load_conversations(Path(source))}
         log(DATA_SPECIALIST, f"plan received: {plan['totals']}")
@@ -452,6 +465,7 @@ def data_specialist(url: str, source: str) -> None:
 def researcher(url: str) -> None:
     """Turn each finished session summary into a finding and hand it to the orchestrator."""
     with hivemem.connect_sync(url, agent=RESEARCHER) as hive:
+        hive.publish(HANDOFF, {"kind": "ready", "agent": RESEARCHER})
         plan = wait_for_item(hive, PLAN_NS, PLAN_KEY).value
         planned = {c["sample_id"]: c for c in plan["conversations"]}
         expected = plan["totals"]["sessions"]
@@ -461,7 +475,7 @@ def researcher(url: str) -> None:
         started: float | None = None
         # after="0" replays the feed from its start, so summaries written before
         # this agent got here are seen too.
-        with contextlib.closing(hive.watch("locomo", after="0")) as events:
+        with watching(hive, "locomo", after="0") as events:
             for event in events:
                 parts = event.namespace.split("/")
                 if event.type != "item.put" or len(parts) != 3 or parts[2] != "sessions":
@@ -540,7 +554,7 @@ def derive_finding(
         raise CheckFailed(f"{info['session_id']}: {read} messages, summary says {info['turns']}")
     exclude = {part for name in speakers for part in name.split()}
     counted = capitalised_terms(texts, exclude)
-    per_speaker = {}
+    per_speaker: dict[str, dict[str, Any]] = {}
     for speaker, said in texts.items():
         terms = counted[speaker]
         per_speaker[speaker] = {
@@ -567,25 +581,39 @@ def derive_finding(
 # The orchestrator ----------------------------------------------------------------
 
 
+def write_plan(hive: SyncHive, plan: dict[str, Any]) -> str:
+    """Create the plan item (create-only) and show that a second create is refused.
+
+    Returns:
+        A line for the report.
+
+    Raises:
+        Conflict: a plan already exists.
+        CheckFailed: the second create-only put was not refused.
+    """
+    item = hive.put(PLAN_NS, PLAN_KEY, plan, if_version=0)
+    try:
+        hive.put(PLAN_NS, PLAN_KEY, plan, if_version=0)
+    except Conflict as exc:
+        log(ORCHESTRATOR, f"plan written: {plan['totals']}")
+        return (
+            f"created v{item.version}; a second create was refused "
+            f"(Conflict, current_version={exc.current_version})"
+        )
+    raise CheckFailed("a second create-only put of the plan succeeded")
+
+
 def orchestrator(url: str, plan: dict[str, Any], all_findings: bool) -> None:
     """Publish the plan, collect the findings, check the shared state and print the report.
+
+    The plan is written once both other agents have said on ``handoff/orchestrator``
+    that they are ready, so the timings measure the work, not process start-up.
 
     Raises:
         CheckFailed: a count read back from the hive differs from the plan.
     """
     with hivemem.connect_sync(url, agent=ORCHESTRATOR) as hive:
-        started = time.perf_counter()
-        plan_item = hive.put(PLAN_NS, PLAN_KEY, plan, if_version=0)
-        try:
-            hive.put(PLAN_NS, PLAN_KEY, plan, if_version=0)
-            raise CheckFailed("a second create-only put of the plan succeeded")
-        except Conflict as exc:
-            plan_cas = (
-                f"created v{plan_item.version}; a second create was refused "
-                f"(Conflict, current_version={exc.current_version})"
-            )
         totals = plan["totals"]
-        log(ORCHESTRATOR, f"plan written: {totals}")
         own = hive.create_session(
             app=LOG_APP,
             user="locomo",
@@ -593,25 +621,36 @@ def orchestrator(url: str, plan: dict[str, Any], all_findings: bool) -> None:
             session_id=LOG_SESSION,
             metadata={"input": plan["input"]},
         )
-        hive.append_message(
-            own.id,
-            "system",
-            f"Plan: {totals['conversations']} conversations, {totals['sessions']} sessions, "
-            f"{totals['turns']} turns from {plan['input']}.",
-        )
         planned = {c["sample_id"]: c for c in plan["conversations"]}
         findings: dict[str, dict[str, dict[str, Any]]] = {sid: {} for sid in planned}
         handled: list[str] = []
         latencies: list[float] = []
-        finished_agents: set[str] = set()
+        ready: set[str] = set()
+        finished: set[str] = set()
+        team = {DATA_SPECIALIST, RESEARCHER}
         conflicts = 0
         state_version = own.state_version
-        with contextlib.closing(hive.watch(HANDOFF, after="0")) as events:
+        started = time.perf_counter()
+        plan_cas = ""
+        with watching(hive, HANDOFF, after="0") as events:
             for event in events:
                 payload = event.data if isinstance(event.data, dict) else {}
-                if payload.get("kind") == "done":
-                    finished_agents.add(str(payload.get("agent")))
-                elif payload.get("kind") == "finding":
+                kind = payload.get("kind")
+                if kind == "ready":
+                    ready.add(str(payload.get("agent")))
+                    if ready >= team and not plan_cas:
+                        started = time.perf_counter()
+                        plan_cas = write_plan(hive, plan)
+                        hive.append_message(
+                            own.id,
+                            "system",
+                            f"Plan: {totals['conversations']} conversations, "
+                            f"{totals['sessions']} sessions, {totals['turns']} turns "
+                            f"from {plan['input']}.",
+                        )
+                elif kind == "done":
+                    finished.add(str(payload.get("agent")))
+                elif kind == "finding":
                     latencies.append(time.time() - float(payload["summary_written_at"]))
                     item = hive.get(payload["namespace"], payload["key"])
                     if item is None or item.version < int(payload["version"]):
@@ -625,10 +664,7 @@ def orchestrator(url: str, plan: dict[str, Any], all_findings: bool) -> None:
                         )
                         conflicts += bump_progress(hive, {"conversations_done": 1})
                         handled.append(sample_id)
-                if len(handled) == len(planned) and finished_agents >= {
-                    DATA_SPECIALIST,
-                    RESEARCHER,
-                }:
+                if len(handled) == len(planned) and finished >= team:
                     break
         elapsed = time.perf_counter() - started
         hive.append_message(
@@ -730,9 +766,10 @@ def build_report(
     log_messages = sum(s.messages for s in log_sessions)
     events = count_events(hive)
     progress = hive.get(PROGRESS_NS, PROGRESS_KEY)
-    stats = {a: hive.get(f"agents/{a}", "stats") for a in (DATA_SPECIALIST, RESEARCHER)}
-    ds = stats[DATA_SPECIALIST].value if stats[DATA_SPECIALIST] else {}
-    rs = stats[RESEARCHER].value if stats[RESEARCHER] else {}
+    ds_item = hive.get(f"agents/{DATA_SPECIALIST}", "stats")
+    rs_item = hive.get(f"agents/{RESEARCHER}", "stats")
+    ds: dict[str, Any] = ds_item.value if ds_item else {}
+    rs: dict[str, Any] = rs_item.value if rs_item else {}
     top_namespaces = all_namespaces(hive, "", max_depth=1)
 
     expected_progress = {
@@ -836,7 +873,11 @@ def build_report(
 def run_agent(role: str, url: str, args: tuple[Any, ...]) -> None:
     """Entry point of an agent process: run the agent, exit 1 with a traceback on error."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when agents stop
-    targets = {ORCHESTRATOR: orchestrator, DATA_SPECIALIST: data_specialist, RESEARCHER: researcher}
+    targets: dict[str, Callable[..., None]] = {
+        ORCHESTRATOR: orchestrator,
+        DATA_SPECIALIST: data_specialist,
+        RESEARCHER: researcher,
+    }
     try:
         targets[role](url, *args)
     except BaseException:
@@ -961,12 +1002,15 @@ def run(args: argparse.Namespace) -> int:
             stop_agents(processes)
             failed = failed or [r for r, p in processes.items() if p.exitcode != 0]
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the cleanup finish
             stop_agents(processes)
             status = stop_service(service)
             if failed or not processes:
                 print(f"--- service log (last lines) ---\n{tail(service_log)}", file=sys.stderr)
         codes = ", ".join(f"{r}={p.exitcode}" for r, p in processes.items())
-        print(f"agents: {codes}; service stopped (status {status})")
+        # uvicorn shuts down gracefully on SIGTERM, then exits by that signal.
+        how = "SIGTERM" if status == -signal.SIGTERM else f"status {status}"
+        print(f"agents: {codes}; service stopped ({how})")
         total = time.perf_counter() - began
         if failed:
             print(f"FAILED ({', '.join(failed)}) after {total:.2f} s", file=sys.stderr)
@@ -1024,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
     def on_term(signum: int, frame: FrameType | None) -> None:
-        raise SystemExit(1)
+        raise KeyboardInterrupt  # unwinds through run(), which stops agents and service
 
     signal.signal(signal.SIGTERM, on_term)
     try:

@@ -158,7 +158,7 @@ def test_report_counts_events_as_the_sample_implies(
     appends = sum(math.ceil(n / MESSAGE_CHUNK) for n in c["session_turns"])
     assert by_type == {
         "item.put": puts,
-        "publish": c["sessions"] + 2,
+        "publish": c["sessions"] + 4,  # a finding per session; ready and done from two agents
         "session.created": c["sessions"] + 1,
         "session.messages": appends + c["conversations"] + 2,
         "session.state": c["conversations"],

@@ -8,7 +8,7 @@ operation, not two.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self
@@ -252,7 +252,7 @@ class SyncHive:
     def head(self) -> str:
         return self._portal.call(self._hive.head)
 
-    def watch(self, prefix: str = "", *, after: str | None = None) -> Iterator[Event]:
+    def watch(self, prefix: str = "", *, after: str | None = None) -> Generator[Event, None, None]:
         """Blocking iterator over :meth:`Hive.watch`; closing it ends the subscription."""
         agen = self._hive.watch(prefix, after=after)
         try:
