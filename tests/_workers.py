@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sys
 import time
 from typing import TextIO
@@ -31,6 +32,7 @@ def cas(url: str, ns: str, key: str, n: int) -> None:
         print("ready", flush=True)
         sys.stdin.readline()
         conflicts = 0
+        streak = 0
         done = 0
         while done < n:
             item = hive.get(ns, key)
@@ -39,7 +41,11 @@ def cas(url: str, ns: str, key: str, n: int) -> None:
                 hive.put(ns, key, item.value + 1, if_version=item.version)
             except hivemem.Conflict:
                 conflicts += 1
+                streak += 1
+                # Jittered exponential backoff, as any CAS loop under contention should do.
+                time.sleep(random.uniform(0, min(0.05, 0.002 * 2**streak)))
                 continue
+            streak = 0
             done += 1
         print(f"done {conflicts}", flush=True)
 
@@ -61,7 +67,7 @@ async def writer(
                 try:
                     async with http.put(f"{url}/v1/items/{ns}/{key}", json=body) as resp:
                         await resp.read()
-                        if resp.status != 200:
+                        if resp.status not in (200, 201):
                             return
                 except (TimeoutError, aiohttp.ClientError, OSError):
                     return

@@ -80,7 +80,7 @@ class ItemsModel(RuleBasedStateMachine):
 
     @rule(
         key=KEYS,
-        mode=st.sampled_from(["none", "correct", "stale"]),
+        mode=st.sampled_from(["none", "zero", "correct", "stale"]),
         delta=st.integers(1, 3),
         up=st.booleans(),
     )
@@ -88,10 +88,6 @@ class ItemsModel(RuleBasedStateMachine):
         present = key in self.versions
         current = self.versions.get(key, 0)
         if_version = self._if_version(key, mode, delta, up)
-        if not present and if_version == 0:
-            # Deleting an absent item with if_version=0 is pinned down by its own conformance
-            # test (test_delete_of_absent_item_with_if_version_zero_conflicts).
-            if_version = delta
         if if_version is not None and (not present or if_version != current):
             with pytest.raises(Conflict) as info:
                 self.hive.delete(NS, key, if_version=if_version)
@@ -135,8 +131,8 @@ class ItemsModel(RuleBasedStateMachine):
 
 TestItemsModel = ItemsModel.TestCase
 TestItemsModel.settings = settings(
-    max_examples=30,
-    stateful_step_count=25,
+    max_examples=80,
+    stateful_step_count=30,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
