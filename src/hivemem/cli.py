@@ -13,13 +13,14 @@ import functools
 import inspect
 import json
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar, cast
 
+import anyio
 import typer
 from pydantic import ValidationError
 from pydantic_core import to_json
@@ -82,12 +83,18 @@ class _Options:
     json: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Run:
-    """What a client command works with: the open hive and the output mode."""
+    """What a client command works with: where the hive is, who acts, the output mode."""
 
-    hive: SyncHive
+    url: str
+    agent: str
     json: bool
+
+    @functools.cached_property
+    def hive(self) -> SyncHive:
+        """The blocking hive, opened on first use and closed when the command ends."""
+        return hivemem.connect_sync(self.url, agent=self.agent)
 
     def emit(self, data: Any, human: Callable[[], None]) -> None:
         """Print ``data`` as one JSON document with --json, else call ``human``."""
@@ -147,8 +154,8 @@ def _client(group: typer.Typer, name: str) -> Callable[[Callable[..., None]], Ca
     """Register ``func(run, ...)`` as command ``name`` of ``group``.
 
     The command gains --url, --agent and --json (falling back to the top-level options);
-    ``run`` is a :class:`_Run` on the open hive, closed when the command ends, and any
-    HivememError it raises is printed by :func:`_fail`.
+    ``run`` is a :class:`_Run` whose hive opens on first use and closes when the command
+    ends; any HivememError raised meanwhile is printed by :func:`_fail`.
     """
 
     def register(func: Callable[..., None]) -> Callable[..., None]:
@@ -166,12 +173,13 @@ def _client(group: typer.Typer, name: str) -> Callable[[Callable[..., None]], Ca
         ) -> None:
             root = ctx.find_root().obj
             base = root if isinstance(root, _Options) else _Options()
+            run = _Run(url or base.url, agent or base.agent, as_json or base.json)
             with _guard():
-                hive = hivemem.connect_sync(url or base.url, agent=agent or base.agent)
                 try:
-                    func(_Run(hive, as_json or base.json), *args, **kwargs)
+                    func(run, *args, **kwargs)
                 finally:
-                    hive.close()
+                    if "hive" in run.__dict__:
+                        run.hive.close()
 
         command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
@@ -425,16 +433,22 @@ def watch(
     """
     if after is not None and from_start:
         raise InvalidInput("give --after or --from-start, not both", field="after")
-    seen = 0
-    try:
-        with closing(run.hive.watch(prefix, after="0" if from_start else after)) as events:
-            for ev in events:
-                typer.echo(ev.model_dump_json() if run.json else _event_line(ev))
-                seen += 1
-                if seen == count:
-                    break
-    except KeyboardInterrupt:
-        pass
+
+    # The async API, so that Ctrl-C cancels the pending wait and the hive closes cleanly
+    # (SyncHive.watch cannot close a subscription that is blocked waiting for an event).
+    async def follow() -> None:
+        async with hivemem.connect(run.url, agent=run.agent) as hive:
+            events = hive.watch(prefix, after="0" if from_start else after)
+            async with aclosing(cast(AsyncGenerator[Event, None], events)) as feed:
+                seen = 0
+                async for ev in feed:
+                    typer.echo(ev.model_dump_json() if run.json else _event_line(ev))
+                    seen += 1
+                    if seen == count:
+                        return
+
+    with suppress(KeyboardInterrupt):
+        anyio.run(follow)
 
 
 @_client(app, "publish")

@@ -1,24 +1,61 @@
 """SyncHive: the blocking facade over an async Hive.
 
-It owns an event loop in a background thread (anyio's blocking portal) and runs
+It owns an event loop in a background thread (an anyio blocking portal) and runs
 the async Hive's own methods there, so there is one implementation of every
 operation, not two.
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
-from collections.abc import Generator, Sequence
-from contextlib import AbstractContextManager
+import queue
+import threading
+from collections.abc import AsyncGenerator, Generator, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+import anyio
+from anyio.from_thread import BlockingPortal
 
 from hivemem.hive import Hive
 from hivemem.models import DeleteOp, Event, Item, Message, MessageIn, Page, PutOp, Session
 
 __all__ = ["SyncHive"]
+
+
+class _LoopThread:
+    """An event loop in a daemon thread, reached through a blocking portal.
+
+    A daemon thread, so a SyncHive that is never closed does not keep the
+    interpreter from exiting (anyio's ``start_blocking_portal`` uses a worker
+    thread that the interpreter joins at exit).
+    """
+
+    def __init__(self) -> None:
+        ready: queue.SimpleQueue[BlockingPortal | BaseException] = queue.SimpleQueue()
+
+        async def serve() -> None:
+            async with BlockingPortal() as portal:
+                ready.put(portal)
+                await portal.sleep_until_stopped()
+
+        def run() -> None:
+            try:
+                anyio.run(serve)
+            except BaseException as exc:  # surfaced to the constructor below
+                ready.put(exc)
+
+        self.thread = threading.Thread(target=run, name="hivemem-sync", daemon=True)
+        self.thread.start()
+        started = ready.get()
+        if isinstance(started, BaseException):
+            raise started
+        self.portal = started
+
+    def stop(self) -> None:
+        self.portal.call(self.portal.stop)
+        self.thread.join()
 
 
 class SyncHive:
@@ -29,21 +66,11 @@ class SyncHive:
     call :meth:`close` to stop its background event loop.
     """
 
-    def __init__(
-        self,
-        hive: Hive,
-        *,
-        _portal: tuple[AbstractContextManager[BlockingPortal], BlockingPortal] | None = None,
-    ) -> None:
+    def __init__(self, hive: Hive, *, _loop: _LoopThread | None = None) -> None:
         self._hive = hive
-        if _portal is None:
-            cm = start_blocking_portal()
-            self._portal_cm: AbstractContextManager[BlockingPortal] | None = cm
-            self._portal = cm.__enter__()
-            self._owner = True
-        else:
-            self._portal_cm, self._portal = _portal
-            self._owner = False
+        self._owner = _loop is None
+        self._loop: _LoopThread | None = _loop or _LoopThread()
+        self._portal = self._loop.portal
 
     @property
     def agent(self) -> str:
@@ -72,19 +99,18 @@ class SyncHive:
 
     def close(self) -> None:
         """Close the hive and, for the owner of the loop, stop the background loop."""
-        if not self._owner:
+        if not self._owner or self._loop is None:
             return
-        if self._portal_cm is not None:
-            try:
-                self._portal.call(self._hive.close)
-            finally:
-                cm, self._portal_cm = self._portal_cm, None
-                cm.__exit__(None, None, None)
+        loop, self._loop = self._loop, None
+        try:
+            self._portal.call(self._hive.close)
+        finally:
+            loop.stop()
 
     def as_agent(self, agent: str) -> SyncHive:
         """A view acting for ``agent``, sharing this hive's connection and loop."""
-        assert self._portal_cm is not None, "SyncHive is closed"
-        return SyncHive(self._hive.as_agent(agent), _portal=(self._portal_cm, self._portal))
+        assert self._loop is not None, "SyncHive is closed"
+        return SyncHive(self._hive.as_agent(agent), _loop=self._loop)
 
     def ping(self) -> None:
         self._portal.call(self._hive.ping)
@@ -253,19 +279,36 @@ class SyncHive:
         return self._portal.call(self._hive.head)
 
     def watch(self, prefix: str = "", *, after: str | None = None) -> Generator[Event, None, None]:
-        """Blocking iterator over :meth:`Hive.watch`; closing it ends the subscription."""
-        agen = self._hive.watch(prefix, after=after)
+        """Blocking iterator over :meth:`Hive.watch`; closing it ends the subscription.
+
+        An exception in the calling thread while it waits (Ctrl-C) cancels the
+        pending read on the event loop before the subscription is closed.
+        """
+        agen = cast(AsyncGenerator[Event, None], self._hive.watch(prefix, after=after))
         try:
             while True:
+                pending = self._portal.start_task_soon(agen.__anext__)
                 try:
-                    event = self._portal.call(agen.__anext__)
+                    event: Event = pending.result()
                 except StopAsyncIteration:
                     return
+                except BaseException:
+                    pending.cancel()
+                    raise
                 yield event
         finally:
-            if self._portal_cm is not None:
-                self._portal.call(agen.aclose)  # type: ignore[attr-defined,call-arg]
+            if self._loop is not None:
+                self._portal.call(_close_when_idle, agen)
 
     def publish(self, channel: str, payload: Any) -> Event:
         event: Event = self._portal.call(self._hive.publish, channel, payload)
         return event
+
+
+async def _close_when_idle(agen: AsyncGenerator[Event, None]) -> None:
+    """Close ``agen`` once a cancelled ``__anext__`` has finished unwinding."""
+    for _ in range(1000):
+        if not agen.ag_running:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0.001)
+    await agen.aclose()

@@ -263,7 +263,12 @@ class SqliteBackend(Backend):
         if self.memory:
             self._readers = self._writer
         else:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            if not Path(self.path).parent.is_dir():
+                await self.close()
+                raise Unavailable(
+                    f"cannot open sqlite store {self.path!r}: directory "
+                    f"{str(Path(self.path).parent)!r} does not exist"
+                )
             self._readers = ThreadPoolExecutor(
                 self.settings.sqlite_readers, thread_name_prefix="hivemem-sqlite-reader"
             )

@@ -166,14 +166,15 @@ class RemoteHive(Hive):
                 if safe_to_retry:
                     continue
                 raise Unavailable(
-                    f"{method} {endpoint}{path} failed after it was sent ({exc!r}); "
+                    f"{method} {endpoint}{path} failed after it was sent ({_describe(exc)}); "
                     "it may or may not have been applied"
                 ) from exc
             if status >= 400:
                 raise _problem(status, data)
             return status, data
         raise Unavailable(
-            f"no hivemem service reachable at {', '.join(self._shared.endpoints)}: {last_error!r}"
+            f"no hivemem service reachable at {', '.join(self._shared.endpoints)}: "
+            f"{_describe(last_error)}"
         ) from last_error
 
     async def _model(self, model: type[M], method: str, path: str, **kw: Any) -> M:
@@ -454,3 +455,10 @@ def _problem(status: int, data: bytes) -> HivememError:
     except orjson.JSONDecodeError:
         body = None
     return error_from_problem(status, body if isinstance(body, dict) else None)
+
+
+def _describe(exc: BaseException | None) -> str:
+    """A short description of a transport error for messages to people."""
+    if exc is None:
+        return "no attempt made"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
