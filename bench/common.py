@@ -33,6 +33,7 @@ __all__ = [
     "Result",
     "free_port",
     "percentile",
+    "process_cpu_seconds",
     "run_async_clients",
     "run_async_loop",
     "run_sync_loop",
@@ -58,6 +59,12 @@ class Result:
         p50_ms, p90_ms, p99_ms, max_ms, mean_ms: latency of one operation (ms);
             ``None`` when the tool does not report it.
         concurrency: concurrent clients (1 for a single loop).
+        cpu_ms_per_op: CPU time (user + system, all threads) spent per operation by
+            what is measured: this process for embedded and sqlite3 figures, the
+            server process for HTTP figures. Less sensitive than ops/s to other load
+            on the machine.
+        client_cpu_ms_per_op: for HTTP figures, CPU per request of the load
+            generator (this process, or wrk).
         extra: anything else worth keeping (tool output, notes).
     """
 
@@ -73,6 +80,8 @@ class Result:
     max_ms: float | None
     mean_ms: float | None
     concurrency: int = 1
+    cpu_ms_per_op: float | None = None
+    client_cpu_ms_per_op: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -119,19 +128,19 @@ def summarize(
     n = len(latencies_ns)
     if n == 0:
         return Result(
-            name,
-            label,
-            0,
-            errors,
-            seconds,
-            0.0,
-            None,
-            None,
-            None,
-            None,
-            None,
-            concurrency,
-            extra or {},
+            name=name,
+            label=label,
+            ops=0,
+            errors=errors,
+            seconds=seconds,
+            ops_per_s=0.0,
+            p50_ms=None,
+            p90_ms=None,
+            p99_ms=None,
+            max_ms=None,
+            mean_ms=None,
+            concurrency=concurrency,
+            extra=extra or {},
         )
     ms = sorted(v / 1e6 for v in latencies_ns)
     return Result(
@@ -175,6 +184,7 @@ async def run_async_loop(
     lat: list[int] = []
     errors = 0
     first_error: str | None = None
+    cpu0 = time.process_time()
     start = time.perf_counter()
     end = start + duration
     while i < 2 * MAX_OPS and len(lat) < MAX_OPS:
@@ -190,8 +200,11 @@ async def run_async_loop(
         if (i & 15) == 0 and time.perf_counter() >= end:
             break
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
     extra = {"first_error": first_error} if first_error else {}
-    return summarize(name, label, lat, seconds, errors=errors, extra=extra)
+    result = summarize(name, label, lat, seconds, errors=errors, extra=extra)
+    result.cpu_ms_per_op = cpu * 1e3 / max(1, len(lat) + errors)
+    return result
 
 
 def run_sync_loop(
@@ -207,6 +220,7 @@ def run_sync_loop(
     lat: list[int] = []
     errors = 0
     first_error: str | None = None
+    cpu0 = time.process_time()
     start = time.perf_counter()
     end = start + duration
     while i < 2 * MAX_OPS and len(lat) < MAX_OPS:
@@ -222,8 +236,24 @@ def run_sync_loop(
         if (i & 15) == 0 and time.perf_counter() >= end:
             break
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
     extra = {"first_error": first_error} if first_error else {}
-    return summarize(name, label, lat, seconds, errors=errors, extra=extra)
+    result = summarize(name, label, lat, seconds, errors=errors, extra=extra)
+    result.cpu_ms_per_op = cpu * 1e3 / max(1, len(lat) + errors)
+    return result
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, all threads) used so far by process ``pid``, in seconds.
+
+    Read from ``/proc/<pid>/stat``; ``None`` where that is not available.
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the ")" closing the command name, utime and stime are fields 12 and 13.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def run_async_clients(
@@ -233,11 +263,14 @@ async def run_async_clients(
     clients: int,
     duration: float,
     warmup: float,
+    server_pid: int | None = None,
 ) -> Result:
     """Run ``clients`` concurrent tasks, each awaiting ``op(client, i)`` back to back.
 
     All tasks run ``warmup`` seconds unmeasured, then ``duration`` seconds measured;
-    only operations that start and finish inside the measured window are counted.
+    latencies count only operations that start and finish inside the measured window.
+    CPU per operation is sampled at the window's edges, for this process and for
+    ``server_pid`` if given, and divided by the operations completed in the window.
     """
     pc = time.perf_counter_ns
     loop_start = time.perf_counter_ns()
@@ -246,7 +279,9 @@ async def run_async_clients(
     per_client_cap = MAX_OPS // max(1, clients)
     lats: list[list[int]] = [[] for _ in range(clients)]
     errors = [0] * clients
+    completed = [0] * clients  # operations finishing inside the window, for CPU per op
     first_error: list[str] = []
+    cpu: dict[str, float | None] = {}
 
     async def client(c: int) -> None:
         i = 0
@@ -269,16 +304,34 @@ async def run_async_clients(
                 t1 = pc()
                 if t0 >= measure_from and t1 <= measure_to:
                     mine.append(t1 - t0)
+            if measure_from <= t1 <= measure_to:
+                completed[c] += 1
             i += 1
+
+    async def sampler() -> None:
+        await asyncio.sleep(max(0.0, (measure_from - pc()) / 1e9))
+        cpu["client0"] = time.process_time()
+        cpu["server0"] = None if server_pid is None else process_cpu_seconds(server_pid)
+        await asyncio.sleep(max(0.0, (measure_to - pc()) / 1e9))
+        cpu["client1"] = time.process_time()
+        cpu["server1"] = None if server_pid is None else process_cpu_seconds(server_pid)
 
     # The deadline bounds the whole run even if an operation hangs.
     async with asyncio.timeout(warmup + duration + 60):
-        await asyncio.gather(*(client(c) for c in range(clients)))
+        await asyncio.gather(sampler(), *(client(c) for c in range(clients)))
     flat = [v for lst in lats for v in lst]
     extra = {"first_error": first_error[0]} if first_error else {}
-    return summarize(
+    result = summarize(
         name, label, flat, duration, errors=sum(errors), concurrency=clients, extra=extra
     )
+    done = max(1, sum(completed))
+    c0, c1 = cpu.get("client0"), cpu.get("client1")
+    s0, s1 = cpu.get("server0"), cpu.get("server1")
+    if c0 is not None and c1 is not None:
+        result.client_cpu_ms_per_op = (c1 - c0) * 1e3 / done
+    if s0 is not None and s1 is not None:
+        result.cpu_ms_per_op = (s1 - s0) * 1e3 / done
+    return result
 
 
 # Processes and ports ---------------------------------------------------------------------

@@ -66,14 +66,10 @@ async def bench_embedded_async(db: Path, keys: int, duration: float, warmup: flo
             await hive.put(NAMESPACE, key_of(i % keys), make_value(i))
 
         results.append(
-            await run_async_loop(
-                "embedded.async.get", "embedded get (LocalHive, async)", get, duration, warmup
-            )
+            await run_async_loop("embedded.async.get", "embedded get, async", get, duration, warmup)
         )
         results.append(
-            await run_async_loop(
-                "embedded.async.put", "embedded put (LocalHive, async)", put, duration, warmup
-            )
+            await run_async_loop("embedded.async.put", "embedded put, async", put, duration, warmup)
         )
     finally:
         await hive.close()
@@ -104,10 +100,10 @@ def bench_embedded_sync(db: Path, keys: int, duration: float, warmup: float) -> 
             hive.put(NAMESPACE, key_of(i % keys), make_value(i))
 
         results.append(
-            run_sync_loop("embedded.sync.get", "embedded get (SyncHive)", get, duration, warmup)
+            run_sync_loop("embedded.sync.get", "embedded get, SyncHive", get, duration, warmup)
         )
         results.append(
-            run_sync_loop("embedded.sync.put", "embedded put (SyncHive)", put, duration, warmup)
+            run_sync_loop("embedded.sync.put", "embedded put, SyncHive", put, duration, warmup)
         )
     return results
 
@@ -175,10 +171,8 @@ def bench_sqlite(tmp: Path, keys: int, duration: float, warmup: float) -> list[R
             value = orjson.dumps(make_value(i)).decode()
             conn.execute(_UPSERT, (NAMESPACE, key_of(i % keys), value))
 
-        results.append(run_sync_loop("sqlite.get", "raw sqlite3 select", get, duration, warmup))
-        results.append(
-            run_sync_loop("sqlite.put", "raw sqlite3 upsert (FULL)", put, duration, warmup)
-        )
+        results.append(run_sync_loop("sqlite.get", "sqlite3 select", get, duration, warmup))
+        results.append(run_sync_loop("sqlite.put", "sqlite3 upsert", put, duration, warmup))
 
         async def threaded() -> list[Result]:
             async def tget(i: int) -> None:
@@ -190,14 +184,14 @@ def bench_sqlite(tmp: Path, keys: int, duration: float, warmup: float) -> list[R
             return [
                 await run_async_loop(
                     "sqlite.thread.get",
-                    "raw sqlite3 select via to_thread",
+                    "sqlite3 select, to_thread",
                     tget,
                     duration,
                     warmup,
                 ),
                 await run_async_loop(
                     "sqlite.thread.put",
-                    "raw sqlite3 upsert via to_thread",
+                    "sqlite3 upsert, to_thread",
                     tput,
                     duration,
                     warmup,

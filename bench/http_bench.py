@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,14 @@ from typing import Any
 
 import aiohttp
 import orjson
-from common import Procs, Result, free_port, run_async_clients, wait_http_ready
+from common import (
+    Procs,
+    Result,
+    free_port,
+    process_cpu_seconds,
+    run_async_clients,
+    wait_http_ready,
+)
 from embedded import NAMESPACE, key_of, make_value
 
 __all__ = [
@@ -51,14 +59,19 @@ BENCH_DIR = Path(__file__).resolve().parent
 class Servers:
     """Starts the servers on first use and keeps them for the rest of the run.
 
+    Args:
+        log_level: uvicorn log level of both servers; ``info`` is ``hivemem serve``'s
+            default and logs every request, ``warning`` turns the access log off.
+
     Attributes:
         service_url: ``http://127.0.0.1:PORT`` of ``hivemem serve`` (after :meth:`service`).
         minimal_url: the same for the minimal endpoint (after :meth:`minimal`).
     """
 
-    def __init__(self, procs: Procs, tmp: Path) -> None:
+    def __init__(self, procs: Procs, tmp: Path, log_level: str = "info") -> None:
         self.procs = procs
         self.tmp = tmp
+        self.log_level = log_level
         self.service_url: str | None = None
         self.minimal_url: str | None = None
         self.service_cmd: list[str] = []
@@ -75,6 +88,8 @@ class Servers:
                 "--store", f"sqlite:///{self.tmp / 'svc.db'}",
                 "--host", "127.0.0.1", "--port", str(port),
             ]  # fmt: skip
+            if self.log_level != "info":
+                self.service_cmd += ["--log-level", self.log_level]
             proc = self.procs.start(self.service_cmd, "service.log")
             url = f"http://127.0.0.1:{port}"
             wait_http_ready(f"{url}/readyz", proc, 60, self.tmp / "service.log")
@@ -84,8 +99,9 @@ class Servers:
     def minimal(self) -> str:
         """Start the minimal endpoint (bench/minimal_app.py) under uvicorn; return its URL.
 
-        uvicorn gets the settings ``hivemem serve`` gives it: one worker, log level
-        ``info`` (so one access-log line per request), ``loop`` and ``http`` ``auto``.
+        uvicorn gets the settings ``hivemem serve`` gives it: one worker, the same log
+        level (``info`` by default, so one access-log line per request), ``loop`` and
+        ``http`` ``auto``.
         """
         if self.minimal_url is None:
             port = free_port()
@@ -93,7 +109,8 @@ class Servers:
                 sys.executable, "-m", "uvicorn", "minimal_app:app",
                 "--app-dir", str(BENCH_DIR),
                 "--host", "127.0.0.1", "--port", str(port),
-                "--workers", "1", "--log-level", "info", "--loop", "auto", "--http", "auto",
+                "--workers", "1", "--log-level", self.log_level,
+                "--loop", "auto", "--http", "auto",
             ]  # fmt: skip
             proc = self.procs.start(self.minimal_cmd, "minimal.log")
             url = f"http://127.0.0.1:{port}"
@@ -114,9 +131,18 @@ def _key(client: int, i: int, keys: int) -> str:
 
 
 async def _drive_remote(
-    base: str, prefix: str, label: str, keys: int, duration: float, warmup: float, preload: bool
+    base: str,
+    target: str,
+    keys: int,
+    duration: float,
+    warmup: float,
+    preload: bool,
+    server_pid: int | None,
 ) -> list[Result]:
-    """GET then PUT with one RemoteHive shared by CLIENTS tasks."""
+    """GET then PUT with one RemoteHive shared by CLIENTS tasks.
+
+    Results are named ``<target>.remote.get|put``, labelled ``<target> GET|PUT, RemoteHive``.
+    """
     import hivemem
 
     results: list[Result] = []
@@ -139,21 +165,38 @@ async def _drive_remote(
         async def put(c: int, i: int) -> None:
             await hive.put(NAMESPACE, _key(c, i, keys), make_value(i))
 
-        results.append(
-            await run_async_clients(f"{prefix}.get", f"{label} GET", get, CLIENTS, duration, warmup)
-        )
-        results.append(
-            await run_async_clients(f"{prefix}.put", f"{label} PUT", put, CLIENTS, duration, warmup)
-        )
+        for verb, op in (("get", get), ("put", put)):
+            results.append(
+                await run_async_clients(
+                    f"{target}.remote.{verb}",
+                    f"{target} {verb.upper()}, RemoteHive",
+                    op,
+                    CLIENTS,
+                    duration,
+                    warmup,
+                    server_pid,
+                )
+            )
     return results
 
 
 async def _drive_aiohttp(
-    base: str, prefix: str, label: str, keys: int, duration: float, warmup: float, preload: bool
+    base: str,
+    target: str,
+    keys: int,
+    duration: float,
+    warmup: float,
+    preload: bool,
+    server_pid: int | None,
 ) -> list[Result]:
-    """GET then PUT with one raw aiohttp.ClientSession shared by CLIENTS tasks."""
+    """GET then PUT with one raw aiohttp.ClientSession shared by CLIENTS tasks.
+
+    Each response body is read and parsed with orjson, as RemoteHive does before it
+    builds its models. Results are named ``<target>.aiohttp.get|put``.
+    """
     put_headers = {**AGENT_HEADER, "Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(limit=AIOHTTP_LIMIT)
+    results: list[Result] = []
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def put_raw(url: str, value: Any) -> Any:
@@ -183,44 +226,37 @@ async def _drive_aiohttp(
         async def put(c: int, i: int) -> None:
             await put_raw(_item_url(base, _key(c, i, keys)), make_value(i))
 
-        return [
-            await run_async_clients(
-                f"{prefix}.get", f"{label} GET", get, CLIENTS, duration, warmup
-            ),
-            await run_async_clients(
-                f"{prefix}.put", f"{label} PUT", put, CLIENTS, duration, warmup
-            ),
-        ]
+        for verb, op in (("get", get), ("put", put)):
+            results.append(
+                await run_async_clients(
+                    f"{target}.aiohttp.{verb}",
+                    f"{target} {verb.upper()}, aiohttp",
+                    op,
+                    CLIENTS,
+                    duration,
+                    warmup,
+                    server_pid,
+                )
+            )
+    return results
 
 
 def bench_service(servers: Servers, keys: int, duration: float, warmup: float) -> list[Result]:
     """Section 3: ``hivemem serve`` driven by RemoteHive, then by raw aiohttp."""
     url = servers.service()
-    results = asyncio.run(
-        _drive_remote(url, "service.remote", "service, RemoteHive", keys, duration, warmup, True)
-    )
-    results += asyncio.run(
-        _drive_aiohttp(
-            url, "service.aiohttp", "service, raw aiohttp", keys, duration, warmup, False
-        )
-    )
+    pid = servers.service_pid
+    results = asyncio.run(_drive_remote(url, "service", keys, duration, warmup, True, pid))
+    results += asyncio.run(_drive_aiohttp(url, "service", keys, duration, warmup, False, pid))
     return results
 
 
 def bench_minimal(servers: Servers, keys: int, duration: float, warmup: float) -> list[Result]:
     """Section 4: the minimal FastAPI endpoint driven by raw aiohttp, then by RemoteHive."""
     url = servers.minimal()
-    results = asyncio.run(
-        _drive_aiohttp(
-            url, "minimal.aiohttp", "minimal FastAPI, raw aiohttp", keys, duration, warmup, True
-        )
-    )
+    pid = servers.minimal_pid
+    results = asyncio.run(_drive_aiohttp(url, "minimal", keys, duration, warmup, True, pid))
     try:
-        results += asyncio.run(
-            _drive_remote(
-                url, "minimal.remote", "minimal FastAPI, RemoteHive", keys, duration, warmup, False
-            )
-        )
+        results += asyncio.run(_drive_remote(url, "minimal", keys, duration, warmup, False, pid))
     except Exception as exc:
         # RemoteHive may need routes the minimal app does not have; the rest still counts.
         print(f"  RemoteHive against the minimal endpoint failed: {exc!r}")
@@ -259,18 +295,35 @@ def parse_wrk(output: str) -> dict[str, Any]:
     return out
 
 
-def run_wrk(name: str, label: str, url: str, duration: float, threads: int = 1) -> Result:
-    """GET ``url`` with wrk: CLIENTS connections, ``threads`` threads, ``duration`` seconds."""
+def run_wrk(
+    name: str,
+    label: str,
+    url: str,
+    duration: float,
+    server_pid: int | None = None,
+    threads: int = 1,
+) -> Result:
+    """GET ``url`` with wrk: CLIENTS connections, ``threads`` threads, ``duration`` seconds.
+
+    CPU per request is measured over wrk's whole run: the server's from
+    ``/proc/<server_pid>/stat``, wrk's own from this process's child rusage.
+    """
     secs = max(1, round(duration))
     cmd = [
         "wrk", f"-t{threads}", f"-c{CLIENTS}", f"-d{secs}s", "--latency",
         "-H", f"X-Hivemem-Agent: {AGENT_HEADER['X-Hivemem-Agent']}", url,
     ]  # fmt: skip
+    server0 = None if server_pid is None else process_cpu_seconds(server_pid)
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30, check=False)
+    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server1 = None if server_pid is None else process_cpu_seconds(server_pid)
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}")
     p = parse_wrk(proc.stdout)
     ok = max(0, p["requests"] - p["non_2xx"])
+    n = max(1, p["requests"])
+    wrk_cpu = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
     return Result(
         name=name,
         label=label,
@@ -284,6 +337,8 @@ def run_wrk(name: str, label: str, url: str, duration: float, threads: int = 1) 
         max_ms=p.get("max_ms"),
         mean_ms=p.get("mean_ms"),
         concurrency=CLIENTS,
+        cpu_ms_per_op=None if server0 is None or server1 is None else (server1 - server0) * 1e3 / n,
+        client_cpu_ms_per_op=wrk_cpu * 1e3 / n,
         extra={
             "wrk_requests_per_s": p["rps"],
             "socket_errors": p["socket_errors"],
@@ -317,9 +372,21 @@ def bench_wrk(servers: Servers, keys: int, duration: float) -> tuple[list[Result
     for base in (minimal, service):
         asyncio.run(_ensure_item(base, key))
     results.append(
-        run_wrk("minimal.wrk.get", "minimal FastAPI, wrk GET", _item_url(minimal, key), duration)
+        run_wrk(
+            "minimal.wrk.get",
+            "minimal GET, wrk",
+            _item_url(minimal, key),
+            duration,
+            servers.minimal_pid,
+        )
     )
     results.append(
-        run_wrk("service.wrk.get", "service, wrk GET", _item_url(service, key), duration)
+        run_wrk(
+            "service.wrk.get",
+            "service GET, wrk",
+            _item_url(service, key),
+            duration,
+            servers.service_pid,
+        )
     )
     return results, None

@@ -3,6 +3,8 @@
 Usage::
 
     python bench/run.py [--quick] [--json PATH] [--only NAME,...] [--duration SECONDS]
+                        [--keys N] [--watch-rate PUTS_PER_S] [--markdown PATH]
+                        [--server-log-level info|warning] [--keep-tmp]
 
 Sections (names for ``--only``):
 
@@ -51,26 +53,29 @@ from watch_latency import bench_watch  # noqa: E402
 
 SECTIONS = ("embedded", "sqlite", "service", "minimal", "wrk", "watch")
 
-#: (ours, baseline, what the ratio says) for the final table.
-COMPARISONS: list[tuple[str, str, str]] = [
-    ("embedded.async.get", "sqlite.get", "embedded overhead"),
-    ("embedded.async.put", "sqlite.put", "embedded overhead"),
-    ("embedded.sync.get", "sqlite.get", "embedded overhead"),
-    ("embedded.sync.put", "sqlite.put", "embedded overhead"),
-    ("service.remote.get", "minimal.aiohttp.get", "whole stack vs floor"),
-    ("service.remote.put", "minimal.aiohttp.put", "whole stack vs floor"),
-    ("service.aiohttp.get", "minimal.aiohttp.get", "server overhead"),
-    ("service.aiohttp.put", "minimal.aiohttp.put", "server overhead"),
-    ("service.wrk.get", "minimal.wrk.get", "server overhead (wrk)"),
-    ("service.remote.get", "service.aiohttp.get", "client overhead"),
-    ("service.remote.put", "service.aiohttp.put", "client overhead"),
-    ("minimal.remote.get", "minimal.aiohttp.get", "client overhead"),
-    ("minimal.remote.put", "minimal.aiohttp.put", "client overhead"),
-    ("minimal.aiohttp.get", "minimal.wrk.get", "python client vs wrk"),
+#: The final table: (ours, baseline, what the ratio shows, which CPU figure to compare).
+#: CPU kinds: "cpu" = cpu_ms_per_op (this process, or the server), "client" =
+#: client_cpu_ms_per_op (the load generator), "total" = both added.
+COMPARISONS: list[tuple[str, str, str, str]] = [
+    ("embedded.async.get", "sqlite.get", "embedded overhead", "cpu"),
+    ("embedded.async.put", "sqlite.put", "embedded overhead", "cpu"),
+    ("embedded.sync.get", "sqlite.get", "embedded overhead", "cpu"),
+    ("embedded.sync.put", "sqlite.put", "embedded overhead", "cpu"),
+    ("embedded.async.get", "sqlite.thread.get", "vs one thread hop", "cpu"),
+    ("service.remote.get", "minimal.aiohttp.get", "whole stack vs floor", "total"),
+    ("service.remote.put", "minimal.aiohttp.put", "whole stack vs floor", "total"),
+    ("service.aiohttp.get", "minimal.aiohttp.get", "server overhead", "cpu"),
+    ("service.aiohttp.put", "minimal.aiohttp.put", "server overhead", "cpu"),
+    ("service.wrk.get", "minimal.wrk.get", "server overhead (wrk)", "cpu"),
+    ("service.remote.get", "service.aiohttp.get", "client overhead", "client"),
+    ("service.remote.put", "service.aiohttp.put", "client overhead", "client"),
+    ("minimal.remote.get", "minimal.aiohttp.get", "client overhead", "client"),
+    ("minimal.remote.put", "minimal.aiohttp.put", "client overhead", "client"),
+    ("minimal.aiohttp.get", "minimal.wrk.get", "python client vs wrk", "client"),
 ]
 LATENCY_ONLY = ["watch.embedded", "watch.service"]
 
-console = Console(width=150)
+console = Console(width=200)
 
 
 def _fmt_rate(v: float | None) -> str:
@@ -83,21 +88,22 @@ def _fmt_ms(v: float | None) -> str:
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
+def _cpu(r: Result, kind: str) -> float | None:
+    if kind == "cpu":
+        return r.cpu_ms_per_op
+    if kind == "client":
+        return r.client_cpu_ms_per_op
+    if r.cpu_ms_per_op is None or r.client_cpu_ms_per_op is None:
+        return None
+    return r.cpu_ms_per_op + r.client_cpu_ms_per_op
+
+
 def print_results(title: str, results: list[Result]) -> None:
     """One rich table of a section's figures."""
     t = Table(title=title, title_justify="left")
-    for col in (
-        "figure",
-        "name",
-        "conc",
-        "ops",
-        "err",
-        "ops/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "max ms",
-    ):
+    cols = ["figure", "name", "conc", "ops", "err", "ops/s", "p50 ms", "p90 ms", "p99 ms"]
+    cols += ["max ms", "cpu ms/op", "client cpu ms/op"]
+    for col in cols:
         t.add_column(col, justify="left" if col in ("figure", "name") else "right")
     for r in results:
         t.add_row(
@@ -111,6 +117,8 @@ def print_results(title: str, results: list[Result]) -> None:
             _fmt_ms(r.p90_ms),
             _fmt_ms(r.p99_ms),
             _fmt_ms(r.max_ms),
+            _fmt_ms(r.cpu_ms_per_op),
+            _fmt_ms(r.client_cpu_ms_per_op),
         )
     console.print(t)
     for r in results:
@@ -119,12 +127,17 @@ def print_results(title: str, results: list[Result]) -> None:
 
 
 def comparisons(results: dict[str, Result]) -> list[dict[str, Any]]:
-    """The final table's rows: ours beside its baseline, ratio = ours ops/s ÷ baseline ops/s."""
+    """The final table's rows.
+
+    ``ratio`` = ours ops/s ÷ baseline ops/s (below 1: we are slower);
+    ``cpu_ratio`` = ours CPU per op ÷ baseline CPU per op (above 1: we cost more).
+    """
     rows: list[dict[str, Any]] = []
-    for ours, base, what in COMPARISONS:
+    for ours, base, what, kind in COMPARISONS:
         a, b = results.get(ours), results.get(base)
         if a is None or b is None:
             continue
+        ca, cb = _cpu(a, kind), _cpu(b, kind)
         rows.append(
             {
                 "ours": ours,
@@ -137,62 +150,121 @@ def comparisons(results: dict[str, Result]) -> list[dict[str, Any]]:
                 "baseline_p50_ms": b.p50_ms,
                 "baseline_p99_ms": b.p99_ms,
                 "ratio": round(a.ops_per_s / b.ops_per_s, 4) if b.ops_per_s else None,
+                "cpu_kind": kind,
+                "ours_cpu_ms_per_op": None if ca is None else round(ca, 4),
+                "baseline_cpu_ms_per_op": None if cb is None else round(cb, 4),
+                "cpu_ratio": round(ca / cb, 4) if ca is not None and cb else None,
             }
         )
     return rows
 
 
-def print_final(results: dict[str, Result], rows: list[dict[str, Any]]) -> None:
-    """The summary table: ours, the baseline, and the throughput ratio."""
-    t = Table(
-        title="Summary: ours vs. baselines (ratio = ours ops/s ÷ baseline ops/s)",
-        title_justify="left",
-    )
-    for col in (
-        "ours",
-        "ops/s",
-        "p50 ms",
-        "p99 ms",
-        "baseline",
-        "ops/s ",
-        "p50 ms ",
-        "p99 ms ",
-        "ratio",
-        "what it shows",
-    ):
-        t.add_column(
-            col, justify="left" if col in ("ours", "baseline", "what it shows") else "right"
-        )
+def _summary_rows(results: dict[str, Result], rows: list[dict[str, Any]]) -> list[list[str]]:
+    out: list[list[str]] = []
     for row in rows:
-        ratio = row["ratio"]
-        t.add_row(
-            results[row["ours"]].label,
-            _fmt_rate(row["ours_ops_per_s"]),
-            _fmt_ms(row["ours_p50_ms"]),
-            _fmt_ms(row["ours_p99_ms"]),
-            results[row["baseline"]].label,
-            _fmt_rate(row["baseline_ops_per_s"]),
-            _fmt_ms(row["baseline_p50_ms"]),
-            _fmt_ms(row["baseline_p99_ms"]),
-            "-" if ratio is None else f"{ratio:.2f}x",
-            row["meaning"],
+        ratio, cpu_ratio = row["ratio"], row["cpu_ratio"]
+        out.append(
+            [
+                results[row["ours"]].label,
+                _fmt_rate(row["ours_ops_per_s"]),
+                _fmt_ms(row["ours_p50_ms"]),
+                _fmt_ms(row["ours_p99_ms"]),
+                results[row["baseline"]].label,
+                _fmt_rate(row["baseline_ops_per_s"]),
+                _fmt_ms(row["baseline_p50_ms"]),
+                _fmt_ms(row["baseline_p99_ms"]),
+                "-" if ratio is None else f"{ratio:.2f}x",
+                "-" if cpu_ratio is None else f"{cpu_ratio:.2f}x ({row['cpu_kind']})",
+                row["meaning"],
+            ]
         )
     for name in LATENCY_ONLY:
         r = results.get(name)
         if r is not None:
-            t.add_row(
-                r.label,
-                f"{r.extra.get('rate_per_s', 0):,.0f} w/s",
-                _fmt_ms(r.p50_ms),
-                _fmt_ms(r.p99_ms),
-                "-",
-                "-",
-                "-",
-                "-",
-                "-",
-                f"write-to-event latency, missed {r.extra.get('missed')}",
+            out.append(
+                [
+                    r.label,
+                    f"{r.extra.get('rate_per_s', 0):,.0f} w/s",
+                    _fmt_ms(r.p50_ms),
+                    _fmt_ms(r.p99_ms),
+                    *["-"] * 6,
+                    f"write-to-event latency; missed {r.extra.get('missed')}",
+                ]
             )
+    return out
+
+
+SUMMARY_COLUMNS = [
+    "ours",
+    "ops/s",
+    "p50 ms",
+    "p99 ms",
+    "baseline",
+    "base ops/s",
+    "base p50",
+    "base p99",
+    "ops/s ratio",
+    "CPU/op ratio",
+    "what it shows",
+]
+
+
+def print_final(results: dict[str, Result], rows: list[dict[str, Any]]) -> None:
+    """The summary table: ours beside its baseline, throughput and CPU ratios."""
+    t = Table(
+        title="Summary: ops/s ratio = ours ÷ baseline (<1 slower); "
+        "CPU/op ratio = ours ÷ baseline (>1 costlier)",
+        title_justify="left",
+    )
+    for col in SUMMARY_COLUMNS:
+        left = col in ("ours", "baseline", "what it shows")
+        t.add_column(col, justify="left" if left else "right")
+    for cells in _summary_rows(results, rows):
+        t.add_row(*cells)
     console.print(t)
+
+
+def markdown_summary(results: dict[str, Result], rows: list[dict[str, Any]]) -> str:
+    """The summary table, then every figure, as GitHub Markdown (for bench/README.md)."""
+    left = ("ours", "baseline", "what it shows", "figure", "name")
+
+    def table(columns: list[str], body: list[list[str]]) -> list[str]:
+        out = ["| " + " | ".join(columns) + " |"]
+        out.append("|" + "|".join("---" if c in left else "---:" for c in columns) + "|")
+        out += ["| " + " | ".join(cells) + " |" for cells in body]
+        return out
+
+    every = [
+        [
+            r.label,
+            f"`{r.name}`",
+            str(r.concurrency),
+            _fmt_rate(r.ops_per_s),
+            _fmt_ms(r.p50_ms),
+            _fmt_ms(r.p99_ms),
+            _fmt_ms(r.cpu_ms_per_op),
+            _fmt_ms(r.client_cpu_ms_per_op),
+            str(r.errors),
+        ]
+        for r in results.values()
+    ]
+    lines = table(SUMMARY_COLUMNS, _summary_rows(results, rows))
+    lines += ["", "All figures:", ""]
+    lines += table(
+        [
+            "figure",
+            "name",
+            "conc",
+            "ops/s",
+            "p50 ms",
+            "p99 ms",
+            "cpu ms/op",
+            "client cpu ms/op",
+            "err",
+        ],
+        every,
+    )
+    return "\n".join(lines) + "\n"
 
 
 def machine_info() -> dict[str, Any]:
@@ -227,6 +299,7 @@ def machine_info() -> dict[str, Any]:
         out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
         versions["wrk"] = (out.stdout + out.stderr).strip().splitlines()[0]
     return {
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "nproc": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu,
@@ -260,6 +333,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=200.0,
         help="puts per second of the watch writer (default %(default)s)",
     )
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="also write the summary and all figures as Markdown tables",
+    )
+    p.add_argument(
+        "--server-log-level",
+        default="info",
+        choices=["info", "warning"],
+        help="uvicorn log level of both servers: info (hivemem serve's default, one access-log "
+        "line per request) or warning (no access log); default %(default)s",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (databases, logs)")
     a = p.parse_args(argv)
     a.sections = [s.strip() for s in a.only.split(",") if s.strip()] or list(SECTIONS)
@@ -272,6 +358,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--duration must be within 0.1..600 seconds")
     if not 1 <= a.keys <= 1_000_000:
         p.error("--keys must be within 1..1000000")
+    if not 1 <= a.watch_rate <= 10_000:
+        p.error("--watch-rate must be within 1..10000 puts per second")
     a.warmup = min(1.0, a.duration * 0.2)
     return a
 
@@ -281,20 +369,47 @@ def _raise_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the selected sections; returns the process exit code (1 if a section failed)."""
+    """Run the selected sections; returns the process exit code (1 if a section failed).
+
+    The temporary directory (databases, server logs) is removed at the end unless a
+    section failed or ``--keep-tmp`` was given; an interrupted run removes it too.
+    """
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     tmp = Path(tempfile.mkdtemp(prefix="hivemem-bench-"))
+    keep = args.keep_tmp
+    try:
+        code, keep = _run(args, tmp)
+    except (KeyboardInterrupt, SystemExit):
+        console.print("[yellow]interrupted; every subprocess was stopped")
+        raise
+    finally:
+        if keep:
+            console.print(f"kept {tmp} (databases and server logs)")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return code
+
+
+def _run(args: argparse.Namespace, tmp: Path) -> tuple[int, bool]:
+    """The body of :func:`main`; returns (exit code, whether to keep ``tmp``)."""
     started = time.perf_counter()
     info = machine_info()
     console.print(
         f"[bold]hivemem bench[/] sections={','.join(args.sections)} duration={args.duration}s "
         f"warmup={args.warmup}s keys={args.keys} clients={CLIENTS} tmp={tmp}\n"
-        f"nproc={info['nproc']} python={info['python']} cpu={info['cpu_model']!r}"
+        f"nproc={info['nproc']} python={info['python']} cpu={info['cpu_model']!r} "
+        f"load average={info['loadavg_start']}"
     )
     results: dict[str, Result] = {}
     failures: dict[str, str] = {}
     notes: list[str] = []
+    if info["loadavg_start"][0] > 0.5 * (info["nproc"] or 1):
+        notes.append(
+            f"the machine was busy at the start (1-min load average {info['loadavg_start'][0]} "
+            f"on {info['nproc']} CPUs): ops/s figures are unreliable, CPU per op less so"
+        )
+        console.print(f"[yellow]warning: {notes[-1]}")
     d, w, k = args.duration, args.warmup, args.keys
 
     def record(title: str, rs: list[Result]) -> None:
@@ -303,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print_results(title, rs)
 
     with Procs(tmp) as procs:
-        servers = Servers(procs, tmp)
+        servers = Servers(procs, tmp, args.server_log_level)
         steps: list[tuple[str, str, Any]] = [
             (
                 "embedded",
@@ -383,9 +498,10 @@ def main(argv: list[str] | None = None) -> int:
             "keys": k,
             "clients": CLIENTS,
             "watch_rate_per_s": args.watch_rate,
+            "server_log_level": args.server_log_level,
             "sections": args.sections,
         },
-        "machine": info,
+        "machine": {**info, "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
         "servers": {"service": service_cmd, "minimal": minimal_cmd},
         "results": {name: r.to_json() for name, r in results.items()},
         "comparisons": rows,
@@ -395,11 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {args.json} ({elapsed:.0f} s)")
-    if failures or args.keep_tmp:
-        console.print(f"kept {tmp} (databases and server logs)")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if failures else 0
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_summary(results, rows))
+        console.print(f"wrote {args.markdown}")
+    return (1 if failures else 0), bool(failures or args.keep_tmp)
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
 
 #: The two variants of section 5: (name, label).
 VARIANTS = [
-    ("embedded", "watch, embedded (2 processes, one SQLite file)"),
-    ("service", "watch, service (RemoteHive writer and watcher)"),
+    ("embedded", "watch, embedded (2 procs, 1 file)"),
+    ("service", "watch, service (RemoteHive)"),
 ]
 
 
