@@ -74,13 +74,14 @@ class ServiceState:
         return view
 
 
-def hive_for(
+async def hive_for(
     request: Request,
     x_hivemem_agent: Annotated[
         str | None, Header(description="Identity of the calling agent (author of its writes).")
     ] = None,
 ) -> LocalHive:
-    """FastAPI dependency: the hive view acting for the caller."""
+    """FastAPI dependency: the hive view acting for the caller (async, so FastAPI does not
+    send it to its thread pool)."""
     state: ServiceState = request.app.state.hivemem
     return state.view(x_hivemem_agent)
 

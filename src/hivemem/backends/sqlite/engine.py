@@ -1,0 +1,275 @@
+"""The SQLite engine: connections, threads, group commit and change notification.
+
+- WAL journal, so readers never block the writer; several processes on one host
+  may share one file (SQLite's own file locks serialise writers).
+- ``synchronous=FULL`` by default: a commit is fsynced before it is acknowledged,
+  so an acknowledged write survives ``kill -9`` and power loss (``NORMAL``
+  survives ``kill -9`` only).
+- Writes run on one writer thread with group commit: every queued write job
+  runs in one ``BEGIN IMMEDIATE`` transaction, each in its own SAVEPOINT, so one
+  job's error rolls back that job alone and the rest share one fsync.
+- Point reads (one row by primary key) run inline on the event loop's thread
+  through a connection that never waits for a lock: a thread hop costs more
+  than the query. If SQLite reports the database busy, the read goes to a reader
+  thread instead. Scans run on a pool of reader threads.
+- Change notification across processes: after each commit the writer writes one
+  byte to ``<file>.notify``; every process watches that file with inotify and
+  wakes its watchers. A slow safety poll covers platforms without inotify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hivemem.backends.base import ChangeSignal
+from hivemem.backends.sqlite.schema import MIGRATIONS
+from hivemem.config import Settings
+from hivemem.errors import Unavailable
+
+T = TypeVar("T")
+
+#: Most write jobs committed in one transaction by the writer thread.
+GROUP_COMMIT_MAX = 256
+
+
+class SqliteEngine:
+    """Runs functions of a ``sqlite3.Connection`` for the backend, off or on the loop.
+
+    Args:
+        path: a file path, or ``":memory:"`` for a private in-memory database
+            (one connection on one thread, gone when closed).
+        settings: ``sqlite_synchronous``, ``sqlite_busy_timeout_seconds`` and
+            ``sqlite_readers`` apply.
+        changes: the signal raised after each local commit and each notification
+            from another process.
+    """
+
+    def __init__(self, path: str, settings: Settings, changes: ChangeSignal) -> None:
+        self.path = path
+        self.memory = path == ":memory:"
+        self.settings = settings
+        self.changes = changes
+        self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._conn_lock = threading.Lock()
+        self._write_conn: sqlite3.Connection | None = None
+        self._inline_conn: sqlite3.Connection | None = None
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]] = []
+        self._pending_lock = threading.Lock()
+        self._notify_fd: int | None = None
+        self._inotify: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # Lifecycle ---------------------------------------------------------------------
+
+    def _connect(self, busy_timeout: float | None = None) -> sqlite3.Connection:
+        timeout = (
+            self.settings.sqlite_busy_timeout_seconds if busy_timeout is None else busy_timeout
+        )
+        conn = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=timeout,
+            cached_statements=256,
+        )
+        if not self.memory:
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.settings.sqlite_synchronous}")
+        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        with self._conn_lock:
+            self._connections.append(conn)
+        return conn
+
+    async def open(self) -> None:
+        """Start the threads, connect, migrate the schema and start notifications.
+
+        Raises:
+            Unavailable: the file cannot be opened or its directory does not exist.
+        """
+        if self._writer is not None:
+            return
+        if not self.memory and not Path(self.path).parent.is_dir():
+            raise Unavailable(
+                f"cannot open sqlite store {self.path!r}: directory "
+                f"{str(Path(self.path).parent)!r} does not exist"
+            )
+        self._loop = loop = asyncio.get_running_loop()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="hivemem-sqlite-writer")
+        self._readers = (
+            self._writer
+            if self.memory
+            else ThreadPoolExecutor(
+                self.settings.sqlite_readers, thread_name_prefix="hivemem-sqlite-reader"
+            )
+        )
+        try:
+            self._write_conn = await loop.run_in_executor(self._writer, self._connect)
+            await loop.run_in_executor(self._writer, self._migrate)
+            if not self.memory:
+                self._inline_conn = self._connect(busy_timeout=0)
+        except sqlite3.Error as exc:
+            await self.close()
+            raise Unavailable(f"cannot open sqlite store {self.path!r}: {exc}") from exc
+        if not self.memory:
+            self._start_notifications()
+
+    def _migrate(self) -> None:
+        conn = self._write_conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(MIGRATIONS, start=1):
+                if number > current:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _start_notifications(self) -> None:
+        notify_path = self.path + ".notify"
+        self._notify_fd = os.open(notify_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            from inotify_simple import INotify, flags  # type: ignore[import-untyped]
+        except ImportError:  # not Linux: the safety poll alone wakes watchers
+            return
+        inotify = INotify()
+        inotify.add_watch(notify_path, flags.MODIFY)
+        assert self._loop is not None
+        self._loop.add_reader(inotify.fileno(), self._on_inotify)
+        self._inotify = inotify
+
+    def _on_inotify(self) -> None:
+        with contextlib.suppress(OSError):
+            self._inotify.read(timeout=0)
+        self.changes.notify()
+
+    async def close(self) -> None:
+        """Stop notifications and threads and close every connection."""
+        if self._inotify is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None
+        writer, readers = self._writer, self._readers
+        self._writer = self._readers = None
+        for pool in {id(p): p for p in (writer, readers) if p is not None}.values():
+            pool.shutdown(wait=True)
+        with self._conn_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+        self._write_conn = self._inline_conn = None
+        if self._notify_fd is not None:
+            os.close(self._notify_fd)
+            self._notify_fd = None
+
+    # Reads -------------------------------------------------------------------------
+
+    def _reader_conn(self) -> sqlite3.Connection:
+        if self.memory:
+            assert self._write_conn is not None
+            return self._write_conn
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on a reader thread. Raises Unavailable if the store fails."""
+        if self._readers is None:
+            raise Unavailable("the sqlite store is closed")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._readers, lambda: fn(self._reader_conn()))
+        except sqlite3.OperationalError as exc:
+            raise Unavailable(f"sqlite store unavailable: {exc}") from exc
+
+    async def read_point(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a short read (a primary-key lookup) inline; see the module notes."""
+        conn = self._inline_conn
+        if conn is None:
+            return await self.read(fn)
+        try:
+            return fn(conn)
+        except sqlite3.OperationalError:
+            return await self.read(fn)
+
+    # Writes ------------------------------------------------------------------------
+
+    def _commit_pending(self) -> None:
+        """Run the queued write jobs in one transaction (group commit), on the writer thread.
+
+        Jobs are queued before this task is submitted, so each job is taken by its
+        own drain task or an earlier one.
+        """
+        conn = self._write_conn
+        assert conn is not None
+        with self._pending_lock:
+            jobs = self._pending[:GROUP_COMMIT_MAX]
+            del self._pending[:GROUP_COMMIT_MAX]
+        if not jobs:
+            return
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for fn, _ in jobs:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        outcomes.append((True, fn(conn)))
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO job")
+                        outcomes.append((False, exc))
+                    conn.execute("RELEASE job")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            error = Unavailable(f"sqlite store unavailable: {exc}")
+            for _, fut in jobs:
+                fut.set_exception(error)
+            return
+        if self._notify_fd is not None:
+            os.pwrite(self._notify_fd, b"\x01", 0)
+        for (_, fut), (ok, value) in zip(jobs, outcomes, strict=True):
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` inside a write transaction and return its result once committed.
+
+        An exception raised by ``fn`` rolls back its own changes and is re-raised.
+
+        Raises:
+            Unavailable: the store is closed or the commit failed.
+        """
+        writer = self._writer
+        if writer is None:
+            raise Unavailable("the sqlite store is closed")
+        fut: Future[T] = Future()
+        with self._pending_lock:
+            self._pending.append((fn, fut))
+        writer.submit(self._commit_pending)
+        result = await asyncio.wrap_future(fut)
+        self.changes.notify()
+        return result

@@ -1,0 +1,74 @@
+"""The SQLite schema (numbered migrations) and the column lists and row builders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from hivemem.backends.base import EventRow, ItemRow
+
+MIGRATIONS: list[str] = [
+    # 1: items, versions, sessions, messages, feed.
+    """
+    CREATE TABLE items (
+        ns TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL, version INTEGER NOT NULL,
+        author TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+        expires_at REAL, text TEXT, metadata BLOB,
+        PRIMARY KEY (ns, key)
+    );
+    CREATE INDEX items_expiry ON items (expires_at) WHERE expires_at IS NOT NULL;
+    CREATE TABLE item_versions (
+        ns TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL, value BLOB NOT NULL,
+        author TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+        expires_at REAL, text TEXT, metadata BLOB,
+        PRIMARY KEY (ns, key, version)
+    );
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY, app TEXT NOT NULL, user TEXT, agent TEXT,
+        created_by TEXT NOT NULL, metadata BLOB NOT NULL, state BLOB NOT NULL,
+        state_version INTEGER NOT NULL, messages INTEGER NOT NULL, turns INTEGER NOT NULL,
+        tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL, cost REAL NOT NULL,
+        started_at REAL NOT NULL, last_activity_at REAL NOT NULL
+    );
+    CREATE INDEX sessions_app ON sessions (app, id);
+    CREATE INDEX sessions_user ON sessions (user, id);
+    CREATE INDEX sessions_agent ON sessions (agent, id);
+    CREATE TABLE messages (
+        session_id TEXT NOT NULL, seq INTEGER NOT NULL, role TEXT NOT NULL,
+        content BLOB NOT NULL, author TEXT NOT NULL, created_at REAL NOT NULL,
+        tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL, cost REAL NOT NULL,
+        metadata BLOB NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT NOT NULL, ns TEXT NOT NULL,
+        key TEXT, version INTEGER, author TEXT NOT NULL, at REAL NOT NULL, data BLOB
+    );
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    """,
+]
+
+ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"
+SESSION_COLS = (
+    "id, app, user, agent, created_by, metadata, state, state_version, messages, turns, "
+    "tokens_in, tokens_out, cost, started_at, last_activity_at"
+)
+MESSAGE_COLS = (
+    "session_id, seq, role, content, author, created_at, tokens_in, tokens_out, cost, metadata"
+)
+#: Rows not expired at the bound time.
+LIVE = "(expires_at IS NULL OR expires_at > ?)"
+#: Segment-aware prefix match: ns = p, or p/ <= ns < p0 ('0' follows '/' in ASCII).
+UNDER = "(ns = ? OR (ns >= ? AND ns < ?))"
+
+
+def under(prefix: str) -> tuple[str, str, str]:
+    return (prefix, prefix + "/", prefix + "0")
+
+
+def item_row(row: Sequence[Any]) -> ItemRow:
+    return ItemRow(*row)
+
+
+def event_row(row: Sequence[Any]) -> EventRow:
+    return EventRow(str(row[0]), *row[1:])
