@@ -7,10 +7,9 @@ from typing import Any
 
 import orjson
 
-from hivemem.backends.base import Backend, EventRow
-from hivemem.config import Settings
+from hivemem.backends.base import EventRow
 from hivemem.core import validation as check
-from hivemem.core.items import timestamp
+from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput
 from hivemem.models import Event, Page
 
@@ -32,18 +31,8 @@ def to_event(row: EventRow) -> Event:
     )
 
 
-class EventsMixin:
+class EventsMixin(Area):
     """The feed operations of :class:`~hivemem.core.LocalHive`."""
-
-    agent: str
-    _backend: Backend
-    _settings: Settings
-
-    async def _ready(self) -> None:
-        raise NotImplementedError
-
-    def _now(self) -> float:
-        raise NotImplementedError
 
     def _prefix(self, prefix: str) -> str:
         return check.namespace(prefix, self._settings, field="prefix", allow_empty=True)

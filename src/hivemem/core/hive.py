@@ -110,9 +110,6 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, Hive):
         """The limits and tuning in force."""
         return self._settings
 
-    def _now(self) -> float:
-        return time.time()
-
     async def _ready(self) -> None:
         if not self._shared.opened:
             await self._shared.open()

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
-from hivemem.backends.base import Backend, DeleteWrite, ItemRow, PutWrite
-from hivemem.config import Settings
+from hivemem.backends.base import DeleteWrite, ItemRow, PutWrite
 from hivemem.core import cursors
 from hivemem.core import validation as check
+from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput
 from hivemem.models import DeleteOp, Item, Page, PutOp
-
-
-def timestamp(seconds: float) -> datetime:
-    """UNIX seconds to an aware UTC datetime."""
-    return datetime.fromtimestamp(seconds, UTC)
 
 
 def to_item(row: ItemRow) -> Item:
@@ -39,18 +33,8 @@ def to_item(row: ItemRow) -> Item:
     )
 
 
-class ItemsMixin:
+class ItemsMixin(Area):
     """The item operations of :class:`~hivemem.core.LocalHive`."""
-
-    agent: str
-    _backend: Backend
-    _settings: Settings
-
-    async def _ready(self) -> None:
-        raise NotImplementedError
-
-    def _now(self) -> float:
-        raise NotImplementedError
 
     def _put_write(
         self,

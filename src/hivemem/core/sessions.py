@@ -11,11 +11,10 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from hivemem.backends.base import Backend, MessageRow, NewMessage, SessionRow
-from hivemem.config import Settings
+from hivemem.backends.base import MessageRow, NewMessage, SessionRow
 from hivemem.core import cursors
 from hivemem.core import validation as check
-from hivemem.core.items import timestamp
+from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput, NotFound
 from hivemem.models import Message, MessageIn, Page, Session
 
@@ -63,18 +62,8 @@ def to_message(row: MessageRow) -> Message:
     )
 
 
-class SessionsMixin:
+class SessionsMixin(Area):
     """The session operations of :class:`~hivemem.core.LocalHive`."""
-
-    agent: str
-    _backend: Backend
-    _settings: Settings
-
-    async def _ready(self) -> None:
-        raise NotImplementedError
-
-    def _now(self) -> float:
-        raise NotImplementedError
 
     def _session_id(self, session_id: object) -> str:
         return check.segment(session_id, "session_id", self._settings)
