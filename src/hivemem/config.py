@@ -65,6 +65,26 @@ class Settings(BaseSettings):
         description="Safety poll of the feed for watchers; change notifications wake them sooner.",
     )
 
+    # Search and embeddings.
+    embedder: Literal["minilm", "openai", "none"] = Field(
+        default="minilm",
+        description="minilm: the offline all-MiniLM-L6-v2 int8 model; openai: an "
+        "OpenAI-compatible /v1/embeddings endpoint; none: lexical search only.",
+    )
+    openai_base_url: str = Field(
+        default="http://127.0.0.1:8000/v1", description="Base URL of the embeddings endpoint."
+    )
+    openai_model: str = Field(default="text-embedding-3-small", description="Model to ask for.")
+    openai_api_key: str | None = Field(default=None, description="Bearer key, if needed.")
+    openai_timeout_seconds: float = Field(default=30.0, gt=0, description="Per request.")
+    embed_batch_size: int = Field(
+        default=32, gt=0, description="Most texts in one model call (micro-batching)."
+    )
+    embed_batch_wait_ms: float = Field(
+        default=2.0, ge=0, description="How long a request waits for others to share its call."
+    )
+    embed_threads: int = Field(default=2, gt=0, description="onnxruntime intra-op threads.")
+
     # Service.
     max_request_bytes: int = Field(
         default=4 * MiB, gt=0, description="Largest HTTP request body the service accepts."
