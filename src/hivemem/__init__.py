@@ -24,7 +24,17 @@ from hivemem.errors import (
     Unavailable,
 )
 from hivemem.hive import Hive
-from hivemem.models import DeleteOp, Event, Item, Message, MessageIn, Page, PutOp, Session
+from hivemem.models import (
+    DeleteOp,
+    Event,
+    Item,
+    Message,
+    MessageIn,
+    Page,
+    PutOp,
+    SearchHit,
+    Session,
+)
 from hivemem.sync import SyncHive
 
 __all__ = [
@@ -43,6 +53,7 @@ __all__ = [
     "PermissionDenied",
     "PutOp",
     "RateLimited",
+    "SearchHit",
     "Session",
     "Settings",
     "SyncHive",
@@ -67,7 +78,9 @@ def connect(
             or several ``http://`` URLs separated by commas (replicas of one service).
         agent: the identity stamped as author of this hive's writes (one namespace
             segment: letters, digits, ``_ - . : @ +``).
-        settings: limits and tuning; by default read from ``HIVEMEM_*`` variables.
+        settings: limits and tuning; by default read from ``HIVEMEM_*`` variables. Its
+            ``embedder`` picks the search embedder of a local store (default: the
+            offline all-MiniLM-L6-v2 model; ``none`` for lexical search only).
 
     Returns:
         A :class:`LocalHive` for ``sqlite`` URLs, a :class:`RemoteHive` for ``http(s)``.
@@ -80,8 +93,14 @@ def connect(
     if scheme == "sqlite":
         from hivemem.backends.sqlite import SqliteBackend
         from hivemem.core.hive import LocalHive
+        from hivemem.embedders import make_embedder
 
-        return LocalHive(SqliteBackend.from_url(url, settings), agent=agent, settings=settings)
+        return LocalHive(
+            SqliteBackend.from_url(url, settings),
+            agent=agent,
+            settings=settings,
+            embedder=make_embedder(settings),
+        )
     if scheme in ("http", "https"):
         from hivemem.client.remote import RemoteHive
 

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="How long a request waits for others to share its call."
     )
     embed_threads: int = Field(default=2, gt=0, description="onnxruntime intra-op threads.")
+    search_rrf_k: float = Field(
+        default=60.0, gt=0, description="k of reciprocal rank fusion (Cormack et al. 2009)."
+    )
+    search_weight_lexical: float = Field(default=1.0, ge=0, description="RRF weight of BM25.")
+    search_weight_vector: float = Field(default=1.0, ge=0, description="RRF weight of vectors.")
+    search_candidates: int = Field(
+        default=100, gt=0, description="Candidates each mode contributes to fusion."
+    )
+    max_search_limit: int = Field(default=100, gt=0, description="Largest search `limit`.")
 
     # Service.
     max_request_bytes: int = Field(

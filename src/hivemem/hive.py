@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import builtins
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from hivemem.models import DeleteOp, Event, Item, Message, MessageIn, Page, PutOp, Session
+from hivemem.models import (
+    DeleteOp,
+    Event,
+    Item,
+    Message,
+    MessageIn,
+    Page,
+    PutOp,
+    SearchHit,
+    Session,
+)
 
 __all__ = ["Hive"]
 
@@ -177,6 +188,45 @@ class Hive(ABC):
 
         At most ``history_limit`` (10) versions are kept per item; deleting or
         expiring an item deletes its history.
+        """
+
+    @abstractmethod
+    async def search(
+        self,
+        prefix: str,
+        query: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        author: str | None = None,
+        updated_after: datetime | float | None = None,
+        updated_before: datetime | float | None = None,
+        mode: Literal["hybrid", "vector", "lexical"] = "hybrid",
+        limit: int = 10,
+    ) -> builtins.list[SearchHit]:
+        """Find live items at or under ``prefix`` by meaning and by words.
+
+        What is indexed: the item's ``text`` if given, otherwise its value when it is
+        a string, otherwise the value's ``text`` or ``content`` field; items with
+        none of these are not searchable.
+
+        Args:
+            query: non-empty text (at most 4096 characters).
+            filter: metadata conditions: ``{"key": value}`` for equality, or
+                ``{"key": {"$in": [..]}}`` / ``{"$gt"|"$gte"|"$lt"|"$lte"|"$eq": v}``.
+            author: only items whose current version this agent wrote.
+            updated_after, updated_before: bounds on ``updated_at`` (aware datetime
+                or UNIX seconds), exclusive.
+            mode: ``"hybrid"`` (BM25 and vectors fused by reciprocal rank, k=60;
+                BM25 alone when the hive has no embedder), ``"vector"`` or ``"lexical"``.
+            limit: 1..``max_search_limit`` (100).
+
+        Returns:
+            Hits, best first, each with its fused score and per-mode rank and score.
+
+        Raises:
+            InvalidInput: bad argument (field named, e.g. ``filter.tags.$near``), or
+                ``mode="vector"`` without an embedder (field ``mode``).
+            Unavailable: the embedder cannot be reached.
         """
 
     # Sessions --------------------------------------------------------------------

@@ -19,6 +19,7 @@ __all__ = [
     "MessageIn",
     "Page",
     "PutOp",
+    "SearchHit",
     "Session",
 ]
 
@@ -139,3 +140,14 @@ class Event(_Record):
     author: str
     at: datetime
     data: Any = None
+
+
+class SearchHit(_Record):
+    """One search result: the item, its fused score and where each mode ranked it."""
+
+    item: Item
+    score: float = Field(description="Fused score (reciprocal rank fusion); higher is better.")
+    lexical_rank: int | None = Field(default=None, description="1-based BM25 rank, if matched.")
+    vector_rank: int | None = Field(default=None, description="1-based similarity rank.")
+    lexical_score: float | None = Field(default=None, description="BM25 score (higher better).")
+    vector_score: float | None = Field(default=None, description="Cosine similarity.")

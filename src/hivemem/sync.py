@@ -11,15 +11,26 @@ import asyncio
 import builtins
 import queue
 import threading
-from collections.abc import AsyncGenerator, Generator, Sequence
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Literal, Self, cast
 
 import anyio
 from anyio.from_thread import BlockingPortal
 
 from hivemem.hive import Hive
-from hivemem.models import DeleteOp, Event, Item, Message, MessageIn, Page, PutOp, Session
+from hivemem.models import (
+    DeleteOp,
+    Event,
+    Item,
+    Message,
+    MessageIn,
+    Page,
+    PutOp,
+    SearchHit,
+    Session,
+)
 
 __all__ = ["SyncHive"]
 
@@ -171,6 +182,32 @@ class SyncHive:
     def history(self, namespace: str, key: str, *, limit: int = 100) -> builtins.list[Item]:
         async def run() -> builtins.list[Item]:
             return await self._hive.history(namespace, key, limit=limit)
+
+        return self._portal.call(run)
+
+    def search(
+        self,
+        prefix: str,
+        query: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        author: str | None = None,
+        updated_after: datetime | float | None = None,
+        updated_before: datetime | float | None = None,
+        mode: Literal["hybrid", "vector", "lexical"] = "hybrid",
+        limit: int = 10,
+    ) -> builtins.list[SearchHit]:
+        async def run() -> builtins.list[SearchHit]:
+            return await self._hive.search(
+                prefix,
+                query,
+                filter=filter,
+                author=author,
+                updated_after=updated_after,
+                updated_before=updated_before,
+                mode=mode,
+                limit=limit,
+            )
 
         return self._portal.call(run)
 

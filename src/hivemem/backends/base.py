@@ -12,12 +12,15 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "Backend",
     "ChangeSignal",
+    "Condition",
     "DeleteWrite",
     "EventRow",
+    "IndexEntry",
     "ItemRow",
     "MessageRow",
     "NewMessage",
@@ -45,7 +48,12 @@ class ItemRow:
 @dataclass(slots=True, frozen=True)
 class PutWrite:
     """Write ``value`` at (namespace, key) if the current version is ``if_version``
-    (0 = absent; ``None`` = any)."""
+    (0 = absent; ``None`` = any).
+
+    ``index_text`` is what search indexes (``None``: the item is not searchable);
+    ``vector`` its embedding as float32 bytes from model ``model`` (``None``: no
+    vector, lexical search only).
+    """
 
     namespace: str
     key: str
@@ -54,6 +62,36 @@ class PutWrite:
     metadata: bytes | None
     expires_at: float | None
     if_version: int | None
+    index_text: str | None = None
+    vector: bytes | None = None
+    model: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Condition:
+    """One search filter condition, already checked.
+
+    ``kind`` is ``"metadata"`` (``field`` = a top-level metadata key), ``"author"``
+    or ``"updated_at"`` (value in UNIX seconds); ``op`` is one of
+    ``= in > >= < <=``; for ``in``, ``value`` is a non-empty tuple.
+    """
+
+    kind: str
+    field: str | None
+    op: str
+    value: Any
+
+
+@dataclass(slots=True, frozen=True)
+class IndexEntry:
+    """A search-index row to store for (namespace, key) if the item is still at ``version``."""
+
+    namespace: str
+    key: str
+    version: int
+    text: str | None
+    vector: bytes | None
+    model: str | None
 
 
 @dataclass(slots=True, frozen=True)
@@ -295,3 +333,50 @@ class Backend(ABC):
     @abstractmethod
     async def head(self) -> str:
         """The cursor of the newest event ever appended ("0" when none)."""
+
+    # Search
+
+    @abstractmethod
+    async def search_lexical(
+        self,
+        prefix: str,
+        terms: Sequence[str],
+        conditions: Sequence[Condition],
+        limit: int,
+        now: float,
+    ) -> list[tuple[str, str, float]]:
+        """Live items at or under ``prefix`` whose indexed text matches any of ``terms``
+        and every condition, best first: (namespace, key, score; higher is better)."""
+
+    @abstractmethod
+    async def matching_keys(
+        self, prefix: str, conditions: Sequence[Condition], now: float
+    ) -> list[tuple[str, str]]:
+        """(namespace, key) of live indexed items at or under ``prefix`` matching every
+        condition."""
+
+    @abstractmethod
+    async def load_vectors(self, model: str) -> list[tuple[str, str, bytes]]:
+        """Every stored vector made by ``model``: (namespace, key, float32 bytes)."""
+
+    @abstractmethod
+    async def vectors_of(
+        self, keys: Sequence[tuple[str, str]], model: str
+    ) -> dict[tuple[str, str], bytes]:
+        """The current vectors by ``model`` of these items (absent ones are left out)."""
+
+    @abstractmethod
+    async def get_items(self, keys: Sequence[tuple[str, str]], now: float) -> list[ItemRow]:
+        """The live items among ``keys`` (any order)."""
+
+    @abstractmethod
+    async def unindexed_items(
+        self, model: str | None, after: tuple[str, str] | None, limit: int, now: float
+    ) -> list[ItemRow]:
+        """Live items, by (namespace, key) after ``after``, whose index entry is missing,
+        at an older version, or (when ``model`` is given) has no vector by ``model``."""
+
+    @abstractmethod
+    async def set_index(self, entries: Sequence[IndexEntry]) -> int:
+        """Store index entries of items still at the entry's version (others are
+        skipped: a newer write indexed them already). Returns how many were stored."""

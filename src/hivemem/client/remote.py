@@ -6,7 +6,8 @@ import asyncio
 import builtins
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -19,7 +20,17 @@ from hivemem.config import Settings
 from hivemem.core import validation as check
 from hivemem.errors import HivememError, InvalidInput, NotFound, Unavailable, error_from_problem
 from hivemem.hive import Hive
-from hivemem.models import DeleteOp, Event, Item, Message, MessageIn, Page, PutOp, Session
+from hivemem.models import (
+    DeleteOp,
+    Event,
+    Item,
+    Message,
+    MessageIn,
+    Page,
+    PutOp,
+    SearchHit,
+    Session,
+)
 
 __all__ = ["RemoteHive"]
 
@@ -280,6 +291,30 @@ class RemoteHive(Hive):
             "GET", f"/v1/history/{_item_path(namespace, key)}", params={"limit": limit}
         )
         return [Item.model_validate(i) for i in orjson.loads(data)["items"]]
+
+    async def search(
+        self,
+        prefix: str,
+        query: str,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        author: str | None = None,
+        updated_after: datetime | float | None = None,
+        updated_before: datetime | float | None = None,
+        mode: Literal["hybrid", "vector", "lexical"] = "hybrid",
+        limit: int = 10,
+    ) -> builtins.list[SearchHit]:
+        payload: dict[str, Any] = {"prefix": prefix, "query": query, "mode": mode, "limit": limit}
+        for name, arg in (
+            ("filter", filter),
+            ("author", author),
+            ("updated_after", updated_after),
+            ("updated_before", updated_before),
+        ):
+            if arg is not None:
+                payload[name] = arg.isoformat() if isinstance(arg, datetime) else arg
+        _, data = await self._request("POST", "/v1/search", body=_body(payload, "filter"))
+        return [SearchHit.model_validate(h) for h in orjson.loads(data)["hits"]]
 
     # Sessions --------------------------------------------------------------------
 

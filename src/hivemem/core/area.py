@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from hivemem.backends.base import Backend
 from hivemem.config import Settings
+from hivemem.embedders.base import Embedder
 
 
 def timestamp(seconds: float) -> datetime:
@@ -20,6 +21,7 @@ class Area:
     agent: str
     _backend: Backend
     _settings: Settings
+    _embedder: Embedder | None
 
     def _now(self) -> float:
         """The time stamped on writes and used for TTLs: UNIX seconds."""

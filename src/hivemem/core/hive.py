@@ -12,7 +12,10 @@ from hivemem.config import Settings
 from hivemem.core import validation as check
 from hivemem.core.events import EventsMixin
 from hivemem.core.items import ItemsMixin
+from hivemem.core.search import SearchMixin
 from hivemem.core.sessions import SessionsMixin
+from hivemem.core.vectors import VectorIndex
+from hivemem.embedders.base import Embedder
 from hivemem.hive import Hive
 
 __all__ = ["LocalHive"]
@@ -21,14 +24,25 @@ log = logging.getLogger("hivemem")
 
 
 class _Shared:
-    """What the views of one LocalHive share: the backend and its background sweeper."""
+    """What the views of one LocalHive share: the backend, the embedder, the in-memory
+    vector index and the background sweeper."""
 
-    def __init__(self, backend: Backend, settings: Settings) -> None:
+    def __init__(self, backend: Backend, settings: Settings, embedder: Embedder | None) -> None:
         self.backend = backend
         self.settings = settings
+        self.embedder = embedder
+        self.vectors: VectorIndex | None = None
         self.lock = asyncio.Lock()
         self.opened = False
         self.sweeper: asyncio.Task[None] | None = None
+
+    def vector_index(self, dim: int) -> VectorIndex:
+        if self.vectors is None:
+            assert self.embedder is not None
+            self.vectors = VectorIndex(
+                self.backend, self.embedder.name, dim, self.settings.feed_poll_seconds
+            )
+        return self.vectors
 
     async def open(self) -> None:
         if self.opened:
@@ -50,6 +64,9 @@ class _Shared:
             if self.opened:
                 await self.backend.close()
                 self.opened = False
+            if self.embedder is not None:
+                await self.embedder.close()
+            self.vectors = None
 
     async def sweep(self) -> tuple[int, int]:
         now = time.time()
@@ -66,7 +83,7 @@ class _Shared:
                 log.exception("sweep failed")
 
 
-class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, Hive):
+class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
     """The embedded Hive over a storage backend (SQLite today).
 
     Validation, identities, TTL arithmetic and record building happen here; the
@@ -79,6 +96,7 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, Hive):
         backend: an unopened backend; opened on first use or by :meth:`open`.
         agent: the identity stamped as author of writes.
         settings: limits and tuning.
+        embedder: makes vectors for search; None for lexical search only.
 
     Raises:
         InvalidInput: ``agent`` is not a valid identity (field ``agent``).
@@ -90,12 +108,14 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, Hive):
         *,
         agent: str = "anonymous",
         settings: Settings | None = None,
+        embedder: Embedder | None = None,
         _shared: _Shared | None = None,
     ) -> None:
         self._settings = settings or Settings()
         self.agent = check.segment(agent, "agent", self._settings)
         self._backend = backend
-        self._shared = _shared or _Shared(backend, self._settings)
+        self._shared = _shared or _Shared(backend, self._settings, embedder)
+        self._embedder = self._shared.embedder
 
     def __repr__(self) -> str:
         return f"LocalHive({self._backend!r}, agent={self.agent!r})"
@@ -122,6 +142,14 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, Hive):
 
     def as_agent(self, agent: str) -> LocalHive:
         return LocalHive(self._backend, agent=agent, settings=self._settings, _shared=self._shared)
+
+    def _vector_index(self, dim: int) -> VectorIndex:
+        return self._shared.vector_index(dim)
+
+    @property
+    def embedder(self) -> Embedder | None:
+        """The embedder that makes vectors for search (None: lexical search only)."""
+        return self._embedder
 
     async def ping(self) -> None:
         await self._ready()

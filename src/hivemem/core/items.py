@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -33,6 +34,20 @@ def to_item(row: ItemRow) -> Item:
     )
 
 
+def searchable_text(text: str | None, value: Any) -> str | None:
+    """What search indexes for an item (see the module notes), or None."""
+    if text is not None:
+        return text
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        for field in ("text", "content"):
+            candidate = value.get(field)
+            if isinstance(candidate, str):
+                return candidate
+    return None
+
+
 class ItemsMixin(Area):
     """The item operations of :class:`~hivemem.core.LocalHive`."""
 
@@ -45,9 +60,11 @@ class ItemsMixin(Area):
         ttl: float | None,
         text: str | None,
         metadata: dict[str, Any] | None,
-        now: float,
         field: str = "",
     ) -> PutWrite:
+        """Check a put. ``expires_at`` holds the TTL in seconds until :meth:`_index`
+        turns it into a time, so that the TTL counts from the write, not from before
+        the embedding."""
         s = self._settings
         return PutWrite(
             namespace=check.namespace(namespace, s, field=f"{field}namespace"),
@@ -57,11 +74,39 @@ class ItemsMixin(Area):
             metadata=None
             if metadata is None
             else check.json_object(metadata, f"{field}metadata", s.max_metadata_bytes),
-            expires_at=None if ttl is None else now + check.ttl(ttl, field=f"{field}ttl"),
+            expires_at=None if ttl is None else check.ttl(ttl, field=f"{field}ttl"),
             if_version=None
             if if_version is None
             else check.version(if_version, field=f"{field}if_version"),
         )
+
+    async def _index(
+        self, writes: Sequence[PutWrite], texts: Sequence[str | None], now: Callable[[], float]
+    ) -> tuple[builtins.list[PutWrite], float]:
+        """Attach what search indexes to each write, embedding outside any transaction
+        (one model call for all of them), then stamp the expiry times from the clock
+        read after the embedding. Returns the writes and that time.
+
+        Raises:
+            Unavailable: the embedder failed; nothing is written.
+        """
+        model = None if self._embedder is None else self._embedder.name
+        embedded = [i for i, t in enumerate(texts) if t is not None]
+        vectors: dict[int, bytes] = {}
+        if self._embedder is not None and embedded:
+            rows = await self._embedder.embed([texts[i] for i in embedded])  # type: ignore[misc]
+            vectors = {i: row.tobytes() for i, row in zip(embedded, rows, strict=True)}
+        stamp = now()
+        return [
+            replace(
+                w,
+                index_text=t,
+                vector=vectors.get(i),
+                model=model if i in vectors else None,
+                expires_at=None if w.expires_at is None else stamp + w.expires_at,
+            )
+            for i, (w, t) in enumerate(zip(writes, texts, strict=True))
+        ], stamp
 
     async def put(
         self,
@@ -74,9 +119,9 @@ class ItemsMixin(Area):
         text: str | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> Item:
-        now = self._now()
-        write = self._put_write(namespace, key, value, if_version, ttl, text, metadata, now)
+        write = self._put_write(namespace, key, value, if_version, ttl, text, metadata)
         await self._ready()
+        (write,), now = await self._index([write], [searchable_text(text, value)], self._now)
         (row,) = await self._backend.write_items(
             [write], author=self.agent, now=now, history_limit=self._settings.history_limit
         )
@@ -155,10 +200,9 @@ class ItemsMixin(Area):
             raise InvalidInput(
                 f"a batch holds 1 to {self._settings.max_batch_ops} operations", field="ops"
             )
-        now = self._now()
         writes: builtins.list[PutWrite | DeleteWrite] = []
-        for i, op in enumerate(ops):
-            op = _coerce_op(op, i)
+        ops_ = [_coerce_op(op, i) for i, op in enumerate(ops)]
+        for i, op in enumerate(ops_):
             if isinstance(op, PutOp):
                 writes.append(
                     self._put_write(
@@ -169,7 +213,6 @@ class ItemsMixin(Area):
                         op.ttl,
                         op.text,
                         op.metadata,
-                        now,
                         field=f"ops.{i}.",
                     )
                 )
@@ -184,6 +227,11 @@ class ItemsMixin(Area):
                     )
                 )
         await self._ready()
+        puts = [(i, w) for i, w in enumerate(writes) if isinstance(w, PutWrite)]
+        texts = [_text_of(ops_[i]) for i, _ in puts]
+        indexed, now = await self._index([w for _, w in puts], texts, self._now)
+        for (i, _), write in zip(puts, indexed, strict=True):
+            writes[i] = write
         results = await self._backend.write_items(
             writes, author=self.agent, now=now, history_limit=self._settings.history_limit
         )
@@ -196,6 +244,10 @@ class ItemsMixin(Area):
         await self._ready()
         rows = await self._backend.item_history(namespace, key, limit, self._now())
         return [to_item(r) for r in rows]
+
+
+def _text_of(op: PutOp | DeleteOp) -> str | None:
+    return searchable_text(op.text, op.value) if isinstance(op, PutOp) else None
 
 
 def _coerce_op(op: Any, index: int) -> PutOp | DeleteOp:

@@ -138,9 +138,10 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     app.state.hivemem = state
     problems.install(app)
 
-    from hivemem.service import events, items, sessions
+    from hivemem.service import events, items, search, sessions
 
     app.include_router(items.router)
+    app.include_router(search.router)
     app.include_router(sessions.router)
     app.include_router(events.router)
 

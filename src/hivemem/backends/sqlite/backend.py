@@ -33,13 +33,14 @@ from hivemem.backends.sqlite.schema import (
     item_row,
     under,
 )
+from hivemem.backends.sqlite.search import SearchMixin, index_put, index_remove
 from hivemem.config import Settings
 from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound
 
 __all__ = ["SqliteBackend"]
 
 
-class SqliteBackend(Backend):
+class SqliteBackend(SearchMixin, Backend):
     """Items, sessions and the feed in one SQLite database (a file or private memory).
 
     Args:
@@ -169,6 +170,7 @@ class SqliteBackend(Backend):
                         "DELETE FROM item_versions WHERE ns = ? AND key = ? AND version <= ?",
                         (w.namespace, w.key, row.version - history_limit),
                     )
+                index_put(c, w.namespace, w.key, row.version, w.index_text, w.vector, w.model)
                 self._event(c, "item.put", w.namespace, w.key, row.version, author, now)
                 results.append(row)
             return results
@@ -197,6 +199,7 @@ class SqliteBackend(Backend):
     def _delete_item(c: sqlite3.Connection, namespace: str, key: str) -> None:
         c.execute("DELETE FROM items WHERE ns = ? AND key = ?", (namespace, key))
         c.execute("DELETE FROM item_versions WHERE ns = ? AND key = ?", (namespace, key))
+        index_remove(c, namespace, key)
 
     def _expire(
         self, c: sqlite3.Connection, namespace: str, key: str, version: int, now: float

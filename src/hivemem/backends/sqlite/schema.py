@@ -46,6 +46,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     """,
+    # 2: search. One row per indexed item (its text in FTS5, its vector as float32
+    # bytes); ids are stable while the item lives, and are the FTS rowids.
+    """
+    CREATE TABLE search_docs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, ns TEXT NOT NULL, key TEXT NOT NULL,
+        version INTEGER NOT NULL, model TEXT, dim INTEGER, vec BLOB,
+        UNIQUE (ns, key)
+    );
+    CREATE VIRTUAL TABLE search_fts USING fts5(
+        text, tokenize = 'porter unicode61 remove_diacritics 2'
+    );
+    """,
 ]
 
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"

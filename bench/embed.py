@@ -1,0 +1,192 @@
+"""Embedding throughput: the model alone versus 32 concurrent writers through micro-batching.
+
+Two figures per setting, both in sentences per second:
+
+- **own**: the model's own throughput, calling ``MiniLMEmbedder.embed_batch`` (one model
+  call, no batcher) back to back on consecutive batches of 32 texts;
+- **concurrent**: ``--writers`` asyncio tasks (default 32) each embed one text at a time
+  with ``MiniLMEmbedder.embed``, so every text goes through the :class:`MicroBatcher`.
+
+The ratio concurrent/own is the share of the model's throughput that micro-batching
+keeps (target: at least 80 %). The texts are the dialog turns of LoCoMo
+(``/work/shared/data/locomo-dev.json`` by default, read at run time), formatted as the
+hive indexes them: ``"[session date] speaker: text"``. Both figures walk the same texts
+in the same order.
+
+Each of ``--batch-size``, ``--wait-ms`` and ``--threads`` takes a comma-separated list;
+every combination is measured (own once per thread count, with batches of 32).
+
+Usage::
+
+    python bench/embed.py                                  # default settings, 10 s each
+    python bench/embed.py --seconds 5 --wait-ms 0,2,10 --threads 1,2 --json /tmp/e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import percentile
+
+from hivemem.config import Settings
+from hivemem.embedders import MiniLMEmbedder
+
+DEFAULT_DATA = Path("/work/shared/data/locomo-dev.json")
+#: Texts in one call of the model for the "own" figure.
+OWN_BATCH = 32
+
+
+def load_texts(path: Path) -> list[str]:
+    """Every dialog turn of a LoCoMo-format file as ``"[date] speaker: text"``."""
+    texts: list[str] = []
+    for sample in json.loads(path.read_text()):
+        conversation = sample["conversation"]
+        for n in itertools.count(1):
+            turns = conversation.get(f"session_{n}")
+            if turns is None:
+                break
+            date = conversation.get(f"session_{n}_date_time", "")
+            texts.extend(f"[{date}] {t['speaker']}: {t['text']}" for t in turns)
+    if not texts:
+        raise SystemExit(f"no dialog turns in {path}")
+    return texts
+
+
+async def measure_own(embedder: MiniLMEmbedder, texts: list[str], seconds: float) -> dict[str, Any]:
+    """Sentences/s of back-to-back model calls on consecutive batches of 32 texts."""
+    batches = [texts[i : i + OWN_BATCH] for i in range(0, len(texts) - OWN_BATCH + 1, OWN_BATCH)]
+    for batch in batches[:2]:  # warm-up
+        await embedder.embed_batch(batch)
+    done = calls = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    for batch in itertools.cycle(batches):
+        await embedder.embed_batch(batch)
+        done += len(batch)
+        calls += 1
+        if time.perf_counter() >= deadline:
+            break
+    elapsed = time.perf_counter() - started
+    return {"sentences": done, "calls": calls, "seconds": elapsed, "per_s": done / elapsed}
+
+
+async def measure_concurrent(
+    embedder: MiniLMEmbedder, texts: list[str], seconds: float, writers: int
+) -> dict[str, Any]:
+    """Sentences/s of ``writers`` tasks each embedding one text at a time."""
+    await asyncio.gather(*(embedder.embed([t]) for t in texts[:writers]))  # warm-up
+    batcher = embedder.batcher
+    calls0, texts0 = batcher.calls, batcher.texts
+    latencies: list[float] = []
+    next_text = itertools.cycle(texts)
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def writer() -> None:
+        while time.perf_counter() < deadline:
+            text = next(next_text)
+            t0 = time.perf_counter()
+            await embedder.embed([text])
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(writer() for _ in range(writers)))
+    elapsed = time.perf_counter() - started
+    calls = batcher.calls - calls0
+    latencies.sort()
+    return {
+        "sentences": len(latencies),
+        "calls": calls,
+        "mean_batch": (batcher.texts - texts0) / calls if calls else 0.0,
+        "seconds": elapsed,
+        "per_s": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
+
+
+def int_list(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v]
+
+
+def float_list(value: str) -> list[float]:
+    return [float(v) for v in value.split(",") if v]
+
+
+async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    texts = load_texts(args.data)
+    rows: list[dict[str, Any]] = []
+    for threads in args.threads:
+        own_embedder = MiniLMEmbedder(Settings(embed_threads=threads))
+        await own_embedder.load()
+        own = await measure_own(own_embedder, texts, args.seconds)
+        await own_embedder.close()
+        for batch_size, wait_ms in itertools.product(args.batch_size, args.wait_ms):
+            settings = Settings(
+                embed_threads=threads, embed_batch_size=batch_size, embed_batch_wait_ms=wait_ms
+            )
+            embedder = MiniLMEmbedder(settings)
+            await embedder.load()
+            conc = await measure_concurrent(embedder, texts, args.seconds, args.writers)
+            await embedder.close()
+            row = {
+                "threads": threads,
+                "batch_size": batch_size,
+                "wait_ms": wait_ms,
+                "writers": args.writers,
+                "own": own,
+                "concurrent": conc,
+                "ratio": conc["per_s"] / own["per_s"],
+            }
+            rows.append(row)
+            print_row(row, header=len(rows) == 1)
+    return rows
+
+
+def print_row(row: dict[str, Any], *, header: bool) -> None:
+    if header:
+        print(
+            f"{'threads':>7} {'batch':>5} {'wait ms':>7} {'own/s':>8} {'conc/s':>8} "
+            f"{'ratio':>6} {'mean batch':>10} {'p50 ms':>7} {'p99 ms':>7}"
+        )
+    own, conc = row["own"], row["concurrent"]
+    print(
+        f"{row['threads']:>7} {row['batch_size']:>5} {row['wait_ms']:>7g} "
+        f"{own['per_s']:>8.1f} {conc['per_s']:>8.1f} {row['ratio']:>6.1%} "
+        f"{conc['mean_batch']:>10.1f} {conc['p50_ms']:>7.1f} {conc['p99_ms']:>7.1f}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per figure (default 10)")
+    parser.add_argument("--writers", type=int, default=32, help="concurrent writers (32)")
+    parser.add_argument("--batch-size", type=int_list, default=[32], help="e.g. 16,32")
+    parser.add_argument("--wait-ms", type=float_list, default=[2.0], help="e.g. 0,2,10")
+    parser.add_argument("--threads", type=int_list, default=[2], help="onnxruntime threads")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LoCoMo-format file")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args()
+    load1 = os.getloadavg()[0]
+    print(
+        f"embedding throughput: {args.writers} writers, {args.seconds:g} s per figure, "
+        f"{os.cpu_count()} CPUs, load {load1:.2f}, texts from {args.data}",
+        file=sys.stderr,
+    )
+    rows = asyncio.run(run(args))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        report = {"load_start": load1, "load_end": os.getloadavg()[0], "rows": rows}
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Search on SQLite: FTS5 (BM25) for text, float32 vectors as BLOBs beside the items.
+
+The index lives in ``search_docs`` (one row per searchable item: its version, the
+model and its vector) and ``search_fts`` (its text, rowid = ``search_docs.id``),
+written in the same transaction as the item, so search never sees an item with
+stale text or a stale vector. Vector similarity itself is computed in process
+(see :mod:`hivemem.core.vectors`); this module only stores and loads vectors.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from hivemem.backends.base import Condition, IndexEntry, ItemRow
+from hivemem.backends.sqlite.engine import SqliteEngine
+from hivemem.backends.sqlite.schema import ITEM_COLS, item_row
+
+_OPS = {"=": "=", ">": ">", ">=": ">=", "<": "<", "<=": "<="}
+
+
+def index_put(
+    c: sqlite3.Connection,
+    namespace: str,
+    key: str,
+    version: int,
+    text: str | None,
+    vector: bytes | None,
+    model: str | None,
+) -> None:
+    """Store (or, when ``text`` is None, remove) the index entry of an item."""
+    if text is None:
+        index_remove(c, namespace, key)
+        return
+    doc_id = c.execute(
+        "INSERT INTO search_docs (ns, key, version, model, dim, vec) VALUES (?,?,?,?,?,?) "
+        "ON CONFLICT (ns, key) DO UPDATE SET version = excluded.version, "
+        "model = excluded.model, dim = excluded.dim, vec = excluded.vec RETURNING id",
+        (namespace, key, version, model, None if vector is None else len(vector) // 4, vector),
+    ).fetchone()[0]
+    c.execute("DELETE FROM search_fts WHERE rowid = ?", (doc_id,))
+    c.execute("INSERT INTO search_fts (rowid, text) VALUES (?, ?)", (doc_id, text))
+
+
+def index_remove(c: sqlite3.Connection, namespace: str, key: str) -> None:
+    """Remove the index entry of an item, if any."""
+    found = c.execute(
+        "DELETE FROM search_docs WHERE ns = ? AND key = ? RETURNING id", (namespace, key)
+    ).fetchone()
+    if found is not None:
+        c.execute("DELETE FROM search_fts WHERE rowid = ?", (found[0],))
+
+
+def _where(prefix: str, conditions: Sequence[Condition], now: float) -> tuple[list[str], list[Any]]:
+    """SQL conditions over ``items i`` joined to ``search_docs d``."""
+    where = ["(i.expires_at IS NULL OR i.expires_at > ?)"]
+    args: list[Any] = [now]
+    if prefix:
+        where.append("(d.ns = ? OR (d.ns >= ? AND d.ns < ?))")
+        args.extend((prefix, prefix + "/", prefix + "0"))
+    for cond in conditions:
+        if cond.kind == "metadata":
+            column = "json_extract(CAST(i.metadata AS TEXT), ?)"
+            args.append(f'$."{cond.field}"')
+        elif cond.kind == "author":
+            column = "i.author"
+        else:
+            column = "i.updated_at"
+        if cond.op == "in":
+            where.append(f"{column} IN ({','.join('?' * len(cond.value))})")
+            args.extend(cond.value)
+        else:
+            where.append(f"{column} {_OPS[cond.op]} ?")
+            args.append(cond.value)
+    return where, args
+
+
+def match_expression(terms: Sequence[str]) -> str:
+    """An FTS5 query matching any of ``terms`` (each quoted, so no term is syntax)."""
+    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+
+
+class SearchMixin:
+    """The search primitives of :class:`SqliteBackend`."""
+
+    _engine: SqliteEngine
+
+    async def search_lexical(
+        self,
+        prefix: str,
+        terms: Sequence[str],
+        conditions: Sequence[Condition],
+        limit: int,
+        now: float,
+    ) -> list[tuple[str, str, float]]:
+        if not terms:
+            return []
+        where, args = _where(prefix, conditions, now)
+        sql = (
+            "SELECT d.ns, d.key, bm25(search_fts) AS rank FROM search_fts "
+            "JOIN search_docs d ON d.id = search_fts.rowid "
+            "JOIN items i ON i.ns = d.ns AND i.key = d.key "
+            f"WHERE search_fts MATCH ? AND {' AND '.join(where)} ORDER BY rank LIMIT ?"
+        )
+        params = [match_expression(terms), *args, limit]
+        # bm25() is lower for better matches; hits report higher = better.
+        return await self._engine.read(
+            lambda c: [(ns, key, -score) for ns, key, score in c.execute(sql, params)]
+        )
+
+    async def matching_keys(
+        self, prefix: str, conditions: Sequence[Condition], now: float
+    ) -> list[tuple[str, str]]:
+        where, args = _where(prefix, conditions, now)
+        sql = (
+            "SELECT d.ns, d.key FROM search_docs d JOIN items i ON i.ns = d.ns AND i.key = d.key "
+            f"WHERE {' AND '.join(where)}"
+        )
+        return await self._engine.read(lambda c: [(r[0], r[1]) for r in c.execute(sql, args)])
+
+    async def load_vectors(self, model: str) -> list[tuple[str, str, bytes]]:
+        sql = "SELECT ns, key, vec FROM search_docs WHERE model = ? AND vec IS NOT NULL"
+        return await self._engine.read(
+            lambda c: [(r[0], r[1], r[2]) for r in c.execute(sql, (model,))]
+        )
+
+    async def vectors_of(
+        self, keys: Sequence[tuple[str, str]], model: str
+    ) -> dict[tuple[str, str], bytes]:
+        def run(c: sqlite3.Connection) -> dict[tuple[str, str], bytes]:
+            found: dict[tuple[str, str], bytes] = {}
+            for ns, key in keys:
+                row = c.execute(
+                    "SELECT vec FROM search_docs WHERE ns = ? AND key = ? AND model = ? "
+                    "AND vec IS NOT NULL",
+                    (ns, key, model),
+                ).fetchone()
+                if row is not None:
+                    found[(ns, key)] = row[0]
+            return found
+
+        return await self._engine.read(run)
+
+    async def get_items(self, keys: Sequence[tuple[str, str]], now: float) -> list[ItemRow]:
+        def run(c: sqlite3.Connection) -> list[ItemRow]:
+            rows = []
+            for ns, key in keys:
+                row = c.execute(
+                    f"SELECT {ITEM_COLS} FROM items WHERE ns = ? AND key = ? "
+                    "AND (expires_at IS NULL OR expires_at > ?)",
+                    (ns, key, now),
+                ).fetchone()
+                if row is not None:
+                    rows.append(item_row(row))
+            return rows
+
+        return await self._engine.read(run)
+
+    async def unindexed_items(
+        self, model: str | None, after: tuple[str, str] | None, limit: int, now: float
+    ) -> list[ItemRow]:
+        cols = ", ".join(f"i.{c.strip()}" for c in ITEM_COLS.split(","))
+        where = [
+            "(i.expires_at IS NULL OR i.expires_at > ?)",
+            "(d.id IS NULL OR d.version <> i.version OR (? IS NOT NULL AND "
+            "(d.model IS NULL OR d.model <> ?)))",
+        ]
+        args: list[Any] = [now, model, model]
+        if after is not None:
+            where.append("(i.ns, i.key) > (?, ?)")
+            args.extend(after)
+        sql = (
+            f"SELECT {cols} FROM items i LEFT JOIN search_docs d ON d.ns = i.ns AND d.key = i.key "
+            f"WHERE {' AND '.join(where)} ORDER BY i.ns, i.key LIMIT ?"
+        )
+        args.append(limit)
+        return await self._engine.read(lambda c: [item_row(r) for r in c.execute(sql, args)])
+
+    async def set_index(self, entries: Sequence[IndexEntry]) -> int:
+        def run(c: sqlite3.Connection) -> int:
+            stored = 0
+            for e in entries:
+                current = c.execute(
+                    "SELECT version FROM items WHERE ns = ? AND key = ?", (e.namespace, e.key)
+                ).fetchone()
+                if current is None or current[0] != e.version:
+                    continue
+                index_put(c, e.namespace, e.key, e.version, e.text, e.vector, e.model)
+                stored += 1
+            return stored
+
+        return await self._engine.write(run)
