@@ -466,6 +466,96 @@ def watch(
         anyio.run(follow)
 
 
+@_client(app, "search")
+def search(
+    run: _Run,
+    prefix: Prefix,
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    mode: Annotated[
+        Literal["hybrid", "vector", "lexical"],
+        typer.Option(help="hybrid: BM25 and vectors fused by rank; or one of them alone."),
+    ] = "hybrid",
+    limit: Annotated[int, typer.Option(min=1, max=100, help="Most hits, 1..100.")] = 10,
+    filter_json: Annotated[
+        str | None,
+        typer.Option(
+            "--filter",
+            help='Metadata conditions as JSON, e.g. \'{"kind": "note", "n": {"$gte": 3}}\'.',
+        ),
+    ] = None,
+    author: Annotated[str | None, typer.Option(help="Only items written by this agent.")] = None,
+) -> None:
+    """Search items at or under PREFIX by meaning and by words, best first."""
+    conditions = None if filter_json is None else _parse(filter_json)
+    if filter_json is not None and not isinstance(conditions, dict):
+        raise InvalidInput("--filter must be a JSON object", field="filter")
+    hits = run.hive.search(prefix, query, filter=conditions, author=author, mode=mode, limit=limit)
+    run.emit(
+        [h.model_dump(mode="json") for h in hits],
+        lambda: _table(
+            ["score", "lexical", "vector", "namespace", "key", "text / value"],
+            [
+                [
+                    f"{h.score:.4f}",
+                    h.lexical_rank or "",
+                    h.vector_rank or "",
+                    h.item.namespace,
+                    h.item.key,
+                    _preview(h.item.text if h.item.text is not None else h.item.value),
+                ]
+                for h in hits
+            ],
+        ),
+    )
+
+
+@app.command()
+def reindex(
+    store: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help=f"Local store to reindex. Default: env HIVEMEM_STORE, else {DEFAULT_URL}.",
+        ),
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, max=1024, help="Texts per model call.")] = 64,
+) -> None:
+    """Build the search index anew where it is missing, stale or by another model.
+
+    Run it after changing the embedder (HIVEMEM_EMBEDDER, the model's name is kept
+    with every vector) or on a store written before search existed. Items written
+    while it runs keep the entry their own write made.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from hivemem.core import LocalHive
+
+    url = store or Settings().store
+
+    async def run() -> int:
+        hive = hivemem.connect(url, agent="reindex")
+        if not isinstance(hive, LocalHive):
+            raise InvalidInput("reindex works on a local store (sqlite://...)", field="store")
+        async with hive:
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=_err,
+            ) as bar:
+                task = bar.add_task("reindexing", total=None)
+
+                def progress(scanned: int, done: int, total: int) -> None:
+                    bar.update(task, completed=scanned, total=total)
+
+                return await hive.reindex(batch=batch, progress=progress)
+
+    with _guard():
+        done = anyio.run(run)
+    typer.echo(f"reindexed {done} items in {url}")
+
+
 @_client(app, "publish")
 def publish(
     run: _Run,

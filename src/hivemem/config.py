@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         default=100, gt=0, description="Candidates each mode contributes to fusion."
     )
     max_search_limit: int = Field(default=100, gt=0, description="Largest search `limit`.")
+    vector_index: Literal["exact", "hnsw"] = Field(
+        default="exact",
+        description="exact: numpy over every vector (best up to a few 100k items); "
+        "hnsw: usearch's approximate HNSW index, for large collections.",
+    )
 
     # Service.
     max_request_bytes: int = Field(

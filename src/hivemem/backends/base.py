@@ -377,6 +377,10 @@ class Backend(ABC):
         at an older version, or (when ``model`` is given) has no vector by ``model``."""
 
     @abstractmethod
+    async def count_items(self, now: float) -> int:
+        """How many live items the store holds."""
+
+    @abstractmethod
     async def set_index(self, entries: Sequence[IndexEntry]) -> int:
         """Store index entries of items still at the entry's version (others are
         skipped: a newer write indexed them already). Returns how many were stored."""

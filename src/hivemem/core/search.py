@@ -235,8 +235,8 @@ class SearchMixin(Area):
         an item written meanwhile keeps the newer entry its write made.
 
         Args:
-            progress: called as ``progress(scanned, indexed)`` after each batch of
-                items looked at, if given (count the total with :meth:`count_items`).
+            progress: called as ``progress(scanned, indexed, total)`` after each batch
+                (items looked at, entries written, live items in the store), if given.
 
         Returns:
             How many items got a new index entry.
@@ -244,6 +244,7 @@ class SearchMixin(Area):
         await self._ready()
         model = None if self._embedder is None else self._embedder.name
         done = scanned = 0
+        total = await self._backend.count_items(self._now())
         after: tuple[str, str] | None = None
         while True:
             rows: builtins.list[ItemRow] = await self._backend.unindexed_items(
@@ -263,7 +264,7 @@ class SearchMixin(Area):
             done += await self._backend.set_index(entries)
             scanned += len(rows)
             if progress is not None:
-                progress(scanned, done)
+                progress(scanned, done, total)
 
 
 def _entry(row: ItemRow) -> IndexEntry | None:

@@ -9,8 +9,15 @@ they are loaded; nothing is downloaded at run time and torch is not needed.
 
 The pipeline is sentence-transformers' for this model (``modules.json``: Transformer,
 mean Pooling, Normalize): truncate to 256 tokens (``max_seq_length`` in its
-``sentence_bert_config.json``), pad to the longest text of the batch, run the
-transformer, average the token vectors over the attention mask, scale to unit L2 norm.
+``sentence_bert_config.json``), run the transformer on the texts padded to a common
+length, average the token vectors over the attention mask, scale to unit L2 norm.
+
+Padding is costly on a CPU: the model's time grows with the padded length of every
+row. A batch is therefore sorted by token count and run as consecutive groups of
+similar length, each padded to its own longest text and holding at most
+:data:`TOKEN_BUDGET` padded tokens. On LoCoMo dialog turns (46 tokens on average,
+114 at most) this embeds about twice as many texts per CPU-second as one call padded
+to the longest of 32 texts; short sentences still run 32 to a call.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ __all__ = [
     "MODEL_NAME",
     "MODEL_SHA256",
     "TOKENIZER_SHA256",
+    "TOKEN_BUDGET",
     "MiniLMEmbedder",
     "MiniLMModel",
     "default_model_path",
@@ -58,6 +66,11 @@ MAX_TOKENS = 256
 MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 #: sha256 of the shipped ``tokenizer.json`` (see NOTICE.md).
 TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+
+#: Most padded tokens (rows x padded length) in one onnxruntime call; measured on two
+#: cores: 256-512 gave the most texts per CPU-second on both LoCoMo turns and short
+#: sentences.
+TOKEN_BUDGET = 512
 
 _PAD_ID = 0
 
@@ -103,7 +116,7 @@ def _read_verified(path: Path, sha256: str, what: str) -> bytes:
 def load_tokenizer(
     path: Path | None = None, *, sha256: str = TOKENIZER_SHA256, max_tokens: int = MAX_TOKENS
 ) -> tokenizers.Tokenizer:
-    """Load and check the WordPiece tokenizer, set to truncate and pad per batch.
+    """Load and check the WordPiece tokenizer, set to truncate and not to pad.
 
     Args:
         path: a ``tokenizer.json``; default :func:`default_tokenizer_path`.
@@ -111,8 +124,8 @@ def load_tokenizer(
         max_tokens: longest encoding in tokens, special tokens included.
 
     Returns:
-        A ``tokenizers.Tokenizer`` that truncates to ``max_tokens`` and pads a batch to
-        its longest encoding with ``[PAD]`` (id 0).
+        A ``tokenizers.Tokenizer`` that truncates to ``max_tokens`` and does not pad
+        (:class:`MiniLMModel` pads each group of texts itself, with id 0).
 
     Raises:
         HivememError: the file cannot be read or its sha256 differs from ``sha256``.
@@ -126,7 +139,7 @@ def load_tokenizer(
     tokenizer = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
     # The file itself pads every text to 128 tokens and truncates there; replace both.
     tokenizer.enable_truncation(max_length=max_tokens)
-    tokenizer.enable_padding(pad_id=_PAD_ID, pad_token="[PAD]")
+    tokenizer.no_padding()
     return tokenizer
 
 
@@ -176,16 +189,39 @@ class MiniLMModel:
     def embed(self, texts: list[str]) -> Vectors:
         """Embed one batch (blocking; CPU-bound).
 
+        The texts are sorted by token count and run in groups of at most
+        :data:`TOKEN_BUDGET` padded tokens (at least one text per group).
+
         Args:
             texts: one or more texts; each is truncated to :data:`MAX_TOKENS` tokens.
 
         Returns:
-            A ``(len(texts), 384)`` float32 array of unit-norm rows (mean pooling over
-            the attention mask, then L2 normalisation).
+            A ``(len(texts), 384)`` float32 array of unit-norm rows, in input order
+            (mean pooling over the attention mask, then L2 normalisation).
         """
         encodings = self.tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        lengths = [len(e.ids) for e in encodings]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        out = np.empty((len(texts), DIM), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            # Sorted ascending, so the next text sets the group's padded length.
+            while end < len(order) and (end - start + 1) * lengths[order[end]] <= TOKEN_BUDGET:
+                end += 1
+            group = order[start:end]
+            out[group] = self._run([encodings[i].ids for i in group])
+            start = end
+        return out
+
+    def _run(self, rows: list[list[int]]) -> Vectors:
+        """One onnxruntime call on token id rows padded to the longest; pooled unit rows."""
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), _PAD_ID, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(ids)
@@ -264,8 +300,8 @@ class MiniLMEmbedder:
             return np.empty((0, self.dim), dtype=np.float32)
         if len(items) <= self.batcher.max_batch:
             return await self.batcher.embed(items)
-        # A long request is embedded shortest first, so each batch pads its texts to a
-        # similar length; the rows are put back in the caller's order.
+        # A long request is embedded shortest first, so each batch holds texts of
+        # similar length (less padding); the rows are put back in the caller's order.
         order = sorted(range(len(items)), key=lambda i: len(items[i]))
         rows = await self.batcher.embed([items[i] for i in order])
         result = np.empty_like(rows)

@@ -177,6 +177,10 @@ class SearchMixin:
         args.append(limit)
         return await self._engine.read(lambda c: [item_row(r) for r in c.execute(sql, args)])
 
+    async def count_items(self, now: float) -> int:
+        sql = "SELECT count(*) FROM items WHERE expires_at IS NULL OR expires_at > ?"
+        return await self._engine.read(lambda c: int(c.execute(sql, (now,)).fetchone()[0]))
+
     async def set_index(self, entries: Sequence[IndexEntry]) -> int:
         def run(c: sqlite3.Connection) -> int:
             stored = 0
