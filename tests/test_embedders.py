@@ -118,6 +118,17 @@ async def test_minilm_long_request_returns_rows_in_input_order(minilm: MiniLMEmb
     assert len({row.tobytes() for row in together}) == 70
 
 
+async def test_minilm_batch_of_mixed_lengths_matches_each_text_embedded_alone(
+    minilm: MiniLMEmbedder,
+) -> None:
+    # Long and short texts interleaved: the model runs them in length groups.
+    texts = [("long text " * (3 * i) if i % 2 else f"short {i}") for i in range(24)]
+    together = await minilm.embed_batch(texts)
+    for i in (0, 1, 10, 23):
+        alone = await minilm.embed_batch([texts[i]])
+        np.testing.assert_allclose(together[i], alone[0], atol=1e-5)
+
+
 async def test_minilm_empty_input_returns_an_empty_array(minilm: MiniLMEmbedder) -> None:
     vectors = await minilm.embed([])
     assert vectors.shape == (0, 384)

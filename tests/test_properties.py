@@ -34,7 +34,10 @@ class ItemsModel(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.hive = hivemem.connect_sync("sqlite://:memory:", agent="prop")
+        # Versions and the feed are the subject here, not search: no embedder.
+        self.hive = hivemem.connect_sync(
+            "sqlite://:memory:", agent="prop", settings=hivemem.Settings(embedder="none")
+        )
         self.versions: dict[str, int] = {}
         self.values: dict[str, Any] = {}
         # (type, key, version or None for deletes) of every successful write, in order.
