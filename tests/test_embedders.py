@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -180,6 +181,15 @@ def test_model_checksum_rejects_a_wrong_file(tmp_path: Path) -> None:
     fake.write_bytes(b"not a model")
     with pytest.raises(HivememError, match="sha256"):
         load_model(fake)
+
+
+async def test_minilm_works_again_after_close() -> None:
+    embedder = MiniLMEmbedder()
+    first = await embedder.embed(["reopened"])
+    await embedder.close()
+    again = await embedder.embed(["reopened"])
+    await embedder.close()
+    np.testing.assert_array_equal(first, again)
 
 
 async def test_minilm_embed_with_a_tampered_tokenizer_raises_a_clear_error(
@@ -384,7 +394,7 @@ async def test_a_result_of_the_wrong_shape_raises_to_the_callers() -> None:
         await batcher.embed(["a", "b"])
 
 
-async def test_close_fails_queued_callers_and_refuses_new_calls() -> None:
+async def test_close_fails_queued_callers_and_a_later_call_starts_afresh() -> None:
     model = CountingModel()
     batcher = MicroBatcher(model, max_batch=32, max_wait_ms=60_000)
     waiting = asyncio.create_task(batcher.embed(["t1"]))
@@ -392,9 +402,50 @@ async def test_close_fails_queued_callers_and_refuses_new_calls() -> None:
     await batcher.close()
     with pytest.raises(Unavailable):
         await waiting
-    with pytest.raises(Unavailable):
-        await batcher.embed(["t2"])
     assert model.batches == []
+    batcher.max_wait_ms = 0
+    assert ids(await batcher.embed(["t2"])) == [2]
+
+
+@pytest.mark.parametrize("seed", range(10))
+async def test_under_random_load_every_caller_gets_its_rows_or_its_batch_error(
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    sizes: list[int] = []
+
+    async def flaky(texts: list[str]) -> Vectors:
+        sizes.append(len(texts))
+        await asyncio.sleep(rng.random() * 0.002)
+        if rng.random() < 0.1:
+            raise ValueError("flaky model")
+        return np.array([[float(t)] for t in texts], dtype=np.float32)
+
+    batcher = MicroBatcher(
+        flaky,
+        max_batch=rng.randint(1, 20),
+        max_wait_ms=rng.choice([0, 1, 3]),
+        concurrency=rng.randint(1, 3),
+    )
+    requests: list[list[str]] = []
+    tasks: list[asyncio.Task[Vectors]] = []
+    counter = 0
+    for _ in range(100):
+        size = rng.randint(1, 40)
+        requests.append([str(counter + j) for j in range(size)])
+        counter += size
+        tasks.append(asyncio.create_task(batcher.embed(requests[-1])))
+        if rng.random() < 0.3:
+            await asyncio.sleep(rng.random() * 0.002)
+        if rng.random() < 0.1:
+            tasks[rng.randrange(len(tasks))].cancel()
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+    for request, result in zip(requests, results, strict=True):
+        if isinstance(result, np.ndarray):
+            assert [int(v) for v in result[:, 0]] == [int(t) for t in request]
+        else:
+            assert isinstance(result, ValueError | asyncio.CancelledError)
+    assert max(sizes) <= batcher.max_batch
 
 
 async def test_32_concurrent_single_text_calls_make_few_real_model_calls() -> None:
@@ -566,6 +617,15 @@ async def test_openai_coalesces_concurrent_calls_into_few_requests(
             np.testing.assert_allclose(rows, expected_rows([text]), atol=1e-6)
     finally:
         await embedder.close()
+
+
+async def test_openai_works_again_after_close(server: EmbeddingsServer) -> None:
+    embedder = openai_embedder(server.base_url)
+    first = await embedder.embed(["x"])
+    await embedder.close()
+    again = await embedder.embed(["x"])
+    await embedder.close()
+    np.testing.assert_array_equal(first, again)
 
 
 async def test_openai_server_error_raises_unavailable(server: EmbeddingsServer) -> None:

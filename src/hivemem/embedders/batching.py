@@ -94,6 +94,9 @@ class MicroBatcher:
         max_wait_ms: longest time (milliseconds, >= 0) the oldest queued text waits
             for others before a partial batch is dispatched.
         concurrency: most calls of ``batch_fn`` running at once (> 0).
+
+    Raises:
+        ValueError: an argument is out of range.
     """
 
     def __init__(
@@ -121,7 +124,6 @@ class MicroBatcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
         #: Calls of the batch function so far (for tests and benchmarks).
         self.calls = 0
         #: Texts embedded by those calls.
@@ -137,12 +139,10 @@ class MicroBatcher:
             The ``(len(texts), dim)`` rows of exactly these texts, in order.
 
         Raises:
-            Unavailable: the batcher is closed.
+            Unavailable: the batcher was closed while these texts were queued.
             Exception: whatever the batch function raised for a batch holding some of
                 these texts; a result of the wrong shape raises ``RuntimeError``.
         """
-        if self._closed:
-            raise Unavailable("the embedder is closed")
         items = list(texts)
         if not items:
             return np.empty((0, 0), dtype=np.float32)
@@ -164,9 +164,8 @@ class MicroBatcher:
     async def close(self) -> None:
         """Stop the batcher: queued callers get ``Unavailable``; running calls finish.
 
-        Later ``embed`` calls raise :class:`~hivemem.errors.Unavailable`.
+        The batcher stays usable: a later ``embed`` starts a new dispatcher.
         """
-        self._closed = True
         dispatcher, self._dispatcher = self._dispatcher, None
         if dispatcher is not None:
             dispatcher.cancel()
@@ -212,6 +211,7 @@ class MicroBatcher:
         """Form batches and start the batch function while anything is queued."""
         assert self._slots is not None and self._loop is not None
         loop = self._loop
+        me = asyncio.current_task()
         try:
             while True:
                 self._drop_dead_head()
@@ -233,7 +233,7 @@ class MicroBatcher:
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
         finally:
-            if self._dispatcher is asyncio.current_task():
+            if self._dispatcher is me:
                 self._dispatcher = None
 
     def _take(self) -> tuple[list[str], _Slices]:

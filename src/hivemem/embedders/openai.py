@@ -89,7 +89,7 @@ class OpenAIEmbedder:
 
         Raises:
             Unavailable: the endpoint cannot be reached, timed out, answered 5xx or
-                429, or the embedder is closed.
+                429, or the embedder was closed while these texts were queued.
             HivememError: the endpoint refused the request (another 4xx; the message
                 is the server's) or answered something that is not an embeddings
                 response, or of the wrong dimension.
@@ -128,7 +128,10 @@ class OpenAIEmbedder:
         return self._parse(body, len(texts))
 
     async def close(self) -> None:
-        """Finish running requests, then close the HTTP connections."""
+        """Finish running requests, then close the HTTP connections.
+
+        Queued callers get ``Unavailable``. A later :meth:`embed` opens a new session.
+        """
         await self.batcher.close()
         session, self._session = self._session, None
         if session is not None:
