@@ -216,8 +216,11 @@ class Hive(ABC):
             author: only items whose current version this agent wrote.
             updated_after, updated_before: bounds on ``updated_at`` (aware datetime
                 or UNIX seconds), exclusive.
-            mode: ``"hybrid"`` (BM25 and vectors fused by reciprocal rank, k=60;
+            mode: ``"hybrid"`` (BM25 and vectors fused, by reciprocal rank by default;
                 BM25 alone when the hive has no embedder), ``"vector"`` or ``"lexical"``.
+                Items with integer ``session``/``turn`` metadata also lift their
+                neighbouring turns (context expansion); see :mod:`hivemem.core.search`
+                and the ``search_*`` settings.
             limit: 1..``max_search_limit`` (100).
 
         Returns:

@@ -1,15 +1,39 @@
-"""Search: hybrid (BM25 + vectors, fused by reciprocal rank), vector or lexical alone.
+"""Search: hybrid (BM25 + vectors, fused), vector or lexical alone, with context expansion.
 
 What is indexed: an item's ``text`` if given, otherwise its value when the value
 is a string, otherwise the value's ``text`` or ``content`` field when that is a
 string. Items with none of these are stored but not searchable.
 
-Fusion: reciprocal rank fusion, score = sum over modes of w_m / (k + rank_m)
-(Cormack, Clarke and Buettcher, SIGIR 2009; k = 60 there and by default here).
+A search runs in three steps (every number below is a setting, see
+:class:`~hivemem.config.Settings`):
+
+1. Candidates: up to ``search_candidates`` (100) items from BM25 over the query's
+   words (lower-cased, English stopwords dropped) and as many by cosine similarity
+   to the query's embedding.
+2. Fusion (``search_fusion``): ``rrf``, reciprocal rank fusion, score = sum over
+   modes of w_m / (k + rank_m) (Cormack, Clarke and Buettcher, SIGIR 2009, where
+   k = 60; k = 5 by default here, which favours each mode's first hits); or
+   ``score``, a convex combination of each mode's scores min-max normalised over
+   its own candidates (Bruch, Gai and Ingber, "An Analysis of Fusion Functions for
+   Hybrid Retrieval", TOIS 2023). Weights: BM25 1.0, vectors 0.5.
+3. Context expansion: items that carry a sequence (metadata ``session``) and a
+   position in it (metadata ``turn``, an integer) have neighbours: the items of the
+   same namespace and sequence within ``search_context_window`` (1) positions. Each
+   neighbour of one of the ``search_context_hits`` (5) best hits gains
+   ``search_context_weight`` (0.5) times that hit's score (the largest such gain),
+   so the turn next to the one that matched the words, often the answer to it,
+   rises. Neighbours obey the prefix, the filter and expiry like any hit; they may
+   have no lexical or vector rank. Items without those metadata fields are
+   unaffected, and cost nothing extra. This applies in every mode.
+
+On the LoCoMo dev conversations (``hivemem eval locomo``) hybrid recall@10 went from
+0.622 (RRF, k=60, equal weights) to 0.690 with k=5 and the weights above, and to
+0.758 with context expansion (score fusion instead of RRF: 0.761).
 """
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import re
 from collections.abc import Mapping
@@ -29,6 +53,8 @@ from hivemem.models import SearchHit
 
 Mode = Literal["hybrid", "vector", "lexical"]
 MODES = ("hybrid", "vector", "lexical")
+Fusion = Literal["rrf", "score"]
+Key = tuple[str, str]
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MAX_QUERY_CHARS = 4096
@@ -127,25 +153,55 @@ def parse_filter(
 
 
 def fuse(
-    rankings: Mapping[str, builtins.list[tuple[tuple[str, str], float]]],
+    rankings: Mapping[str, builtins.list[tuple[Key, float]]],
     weights: Mapping[str, float],
     k: float,
-) -> builtins.list[tuple[tuple[str, str], float, dict[str, tuple[int, float]]]]:
-    """Reciprocal rank fusion of per-mode rankings (best first).
+    method: Fusion = "rrf",
+) -> builtins.list[tuple[Key, float, dict[str, tuple[int, float]]]]:
+    """Fuse per-mode rankings (each best first) into one.
+
+    ``method="rrf"``: reciprocal rank fusion, score = sum over modes of
+    ``weight / (k + rank)``. ``method="score"``: each mode's scores are min-max
+    normalised over its ranking (best 1, worst 0; all 1 when they are equal) and
+    summed with the weights, divided by the sum of the weights, so scores are in
+    [0, 1]; an item missing from a mode's ranking counts 0 there.
 
     Returns:
         ((namespace, key), fused score, {mode: (1-based rank, mode score)}), best
         first; ties keep the order of first appearance.
     """
-    fused: dict[tuple[str, str], float] = {}
-    seen: dict[tuple[str, str], dict[str, tuple[int, float]]] = {}
+    fused: dict[Key, float] = {}
+    seen: dict[Key, dict[str, tuple[int, float]]] = {}
+    total = sum(weights.get(mode, 1.0) for mode in rankings) or 1.0
     for mode, ranking in rankings.items():
         weight = weights.get(mode, 1.0)
+        if ranking:
+            high, low = ranking[0][1], ranking[-1][1]
         for rank, (key, score) in enumerate(ranking, start=1):
-            fused[key] = fused.get(key, 0.0) + weight / (k + rank)
+            if method == "rrf":
+                gain = weight / (k + rank)
+            else:
+                gain = weight / total * ((score - low) / (high - low) if high > low else 1.0)
+            fused[key] = fused.get(key, 0.0) + gain
             seen.setdefault(key, {})[mode] = (rank, score)
     order = sorted(fused, key=lambda key: -fused[key])
     return [(key, fused[key], seen[key]) for key in order]
+
+
+def _position(row: ItemRow, group_field: str, position_field: str) -> tuple[Any, int] | None:
+    """(group, position) of an item from its metadata, or None when it has no usable pair:
+    the group must be a string or an integer, the position an integer."""
+    if row.metadata is None:
+        return None
+    meta = orjson.loads(row.metadata)
+    if not isinstance(meta, dict):
+        return None
+    group, position = meta.get(group_field), meta.get(position_field)
+    if not isinstance(group, str | int) or isinstance(group, bool):
+        return None
+    if not isinstance(position, int) or isinstance(position, bool):
+        return None
+    return group, position
 
 
 class SearchMixin(Area):
@@ -186,7 +242,7 @@ class SearchMixin(Area):
         await self._ready()
         now = self._now()
         candidates = max(s.search_candidates, limit)
-        rankings: dict[str, builtins.list[tuple[tuple[str, str], float]]] = {}
+        rankings: dict[str, builtins.list[tuple[Key, float]]] = {}
         if mode != "vector":
             lexical = await self._backend.search_lexical(
                 prefix, query_terms(query), conditions, candidates, now
@@ -204,21 +260,37 @@ class SearchMixin(Area):
             rankings,
             {"lexical": s.search_weight_lexical, "vector": s.search_weight_vector},
             s.search_rrf_k,
-        )[:limit]
-        rows = {
-            (r.namespace, r.key): r
-            for r in await self._backend.get_items([key for key, _, _ in fused], now)
-        }
+            s.search_fusion,
+        )
+        scores = {key: score for key, score, _ in fused}
+        modes = {key: ranks for key, _, ranks in fused}
+        top = [key for key, _, _ in fused[: max(limit, s.search_context_hits)]]
+        rows = {(r.namespace, r.key): r for r in await self._backend.get_items(top, now)}
+        if s.search_context_window > 0 and s.search_context_weight > 0:
+            gains = await self._context_gains(
+                [rows[key] for key in top[: s.search_context_hits] if key in rows],
+                scores,
+                conditions,
+                now,
+            )
+            for key, gain in gains.items():
+                scores[key] = scores.get(key, 0.0) + gain
+        best = sorted(scores, key=lambda key: -scores[key])[:limit]
+        missing = [key for key in best if key not in rows]
+        if missing:
+            rows.update(
+                ((r.namespace, r.key), r) for r in await self._backend.get_items(missing, now)
+            )
         hits = []
-        for key, score, modes in fused:
+        for key in best:
             row = rows.get(key)
             if row is None:  # deleted or expired since it was ranked
                 continue
-            lex, vec = modes.get("lexical"), modes.get("vector")
+            lex, vec = modes.get(key, {}).get("lexical"), modes.get(key, {}).get("vector")
             hits.append(
                 SearchHit.model_construct(
                     item=to_item(row),
-                    score=score,
+                    score=scores[key],
                     lexical_rank=None if lex is None else lex[0],
                     vector_rank=None if vec is None else vec[0],
                     lexical_score=None if lex is None else lex[1],
@@ -226,6 +298,67 @@ class SearchMixin(Area):
                 )
             )
         return hits
+
+    async def _context_gains(
+        self,
+        hits: builtins.list[ItemRow],
+        scores: Mapping[Key, float],
+        conditions: builtins.list[Condition],
+        now: float,
+    ) -> dict[Key, float]:
+        """What the context neighbours of ``hits`` gain (see the module notes): for each
+        neighbour, ``search_context_weight`` times the largest score among the hits it
+        neighbours.
+
+        One store query per namespace among the hits finds the items under the search's
+        conditions whose group is one of the hits' groups and whose position is within
+        the window of one of the hits' positions; their rows tell which hit they are
+        next to.
+        """
+        s = self._settings
+        window, weight = s.search_context_window, s.search_context_weight
+        group_field, position_field = s.search_context_group, s.search_context_position
+        placed: dict[str, builtins.list[tuple[ItemRow, Any, int]]] = {}
+        for row in hits:
+            place = _position(row, group_field, position_field)
+            if place is not None:
+                placed.setdefault(row.namespace, []).append((row, *place))
+        if not placed:
+            return {}
+
+        def near(rows: builtins.list[tuple[ItemRow, Any, int]]) -> builtins.list[Condition]:
+            groups = tuple(dict.fromkeys(group for _, group, _ in rows))
+            positions = sorted(
+                {p + offset for _, _, p in rows for offset in range(-window, window + 1)}
+            )
+            return [
+                *conditions,
+                Condition("metadata", group_field, "in", groups),
+                Condition("metadata", position_field, "in", tuple(positions)),
+            ]
+
+        found = await asyncio.gather(
+            *(self._backend.matching_keys(ns, near(rows), now) for ns, rows in placed.items())
+        )
+        known = {(row.namespace, row.key): row for row in hits}
+        keys = {key for batch in found for key in batch if key[0] in placed}
+        fetch = [key for key in keys if key not in known]
+        rows = [known[key] for key in keys if key in known]
+        rows += await self._backend.get_items(fetch, now) if fetch else []
+        at: dict[tuple[str, Any, int], builtins.list[Key]] = {}
+        for row in rows:
+            place = _position(row, group_field, position_field)
+            if place is not None:
+                at.setdefault((row.namespace, *place), []).append((row.namespace, row.key))
+        gains: dict[Key, float] = {}
+        for ns, ranked in placed.items():
+            for row, group, position in ranked:
+                gain = weight * scores[(ns, row.key)]
+                for offset in range(-window, window + 1):
+                    for key in at.get((ns, group, position + offset), ()):
+                        if key[1] != row.key and gain > gains.get(key, 0.0):
+                            gains[key] = gain
+        return gains
 
     async def reindex(self, *, batch: int = 64, progress: Any = None) -> int:
         """Index every item whose entry is missing, stale or by another model.
