@@ -40,7 +40,11 @@ class _Shared:
         if self.vectors is None:
             assert self.embedder is not None
             self.vectors = VectorIndex(
-                self.backend, self.embedder.name, dim, self.settings.feed_poll_seconds
+                self.backend,
+                self.embedder.name,
+                dim,
+                self.settings.feed_poll_seconds,
+                kind=self.settings.vector_index,
             )
         return self.vectors
 
