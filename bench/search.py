@@ -211,22 +211,10 @@ def make_hive(db: Path, settings: Any, embedder: HashEmbedder) -> Any:
     vector index kind ``settings.vector_index``."""
     from hivemem.backends.sqlite import SqliteBackend
     from hivemem.core import LocalHive
-    from hivemem.core.vectors import VectorIndex
 
-    hive = LocalHive(
+    return LocalHive(
         SqliteBackend(str(db), settings), agent="bench", settings=settings, embedder=embedder
     )
-    if settings.vector_index != "exact":
-        # Until LocalHive passes settings.vector_index on to VectorIndex itself, install
-        # the index of the asked kind before the first search creates the default one.
-        hive._shared.vectors = VectorIndex(
-            hive.backend,
-            embedder.name,
-            embedder.dim,
-            settings.feed_poll_seconds,
-            kind=settings.vector_index,
-        )
-    return hive
 
 
 async def count_items(db: Path) -> int:

@@ -70,6 +70,8 @@ class _Shared:
                 self.opened = False
             if self.embedder is not None:
                 await self.embedder.close()
+            if self.vectors is not None:
+                await self.vectors.close()  # stops a background HNSW build
             self.vectors = None
 
     async def sweep(self) -> tuple[int, int]:

@@ -466,7 +466,7 @@ class _Graph:
         self.upto = 0
         self.dead: list[int] = []
         self.task: asyncio.Task[None] | None = None
-        self._stop = threading.Event()
+        self._stop: threading.Event | None = None  # of the build in flight
         self._epoch = 0
         self._threads = max(1, (os.cpu_count() or 2) // 2)
 
@@ -485,10 +485,14 @@ class _Graph:
         taken = len(self.dead)
         base = None if full else self.index
         epoch = self._epoch
+        stop = self._stop = threading.Event()
 
         async def run() -> None:
             try:
-                built = await asyncio.to_thread(self._build, base, labels, rows, dead)
+                built = await asyncio.to_thread(self._build, base, labels, rows, dead, stop)
+            except asyncio.CancelledError:
+                stop.set()  # the worker thread ends at its next chunk
+                raise
             except Exception:  # keep serving from the old graph and the exact path
                 log.exception("building the HNSW vector index failed")
                 return
@@ -502,7 +506,11 @@ class _Graph:
 
         self.task = asyncio.get_running_loop().create_task(run(), name="hivemem-hnsw-build")
 
-    def _build(self, base: Any, labels: Ints, rows: Floats, dead: list[int]) -> Any:
+    def _build(
+        self, base: Any, labels: Ints, rows: Floats, dead: list[int], stop: threading.Event
+    ) -> Any:
+        """Build the new graph (in a worker thread): a fresh one, or a copy of ``base``
+        without the ``dead`` labels; then add ``labels``/``rows``. None if stopped."""
         if base is None:
             index = self.usearch.Index(
                 ndim=self.dim,
@@ -517,15 +525,15 @@ class _Graph:
                 index.remove(np.asarray(dead, dtype=np.uint64))
         keys = labels.astype(np.uint64)
         for start in range(0, len(keys), self.chunk):
-            if self._stop.is_set():
+            if stop.is_set():
                 return None
             end = start + self.chunk
             index.add(keys[start:end], rows[start:end], threads=self._threads)
         return index
 
     async def stop(self) -> None:
-        self._stop.set()
+        """Stop the build in flight, if any, and wait for its worker to end."""
         task = self.task
-        if task is not None:
+        if task is not None and self._stop is not None:
+            self._stop.set()
             await asyncio.gather(task, return_exceptions=True)
-        self._stop.clear()
