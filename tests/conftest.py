@@ -1,8 +1,12 @@
 """Shared fixtures: free loopback ports, `hivemem serve` subprocesses and the `hive` fixture.
 
-The ``hive`` fixture runs each test that uses it three times: against an embedded hive on a
-SQLite file, an embedded in-memory hive, and a RemoteHive talking to a real service process.
-Tests isolate themselves with the ``ns`` fixture (a unique namespace per test).
+The ``hive`` fixture runs each test that uses it once per store kind of :data:`STORES`:
+embedded hives (a SQLite file, in-memory SQLite, PostgreSQL, Redis, Redis Cluster) and
+RemoteHives talking to a real service process over each of them (``remote``,
+``remote-postgres``, ...). ``HIVEMEM_TEST_STORES=sqlite-file,postgres`` narrows the run.
+The database servers are real, started by the fixtures of ``tests/servers/`` on free
+loopback ports, once per test session. Tests isolate themselves with the ``ns`` fixture
+(a unique namespace per test).
 """
 
 from __future__ import annotations
@@ -24,6 +28,42 @@ import pytest
 import hivemem
 
 HEALTH_TIMEOUT_SECONDS = 20.0
+
+pytest_plugins = ["tests.servers.postgres", "tests.servers.redis"]
+
+#: Every store kind the conformance suite knows: the embedded ones, then
+#: ``remote-<kind>`` for a service over an embedded kind (``remote`` = over a SQLite file).
+STORES = [
+    "sqlite-file",
+    "sqlite-memory",
+    "remote",
+    "postgres",
+    "remote-postgres",
+    "redis",
+    "remote-redis",
+    "redis-cluster",
+    "remote-redis-cluster",
+]
+#: Store kinds run when HIVEMEM_TEST_STORES is not set.
+DEFAULT_STORES = ["sqlite-file", "sqlite-memory", "remote"]
+#: The fixture giving the URL of each embedded server-backed kind.
+_SERVER_FIXTURES = {
+    "postgres": "postgres_url",
+    "redis": "redis_url",
+    "redis-cluster": "redis_cluster_url",
+}
+
+
+def selected_stores() -> list[str]:
+    """The store kinds of this run (``HIVEMEM_TEST_STORES``, comma-separated, or the default)."""
+    raw = os.environ.get("HIVEMEM_TEST_STORES", "").strip()
+    if not raw:
+        return list(DEFAULT_STORES)
+    kinds = [k.strip() for k in raw.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in STORES]
+    if unknown:
+        raise pytest.UsageError(f"HIVEMEM_TEST_STORES: unknown kinds {unknown}; know {STORES}")
+    return kinds
 
 
 def free_port() -> int:
@@ -48,11 +88,13 @@ class ServiceProcess:
         *,
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        store_url: str | None = None,
     ) -> None:
         self.store_path = store_path
         self.port = port if port is not None else free_port()
         self.log_path = log_path or store_path.with_name(store_path.name + ".log")
         self.env = env or {}
+        self._store_url = store_url
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,8 +104,8 @@ class ServiceProcess:
 
     @property
     def store_url(self) -> str:
-        """The ``sqlite:///`` URL of the store file (absolute path)."""
-        return f"sqlite:///{self.store_path}"
+        """The store URL: ``store_url`` if given, else the ``sqlite:///`` URL of the file."""
+        return self._store_url or f"sqlite:///{self.store_path}"
 
     @property
     def running(self) -> bool:
@@ -206,15 +248,48 @@ def sqlite_file_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('embedded') / 'hive.db'}"
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory", "remote"])
-def hive_url(request: pytest.FixtureRequest, sqlite_file_url: str) -> str:
-    """The store URL of each deployment the conformance suite runs against."""
-    if request.param == "sqlite-file":
-        return sqlite_file_url
-    if request.param == "sqlite-memory":
+@pytest.fixture(scope="session")
+def services_over(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[str], ServiceProcess]]:
+    """``services_over(store_url)``: one service per store URL for the whole session."""
+    made: dict[str, ServiceProcess] = {}
+    base = tmp_path_factory.mktemp("services")
+
+    def get(store_url: str) -> ServiceProcess:
+        svc = made.get(store_url)
+        if svc is None:
+            svc = ServiceProcess(base / f"svc{len(made)}.db", store_url=store_url)
+            made[store_url] = svc
+            svc.start()
+        return svc
+
+    try:
+        yield get
+    finally:
+        for svc in made.values():
+            svc.terminate()
+
+
+def store_url_of(request: pytest.FixtureRequest, kind: str) -> str:
+    """The URL a hive of store kind ``kind`` (one of :data:`STORES`) connects to."""
+    if kind == "sqlite-file":
+        return str(request.getfixturevalue("sqlite_file_url"))
+    if kind == "sqlite-memory":
         return "sqlite://:memory:"
-    svc: ServiceProcess = request.getfixturevalue("service")
-    return svc.url
+    if kind == "remote":
+        svc: ServiceProcess = request.getfixturevalue("service")
+        return svc.url
+    if kind.startswith("remote-"):
+        inner = str(request.getfixturevalue(_SERVER_FIXTURES[kind.removeprefix("remote-")]))
+        return request.getfixturevalue("services_over")(inner).url
+    return str(request.getfixturevalue(_SERVER_FIXTURES[kind]))
+
+
+@pytest.fixture(params=selected_stores())
+def hive_url(request: pytest.FixtureRequest) -> str:
+    """The store URL of each deployment the conformance suite runs against."""
+    return store_url_of(request, request.param)
 
 
 @pytest.fixture

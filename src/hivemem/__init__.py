@@ -10,6 +10,8 @@ The same methods, return types and exceptions work for every URL.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from hivemem.config import Settings
 from hivemem.errors import (
     Conflict,
@@ -37,6 +39,9 @@ from hivemem.models import (
 )
 from hivemem.sync import SyncHive
 
+if TYPE_CHECKING:
+    from hivemem.backends.base import Backend
+
 __all__ = [
     "Conflict",
     "CursorExpired",
@@ -62,6 +67,7 @@ __all__ = [
     "Unavailable",
     "connect",
     "connect_sync",
+    "open_backend",
 ]
 
 __version__ = "0.1.0"
@@ -83,30 +89,55 @@ def connect(
             offline all-MiniLM-L6-v2 model; ``none`` for lexical search only).
 
     Returns:
-        A :class:`LocalHive` for ``sqlite`` URLs, a :class:`RemoteHive` for ``http(s)``.
+        A :class:`RemoteHive` for ``http(s)`` URLs, otherwise a :class:`LocalHive` over
+        the backend :func:`open_backend` picks (SQLite, PostgreSQL, Redis).
 
     Raises:
         InvalidInput: unknown scheme (field ``url``) or invalid agent (field ``agent``).
     """
     settings = settings or Settings()
     scheme = url.split(":", 1)[0].lower()
-    if scheme == "sqlite":
-        from hivemem.backends.sqlite import SqliteBackend
-        from hivemem.core.hive import LocalHive
-        from hivemem.embedders import make_embedder
-
-        return LocalHive(
-            SqliteBackend.from_url(url, settings),
-            agent=agent,
-            settings=settings,
-            embedder=make_embedder(settings),
-        )
     if scheme in ("http", "https"):
         from hivemem.client.remote import RemoteHive
 
         return RemoteHive(url, agent=agent, settings=settings)
+    from hivemem.core.hive import LocalHive
+    from hivemem.embedders import make_embedder
+
+    return LocalHive(
+        open_backend(url, settings),
+        agent=agent,
+        settings=settings,
+        embedder=make_embedder(settings),
+    )
+
+
+def open_backend(url: str, settings: Settings) -> Backend:
+    """The (unopened) storage backend a store URL names.
+
+    Args:
+        url: ``sqlite:///path`` / ``sqlite://:memory:``; ``postgresql://user:pw@host:port/db``;
+            ``redis://host:port/db``; ``redis+cluster://host:port,host:port``.
+
+    Raises:
+        InvalidInput: unknown scheme or malformed URL (field ``url``).
+    """
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        from hivemem.backends.sqlite import SqliteBackend
+
+        return SqliteBackend.from_url(url, settings)
+    if scheme in ("postgresql", "postgres"):
+        from hivemem.backends.postgres import PostgresBackend
+
+        return PostgresBackend.from_url(url, settings)
+    if scheme in ("redis", "rediss", "redis+cluster"):
+        from hivemem.backends.redis import RedisBackend
+
+        return RedisBackend.from_url(url, settings)
     raise InvalidInput(
-        f"unsupported store URL {url!r}: expected sqlite:///path, sqlite://:memory: or http://host:port",
+        f"unsupported store URL {url!r}: expected sqlite:///path, sqlite://:memory:, "
+        "postgresql://..., redis://..., redis+cluster://... or http://host:port",
         field="url",
     )
 

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     event_retention_seconds: float = Field(
         default=7 * 24 * 3600.0, gt=0, description="How long feed events are kept."
     )
+    request_retention_seconds: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        description="How long the result of a write made with a request id is kept, so a "
+        "retry of that write within this time is answered without applying it again.",
+    )
     sweep_interval_seconds: float = Field(
         default=30.0, gt=0, description="How often expired items and old events are removed."
     )

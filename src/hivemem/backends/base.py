@@ -9,10 +9,14 @@ checked arguments, JSON as ``bytes`` and times as UNIX seconds (float, UTC).
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+import orjson
 
 __all__ = [
     "Backend",
@@ -26,6 +30,10 @@ __all__ = [
     "NewMessage",
     "PutWrite",
     "SessionRow",
+    "WriteResult",
+    "decode_result",
+    "encode_result",
+    "row_matches",
 ]
 
 
@@ -166,6 +174,112 @@ class EventRow:
     data: bytes | None
 
 
+#: What a write method returns; what a request id's stored result decodes to.
+WriteResult = Any
+
+_ROW_TYPES: dict[str, type] = {
+    "item": ItemRow,
+    "session": SessionRow,
+    "message": MessageRow,
+    "event": EventRow,
+}
+_ROW_TAGS = {cls: tag for tag, cls in _ROW_TYPES.items()}
+
+
+def _encode_value(value: Any) -> Any:
+    tag = _ROW_TAGS.get(type(value))
+    if tag is not None:
+        fields = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if isinstance(v, bytes):
+                v = {"b": base64.b64encode(v).decode("ascii")}
+            fields[f.name] = v
+        return {"t": tag, "f": fields}
+    if isinstance(value, list | tuple):
+        return {"t": "list", "v": [_encode_value(v) for v in value]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return {"t": "plain", "v": value}
+    raise TypeError(f"cannot encode a write result of type {type(value).__name__}")
+
+
+def _decode_value(doc: Any) -> Any:
+    tag = doc["t"]
+    if tag == "list":
+        return [_decode_value(v) for v in doc["v"]]
+    if tag == "plain":
+        return doc["v"]
+    fields = {
+        name: base64.b64decode(v["b"]) if isinstance(v, dict) else v for name, v in doc["f"].items()
+    }
+    return _ROW_TYPES[tag](**fields)
+
+
+def encode_result(result: WriteResult) -> bytes:
+    """Encode what a write method returned (rows of this module, bools, None, lists
+    of these) as bytes, to store under a request id in the write's transaction."""
+    return orjson.dumps(_encode_value(result))
+
+
+def decode_result(data: bytes) -> WriteResult:
+    """The write result :func:`encode_result` encoded."""
+    return _decode_value(orjson.loads(data))
+
+
+def _typed(value: Any) -> tuple[int, Any] | None:
+    """(kind, comparable) of a JSON scalar: kind 0 = boolean, 1 = number, 2 = string;
+    None for null, arrays and objects (which no condition matches)."""
+    if isinstance(value, bool):
+        return 0, value
+    if isinstance(value, int | float):
+        return 1, value
+    if isinstance(value, str):
+        return 2, value
+    return None
+
+
+def _compare(actual: Any, op: str, wanted: Any) -> bool:
+    a, w = _typed(actual), _typed(wanted)
+    if a is None or w is None or a[0] != w[0]:
+        return False
+    x, y = a[1], w[1]
+    if op == "=":
+        return bool(x == y)
+    if a[0] == 0:  # booleans are only equal or not
+        return False
+    if op == ">":
+        return bool(x > y)
+    if op == ">=":
+        return bool(x >= y)
+    if op == "<":
+        return bool(x < y)
+    return bool(x <= y)
+
+
+def row_matches(row: ItemRow, conditions: Sequence[Condition]) -> bool:
+    """Whether an item satisfies every condition, with the typed semantics every
+    backend follows: a value matches only a filter value of the same JSON kind
+    (boolean, number, string); booleans match only ``=``/``in``; a missing field,
+    null, an array or an object matches nothing; ``in`` is equality with any member.
+    """
+    meta: Any = None
+    for cond in conditions:
+        if cond.kind == "metadata":
+            if meta is None:
+                meta = orjson.loads(row.metadata) if row.metadata else {}
+            actual = meta.get(cond.field) if isinstance(meta, dict) else None
+        elif cond.kind == "author":
+            actual = row.author
+        else:
+            actual = row.updated_at
+        if cond.op == "in":
+            if not any(_compare(actual, "=", v) for v in cond.value):
+                return False
+        elif not _compare(actual, cond.op, cond.value):
+            return False
+    return True
+
+
 class ChangeSignal:
     """Wakes feed watchers of this process when the feed may have grown.
 
@@ -210,10 +324,23 @@ class Backend(ABC):
     mismatch or duplicate id, :class:`~hivemem.errors.NotFound` for an unknown
     session, :class:`~hivemem.errors.CursorExpired` for a trimmed cursor,
     :class:`~hivemem.errors.Unavailable` when the engine cannot be reached.
+
+    Request ids: every method that changes state takes ``request_id`` (``None`` =
+    none). When given, the write and its result (:func:`encode_result`) are stored
+    in one atomic step with the request id; a later call with the same request id
+    writes nothing and returns the stored result (:func:`decode_result`), even if
+    the state has changed since. A write that fails (Conflict, NotFound) stores no
+    result, so a retry is checked again. The core scopes request ids by agent;
+    :meth:`sweep` forgets them after the retention the core passes.
     """
 
     #: Wakes this process's watchers; set by the backend.
     changes: ChangeSignal
+
+    #: Whether :meth:`search_lexical` ranks in the engine. When False the core
+    #: keeps an in-process BM25 index built from :meth:`load_texts` and kept
+    #: current through the feed with :meth:`texts_of`.
+    native_lexical: ClassVar[bool] = True
 
     @abstractmethod
     async def open(self) -> None:
@@ -241,6 +368,7 @@ class Backend(ABC):
         author: str,
         now: float,
         history_limit: int,
+        request_id: str | None = None,
     ) -> list[ItemRow | bool]:
         """Apply all writes atomically, checking each ``if_version`` in order.
 
@@ -269,14 +397,17 @@ class Backend(ABC):
         """Stored versions of a live item, newest first."""
 
     @abstractmethod
-    async def sweep(self, now: float, events_before: float) -> tuple[int, int]:
-        """Delete items expired at ``now`` (with ``item.expired`` events) and events
-        older than ``events_before``. Returns (items expired, events trimmed)."""
+    async def sweep(
+        self, now: float, events_before: float, requests_before: float
+    ) -> tuple[int, int]:
+        """Delete items expired at ``now`` (with ``item.expired`` events), events
+        older than ``events_before`` and request-id results stored before
+        ``requests_before``. Returns (items expired, events trimmed)."""
 
     # Sessions
 
     @abstractmethod
-    async def create_session(self, row: SessionRow) -> SessionRow:
+    async def create_session(self, row: SessionRow, *, request_id: str | None = None) -> SessionRow:
         """Insert a session (event ``session.created``). Raises Conflict on a duplicate id."""
 
     @abstractmethod
@@ -290,12 +421,20 @@ class Backend(ABC):
         """Sessions matching every given identifier with id > ``after``, by id."""
 
     @abstractmethod
-    async def delete_session(self, session_id: str, *, author: str, now: float) -> bool:
+    async def delete_session(
+        self, session_id: str, *, author: str, now: float, request_id: str | None = None
+    ) -> bool:
         """Delete a session and its messages (event ``session.deleted``)."""
 
     @abstractmethod
     async def append_messages(
-        self, session_id: str, messages: Sequence[NewMessage], *, author: str, now: float
+        self,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        author: str,
+        now: float,
+        request_id: str | None = None,
     ) -> list[MessageRow]:
         """Append with consecutive sequence numbers and move the counters, atomically
         (event ``session.messages``, version = last seq). Raises NotFound."""
@@ -306,14 +445,29 @@ class Backend(ABC):
 
     @abstractmethod
     async def save_state(
-        self, session_id: str, state: bytes, if_version: int | None, *, author: str, now: float
+        self,
+        session_id: str,
+        state: bytes,
+        if_version: int | None,
+        *,
+        author: str,
+        now: float,
+        request_id: str | None = None,
     ) -> SessionRow:
         """Replace the state document (event ``session.state``). Raises NotFound, Conflict."""
 
     # Feed
 
     @abstractmethod
-    async def publish(self, channel: str, payload: bytes, *, author: str, now: float) -> EventRow:
+    async def publish(
+        self,
+        channel: str,
+        payload: bytes,
+        *,
+        author: str,
+        now: float,
+        request_id: str | None = None,
+    ) -> EventRow:
         """Append a ``publish`` event on ``channel``."""
 
     @abstractmethod
@@ -346,14 +500,26 @@ class Backend(ABC):
         now: float,
     ) -> list[tuple[str, str, float]]:
         """Live items at or under ``prefix`` whose indexed text matches any of ``terms``
-        and every condition, best first: (namespace, key, score; higher is better)."""
+        and every condition, best first: (namespace, key, score; higher is better).
+
+        Backends with ``native_lexical = False`` are never asked (raise
+        NotImplementedError)."""
+
+    @abstractmethod
+    async def load_texts(self) -> list[tuple[str, str, str]]:
+        """Every stored index text: (namespace, key, text), expired items included
+        (searches drop them when they fetch the rows)."""
+
+    @abstractmethod
+    async def texts_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The current index texts of these items (items without one are left out)."""
 
     @abstractmethod
     async def matching_keys(
         self, prefix: str, conditions: Sequence[Condition], now: float
     ) -> list[tuple[str, str]]:
         """(namespace, key) of live indexed items at or under ``prefix`` matching every
-        condition."""
+        condition (semantics of :func:`row_matches`)."""
 
     @abstractmethod
     async def load_vectors(self, model: str) -> list[tuple[str, str, bytes]]:

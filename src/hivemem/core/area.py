@@ -22,6 +22,13 @@ class Area:
     _backend: Backend
     _settings: Settings
     _embedder: Embedder | None
+    #: The caller's request id for the next write (set on per-request views).
+    _request_id: str | None = None
+
+    def _scoped_request_id(self) -> str | None:
+        """The request id as the backend stores it: scoped by agent, so two agents
+        never share (or see) each other's results."""
+        return None if self._request_id is None else f"{self.agent}/{self._request_id}"
 
     def _now(self) -> float:
         """The time stamped on writes and used for TTLs: UNIX seconds."""

@@ -73,5 +73,7 @@ class EventsMixin(Area):
         check.namespace(channel, self._settings, field="channel")
         data = check.to_json(payload, "payload", self._settings.max_payload_bytes)
         await self._ready()
-        row = await self._backend.publish(channel, data, author=self.agent, now=self._now())
+        row = await self._backend.publish(
+            channel, data, author=self.agent, now=self._now(), request_id=self._scoped_request_id()
+        )
         return to_event(row)

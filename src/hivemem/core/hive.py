@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
+import re
 import time
 
 from hivemem.backends.base import Backend
@@ -16,11 +18,14 @@ from hivemem.core.search import SearchMixin
 from hivemem.core.sessions import SessionsMixin
 from hivemem.core.vectors import VectorIndex
 from hivemem.embedders.base import Embedder
+from hivemem.errors import InvalidInput
 from hivemem.hive import Hive
 
 __all__ = ["LocalHive"]
 
 log = logging.getLogger("hivemem")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 
 class _Shared:
@@ -76,7 +81,11 @@ class _Shared:
 
     async def sweep(self) -> tuple[int, int]:
         now = time.time()
-        return await self.backend.sweep(now, now - self.settings.event_retention_seconds)
+        return await self.backend.sweep(
+            now,
+            now - self.settings.event_retention_seconds,
+            now - self.settings.request_retention_seconds,
+        )
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -148,6 +157,24 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
 
     def as_agent(self, agent: str) -> LocalHive:
         return LocalHive(self._backend, agent=agent, settings=self._settings, _shared=self._shared)
+
+    def with_request_id(self, request_id: str | None) -> LocalHive:
+        """A view of this hive whose writes carry ``request_id``: a write repeated with
+        the same request id (by the same agent, within ``request_retention_seconds``) is
+        applied once, and the repeat returns the first result.
+
+        Raises:
+            InvalidInput: not 1-128 letters, digits or ``_ - . :`` (field ``request_id``).
+        """
+        if request_id is None:
+            return self
+        if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
+            raise InvalidInput(
+                "request_id must be 1-128 letters, digits or _ - . :", field="request_id"
+            )
+        view = copy.copy(self)
+        view._request_id = request_id
+        return view
 
     def _vector_index(self, dim: int) -> VectorIndex:
         return self._shared.vector_index(dim)

@@ -123,7 +123,11 @@ class ItemsMixin(Area):
         await self._ready()
         (write,), now = await self._index([write], [searchable_text(text, value)], self._now)
         (row,) = await self._backend.write_items(
-            [write], author=self.agent, now=now, history_limit=self._settings.history_limit
+            [write],
+            author=self.agent,
+            now=now,
+            history_limit=self._settings.history_limit,
+            request_id=self._scoped_request_id(),
         )
         assert isinstance(row, ItemRow)
         return to_item(row)
@@ -143,7 +147,11 @@ class ItemsMixin(Area):
         )
         await self._ready()
         (deleted,) = await self._backend.write_items(
-            [write], author=self.agent, now=self._now(), history_limit=self._settings.history_limit
+            [write],
+            author=self.agent,
+            now=self._now(),
+            history_limit=self._settings.history_limit,
+            request_id=self._scoped_request_id(),
         )
         return bool(deleted)
 
@@ -233,7 +241,11 @@ class ItemsMixin(Area):
         for (i, _), write in zip(puts, indexed, strict=True):
             writes[i] = write
         results = await self._backend.write_items(
-            writes, author=self.agent, now=now, history_limit=self._settings.history_limit
+            writes,
+            author=self.agent,
+            now=now,
+            history_limit=self._settings.history_limit,
+            request_id=self._scoped_request_id(),
         )
         return [to_item(r) if isinstance(r, ItemRow) else r for r in results]
 

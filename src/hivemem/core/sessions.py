@@ -98,7 +98,9 @@ class SessionsMixin(Area):
             last_activity_at=now,
         )
         await self._ready()
-        return to_session(await self._backend.create_session(row))
+        return to_session(
+            await self._backend.create_session(row, request_id=self._scoped_request_id())
+        )
 
     async def get_session(self, session_id: str) -> Session:
         session_id = self._session_id(session_id)
@@ -133,7 +135,9 @@ class SessionsMixin(Area):
     async def delete_session(self, session_id: str) -> bool:
         session_id = self._session_id(session_id)
         await self._ready()
-        return await self._backend.delete_session(session_id, author=self.agent, now=self._now())
+        return await self._backend.delete_session(
+            session_id, author=self.agent, now=self._now(), request_id=self._scoped_request_id()
+        )
 
     async def append_messages(
         self, session_id: str, messages: Sequence[MessageIn | dict[str, Any]]
@@ -148,7 +152,11 @@ class SessionsMixin(Area):
         new = [self._new_message(m, i) for i, m in enumerate(messages)]
         await self._ready()
         rows = await self._backend.append_messages(
-            session_id, new, author=self.agent, now=self._now()
+            session_id,
+            new,
+            author=self.agent,
+            now=self._now(),
+            request_id=self._scoped_request_id(),
         )
         return [to_message(r) for r in rows]
 
@@ -192,6 +200,11 @@ class SessionsMixin(Area):
             check.version(if_version)
         await self._ready()
         row = await self._backend.save_state(
-            session_id, data, if_version, author=self.agent, now=self._now()
+            session_id,
+            data,
+            if_version,
+            author=self.agent,
+            now=self._now(),
+            request_id=self._scoped_request_id(),
         )
         return to_session(row)

@@ -8,8 +8,8 @@ later finds an event below it.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from hivemem.backends.base import (
     Backend,
@@ -21,6 +21,8 @@ from hivemem.backends.base import (
     NewMessage,
     PutWrite,
     SessionRow,
+    decode_result,
+    encode_result,
 )
 from hivemem.backends.sqlite.engine import SqliteEngine
 from hivemem.backends.sqlite.schema import (
@@ -38,6 +40,31 @@ from hivemem.config import Settings
 from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound
 
 __all__ = ["SqliteBackend"]
+
+T = TypeVar("T")
+
+
+def once(
+    request_id: str | None, now: float, run: Callable[[sqlite3.Connection], T]
+) -> Callable[[sqlite3.Connection], T]:
+    """Wrap a write job so that, with a request id, it runs at most once: a stored
+    result is returned instead of writing again; a new result is stored with the write."""
+    if request_id is None:
+        return run
+
+    def wrapped(c: sqlite3.Connection) -> T:
+        found = c.execute("SELECT result FROM requests WHERE id = ?", (request_id,)).fetchone()
+        if found is not None:
+            result: T = decode_result(found[0])
+            return result
+        result = run(c)
+        c.execute(
+            "INSERT INTO requests (id, result, at) VALUES (?, ?, ?)",
+            (request_id, encode_result(result), now),
+        )
+        return result
+
+    return wrapped
 
 
 class SqliteBackend(SearchMixin, Backend):
@@ -105,6 +132,7 @@ class SqliteBackend(SearchMixin, Backend):
         author: str,
         now: float,
         history_limit: int,
+        request_id: str | None = None,
     ) -> list[ItemRow | bool]:
         def run(c: sqlite3.Connection) -> list[ItemRow | bool]:
             results: list[ItemRow | bool] = []
@@ -175,7 +203,7 @@ class SqliteBackend(SearchMixin, Backend):
                 results.append(row)
             return results
 
-        return await self._engine.write(run)
+        return await self._engine.write(once(request_id, now, run))
 
     @staticmethod
     def _event(
@@ -247,7 +275,9 @@ class SqliteBackend(SearchMixin, Backend):
 
         return await self._engine.read(run)
 
-    async def sweep(self, now: float, events_before: float) -> tuple[int, int]:
+    async def sweep(
+        self, now: float, events_before: float, requests_before: float
+    ) -> tuple[int, int]:
         def run(c: sqlite3.Connection) -> tuple[int, int]:
             expired = c.execute(
                 "SELECT ns, key, version FROM items WHERE expires_at IS NOT NULL "
@@ -267,13 +297,14 @@ class SqliteBackend(SearchMixin, Backend):
                     "ON CONFLICT (name) DO UPDATE SET value = MAX(value, excluded.value)",
                     (last,),
                 )
+            c.execute("DELETE FROM requests WHERE at < ?", (requests_before,))
             return len(expired), trimmed
 
         return await self._engine.write(run)
 
     # Sessions ----------------------------------------------------------------------
 
-    async def create_session(self, row: SessionRow) -> SessionRow:
+    async def create_session(self, row: SessionRow, *, request_id: str | None = None) -> SessionRow:
         def run(c: sqlite3.Connection) -> SessionRow:
             try:
                 c.execute(
@@ -303,7 +334,7 @@ class SqliteBackend(SearchMixin, Backend):
             )
             return row
 
-        return await self._engine.write(run)
+        return await self._engine.write(once(request_id, row.started_at, run))
 
     @staticmethod
     def _session(c: sqlite3.Connection, session_id: str) -> SessionRow | None:
@@ -336,7 +367,9 @@ class SqliteBackend(SearchMixin, Backend):
         args.append(limit)
         return await self._engine.read(lambda c: [SessionRow(*r) for r in c.execute(sql, args)])
 
-    async def delete_session(self, session_id: str, *, author: str, now: float) -> bool:
+    async def delete_session(
+        self, session_id: str, *, author: str, now: float, request_id: str | None = None
+    ) -> bool:
         def run(c: sqlite3.Connection) -> bool:
             if c.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount == 0:
                 return False
@@ -344,10 +377,16 @@ class SqliteBackend(SearchMixin, Backend):
             self._event(c, "session.deleted", f"_sessions/{session_id}", None, None, author, now)
             return True
 
-        return await self._engine.write(run)
+        return await self._engine.write(once(request_id, now, run))
 
     async def append_messages(
-        self, session_id: str, messages: Sequence[NewMessage], *, author: str, now: float
+        self,
+        session_id: str,
+        messages: Sequence[NewMessage],
+        *,
+        author: str,
+        now: float,
+        request_id: str | None = None,
     ) -> list[MessageRow]:
         def run(c: sqlite3.Connection) -> list[MessageRow]:
             found = c.execute(
@@ -405,7 +444,7 @@ class SqliteBackend(SearchMixin, Backend):
             )
             return rows
 
-        return await self._engine.write(run)
+        return await self._engine.write(once(request_id, now, run))
 
     async def read_messages(self, session_id: str, after: int, limit: int) -> list[MessageRow]:
         def run(c: sqlite3.Connection) -> list[MessageRow]:
@@ -423,7 +462,14 @@ class SqliteBackend(SearchMixin, Backend):
         return await self._engine.read(run)
 
     async def save_state(
-        self, session_id: str, state: bytes, if_version: int | None, *, author: str, now: float
+        self,
+        session_id: str,
+        state: bytes,
+        if_version: int | None,
+        *,
+        author: str,
+        now: float,
+        request_id: str | None = None,
     ) -> SessionRow:
         def run(c: sqlite3.Connection) -> SessionRow:
             found = c.execute(
@@ -449,16 +495,24 @@ class SqliteBackend(SearchMixin, Backend):
             assert row is not None
             return row
 
-        return await self._engine.write(run)
+        return await self._engine.write(once(request_id, now, run))
 
     # Feed --------------------------------------------------------------------------
 
-    async def publish(self, channel: str, payload: bytes, *, author: str, now: float) -> EventRow:
+    async def publish(
+        self,
+        channel: str,
+        payload: bytes,
+        *,
+        author: str,
+        now: float,
+        request_id: str | None = None,
+    ) -> EventRow:
         def run(c: sqlite3.Connection) -> EventRow:
             cursor = self._event(c, "publish", channel, None, None, author, now, payload)
             return EventRow(str(cursor), "publish", channel, None, None, author, now, payload)
 
-        return await self._engine.write(run)
+        return await self._engine.write(once(request_id, now, run))
 
     @staticmethod
     def _parse_cursor(after: str | None) -> int:

@@ -58,6 +58,11 @@ MIGRATIONS: list[str] = [
         text, tokenize = 'porter unicode61 remove_diacritics 2'
     );
     """,
+    # 3: results of writes made with a request id (agent-scoped by the core).
+    """
+    CREATE TABLE requests (id TEXT PRIMARY KEY, result BLOB NOT NULL, at REAL NOT NULL);
+    CREATE INDEX requests_at ON requests (at);
+    """,
 ]
 
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"

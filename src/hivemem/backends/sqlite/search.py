@@ -52,6 +52,16 @@ def index_remove(c: sqlite3.Connection, namespace: str, key: str) -> None:
         c.execute("DELETE FROM search_fts WHERE rowid = ?", (found[0],))
 
 
+def _typed_test(column: str, kind_of: str, op: str, value: Any) -> tuple[str, list[Any]]:
+    """One typed comparison (semantics of :func:`~hivemem.backends.base.row_matches`)."""
+    if isinstance(value, bool):
+        if op != "=":
+            return "0", []
+        return f"({kind_of} = ?)", ["true" if value else "false"]
+    kinds = "('integer','real')" if isinstance(value, int | float) else "('text')"
+    return f"({kind_of} IN {kinds} AND {column} {_OPS[op]} ?)", [value]
+
+
 def _where(prefix: str, conditions: Sequence[Condition], now: float) -> tuple[list[str], list[Any]]:
     """SQL conditions over ``items i`` joined to ``search_docs d``."""
     where = ["(i.expires_at IS NULL OR i.expires_at > ?)"]
@@ -61,12 +71,17 @@ def _where(prefix: str, conditions: Sequence[Condition], now: float) -> tuple[li
         args.extend((prefix, prefix + "/", prefix + "0"))
     for cond in conditions:
         if cond.kind == "metadata":
-            column = "json_extract(CAST(i.metadata AS TEXT), ?)"
-            args.append(f'$."{cond.field}"')
-        elif cond.kind == "author":
-            column = "i.author"
-        else:
-            column = "i.updated_at"
+            path = f'$."{cond.field}"'
+            column = f"json_extract(CAST(i.metadata AS TEXT), '{path}')"
+            kind_of = f"json_type(CAST(i.metadata AS TEXT), '{path}')"
+            values = cond.value if cond.op == "in" else (cond.value,)
+            op = "=" if cond.op == "in" else cond.op
+            tests = [_typed_test(column, kind_of, op, v) for v in values]
+            where.append("(" + " OR ".join(t for t, _ in tests) + ")")
+            for _, targs in tests:
+                args.extend(targs)
+            continue
+        column = "i.author" if cond.kind == "author" else "i.updated_at"
         if cond.op == "in":
             where.append(f"{column} IN ({','.join('?' * len(cond.value))})")
             args.extend(cond.value)
@@ -108,6 +123,25 @@ class SearchMixin:
         return await self._engine.read(
             lambda c: [(ns, key, -score) for ns, key, score in c.execute(sql, params)]
         )
+
+    async def load_texts(self) -> list[tuple[str, str, str]]:
+        sql = "SELECT d.ns, d.key, f.text FROM search_docs d JOIN search_fts f ON f.rowid = d.id"
+        return await self._engine.read(lambda c: [(r[0], r[1], r[2]) for r in c.execute(sql)])
+
+    async def texts_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        def run(c: sqlite3.Connection) -> dict[tuple[str, str], str]:
+            found: dict[tuple[str, str], str] = {}
+            for ns, key in keys:
+                row = c.execute(
+                    "SELECT f.text FROM search_docs d JOIN search_fts f ON f.rowid = d.id "
+                    "WHERE d.ns = ? AND d.key = ?",
+                    (ns, key),
+                ).fetchone()
+                if row is not None:
+                    found[(ns, key)] = row[0]
+            return found
+
+        return await self._engine.read(run)
 
     async def matching_keys(
         self, prefix: str, conditions: Sequence[Condition], now: float

@@ -1,0 +1,1 @@
+"""Redis standalone and Redis Cluster for the tests (to be provided)."""
