@@ -330,6 +330,14 @@ async def first_vector_search(hive: Any, query: str) -> float:
     return time.perf_counter() - started
 
 
+async def first_lexical_search(hive: Any, query: str) -> float:
+    """Seconds of the first lexical search (with ``lexical_index=memory`` it loads and
+    tokenizes every text into the in-process BM25 index)."""
+    started = time.perf_counter()
+    await hive.search("", query, mode="lexical", limit=10)
+    return time.perf_counter() - started
+
+
 async def wait_for_graph(hive: Any, embedder: HashEmbedder) -> float:
     """Seconds until the HNSW graph build started by the first search is done (searches
     are exact until then)."""
@@ -392,6 +400,8 @@ async def bench_embedded(
         await hive.open()
         info["index_load_s"] = round(await first_vector_search(hive, queries[0]), 3)
         console.print(f"embedded: first vector search (loads the index) {info['index_load_s']} s")
+        info["lexical_load_s"] = round(await first_lexical_search(hive, queries[0]), 3)
+        console.print(f"embedded: first lexical search {info['lexical_load_s']} s")
         if vector_index == "hnsw":
             info["graph_build_s"] = round(await wait_for_graph(hive, embedder), 1)
             console.print(f"embedded: HNSW graph built {info['graph_build_s']} s later")
@@ -443,6 +453,8 @@ async def bench_http(
     try:
         info["index_load_s"] = round(await first_vector_search(hive, queries[0]), 3)
         console.print(f"http: first vector search (loads the index) {info['index_load_s']} s")
+        info["lexical_load_s"] = round(await first_lexical_search(hive, queries[0]), 3)
+        console.print(f"http: first lexical search {info['lexical_load_s']} s")
         for scope in SCOPES:
             for mode in MODES:
                 r = await time_search(
@@ -605,11 +617,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=500, help="items per batch() when building")
     p.add_argument("--only", default="embedded,http", help="embedded,http (default both)")
     p.add_argument("--vector-index", choices=("exact", "hnsw"), default="exact")
+    p.add_argument(
+        "--lexical-index",
+        choices=("engine", "memory"),
+        default=None,
+        help="BM25 in SQLite FTS5 (engine) or in process (memory); default: the setting's",
+    )
     p.add_argument("--server-log-level", default="warning", choices=("info", "warning"))
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary directory")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.lexical_index is not None:  # read by Settings here and in the service subprocess
+        os.environ["HIVEMEM_LEXICAL_INDEX"] = args.lexical_index
     if args.items is None:
         args.items = 10_000 if args.quick else 100_000
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -648,7 +668,8 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
     db = args.db or tmp / "search.db"
     console.print(
         f"[bold]hivemem search bench[/] items={args.items:,} queries={len(queries)} "
-        f"limit={args.limit} vector_index={args.vector_index} db={db}\n"
+        f"limit={args.limit} vector_index={args.vector_index} "
+        f"lexical_index={os.environ.get('HIVEMEM_LEXICAL_INDEX', 'default')} db={db}\n"
         f"{len(turns)} turns and {len(questions)} questions from {args.data}; "
         f"nproc={info['nproc']} cpu={info['cpu_model']!r} load={info['loadavg_start']}"
     )

@@ -150,6 +150,13 @@ class Settings(BaseSettings):
         description="exact: numpy over every vector (best up to a few 100k items); "
         "hnsw: usearch's approximate HNSW index, for large collections.",
     )
+    lexical_index: Literal["engine", "memory"] = Field(
+        default="memory",
+        description="engine: the store ranks text itself (SQLite FTS5, PostgreSQL full text); "
+        "memory: an in-process BM25 index kept current through the feed (same tokens and "
+        "scores as FTS5; faster on large collections). Stores without full text (Redis) "
+        "always use memory.",
+    )
 
     # Service.
     max_request_bytes: int = Field(

@@ -14,6 +14,8 @@ from hivemem.config import Settings
 from hivemem.core import validation as check
 from hivemem.core.events import EventsMixin
 from hivemem.core.items import ItemsMixin
+from hivemem.core.lexical import LexicalIndex
+from hivemem.core.rowcache import RowCache
 from hivemem.core.search import SearchMixin
 from hivemem.core.sessions import SessionsMixin
 from hivemem.core.vectors import VectorIndex
@@ -37,6 +39,8 @@ class _Shared:
         self.settings = settings
         self.embedder = embedder
         self.vectors: VectorIndex | None = None
+        self.lexical: LexicalIndex | None = None
+        self.rows: RowCache | None = None
         self.lock = asyncio.Lock()
         self.opened = False
         self.sweeper: asyncio.Task[None] | None = None
@@ -52,6 +56,19 @@ class _Shared:
                 kind=self.settings.vector_index,
             )
         return self.vectors
+
+    def lexical_index(self) -> LexicalIndex | None:
+        """The in-process BM25 index, or None when the engine ranks text itself."""
+        if self.backend.native_lexical and self.settings.lexical_index == "engine":
+            return None
+        if self.lexical is None:
+            self.lexical = LexicalIndex(self.backend, self.settings.feed_poll_seconds)
+        return self.lexical
+
+    def row_cache(self) -> RowCache:
+        if self.rows is None:
+            self.rows = RowCache(self.backend, self.settings.feed_poll_seconds)
+        return self.rows
 
     async def open(self) -> None:
         if self.opened:
@@ -78,6 +95,8 @@ class _Shared:
             if self.vectors is not None:
                 await self.vectors.close()  # stops a background HNSW build
             self.vectors = None
+            self.lexical = None
+            self.rows = None
 
     async def sweep(self) -> tuple[int, int]:
         now = time.time()
@@ -178,6 +197,12 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
 
     def _vector_index(self, dim: int) -> VectorIndex:
         return self._shared.vector_index(dim)
+
+    def _lexical_index(self) -> LexicalIndex | None:
+        return self._shared.lexical_index()
+
+    def _row_cache(self) -> RowCache:
+        return self._shared.row_cache()
 
     @property
     def embedder(self) -> Embedder | None:

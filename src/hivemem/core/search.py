@@ -36,17 +36,19 @@ from __future__ import annotations
 import asyncio
 import builtins
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
 import orjson
 
-from hivemem.backends.base import Condition, IndexEntry, ItemRow
+from hivemem.backends.base import Condition, IndexEntry, ItemRow, row_matches
 from hivemem.core import validation as check
 from hivemem.core.area import Area
 from hivemem.core.items import searchable_text, to_item
+from hivemem.core.lexical import LexicalIndex, tokens
+from hivemem.core.rowcache import RowCache
 from hivemem.core.vectors import VectorIndex
 from hivemem.errors import InvalidInput
 from hivemem.models import SearchHit
@@ -56,8 +58,14 @@ MODES = ("hybrid", "vector", "lexical")
 Fusion = Literal["rrf", "score"]
 Key = tuple[str, str]
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+_WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _MAX_QUERY_CHARS = 4096
+#: A filtered in-process ranking first checks this many times the wanted items ...
+_FILTER_OVERSAMPLE = 4
+#: ... and at least this many; widening stops at the most below, where asking the store
+#: for every matching item becomes the cheaper way.
+_FILTER_MIN_CANDIDATES = 400
+_FILTER_MAX_CANDIDATES = 20_000
 _FILTER_OPS = {"$eq": "=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<=", "$in": "in"}
 
 #: Words too common to help a BM25 query (a short English list).
@@ -74,11 +82,16 @@ STOPWORDS = frozenset(
 
 
 def query_terms(query: str) -> builtins.list[str]:
-    """The BM25 terms of a query: its words, lower-cased, without stopwords (unless
-    the query has nothing else), each once, in order."""
+    """The BM25 words of a query: its words (split as the index splits text),
+    lower-cased, without stopwords (unless the query has nothing else), one word per
+    distinct index term (so "run" and "running" count once), in order."""
     words = [w.lower() for w in _WORD.findall(query)]
     kept = [w for w in words if w not in STOPWORDS] or words
-    return list(dict.fromkeys(kept))
+    by_term: dict[str, str] = {}
+    for word in kept:
+        for term in tokens(word):
+            by_term.setdefault(term, word)
+    return list(by_term.values())
 
 
 def _scalar(value: Any, field: str) -> Any:
@@ -210,6 +223,12 @@ class SearchMixin(Area):
     def _vector_index(self, dim: int) -> VectorIndex:
         raise NotImplementedError
 
+    def _lexical_index(self) -> LexicalIndex | None:
+        raise NotImplementedError
+
+    def _row_cache(self) -> RowCache:
+        raise NotImplementedError
+
     async def search(
         self,
         prefix: str,
@@ -243,19 +262,38 @@ class SearchMixin(Area):
         now = self._now()
         candidates = max(s.search_candidates, limit)
         rankings: dict[str, builtins.list[tuple[Key, float]]] = {}
+        rows: dict[Key, ItemRow] = {}
         if mode != "vector":
-            lexical = await self._backend.search_lexical(
-                prefix, query_terms(query), conditions, candidates, now
-            )
-            rankings["lexical"] = [((ns, key), score) for ns, key, score in lexical]
+            lexical_index = self._lexical_index()
+            if lexical_index is None:
+                lexical = await self._backend.search_lexical(
+                    prefix, query_terms(query), conditions, candidates, now
+                )
+                rankings["lexical"] = [((ns, key), score) for ns, key, score in lexical]
+            else:
+                await lexical_index.sync()
+                terms = query_terms(query)
+                rankings["lexical"] = await self._filtered(
+                    lambda allowed, k: lexical_index.search(terms, prefix, allowed, k),
+                    prefix,
+                    conditions,
+                    candidates,
+                    now,
+                    rows,
+                )
         if mode != "lexical" and self._embedder is not None:
             (vector,) = await self._embedder.embed([query])
             index = self._vector_index(int(vector.shape[0]))
             await index.sync()
-            allowed = (
-                await self._backend.matching_keys(prefix, conditions, now) if conditions else None
+            q = np.asarray(vector)
+            rankings["vector"] = await self._filtered(
+                lambda allowed, k: index.search(q, prefix, allowed, k),
+                prefix,
+                conditions,
+                candidates,
+                now,
+                rows,
             )
-            rankings["vector"] = index.search(np.asarray(vector), prefix, allowed, candidates)
         fused = fuse(
             rankings,
             {"lexical": s.search_weight_lexical, "vector": s.search_weight_vector},
@@ -265,7 +303,10 @@ class SearchMixin(Area):
         scores = {key: score for key, score, _ in fused}
         modes = {key: ranks for key, _, ranks in fused}
         top = [key for key, _, _ in fused[: max(limit, s.search_context_hits)]]
-        rows = {(r.namespace, r.key): r for r in await self._backend.get_items(top, now)}
+        fetch = [key for key in top if key not in rows]
+        if fetch:
+            found = await self._backend.get_items(fetch, now)
+            rows.update(((r.namespace, r.key), r) for r in found)
         if s.search_context_window > 0 and s.search_context_weight > 0:
             gains = await self._context_gains(
                 [rows[key] for key in top[: s.search_context_hits] if key in rows],
@@ -298,6 +339,55 @@ class SearchMixin(Area):
                 )
             )
         return hits
+
+    async def _filtered(
+        self,
+        rank: Callable[[builtins.list[Key] | None, int], builtins.list[tuple[Key, float]]],
+        prefix: str,
+        conditions: builtins.list[Condition],
+        want: int,
+        now: float,
+        rows: dict[Key, ItemRow],
+    ) -> builtins.list[tuple[Key, float]]:
+        """The ``want`` best of an in-process ranking that satisfy ``conditions``.
+
+        ``rank(allowed, k)`` ranks the items at or under the prefix (only those in
+        ``allowed`` when it is a list). With conditions, the best
+        ``_FILTER_OVERSAMPLE`` x ``want`` (at least ``_FILTER_MIN_CANDIDATES``) are
+        ranked and checked against the in-process :class:`RowCache` (expiry and
+        :func:`~hivemem.backends.base.row_matches`); if too few pass, the ranking is
+        widened once to what the observed pass rate needs (up to
+        ``_FILTER_MAX_CANDIDATES``). Only a filter more selective than that makes the
+        store list every matching item for an exact ranking. Rows fetched from the
+        store (for items the cache had not seen yet) are kept in ``rows``.
+        """
+        if not conditions:
+            return rank(None, want)
+        cache = self._row_cache()
+        await cache.sync()
+        wide = max(_FILTER_OVERSAMPLE * want, _FILTER_MIN_CANDIDATES)
+        checked: dict[Key, bool] = {}
+        while True:
+            ranked = rank(None, wide)
+            fresh = [key for key, _ in ranked if key not in checked]
+            passing, unknown = cache.check(fresh, conditions, now)
+            checked.update((key, key in passing) for key in fresh)
+            if unknown:  # written since the cache caught up: ask the store
+                for row in await self._backend.get_items(unknown, now):
+                    key = (row.namespace, row.key)
+                    checked[key] = row_matches(row, conditions)
+                    rows[key] = row
+                for key in unknown:
+                    checked.setdefault(key, False)
+            kept = [(key, score) for key, score in ranked if checked[key]]
+            if len(kept) >= want or len(ranked) < wide:
+                return kept[:want]
+            needed = int(want * len(ranked) / max(len(kept), 1) * 1.5)
+            if needed > _FILTER_MAX_CANDIDATES or wide >= _FILTER_MAX_CANDIDATES:
+                break
+            wide = max(needed, 2 * wide)
+        allowed = await self._backend.matching_keys(prefix, conditions, now)
+        return rank(allowed, want)
 
     async def _context_gains(
         self,

@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import threading
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,7 +39,8 @@ import numpy as np
 import numpy.typing as npt
 
 from hivemem.backends.base import Backend
-from hivemem.errors import CursorExpired, InvalidInput
+from hivemem.core.mirror import FeedMirror
+from hivemem.errors import InvalidInput
 
 Key = tuple[str, str]
 Floats = npt.NDArray[np.float32]
@@ -55,7 +55,7 @@ _MIN_ROWS = 1024
 _PREFIX_CACHE = 1024
 
 
-class VectorIndex:
+class VectorIndex(FeedMirror):
     """The vectors of one model, for every searchable item of a store.
 
     Args:
@@ -90,16 +90,11 @@ class VectorIndex:
             raise InvalidInput(
                 f"vector_index must be one of {', '.join(KINDS)}", field="vector_index"
             )
-        self.backend = backend
+        super().__init__(backend, poll_seconds)
         self.model = model
         self.dim = dim
-        self.poll_seconds = poll_seconds
         self.kind = kind
         self._graph = _Graph(dim) if kind == "hnsw" else None
-        self._lock = asyncio.Lock()
-        self._cursor: str | None = None
-        self._generation = -1
-        self._synced_at = 0.0
         self._keys: list[Key] = []
         self._pos: dict[Key, int] = {}
         self._matrix: Floats = np.zeros((0, dim), dtype=np.float32)
@@ -116,52 +111,19 @@ class VectorIndex:
 
     # Coherence with the store ------------------------------------------------------------
 
-    async def sync(self) -> None:
-        """Catch up with the store (see the module notes)."""
-        async with self._lock:
-            changes = self.backend.changes
-            if self._cursor is None:
-                await self._load()
-                self.refresh_graph()
-                return
-            if (
-                changes.generation == self._generation
-                and time.monotonic() - self._synced_at < self.poll_seconds
-            ):
-                return
-            generation = changes.generation
-            changed: set[Key] = set()
-            cursor = self._cursor
-            try:
-                while True:
-                    rows, cursor = await self.backend.read_events("", cursor, _SYNC_BATCH)
-                    changed.update(
-                        (r.namespace, r.key)
-                        for r in rows
-                        if r.key is not None and r.type.startswith("item.")
-                    )
-                    if len(rows) < _SYNC_BATCH:
-                        break
-            except CursorExpired:
-                await self._load()
-                self.refresh_graph()
-                return
-            if changed:
-                found = await self.backend.vectors_of(sorted(changed), self.model)
-                for key in changed:
-                    vec = found.get(key)
-                    if vec is None:
-                        self.remove(key)
-                    else:
-                        self.set(key, vec)
-            self._cursor = cursor
-            self._generation = generation
-            self._synced_at = time.monotonic()
-            self.refresh_graph()
+    async def _apply(self, changed: list[Key]) -> None:
+        found = await self.backend.vectors_of(changed, self.model)
+        for key in changed:
+            vec = found.get(key)
+            if vec is None:
+                self.remove(key)
+            else:
+                self.set(key, vec)
 
-    async def _load(self) -> None:
-        generation = self.backend.changes.generation
-        cursor = await self.backend.head()  # before the load: later changes are replayed
+    def _synced(self) -> None:
+        self.refresh_graph()
+
+    async def _load_all(self) -> None:
         rows = await self.backend.load_vectors(self.model)
         self._keys, self._pos, self._ns_index, self._prefix_ids = [], {}, {}, {}
         size = max(_MIN_ROWS, len(rows))
@@ -173,9 +135,6 @@ class VectorIndex:
             self._graph.reset()
         for ns, key, vec in rows:
             self.set((ns, key), vec)
-        self._cursor = cursor
-        self._generation = generation
-        self._synced_at = time.monotonic()
 
     def set(self, key: Key, vector: bytes | Floats) -> None:
         """Store the vector of ``key`` (float32 bytes or array of ``dim`` values); one of
