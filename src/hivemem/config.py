@@ -166,6 +166,32 @@ class Settings(BaseSettings):
 
     # Client.
     request_timeout_seconds: float = Field(default=30.0, gt=0, description="Client HTTP timeout.")
+    client_attempts: int = Field(
+        default=4,
+        ge=1,
+        le=20,
+        description="Client: tries per request across replicas (a connection failure, a "
+        "timeout or a 502/503/504 is retried on the next healthy replica; writes carry a "
+        "request id, so a retried write is applied once).",
+    )
+    client_backoff_seconds: float = Field(
+        default=0.05,
+        gt=0,
+        description="Client: wait before the second try, doubling per try up to 1 s, with "
+        "jitter (full jitter, as in AWS's 'Exponential Backoff and Jitter').",
+    )
+    client_circuit_failures: int = Field(
+        default=3,
+        ge=1,
+        description="Client: consecutive failures (timeouts, 5xx) that take a replica out; a "
+        "refused connection takes it out at once.",
+    )
+    client_circuit_open_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="Client: how long a replica stays out before one probe request may try "
+        "it again (doubles, up to 30 s, while probes keep failing).",
+    )
     watch_reconnect_seconds: float = Field(
         default=300.0,
         gt=0,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -15,6 +17,7 @@ import orjson
 from pydantic import BaseModel
 from yarl import URL
 
+from hivemem.client.endpoints import Endpoint, Endpoints
 from hivemem.client.sse import read_sse
 from hivemem.config import Settings
 from hivemem.core import validation as check
@@ -37,6 +40,9 @@ __all__ = ["RemoteHive"]
 M = TypeVar("M", bound=BaseModel)
 
 AGENT_HEADER = "X-Hivemem-Agent"
+REQUEST_ID_HEADER = "X-Hivemem-Request-Id"
+#: Answers that say "this replica cannot serve now": tried again elsewhere.
+_RETRY_STATUSES = frozenset({502, 503, 504})
 START_HEADER = "X-Hivemem-Cursor"
 
 _ItemPage = Page[Item]
@@ -46,12 +52,13 @@ _StrPage = Page[str]
 
 
 class _Shared:
-    """The connection pool and endpoint list that the views of one RemoteHive share."""
+    """The connection pool and replicas that the views of one RemoteHive share."""
 
     def __init__(self, endpoints: builtins.list[str], settings: Settings) -> None:
-        self.endpoints = endpoints
+        self.endpoints = Endpoints(
+            endpoints, settings.client_circuit_failures, settings.client_circuit_open_seconds
+        )
         self.settings = settings
-        self.current = 0
         self.session: aiohttp.ClientSession | None = None
 
     def open(self) -> aiohttp.ClientSession:
@@ -67,14 +74,6 @@ class _Shared:
         if self.session is not None:
             await self.session.close()
             self.session = None
-
-    def endpoint(self) -> str:
-        return self.endpoints[self.current % len(self.endpoints)]
-
-    def failed(self, endpoint: str) -> None:
-        """Move to the next endpoint after ``endpoint`` failed (once per failure)."""
-        if self.endpoint() == endpoint:
-            self.current += 1
 
 
 def _parse_endpoints(url: str) -> builtins.list[str]:
@@ -110,14 +109,16 @@ class RemoteHive(Hive):
     bodies are mapped back to :mod:`hivemem.errors` classes; a service that cannot
     be reached raises :class:`~hivemem.errors.Unavailable`.
 
-    Requests go to one endpoint; when it cannot be reached, the next one is tried.
-    A request that may have reached the service is not retried elsewhere unless
-    it is a read, so a write is never applied twice by a retry.
+    Requests are spread over the replicas in turn; a replica that fails is taken
+    out for a while and probed back (a circuit breaker, :mod:`hivemem.client.endpoints`).
+    A request that fails on one replica (connection, timeout, 502/503/504) is tried
+    again on another with backoff. Every write carries a request id, so a write
+    retried after a lost response is applied once.
 
     Args:
         url: ``http://host:port`` or several separated by commas.
         agent: the identity sent with every request (``X-Hivemem-Agent``).
-        settings: ``request_timeout_seconds`` applies.
+        settings: ``request_timeout_seconds`` and the ``client_*`` settings apply.
     """
 
     def __init__(
@@ -148,19 +149,34 @@ class RemoteHive(Hive):
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, bytes]:
-        """Send a request; return (status, body) for 2xx, raise the mapped error otherwise."""
+        """Send a request; return (status, body) for 2xx, raise the mapped error otherwise.
+
+        A write (any method but GET) carries a fresh request id (``X-Hivemem-Request-Id``),
+        the same on every try, so the service applies it once however often it is sent.
+        Connection failures, timeouts and 502/503/504 answers are tried again on the next
+        healthy replica (see :mod:`hivemem.client.endpoints`), up to ``client_attempts``
+        tries with exponential backoff and full jitter; other errors are raised at once.
+        """
         session = self._shared.open()
+        settings = self._settings
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
         all_headers = dict(self._headers)
         if body is not None:
             all_headers["Content-Type"] = "application/json"
+        if method != "GET":
+            all_headers[REQUEST_ID_HEADER] = uuid.uuid4().hex
         if headers:
             all_headers.update(headers)
-        safe_to_retry = method == "GET"
+        endpoints = self._shared.endpoints
         last_error: Exception | None = None
-        for _ in range(len(self._shared.endpoints)):
-            endpoint = self._shared.endpoint()
-            url = URL(f"{endpoint}{path}", encoded=True)
+        last: Endpoint | None = None
+        for attempt in range(settings.client_attempts):
+            if attempt:
+                cap = min(1.0, settings.client_backoff_seconds * 2 ** (attempt - 1))
+                await asyncio.sleep(random.uniform(0, cap))
+            ep = endpoints.pick(avoid=last)
+            last = ep
+            url = URL(f"{ep.url}{path}", encoded=True)
             try:
                 async with session.request(
                     method, url, params=query or None, data=body, headers=all_headers
@@ -169,23 +185,25 @@ class RemoteHive(Hive):
                     status = resp.status
             except aiohttp.ClientConnectorError as exc:  # never reached the service
                 last_error = exc
-                self._shared.failed(endpoint)
+                endpoints.failed(ep, refused=True)
                 continue
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last_error = exc
-                self._shared.failed(endpoint)
-                if safe_to_retry:
-                    continue
-                raise Unavailable(
-                    f"{method} {endpoint}{path} failed after it was sent ({_describe(exc)}); "
-                    "it may or may not have been applied"
-                ) from exc
+                endpoints.failed(ep)
+                continue
+            if status in _RETRY_STATUSES:
+                last_error = _problem(status, data)
+                endpoints.failed(ep)
+                continue
+            endpoints.succeeded(ep)
             if status >= 400:
                 raise _problem(status, data)
             return status, data
+        if isinstance(last_error, HivememError):
+            raise last_error
         raise Unavailable(
-            f"no hivemem service reachable at {', '.join(self._shared.endpoints)}: "
-            f"{_describe(last_error)}"
+            f"{method} {path}: no hivemem replica answered after {settings.client_attempts} "
+            f"tries ({', '.join(ep.url for ep in endpoints.all)}): {_describe(last_error)}"
         ) from last_error
 
     async def _model(self, model: type[M], method: str, path: str, **kw: Any) -> M:
@@ -435,8 +453,12 @@ class RemoteHive(Hive):
             connect=self._settings.request_timeout_seconds,
             sock_read=self._settings.sse_ping_seconds * 3,
         )
+        endpoints = self._shared.endpoints
+        last: Endpoint | None = None
         while True:
-            endpoint = self._shared.endpoint()
+            ep = endpoints.pick(avoid=last)
+            last = ep
+            endpoint = ep.url
             headers = dict(self._headers)
             if cursor is not None:
                 headers["Last-Event-ID"] = cursor
@@ -454,6 +476,7 @@ class RemoteHive(Hive):
                         )
                     if cursor is None:
                         cursor = resp.headers.get(START_HEADER, "0")
+                    endpoints.succeeded(ep)
                     delay, down_since = 0.1, None
                     async for message in read_sse(resp):
                         if message.event != "hivemem":
@@ -461,8 +484,10 @@ class RemoteHive(Hive):
                         event = Event.model_validate_json(message.data)
                         cursor = event.cursor
                         yield event
+            except aiohttp.ClientConnectorError:
+                endpoints.failed(ep, refused=True)
             except (aiohttp.ClientError, TimeoutError, ConnectionError):
-                self._shared.failed(endpoint)
+                endpoints.failed(ep)
             now = time.monotonic()
             down_since = down_since or now
             if now - down_since > self._settings.watch_reconnect_seconds:

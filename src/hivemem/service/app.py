@@ -79,11 +79,22 @@ async def hive_for(
     x_hivemem_agent: Annotated[
         str | None, Header(description="Identity of the calling agent (author of its writes).")
     ] = None,
+    x_hivemem_request_id: Annotated[
+        str | None,
+        Header(
+            description="Idempotency key of a write (1-128 letters, digits, _ - . :). A write "
+            "repeated with the same request id by the same agent, on any replica, within "
+            "request_retention_seconds, is applied once; the repeat gets the first result."
+        ),
+    ] = None,
 ) -> LocalHive:
     """FastAPI dependency: the hive view acting for the caller (async, so FastAPI does not
     send it to its thread pool)."""
     state: ServiceState = request.app.state.hivemem
-    return state.view(x_hivemem_agent)
+    view = state.view(x_hivemem_agent)
+    if x_hivemem_request_id is not None:
+        view = view.with_request_id(x_hivemem_request_id)
+    return view
 
 
 HiveDep = Annotated[LocalHive, Depends(hive_for)]
