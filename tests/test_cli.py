@@ -281,3 +281,38 @@ def test_serve_runs_the_service_that_client_commands_use(
     assert missing.exit_code == 1
     bad = runner.invoke(app, ["--url", svc.url, "put", "bad ns!", "k", "v"])
     assert bad.exit_code == 2 and "field: namespace" in bad.stderr
+
+
+def test_settings_order_file_then_env_then_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hivemem.config import Settings
+
+    conf = tmp_path / "hivemem.toml"
+    conf.write_text('[hivemem]\nhistory_limit = 3\nsearch_rrf_k = 7.0\nlexical_index = "engine"\n')
+    monkeypatch.delenv("HIVEMEM_CONFIG", raising=False)
+    monkeypatch.setenv("HIVEMEM_SEARCH_RRF_K", "9")
+    s = Settings.load(conf, {"lexical_index": "memory"})
+    assert (s.history_limit, s.search_rrf_k, s.lexical_index) == (3, 9.0, "memory")
+    monkeypatch.setenv("HIVEMEM_CONFIG", str(conf))
+    assert Settings.load().history_limit == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--config", "{tmp}/missing.toml"], "config"),
+        (["--config", "{tmp}/bad.toml"], "config.no_such_setting"),
+        (["--set", "history_limit"], "set"),
+        (["--set", "nope=1"], "set.nope"),
+        (["--set", "history_limit=-1"], "history_limit"),
+    ],
+)
+def test_serve_rejects_bad_settings_naming_the_field(
+    tmp_path: Path, args: list[str], field: str
+) -> None:
+    (tmp_path / "bad.toml").write_text("no_such_setting = 1\n")
+    argv = ["serve", *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    result = CliRunner().invoke(app, argv, env={"HIVEMEM_CONFIG": ""})
+    assert result.exit_code == 2, result.output
+    assert f"field: {field}" in result.stderr

@@ -317,14 +317,46 @@ def serve(
             help="Log one line per request (costs about a third of the throughput).",
         ),
     ] = False,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="TOML file of settings (`field = value`, top level or under [hivemem]). "
+            "Default: env HIVEMEM_CONFIG. Environment variables HIVEMEM_<FIELD> override it; "
+            "--set overrides both.",
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            show_default=False,
+            help="A setting as FIELD=VALUE (repeatable), e.g. --set lexical_index=engine.",
+        ),
+    ] = None,
 ) -> None:
-    """Run the hivemem HTTP service (HTTP API, /docs, /healthz) over a store until Ctrl-C."""
+    """Run the hivemem HTTP service (HTTP API, /docs, /healthz) over a store until Ctrl-C.
+
+    Stores: sqlite:///file.db (default), postgresql://user:pw@host:port/db,
+    redis://host:port/0, redis+cluster://host:port,host:port. Several replicas may serve
+    one PostgreSQL or Redis store; clients list them all: http://a:8765,http://b:8765.
+    """
+    overrides: dict[str, str] = {}
+    for item in set_ or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            _fail(InvalidInput(f"--set needs FIELD=VALUE, got {item!r}", field="set"))
+        if name.strip() not in Settings.model_fields:
+            _fail(InvalidInput(f"unknown setting {name.strip()!r}", field=f"set.{name.strip()}"))
+        overrides[name.strip()] = value
     try:
-        settings = Settings()
+        settings = Settings.load(config, overrides)
+    except InvalidInput as exc:
+        _fail(exc)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
-        _fail(InvalidInput(f"invalid HIVEMEM_* setting: {first['msg']}", field=loc))
+        _fail(InvalidInput(f"invalid setting: {first['msg']}", field=loc))
     import uvicorn
 
     from hivemem.service.app import create_app

@@ -1,13 +1,20 @@
-"""Settings: limits, retention and tuning, from arguments or ``HIVEMEM_*`` variables.
+"""Settings: limits, retention and tuning, from arguments, ``HIVEMEM_*`` variables or a
+config file.
 
 Every field can be set by the environment variable ``HIVEMEM_<FIELD>`` (e.g.
 ``HIVEMEM_MAX_VALUE_BYTES=2097152``) or by passing ``Settings(...)`` to
-:func:`hivemem.connect`.
+:func:`hivemem.connect`. ``hivemem serve`` also reads a TOML file (``--config``, or
+``HIVEMEM_CONFIG``) of ``field = value`` lines (top level or under ``[hivemem]``) and
+``--set field=value`` flags; see :meth:`Settings.load` for the order.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -197,3 +204,41 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a remote watch keeps trying to reconnect before raising Unavailable.",
     )
+
+    @classmethod
+    def load(
+        cls, config: Path | str | None = None, overrides: Mapping[str, Any] | None = None
+    ) -> Settings:
+        """Settings from, lowest to highest priority: defaults, the TOML file ``config``
+        (or the file ``HIVEMEM_CONFIG`` names), ``HIVEMEM_*`` variables, ``overrides``.
+
+        Raises:
+            InvalidInput: the file cannot be read or parsed, or names an unknown setting
+                (field ``config`` or ``config.<name>``).
+            pydantic.ValidationError: a value is out of range (its ``loc`` names the field).
+        """
+        from hivemem.errors import InvalidInput
+
+        path = config if config is not None else os.environ.get("HIVEMEM_CONFIG")
+        from_file: dict[str, Any] = {}
+        if path:
+            try:
+                doc = tomllib.loads(Path(path).read_text())
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise InvalidInput(
+                    f"cannot read config file {path}: {exc}", field="config"
+                ) from None
+            table = doc.get("hivemem", doc)
+            if not isinstance(table, dict):
+                raise InvalidInput("[hivemem] must be a table", field="config")
+            for name, value in table.items():
+                if name not in cls.model_fields:
+                    raise InvalidInput(f"unknown setting {name!r}", field=f"config.{name}")
+                from_file[name] = value
+        from_env = cls()
+        merged = {
+            **from_file,
+            **{name: getattr(from_env, name) for name in from_env.model_fields_set},
+            **(overrides or {}),
+        }
+        return cls(**merged)
