@@ -209,6 +209,22 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
         """The embedder that makes vectors for search (None: lexical search only)."""
         return self._embedder
 
+    async def warm(self) -> None:
+        """Load the in-process search indexes now rather than on the first search (the
+        service does this in the background at start). Failures are logged, not raised:
+        the first search retries."""
+        try:
+            await self._ready()
+            lexical = self._lexical_index()
+            if lexical is not None:
+                await lexical.sync()
+            if self._embedder is not None:
+                await self._vector_index(self._embedder.dim).sync()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("loading the search indexes failed; the first search retries")
+
     async def ping(self) -> None:
         await self._ready()
         await self._backend.ping()
