@@ -40,6 +40,7 @@ class _Shared:
         self.embedder = embedder
         self.vectors: VectorIndex | None = None
         self.lexical: LexicalIndex | None = None
+        self.lexical_loading: asyncio.Task[None] | None = None
         self.rows: RowCache | None = None
         self.lock = asyncio.Lock()
         self.opened = False
@@ -58,12 +59,34 @@ class _Shared:
         return self.vectors
 
     def lexical_index(self) -> LexicalIndex | None:
-        """The in-process BM25 index, or None when the engine ranks text itself."""
-        if self.backend.native_lexical and self.settings.lexical_index == "engine":
+        """The in-process BM25 index to search with, or None to let the engine rank.
+
+        ``lexical_index``: ``engine`` → None; ``memory`` → the index (loaded by the
+        caller's sync); ``auto`` → the index once it is loaded, and until then None
+        while it loads in the background (stores without engine ranking always get it).
+        """
+        mode = self.settings.lexical_index
+        native = self.backend.native_lexical
+        if native and mode == "engine":
             return None
         if self.lexical is None:
             self.lexical = LexicalIndex(self.backend, self.settings.feed_poll_seconds)
+        if native and mode == "auto" and not self.lexical.loaded:
+            if self.lexical_loading is None or self.lexical_loading.done():
+                self.lexical_loading = asyncio.create_task(
+                    self._load_lexical(self.lexical), name="hivemem-bm25-load"
+                )
+            return None
         return self.lexical
+
+    @staticmethod
+    async def _load_lexical(index: LexicalIndex) -> None:
+        try:
+            await index.sync()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the next search starts another load
+            log.exception("loading the in-process BM25 index failed")
 
     def row_cache(self) -> RowCache:
         if self.rows is None:
@@ -95,6 +118,13 @@ class _Shared:
             if self.vectors is not None:
                 await self.vectors.close()  # stops a background HNSW build
             self.vectors = None
+            if self.lexical is not None:
+                self.lexical.stop()
+            if self.lexical_loading is not None:
+                self.lexical_loading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.lexical_loading
+                self.lexical_loading = None
             self.lexical = None
             self.rows = None
 
@@ -218,6 +248,8 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
             lexical = self._lexical_index()
             if lexical is not None:
                 await lexical.sync()
+            elif self._shared.lexical_loading is not None:
+                await asyncio.shield(self._shared.lexical_loading)
             if self._embedder is not None:
                 await self._vector_index(self._embedder.dim).sync()
         except asyncio.CancelledError:

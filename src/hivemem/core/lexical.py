@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -106,6 +107,7 @@ class LexicalIndex(FeedMirror):
 
     def __init__(self, backend: Backend, poll_seconds: float) -> None:
         super().__init__(backend, poll_seconds)
+        self._stopping = threading.Event()
         self._clear()
 
     def _clear(self) -> None:
@@ -144,8 +146,18 @@ class LexicalIndex(FeedMirror):
         for name in _STATE:
             setattr(self, name, getattr(fresh, name))
 
+    @property
+    def loaded(self) -> bool:
+        """Whether the index has been loaded from the store (it may lag by one catch-up)."""
+        return self._cursor is not None
+
+    def stop(self) -> None:
+        """Make a load running in a worker thread give up (the hive is closing)."""
+        self._stopping.set()
+
     def _built(self, rows: Sequence[tuple[str, str, str]]) -> LexicalIndex:
         fresh = LexicalIndex(self.backend, self.poll_seconds)
+        fresh._stopping = self._stopping
         fresh._bulk(rows)
         return fresh
 
@@ -157,7 +169,9 @@ class LexicalIndex(FeedMirror):
         bounds = [0]
         lengths: list[int] = []
         ns_ids: list[int] = []
-        for ns, _, text in rows:
+        for i, (ns, _, text) in enumerate(rows):
+            if i % 1000 == 0 and self._stopping.is_set():
+                raise asyncio.CancelledError("the hive closed while its BM25 index loaded")
             words = tokens(text)
             counts = Counter(words)
             flat_terms.extend([vocab.setdefault(t, len(vocab)) for t in counts])
