@@ -166,6 +166,20 @@ class Settings(BaseSettings):
         "memory. Stores without full text (Redis) always use memory.",
     )
 
+    # PostgreSQL.
+    postgres_pool_size: int = Field(
+        default=10,
+        gt=0,
+        description="Most connections one process keeps to PostgreSQL (one more listens "
+        "for change notifications).",
+    )
+    postgres_pool_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long an operation waits for a free pooled PostgreSQL connection "
+        "before Unavailable.",
+    )
+
     # Service.
     max_request_bytes: int = Field(
         default=4 * MiB, gt=0, description="Largest HTTP request body the service accepts."

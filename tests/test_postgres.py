@@ -1,0 +1,719 @@
+"""PostgreSQL backend specifics, on a real server: the feed has no gaps under concurrent
+writers, compare-and-set and request ids hold across connections, migrations run once,
+replicas wake each other, filters follow ``row_matches``, and engine failures are
+Unavailable."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import orjson
+import psycopg
+import pytest
+
+import hivemem
+from hivemem import Conflict, CursorExpired, InvalidInput, Settings, Unavailable
+from hivemem.backends import postgres as pg_package
+from hivemem.backends.base import (
+    Condition,
+    DeleteWrite,
+    IndexEntry,
+    ItemRow,
+    NewMessage,
+    PutWrite,
+    SessionRow,
+    row_matches,
+)
+from hivemem.backends.postgres import PostgresBackend
+from hivemem.backends.postgres import backend as pg_backend
+from hivemem.backends.postgres import schema as pg_schema
+from tests.conftest import free_port
+from tests.servers.postgres import PostgresServer
+
+SETTINGS = Settings(embedder="none")
+
+
+def admin_url(url: str) -> str:
+    """The URL of the ``postgres`` database on the server of ``url``."""
+    return url.rsplit("/", 1)[0] + "/postgres"
+
+
+@pytest.fixture
+def fresh_url(postgres_url: str) -> Iterator[str]:
+    """A new, empty database on the session's server (dropped afterwards)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url(postgres_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin_url(postgres_url), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@contextlib.asynccontextmanager
+async def opened(url: str, n: int = 1) -> AsyncIterator[list[PostgresBackend]]:
+    """``n`` opened backends on ``url`` (separate pools: separate processes' view)."""
+    backends = [PostgresBackend.from_url(url, SETTINGS) for _ in range(n)]
+    try:
+        await asyncio.gather(*(b.open() for b in backends))
+        yield backends
+    finally:
+        for b in backends:
+            await b.close()
+
+
+def put(ns: str, key: str, value: Any, *, if_version: int | None = None, **kw: Any) -> PutWrite:
+    return PutWrite(
+        ns,
+        key,
+        orjson.dumps(value),
+        kw.get("text"),
+        kw.get("metadata"),
+        kw.get("expires_at"),
+        if_version,
+        kw.get("index_text"),
+        kw.get("vector"),
+        kw.get("model"),
+    )
+
+
+def ns_() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+# URLs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://u@h/db",
+        "postgresql:/h/db",
+        "postgresql//h/db",
+        "postgresql://u@h:port/db",
+        "postgresql://u@h:99999/db",
+        "postgresql://u@h/db?badoption=1",
+    ],
+)
+def test_bad_url_is_invalid_input_naming_url(url: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        PostgresBackend.from_url(url, SETTINGS)
+    assert info.value.field == "url"
+
+
+def test_postgres_and_postgresql_schemes_are_accepted() -> None:
+    for url in ("postgres://u:pw@h:5433/db", "postgresql://u@h/db?sslmode=disable"):
+        backend = hivemem.open_backend(url, SETTINGS)
+        assert isinstance(backend, PostgresBackend)
+        assert "pw" not in repr(backend)
+
+
+async def test_unreachable_server_is_unavailable() -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/db"  # nothing listens there
+    backend = PostgresBackend.from_url(url, SETTINGS)
+    with pytest.raises(Unavailable):
+        await backend.open()
+    with pytest.raises(Unavailable):
+        await backend.ping()
+    await backend.close()
+
+
+# Feed ---------------------------------------------------------------------------------
+
+
+async def test_feed_has_no_gaps_under_concurrent_writers(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers on four pools commit transactions of varying length (batches of 1..8 puts,
+    deletes, expiries by a concurrent sweeper, publishes, session writes; a random delay
+    between the events' append and COMMIT, as a slow commit would have) while a reader
+    follows the feed in small pages. The reader must see every committed event exactly
+    once, in the order of the feed, with cursors that only move forward."""
+    real_append = pg_backend.append_events
+
+    async def slow_append(conn: Any, events: Any, *, fetch: bool = False) -> int | None:
+        await asyncio.sleep(random.uniform(0, 0.004))  # a longer transaction
+        head = await real_append(conn, events, fetch=True)  # executed now: the head is locked
+        await asyncio.sleep(random.choice([0, 0, 0.001, 0.005]))  # a slow commit
+        return head
+
+    monkeypatch.setattr(pg_backend, "append_events", slow_append)
+    ns = ns_()
+    seconds = 3.0
+    async with opened(postgres_url, 5) as backends:
+        reader_backend, writers = backends[0], backends[1:]
+        start = await reader_backend.head()
+        done = asyncio.Event()
+        seen: list[str] = []
+        seen_events: list[tuple[str, str, str | None, int | None]] = []
+
+        async def write(b: PostgresBackend, slot: int) -> int:
+            rng = random.Random(slot)
+            n = 0
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                now = time.time()
+                roll = rng.random()
+                if roll < 0.6:
+                    size = rng.randint(1, 8)
+                    keys = [f"k{rng.randint(0, 30)}" for _ in range(size)]
+                    ttl = now + 0.05 if rng.random() < 0.2 else None
+                    ops = [put(f"{ns}/w", k, n, expires_at=ttl) for k in dict.fromkeys(keys)]
+                    await b.write_items(ops, author=f"w{slot}", now=now, history_limit=3)
+                elif roll < 0.75:
+                    ops2 = [DeleteWrite(f"{ns}/w", f"k{rng.randint(0, 30)}", None)]
+                    await b.write_items(ops2, author=f"w{slot}", now=now, history_limit=3)
+                elif roll < 0.9:
+                    await b.publish(f"{ns}/p", b"1", author=f"w{slot}", now=now)
+                elif roll < 0.95:
+                    await b.sweep(now, 0.0, 0.0)
+                else:
+                    sid = f"{ns}-{slot}-{n}"
+                    row = SessionRow(
+                        sid, "app", None, None, "w", b"{}", b"{}", 0, 0, 0, 0, 0, 0.0, now, now
+                    )
+                    await b.create_session(row)
+                    msg = NewMessage("user", b'"hi"', 1, 1, 0.0, b"{}")
+                    await b.append_messages(sid, [msg, msg], author="w", now=now)
+                n += 1
+            return n
+
+        async def follow() -> None:
+            cursor = start
+            while True:
+                finished = done.is_set()
+                rows, nxt = await reader_backend.read_events("", cursor, 7)
+                previous = int(cursor)
+                for r in rows:
+                    assert int(r.cursor) > previous, "cursors must only move forward"
+                    previous = int(r.cursor)
+                    seen.append(r.cursor)
+                    seen_events.append((r.type, r.namespace, r.key, r.version))
+                assert int(nxt) >= int(cursor)
+                assert int(nxt) >= previous
+                cursor = nxt
+                if finished and not rows:
+                    return
+                if not rows:
+                    await asyncio.sleep(0.001)
+
+        reader = asyncio.create_task(follow())
+        counts = await asyncio.gather(*(write(b, i) for i, b in enumerate(writers * 3)))
+        done.set()
+        await reader
+        # Everything committed, read afterwards in one pass.
+        everything: list[tuple[str, tuple[str, str, str | None, int | None]]] = []
+        cursor = start
+        while True:
+            rows, cursor = await reader_backend.read_events("", cursor, 1000)
+            everything.extend((r.cursor, (r.type, r.namespace, r.key, r.version)) for r in rows)
+            if not rows:
+                break
+    assert sum(counts) > 100
+    assert len(seen) == len(set(seen)), "an event was delivered twice"
+    assert seen == [c for c, _ in everything], "the live reader missed events"
+    assert seen_events == [e for _, e in everything]
+    # The ids of the feed are consecutive: nothing was skipped or lost.
+    ids = [int(c) for c in seen]
+    assert ids == list(range(int(start) + 1, int(start) + 1 + len(ids)))
+    # Per key, versions in feed order are those of the writes, in order.
+    last: dict[tuple[str, str | None], int] = {}
+    for type_, namespace, key, version in seen_events:
+        if type_ == "item.put" and namespace == f"{ns}/w":
+            assert version == last.get((namespace, key), 0) + 1
+            last[(namespace, key)] = version
+        elif type_ in ("item.deleted", "item.expired") and namespace == f"{ns}/w":
+            assert version == last.get((namespace, key))
+            last[(namespace, key)] = 0
+
+
+async def test_head_and_next_cursor(postgres_url: str) -> None:
+    async with opened(postgres_url) as (b,):
+        ns = ns_()
+        head = await b.head()
+        rows, nxt = await b.read_events(ns, head, 10)
+        assert (rows, nxt) == ([], head)
+        await b.write_items([put(ns, "a", 1)], author="t", now=time.time(), history_limit=1)
+        await b.write_items([put("other", "b", 1)], author="t", now=time.time(), history_limit=1)
+        rows, nxt = await b.read_events(ns, head, 10)
+        assert [r.key for r in rows] == ["a"]
+        assert nxt == await b.head()  # past the non-matching event too
+        assert int(nxt) == int(rows[0].cursor) + 1
+        rows, nxt = await b.read_events("", head, 1)
+        assert nxt == rows[0].cursor
+
+
+@pytest.mark.parametrize("cursor", ["x", "-1", "1.5", "", " 1", "1" * 19, "١٢"])
+async def test_foreign_cursor_is_invalid_input_naming_after(postgres_url: str, cursor: str) -> None:
+    async with opened(postgres_url) as (b,):
+        with pytest.raises(InvalidInput) as info:
+            await b.read_events("", cursor, 10)
+        assert info.value.field == "after"
+
+
+async def test_cursor_before_trimmed_events_expires(fresh_url: str) -> None:
+    async with opened(fresh_url) as (b,):
+        now = time.time()
+        await b.write_items([put("f", "a", 1)], author="t", now=now - 100, history_limit=1)
+        await b.write_items([put("f", "b", 1)], author="t", now=now - 100, history_limit=1)
+        await b.write_items([put("f", "c", 1)], author="t", now=now, history_limit=1)
+        assert await b.sweep(now, now - 50, now - 50) == (0, 2)
+        with pytest.raises(CursorExpired) as info:
+            await b.read_events("", "1", 10)
+        assert info.value.field == "after"
+        assert [r.key for r in (await b.read_events("", "2", 10))[0]] == ["c"]
+        assert [r.key for r in (await b.read_events("", "0", 10))[0]] == ["c"]
+        assert [r.key for r in (await b.read_events("", None, 10))[0]] == ["c"]
+
+
+# Writes -------------------------------------------------------------------------------
+
+
+async def test_concurrent_creates_of_one_key_let_exactly_one_win(postgres_url: str) -> None:
+    ns = ns_()
+    async with opened(postgres_url, 4) as backends:
+        for round_ in range(5):
+            key = f"k{round_}"
+
+            async def create(b: PostgresBackend, i: int, key: str = key) -> str:
+                try:
+                    await b.write_items(
+                        [put(ns, key, i, if_version=0)],
+                        author="t",
+                        now=time.time(),
+                        history_limit=5,
+                    )
+                except Conflict as exc:
+                    assert exc.current_version == 1
+                    return "conflict"
+                return "won"
+
+            outcomes = await asyncio.gather(*(create(b, i) for i, b in enumerate(backends * 4)))
+            assert outcomes.count("won") == 1
+
+
+async def test_concurrent_compare_and_set_loses_no_update(postgres_url: str) -> None:
+    ns = ns_()
+    per_worker = 15
+    async with opened(postgres_url, 4) as backends:
+        b0 = backends[0]
+        await b0.write_items([put(ns, "n", 0)], author="t", now=time.time(), history_limit=100)
+
+        async def increment(b: PostgresBackend) -> None:
+            done = 0
+            while done < per_worker:
+                row = await b.get_item(ns, "n", time.time())
+                assert row is not None
+                value = orjson.loads(row.value)
+                try:
+                    await b.write_items(
+                        [put(ns, "n", value + 1, if_version=row.version)],
+                        author="t",
+                        now=time.time(),
+                        history_limit=100,
+                    )
+                except Conflict:
+                    await asyncio.sleep(random.uniform(0, 0.003))
+                    continue
+                done += 1
+
+        await asyncio.gather(*(increment(b) for b in backends * 2))
+        row = await b0.get_item(ns, "n", time.time())
+        assert row is not None
+        assert orjson.loads(row.value) == 8 * per_worker
+        assert row.version == 8 * per_worker + 1
+        history = await b0.item_history(ns, "n", 1000, time.time())
+        total = 8 * per_worker
+        assert [orjson.loads(h.value) for h in history] == list(range(total, total - 100, -1))
+
+
+async def test_batches_in_opposite_key_orders_do_not_deadlock(postgres_url: str) -> None:
+    ns = ns_()
+    keys = [f"k{i}" for i in range(6)]
+    async with opened(postgres_url, 2) as backends:
+
+        async def run(b: PostgresBackend, order: list[str]) -> None:
+            for _ in range(15):
+                ops = [put(ns, k, 1) for k in order]
+                await b.write_items(ops, author="t", now=time.time(), history_limit=2)
+
+        await asyncio.gather(
+            *(run(b, keys if i % 2 else keys[::-1]) for i, b in enumerate(backends * 3))
+        )
+        row = await backends[0].get_item(ns, "k0", time.time())
+        assert row is not None and row.version == 90
+
+
+async def test_same_request_id_concurrently_writes_once(postgres_url: str) -> None:
+    ns = ns_()
+    async with opened(postgres_url, 4) as backends:
+        rid = f"agent:{uuid.uuid4().hex}"
+        results = await asyncio.gather(
+            *(
+                b.write_items(
+                    [put(ns, "r", i)], author="t", now=time.time(), history_limit=5, request_id=rid
+                )
+                for i, b in enumerate(backends * 3)
+            )
+        )
+        assert all(r == results[0] for r in results)
+        row = await backends[0].get_item(ns, "r", time.time())
+        assert row is not None and row.version == 1
+        published = await asyncio.gather(
+            *(
+                b.publish(f"{ns}/c", b"1", author="t", now=time.time(), request_id=rid + "p")
+                for b in backends
+            )
+        )
+        assert len({p.cursor for p in published}) == 1
+        rows, _ = await backends[0].read_events(f"{ns}/c", "0", 100)
+        assert [r.cursor for r in rows] == [published[0].cursor]
+
+
+async def test_failed_write_stores_no_request_result(postgres_url: str) -> None:
+    ns = ns_()
+    async with opened(postgres_url) as (b,):
+        with pytest.raises(Conflict):
+            await b.write_items(
+                [put(ns, "x", 1, if_version=3)],
+                author="t",
+                now=time.time(),
+                history_limit=1,
+                request_id="rq-fail",
+            )
+        (row,) = await b.write_items(
+            [put(ns, "x", 1, if_version=0)],
+            author="t",
+            now=time.time(),
+            history_limit=1,
+            request_id="rq-fail",
+        )
+        assert isinstance(row, ItemRow) and row.version == 1
+
+
+async def test_append_messages_concurrently_assigns_consecutive_seqs(postgres_url: str) -> None:
+    sid = f"s{uuid.uuid4().hex[:10]}"
+    async with opened(postgres_url, 3) as backends:
+        now = time.time()
+        row = SessionRow(sid, "app", "u", None, "t", b"{}", b"{}", 0, 0, 0, 0, 0, 0.0, now, now)
+        await backends[0].create_session(row)
+        msg = NewMessage("user", b'"x"', 2, 3, 0.5, b"{}")
+        batches = await asyncio.gather(
+            *(
+                b.append_messages(sid, [msg] * (1 + i % 3), author="t", now=time.time())
+                for i, b in enumerate(backends * 5)
+            )
+        )
+        for batch in batches:
+            seqs = [m.seq for m in batch]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        all_seqs = sorted(m.seq for batch in batches for m in batch)
+        assert all_seqs == list(range(1, len(all_seqs) + 1))
+        session = await backends[0].get_session(sid)
+        assert session is not None
+        assert session.messages == len(all_seqs) == session.turns
+        assert (session.tokens_in, session.tokens_out) == (2 * len(all_seqs), 3 * len(all_seqs))
+        read = await backends[1].read_messages(sid, 0, 1000)
+        assert [m.seq for m in read] == all_seqs
+
+
+async def test_exact_bytes_and_nul_characters_round_trip(postgres_url: str) -> None:
+    ns = ns_()
+    async with opened(postgres_url) as (b,):
+        value = orjson.dumps({"a": "x\x00y", "f": 1e16, "n": 1.0})
+        meta = orjson.dumps({"s": "a\x00b", "n": 1.5e300, "z": 0.1})
+        w = PutWrite(ns, "k", value, "t\x00ext é", meta, None, None, "nul\x00word text", None, None)
+        (row,) = await b.write_items([w], author="t", now=time.time(), history_limit=2)
+        got = await b.get_item(ns, "k", time.time())
+        assert got == row
+        assert (got.value, got.metadata, got.text) == (value, meta, "t\x00ext é")
+        texts = await b.texts_of([(ns, "k")])
+        assert texts[(ns, "k")].split() == ["nul", "word", "text"]
+        found = await b.matching_keys(ns, [Condition("metadata", "s", "=", "a b")], time.time())
+        assert found == [(ns, "k")]
+
+
+# Search -------------------------------------------------------------------------------
+
+META_VALUES: list[Any] = [
+    True,
+    False,
+    0,
+    1,
+    -3,
+    2**60 + 1,
+    0.1,
+    1.5,
+    -2.25,
+    1e16,
+    "",
+    "a",
+    "B",
+    "é",
+    "中",
+    "10",
+    None,
+    [1],
+    {"a": 1},
+]
+
+
+async def test_matching_keys_follow_row_matches_exactly(postgres_url: str) -> None:
+    ns = ns_()
+    rng = random.Random(7)
+    async with opened(postgres_url) as (b,):
+        now = time.time()
+        ops = []
+        for i in range(80):
+            meta: dict[str, Any] = {}
+            for field in ("f", "g"):
+                if rng.random() < 0.85:
+                    meta[field] = rng.choice(META_VALUES)
+            ops.append(
+                put(
+                    f"{ns}/{'ab'[i % 2]}",
+                    f"k{i:02d}",
+                    i,
+                    metadata=orjson.dumps(meta),
+                    index_text=f"doc {i}",
+                    expires_at=now - 1 if i % 17 == 0 else None,
+                )
+            )
+        await b.write_items(ops, author="t", now=now - 2, history_limit=1)
+        await b.write_items(
+            [put(f"{ns}/a", "other", 0, metadata=b'{"f": 1}', index_text="x")],
+            author="someone",
+            now=now - 1,
+            history_limit=1,
+        )
+        keys = [(op.namespace, op.key) for op in ops] + [(f"{ns}/a", "other")]
+        rows = await b.get_items(keys, now)
+        scalars = [v for v in META_VALUES if v is not None and not isinstance(v, list | dict)]
+        checked = 0
+        for _ in range(250):
+            conds: list[Condition] = []
+            for _ in range(rng.randint(1, 2)):
+                kind = rng.choice(["metadata"] * 6 + ["author", "updated_at"])
+                op = rng.choice(["=", "in", ">", ">=", "<", "<="])
+                name: str | None
+                pool: list[Any]
+                if kind == "metadata":
+                    name = rng.choice(["f", "g", "missing"])
+                    pool = scalars
+                elif kind == "author":
+                    name, pool = None, ["t", "someone", "s", "u", 3]
+                else:
+                    name, pool = None, [now - 2, now - 1.5, now - 1, 0, now]
+                if op == "in":
+                    value: Any = tuple(rng.sample(pool, rng.randint(1, 4)))
+                else:
+                    value = rng.choice(pool)
+                conds.append(Condition(kind, name, op, value))
+            for prefix in (ns, f"{ns}/a"):
+                got = sorted(await b.matching_keys(prefix, conds, now))
+                want = sorted(
+                    (r.namespace, r.key)
+                    for r in rows
+                    if row_matches(r, conds)
+                    and (r.namespace == prefix or r.namespace.startswith(prefix + "/"))
+                )
+                assert got == want, conds
+                checked += len(want)
+        assert checked > 100
+
+
+async def test_search_lexical_terms_are_never_query_syntax(postgres_url: str) -> None:
+    ns = ns_()
+    async with opened(postgres_url) as (b,):
+        now = time.time()
+        docs = {
+            "a": "the quick brown fox jumps",
+            "b": "foxes and hounds: quick, quick!",
+            "c": "nothing to see here",
+            "d": "a fox expired",
+        }
+        ops = [put(ns, k, k, index_text=t) for k, t in docs.items()]
+        ops[3] = put(ns, "d", "d", index_text=docs["d"], expires_at=now - 1)
+        await b.write_items(ops, author="t", now=now - 2, history_limit=1)
+        hits = await b.search_lexical(ns, ["quick", "fox"], [], 10, now)
+        assert [k for _, k, _ in hits] == ["b", "a"]
+        assert hits[0][2] > hits[1][2] > 0
+        assert [k for _, k, _ in await b.search_lexical(ns, ["quick", "fox"], [], 1, now)] == ["b"]
+        for term in ["fox:*", "fox & !quick", "'", "\\", "a|b", "<->", "(", "", "!"]:
+            await b.search_lexical(ns, [term], [], 10, now)  # no syntax error
+        assert await b.search_lexical(ns, ["qu:*"], [], 10, now) == []
+        assert await b.search_lexical(f"{ns}x", ["fox"], [], 10, now) == []
+        cond = Condition("metadata", "nope", "=", 1)
+        assert await b.search_lexical(ns, ["fox"], [cond], 10, now) == []
+
+
+async def test_engine_lexical_search_through_a_hive(postgres_url: str) -> None:
+    ns = ns_()
+    settings = Settings(embedder="none", lexical_index="engine")
+    hive = hivemem.connect(postgres_url, agent="t", settings=settings)
+    await hive.open()
+    try:
+        await hive.put(ns, "car", "the red sports car needs new tyres")
+        await hive.put(ns, "cat", "the cat sleeps")
+        hits = await hive.search(ns, "sports car tyres", mode="lexical")
+        assert [h.item.key for h in hits] == ["car"]
+    finally:
+        await hive.close()
+
+
+async def test_vectors_round_trip_as_float32_bytes(postgres_url: str) -> None:
+    ns = ns_()
+    rng = np.random.default_rng(3)
+    async with opened(postgres_url) as (b,):
+        vectors = {
+            f"k{i}": rng.standard_normal(5 + i % 2).astype("<f4").tobytes() for i in range(6)
+        }
+        ops = [put(ns, k, 1, index_text="t", vector=v, model="m") for k, v in vectors.items()]
+        ops.append(put(ns, "plain", 1, index_text="t"))
+        rows = await b.write_items(ops, author="t", now=time.time(), history_limit=1)
+        loaded = {k: v for n, k, v in await b.load_vectors("m") if n == ns}
+        assert loaded == vectors
+        assert await b.vectors_of([(ns, "k1"), (ns, "plain"), (ns, "zz")], "m") == {
+            (ns, "k1"): vectors["k1"]
+        }
+        assert await b.vectors_of([(ns, "k1")], "other") == {}
+        # set_index stores only entries still at their version.
+        assert isinstance(rows[0], ItemRow)
+        new = rng.standard_normal(4).astype("<f4").tobytes()
+        stale = IndexEntry(ns, "k0", rows[0].version + 1, "t", new, "m2")
+        fresh = IndexEntry(ns, "k0", rows[0].version, "t", new, "m2")
+        assert await b.set_index([stale]) == 0
+        assert await b.set_index([fresh]) == 1
+        assert await b.vectors_of([(ns, "k0")], "m2") == {(ns, "k0"): new}
+        pending = await b.unindexed_items("m", (ns, ""), 100, time.time())
+        assert [r.key for r in pending if r.namespace == ns] == ["k0", "plain"]
+
+
+# Schema -------------------------------------------------------------------------------
+
+
+def schema_versions(url: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        return [r[0] for r in conn.execute("SELECT version FROM hivemem_schema ORDER BY 1")]
+
+
+async def test_replicas_starting_together_migrate_once(fresh_url: str) -> None:
+    async with opened(fresh_url, 6) as backends:
+        await backends[0].write_items(
+            [put("m", "k", 1)], author="t", now=time.time(), history_limit=1
+        )
+        assert await backends[5].get_item("m", "k", time.time()) is not None
+    assert schema_versions(fresh_url) == list(range(1, len(pg_schema.MIGRATIONS) + 1))
+    async with opened(fresh_url) as (b,):  # reopening applies nothing
+        assert await b.head() == "1"
+    assert schema_versions(fresh_url) == list(range(1, len(pg_schema.MIGRATIONS) + 1))
+
+
+async def test_new_migrations_apply_in_order_all_or_nothing(
+    fresh_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = list(pg_schema.MIGRATIONS)
+    async with opened(fresh_url):
+        pass
+    broken = [*base, "CREATE TABLE hivemem_extra (x int)", "SELECT * FROM no_such_table"]
+    monkeypatch.setattr(pg_schema, "MIGRATIONS", broken)
+    backend = PostgresBackend.from_url(fresh_url, SETTINGS)
+    with pytest.raises(Unavailable, match="no_such_table"):
+        await backend.open()
+    await backend.close()
+    assert schema_versions(fresh_url) == list(range(1, len(base) + 1))
+    with psycopg.connect(fresh_url) as conn:
+        assert conn.execute("SELECT to_regclass('hivemem_extra')").fetchone() == (None,)
+    fixed = [*base, "CREATE TABLE hivemem_extra (x int)", "INSERT INTO hivemem_extra VALUES (7)"]
+    monkeypatch.setattr(pg_schema, "MIGRATIONS", fixed)
+    async with opened(fresh_url, 3):
+        pass
+    assert schema_versions(fresh_url) == list(range(1, len(base) + 3))
+    with psycopg.connect(fresh_url) as conn:
+        assert conn.execute("SELECT x FROM hivemem_extra").fetchall() == [(7,)]
+
+
+# Notifications and failures ---------------------------------------------------------
+
+
+async def wait_for_generation(b: PostgresBackend, generation: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while b.changes.generation == generation:
+        assert time.monotonic() < deadline, "no change notification arrived"
+        await b.changes.wait(generation, 0.05)
+
+
+async def test_a_commit_in_another_replica_wakes_watchers(postgres_url: str) -> None:
+    ns = ns_()
+    async with opened(postgres_url, 2) as (a, b):
+        generation = a.changes.generation
+        await b.publish(ns, b"1", author="t", now=time.time())
+        await wait_for_generation(a, generation, 2.0)
+        # The listening connection dies; it comes back and still wakes watchers.
+        with psycopg.connect(admin_url(postgres_url), autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%%' AND pid <> pg_backend_pid()"
+            )
+        await asyncio.sleep(0.5)
+        generation = a.changes.generation
+        await b.publish(ns, b"2", author="t", now=time.time())
+        await wait_for_generation(a, generation, 5.0)
+
+
+async def test_a_watcher_in_one_replica_sees_another_replicas_write_at_once(
+    postgres_url: str,
+) -> None:
+    """With the safety poll a minute away, only the notification can wake the watcher."""
+    ns = ns_()
+    slow_poll = Settings(embedder="none", feed_poll_seconds=60)
+    a = hivemem.connect(postgres_url, agent="a", settings=slow_poll)
+    b = hivemem.connect(postgres_url, agent="b", settings=slow_poll)
+    await a.open()
+    await b.open()
+    try:
+        async with contextlib.aclosing(a.watch(ns)) as events:
+            first = asyncio.ensure_future(anext(events))
+            await asyncio.sleep(0.3)  # the watcher has read the head and waits
+            started = time.monotonic()
+            await b.put(ns, "k", 1)
+            event = await asyncio.wait_for(first, 10)
+            assert time.monotonic() - started < 2.0
+            assert (event.type, event.key, event.author) == ("item.put", "k", "b")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_server_gone_is_unavailable_and_the_pool_recovers() -> None:
+    with PostgresServer() as server:
+        async with opened(server.url) as (b,):
+            await b.write_items([put("x", "k", 1)], author="t", now=time.time(), history_limit=1)
+            server.kill9()
+            with pytest.raises(Unavailable):
+                await b.ping()
+            with pytest.raises(Unavailable):
+                await b.get_item("x", "k", time.time())
+            with pytest.raises(Unavailable):
+                await b.write_items(
+                    [put("x", "k", 2)], author="t", now=time.time(), history_limit=1
+                )
+            server.restart()
+            await b.ping()
+            (row,) = await b.write_items(
+                [put("x", "k", 3)], author="t", now=time.time(), history_limit=1
+            )
+            assert isinstance(row, ItemRow) and row.version == 2
+            assert (await b.read_events("", "0", 10))[1] == "2"
+
+
+def test_package_exports_the_backend() -> None:
+    assert pg_package.PostgresBackend is PostgresBackend
