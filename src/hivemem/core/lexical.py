@@ -41,7 +41,7 @@ import numpy.typing as npt
 import Stemmer  # type: ignore[import-not-found]
 
 from hivemem.backends.base import Backend
-from hivemem.core.mirror import FeedMirror, Key
+from hivemem.core.mirror import FeedMirror, Key, Namespaces
 
 __all__ = ["LexicalIndex", "tokens"]
 
@@ -55,8 +55,7 @@ _STATE = (
     "_doc_of",
     "_keys",
     "_doc_terms",
-    "_ns_index",
-    "_prefix_ids",
+    "_ns",
     "_ns_ids",
     "_lengths",
     "_alive",
@@ -70,7 +69,6 @@ _STATE = (
     "_recent_tf",
     "_recent",
 )
-_PREFIX_CACHE = 1024
 
 Ints = npt.NDArray[np.int32]
 Floats = npt.NDArray[np.float32]
@@ -115,8 +113,7 @@ class LexicalIndex(FeedMirror):
         self._doc_of: dict[Key, int] = {}
         self._keys: list[Key | None] = []
         self._doc_terms: list[tuple[Ints, Floats] | None] = []
-        self._ns_index: dict[str, int] = {}
-        self._prefix_ids: dict[str, Ints] = {}
+        self._ns = Namespaces()
         self._ns_ids: Ints = np.zeros(_MIN_DOCS, dtype=np.int32)
         self._lengths: Floats = np.zeros(_MIN_DOCS, dtype=np.float32)
         self._alive: npt.NDArray[np.bool_] = np.zeros(_MIN_DOCS, dtype=bool)
@@ -178,10 +175,7 @@ class LexicalIndex(FeedMirror):
             flat_tf.extend(counts.values())
             bounds.append(len(flat_terms))
             lengths.append(len(words))
-            ns_id = self._ns_index.get(ns)
-            if ns_id is None:
-                ns_id = self._ns_index[ns] = len(self._ns_index)
-            ns_ids.append(ns_id)
+            ns_ids.append(self._ns.id_of(ns))
         terms = np.asarray(flat_terms, dtype=np.int32)
         tf = np.asarray(flat_tf, dtype=np.float32)
         n = len(rows)
@@ -232,11 +226,7 @@ class LexicalIndex(FeedMirror):
         self._keys.append(key)
         self._doc_terms.append((term_ids, tf))
         self._doc_of[key] = doc
-        ns_id = self._ns_index.get(key[0])
-        if ns_id is None:
-            ns_id = self._ns_index[key[0]] = len(self._ns_index)
-            self._prefix_ids.clear()
-        self._ns_ids[doc] = ns_id
+        self._ns_ids[doc] = self._ns.id_of(key[0])
         length = float(sum(counts.values()))
         self._lengths[doc] = length
         self._alive[doc] = True
@@ -375,21 +365,7 @@ class LexicalIndex(FeedMirror):
     def _scope(
         self, prefix: str, allowed: Iterable[Key] | None, n: int
     ) -> npt.NDArray[np.bool_] | None:
-        mask: npt.NDArray[np.bool_] | None = None
-        if prefix:
-            ids = self._prefix_ids.get(prefix)
-            if ids is None:
-                under = prefix + "/"
-                ids = np.asarray(
-                    [i for ns, i in self._ns_index.items() if ns == prefix or ns.startswith(under)],
-                    dtype=np.int32,
-                )
-                if len(self._prefix_ids) >= _PREFIX_CACHE:
-                    self._prefix_ids.clear()
-                self._prefix_ids[prefix] = ids
-            lookup = np.zeros(len(self._ns_index), dtype=bool)
-            lookup[ids] = True
-            mask = lookup[self._ns_ids[:n]]
+        mask = self._ns.mask(prefix, self._ns_ids[:n])
         if allowed is not None:
             keep = np.zeros(n, dtype=bool)
             docs = [d for d in map(self._doc_of.get, allowed) if d is not None]

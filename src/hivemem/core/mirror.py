@@ -13,12 +13,63 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
+import numpy.typing as npt
+
 from hivemem.backends.base import Backend
 from hivemem.errors import CursorExpired
 
 Key = tuple[str, str]
 
 _SYNC_BATCH = 1000
+_PREFIX_CACHE = 1024
+
+
+class Namespaces:
+    """Small integer ids for the namespaces of an in-process index, and the rows of a
+    prefix as a mask over the rows' namespace ids (segment-aware: ``a`` covers ``a``
+    and ``a/b``, not ``ab``)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self._under: dict[str, npt.NDArray[np.int32]] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def id_of(self, namespace: str) -> int:
+        """The id of ``namespace``, given it a new one on first sight."""
+        found = self.ids.get(namespace)
+        if found is None:
+            found = self.ids[namespace] = len(self.ids)
+            self._under.clear()
+        return found
+
+    def mask(self, prefix: str, ns_ids: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_] | None:
+        """Which rows (given their namespace ids) are at or under ``prefix``; None when
+        all are."""
+        if not prefix:
+            return None
+        ids = self._under.get(prefix)
+        if ids is None:
+            below = prefix + "/"
+            ids = np.asarray(
+                [i for ns, i in self.ids.items() if ns == prefix or ns.startswith(below)],
+                dtype=np.int32,
+            )
+            if len(self._under) >= _PREFIX_CACHE:
+                self._under.clear()
+            self._under[prefix] = ids
+        if len(ids) == 0:
+            return np.zeros(len(ns_ids), dtype=bool)
+        if len(ids) == 1:
+            single: npt.NDArray[np.bool_] = ns_ids == ids[0]
+            return single
+        if len(ids) == len(self.ids):
+            return None
+        lookup = np.zeros(len(self.ids), dtype=bool)
+        lookup[ids] = True
+        return lookup[ns_ids]
 
 
 class FeedMirror:

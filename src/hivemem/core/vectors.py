@@ -39,7 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hivemem.backends.base import Backend
-from hivemem.core.mirror import FeedMirror
+from hivemem.core.mirror import FeedMirror, Namespaces
 from hivemem.errors import InvalidInput
 
 Key = tuple[str, str]
@@ -52,7 +52,6 @@ log = logging.getLogger("hivemem")
 
 _SYNC_BATCH = 1000
 _MIN_ROWS = 1024
-_PREFIX_CACHE = 1024
 
 
 class VectorIndex(FeedMirror):
@@ -99,8 +98,7 @@ class VectorIndex(FeedMirror):
         self._pos: dict[Key, int] = {}
         self._matrix: Floats = np.zeros((0, dim), dtype=np.float32)
         self._ns_ids = np.zeros(0, dtype=np.int32)
-        self._ns_index: dict[str, int] = {}
-        self._prefix_ids: dict[str, npt.NDArray[np.int32]] = {}
+        self._ns = Namespaces()
         # hnsw: the label of each row's vector in the graph, and each live label's row.
         self._labels: Ints = np.zeros(0, dtype=np.int64)
         self._label_pos: dict[int, int] = {}
@@ -125,7 +123,7 @@ class VectorIndex(FeedMirror):
 
     async def _load_all(self) -> None:
         rows = await self.backend.load_vectors(self.model)
-        self._keys, self._pos, self._ns_index, self._prefix_ids = [], {}, {}, {}
+        self._keys, self._pos, self._ns = [], {}, Namespaces()
         size = max(_MIN_ROWS, len(rows))
         self._matrix = np.zeros((size, self.dim), dtype=np.float32)
         self._ns_ids = np.zeros(size, dtype=np.int32)
@@ -160,11 +158,7 @@ class VectorIndex(FeedMirror):
                 return  # same vector (e.g. only the value or metadata changed)
             self._retire(pos)
         self._matrix[pos] = row
-        ns_id = self._ns_index.get(key[0])
-        if ns_id is None:
-            ns_id = self._ns_index[key[0]] = len(self._ns_index)
-            self._prefix_ids.clear()
-        self._ns_ids[pos] = ns_id
+        self._ns_ids[pos] = self._ns.id_of(key[0])
         if self._graph is not None:
             label = self._next_label
             self._next_label += 1
@@ -240,26 +234,7 @@ class VectorIndex(FeedMirror):
         self, prefix: str, allowed: Iterable[Key] | None, n: int
     ) -> npt.NDArray[np.bool_] | None:
         """The rows in scope as a mask over the first ``n`` rows, or None for all."""
-        mask: npt.NDArray[np.bool_] | None = None
-        if prefix:
-            ids = self._prefix_ids.get(prefix)
-            if ids is None:
-                under = prefix + "/"
-                found = [
-                    i for ns, i in self._ns_index.items() if ns == prefix or ns.startswith(under)
-                ]
-                ids = np.asarray(found, dtype=np.int32)
-                if len(self._prefix_ids) >= _PREFIX_CACHE:
-                    self._prefix_ids.clear()
-                self._prefix_ids[prefix] = ids
-            if len(ids) == 0:
-                return np.zeros(n, dtype=bool)
-            if len(ids) == 1:
-                mask = self._ns_ids[:n] == ids[0]
-            elif len(ids) < len(self._ns_index):
-                lookup = np.zeros(len(self._ns_index), dtype=bool)
-                lookup[ids] = True
-                mask = lookup[self._ns_ids[:n]]
+        mask = self._ns.mask(prefix, self._ns_ids[:n])
         if allowed is not None:
             keys = allowed if isinstance(allowed, list | tuple) else list(allowed)
             at = np.fromiter(
