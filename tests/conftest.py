@@ -44,8 +44,8 @@ STORES = [
     "redis-cluster",
     "remote-redis-cluster",
 ]
-#: Store kinds run when HIVEMEM_TEST_STORES is not set.
-DEFAULT_STORES = ["sqlite-file", "sqlite-memory", "remote"]
+#: Store kinds run when HIVEMEM_TEST_STORES is not set: all of them.
+DEFAULT_STORES = list(STORES)
 #: The fixture giving the URL of each embedded server-backed kind.
 _SERVER_FIXTURES = {
     "postgres": "postgres_url",

@@ -180,6 +180,14 @@ class Settings(BaseSettings):
         "before Unavailable.",
     )
 
+    # Redis.
+    redis_retry_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a Redis request is retried through a lost connection, "
+        "CLUSTERDOWN or a failover (a promotion takes a few seconds) before Unavailable.",
+    )
+
     # Service.
     max_request_bytes: int = Field(
         default=4 * MiB, gt=0, description="Largest HTTP request body the service accepts."

@@ -1,0 +1,360 @@
+"""Key layout, record packing and feed cursors of the Redis backend.
+
+Partitions: the store is split into :data:`PARTITIONS` partitions, each with its own
+hash tag ``{hm:p<N>}`` (so, in a cluster, each partition is one hash slot). A
+namespace belongs to the partition of its first segment (``crc32 % PARTITIONS``);
+a session (and its events, namespace ``_sessions/<id>``) to the partition of
+``_sessions/<id>``. So a namespace tree — its items, their versions and index
+entries, the events of its writes — lives in one slot, and one script can write it
+atomically.
+
+Keys of partition ``T = {hm:p<N>}`` (``m`` = ``namespace + "\\0" + key``):
+
+==========================  ========================================================
+``T:meta``                  hash: ``last`` (newest feed id), ``trim`` (newest trimmed id)
+``T:feed``                  stream: the partition's events, ids ``<ts µs>-<seq>``
+``T:i:<m>``                 hash: the item (value, version, author, times, text,
+                            metadata) and its index entry (xv version, xt text,
+                            xe vector, xm model)
+``T:h:<m>``                 sorted set: stored versions (score = version)
+``T:keys``                  sorted set (lex): every item's member
+``T:exp``                   sorted set: members of items with an expiry, by expires_at
+``T:idx``                   sorted set (lex): members of items with an index entry
+``T:s:<id>``                hash: a session
+``T:msg:<id>``              sorted set: a session's messages (score = seq)
+``T:req:<id>``              string: a write's result under its request id (PX expiry)
+``{hm:sessions}:...``       sorted sets (lex) of session ids: ``all``, ``app:<a>``,
+                            ``user:<u>``, ``agent:<a>``; and ``config`` (hash)
+==========================  ========================================================
+
+Feed cursors are ``e<ts>.<seq>.<p>`` for an event (its stream id and partition) and
+``w<ts>`` for a watermark (every event with ts <= the watermark), or ``"0"``. They
+are ordered by (ts, seq, partition), the feed's order (see ``backend.read_events``).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+from hivemem.backends.base import EventRow, ItemRow, MessageRow, SessionRow
+from hivemem.errors import InvalidInput
+
+#: Number of feed partitions (hash slots used by items, sessions and events). Fixed for
+#: the life of a store: it decides where every key lives (recorded in the store's config).
+PARTITIONS = 16
+#: Hash tag of the global session indexes and the store's config.
+SESSIONS_TAG = "{hm:sessions}"
+#: Pub/sub channel every write script publishes on (wakes other processes' watchers).
+CHANNEL = "hivemem:changes"
+#: Layout version, recorded at open.
+SCHEMA = "1"
+
+_MAX_SEQ = 2**64 - 1
+_EVENT = re.compile(r"e([0-9]{1,19})\.([0-9]{1,20})\.([0-9]{1,4})")
+_WATERMARK = re.compile(r"w([0-9]{1,19})")
+
+
+def tag(p: int) -> str:
+    """The hash tag of partition ``p``."""
+    return f"{{hm:p{p}}}"
+
+
+def meta_key(p: int) -> str:
+    return f"{tag(p)}:meta"
+
+
+def partition_of(namespace: str) -> int:
+    """The partition holding ``namespace`` (an item namespace, a channel, or
+    ``_sessions/<id>``)."""
+    parts = namespace.split("/", 2)
+    anchor = parts[0] if parts[0] != "_sessions" else "/".join(parts[:2])
+    return zlib.crc32(anchor.encode("utf-8")) % PARTITIONS
+
+
+def session_partition(session_id: str) -> int:
+    return partition_of(f"_sessions/{session_id}")
+
+
+def partitions_under(prefix: str) -> list[int]:
+    """The partitions that can hold namespaces at or under ``prefix`` ("" = all)."""
+    parts = prefix.split("/") if prefix else []
+    if not parts or (parts[0] == "_sessions" and len(parts) < 2):
+        return list(range(PARTITIONS))
+    return [partition_of(prefix)]
+
+
+def member(namespace: str, key: str) -> bytes:
+    """The member naming an item in the partition's sorted sets and keys."""
+    return namespace.encode("utf-8") + b"\x00" + key.encode("utf-8")
+
+
+def split_member(m: bytes) -> tuple[str, str]:
+    ns, _, key = m.partition(b"\x00")
+    return ns.decode("utf-8"), key.decode("utf-8")
+
+
+def lex_ranges(prefix: str, after: bytes | None = None) -> list[tuple[bytes, bytes]]:
+    """ZRANGEBYLEX (min, max) ranges of the members at or under ``prefix``, after
+    member ``after`` (exclusive), in member order."""
+    if not prefix:
+        spans: list[tuple[bytes | None, bytes | None]] = [(None, None)]
+    else:
+        p = prefix.encode("utf-8")
+        spans = [(p + b"\x00", p + b"\x01"), (p + b"/", p + b"0")]
+    out = []
+    for lo, hi in spans:
+        if after is not None and hi is not None and after >= hi:
+            continue
+        if after is not None and (lo is None or after >= lo):
+            start = b"(" + after
+        else:
+            start = b"-" if lo is None else b"[" + lo
+        out.append((start, b"+" if hi is None else b"(" + hi))
+    return out
+
+
+# Records ---------------------------------------------------------------------------
+
+
+def unpack(data: bytes) -> list[bytes | None]:
+    """The fields of a record packed by the scripts' ``enc``: ``<len>:<bytes>`` per field,
+    ``~`` for a missing one."""
+    out: list[bytes | None] = []
+    i, n = 0, len(data)
+    while i < n:
+        if data[i] == 0x7E:  # ~
+            out.append(None)
+            i += 1
+            continue
+        j = data.index(b":", i)
+        length = int(data[i:j])
+        out.append(data[j + 1 : j + 1 + length])
+        i = j + 1 + length
+    return out
+
+
+def _s(b: bytes | None) -> str:
+    assert b is not None
+    return b.decode("utf-8")
+
+
+def _opt_s(b: bytes | None) -> str | None:
+    return None if b is None else b.decode("utf-8")
+
+
+def _f(b: bytes | None) -> float:
+    assert b is not None
+    return float(b)
+
+
+def _i(b: bytes | None) -> int:
+    assert b is not None
+    return int(b)
+
+
+def item_from(fields: list[bytes | None]) -> ItemRow:
+    """An item from a record (namespace, key, value, version, author, created_at,
+    updated_at, expires_at, text, metadata)."""
+    ns, key, value, ver, author, created, updated, expires, text, meta = fields
+    assert value is not None
+    return ItemRow(
+        _s(ns),
+        _s(key),
+        value,
+        _i(ver),
+        _s(author),
+        _f(created),
+        _f(updated),
+        None if expires is None else float(expires),
+        _opt_s(text),
+        meta,
+    )
+
+
+def item_from_hash(m: bytes, h: list[bytes | None]) -> ItemRow:
+    """An item from its member and the values of its hash fields v, ver, a, c, u, e, t, m."""
+    ns, key = split_member(m)
+    return item_from([ns.encode(), key.encode(), *h])
+
+
+def session_from(fields: list[bytes | None]) -> SessionRow:
+    """A session from a record: id then the fields of :data:`SESSION_FIELDS`."""
+    (
+        sid,
+        app,
+        user,
+        agent,
+        created_by,
+        metadata,
+        state,
+        state_version,
+        messages,
+        turns,
+        tokens_in,
+        tokens_out,
+        cost,
+        started_at,
+        last_activity_at,
+    ) = fields
+    assert metadata is not None and state is not None
+    return SessionRow(
+        _s(sid),
+        _s(app),
+        _opt_s(user),
+        _opt_s(agent),
+        _s(created_by),
+        metadata,
+        state,
+        _i(state_version),
+        _i(messages),
+        _i(turns),
+        _i(tokens_in),
+        _i(tokens_out),
+        _f(cost),
+        _f(started_at),
+        _f(last_activity_at),
+    )
+
+
+#: Session hash fields, in SessionRow order (after the id).
+SESSION_FIELDS = (
+    "app",
+    "user",
+    "agent",
+    "created_by",
+    "metadata",
+    "state",
+    "state_version",
+    "messages",
+    "turns",
+    "tokens_in",
+    "tokens_out",
+    "cost",
+    "started_at",
+    "last_activity_at",
+)
+#: Item hash fields, in ItemRow order (after namespace and key).
+ITEM_FIELDS = ("v", "ver", "a", "c", "u", "e", "t", "m")
+
+
+def message_from(fields: list[bytes | None]) -> MessageRow:
+    sid, seq, role, content, author, created, tin, tout, cost, meta = fields
+    assert content is not None and meta is not None
+    return MessageRow(
+        _s(sid),
+        _i(seq),
+        _s(role),
+        content,
+        _s(author),
+        _f(created),
+        _i(tin),
+        _i(tout),
+        _f(cost),
+        meta,
+    )
+
+
+def num(x: float) -> str:
+    """A float as the decimal string the scripts store (``repr`` round-trips)."""
+    return repr(float(x))
+
+
+def opt(value: str | bytes | None) -> str | bytes:
+    """An optional string argument of a script: ``""`` or ``"=" + value``."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return b"=" + value
+    return "=" + value
+
+
+# Feed cursors ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Position:
+    """A point of the feed's order: (ts µs, seq, partition). A watermark has
+    seq = 2**64 (after every event of its ts); the start is (0, 0, -1)."""
+
+    ts: int
+    seq: int
+    p: int
+
+    @property
+    def is_start(self) -> bool:
+        return self.p < 0
+
+    @property
+    def is_watermark(self) -> bool:
+        return self.seq > _MAX_SEQ
+
+    def encode(self) -> str:
+        if self.is_start:
+            return "0"
+        if self.is_watermark:
+            return f"w{self.ts}"
+        return f"e{self.ts}.{self.seq}.{self.p}"
+
+    def start_id(self, p: int) -> str:
+        """The XRANGE start, in partition ``p``, of the events after this position."""
+        if self.is_start:
+            return "-"
+        if self.is_watermark:
+            return f"{self.ts + 1}-0"
+        if p <= self.p:
+            return f"({self.ts}-{self.seq}"
+        return f"{self.ts}-{self.seq}"
+
+
+START = Position(0, 0, -1)
+
+
+def watermark(ts: int) -> Position:
+    """The position after every event with a ts <= ``ts``."""
+    return Position(ts, _MAX_SEQ + 1, PARTITIONS)
+
+
+def event_position(stream_id: bytes | str, p: int) -> Position:
+    """The position of the event with stream id ``ts-seq`` in partition ``p``."""
+    text = stream_id.decode("ascii") if isinstance(stream_id, bytes) else stream_id
+    ts, _, seq = text.partition("-")
+    return Position(int(ts), int(seq), p)
+
+
+def parse_cursor(cursor: str | None) -> Position:
+    """The position a cursor names.
+
+    Raises:
+        InvalidInput: not a cursor of this backend (field ``after``).
+    """
+    if cursor is None or cursor == "0":
+        return START
+    m = _EVENT.fullmatch(cursor)
+    if m is not None:
+        ts, seq, p = (int(g) for g in m.groups())
+        if p < PARTITIONS and seq <= _MAX_SEQ and ts > 0:
+            return Position(ts, seq, p)
+    else:
+        w = _WATERMARK.fullmatch(cursor)
+        if w is not None:
+            return watermark(int(w.group(1)))
+    raise InvalidInput(f"{cursor!r} is not a feed cursor of this store", field="after")
+
+
+def event_from(stream_id: bytes, fields: list[bytes], p: int) -> EventRow:
+    """An event row from a stream entry (flat field/value list) of partition ``p``."""
+    doc = dict(zip(fields[::2], fields[1::2], strict=True))
+    key = doc.get(b"k")
+    version = doc.get(b"v")
+    return EventRow(
+        event_position(stream_id, p).encode(),
+        doc[b"t"].decode(),
+        doc[b"n"].decode("utf-8"),
+        None if key is None else key.decode("utf-8"),
+        None if version is None else int(version),
+        doc[b"a"].decode("utf-8"),
+        float(doc[b"at"]),
+        doc.get(b"d"),
+    )

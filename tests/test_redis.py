@@ -1,0 +1,451 @@
+"""The Redis backend beyond the conformance suite: URLs, feed cursors across partitions,
+no gaps under concurrent writers, batches across partitions, request ids, sweeping,
+cross-process wake-ups, engine errors, a standalone crash and a cluster failover."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+import hivemem
+from hivemem import CursorExpired, InvalidInput, Unavailable
+from hivemem.backends.base import DeleteWrite, IndexEntry, PutWrite
+from hivemem.backends.redis import RedisBackend
+from hivemem.backends.redis.layout import (
+    PARTITIONS,
+    parse_cursor,
+    partition_of,
+    partitions_under,
+)
+from hivemem.config import Settings
+from hivemem.core import LocalHive
+from hivemem.errors import Conflict
+from tests.conftest import free_port
+from tests.servers.redis import RedisClusterServers, RedisServer
+
+SETTINGS = Settings(embedder="none")
+
+
+def ns_in_other_partition(ns: str) -> str:
+    """A top-level namespace whose partition differs from ``ns``'s."""
+    for i in range(1000):
+        other = f"{ns}o{i}"
+        if partition_of(other) != partition_of(ns):
+            return other
+    raise AssertionError("no other partition found")
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def redis_store(request: pytest.FixtureRequest) -> str:
+    """The URL of the session's standalone Redis, then of its Redis Cluster."""
+    name = "redis_url" if request.param == "redis" else "redis_cluster_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+async def backend(redis_store: str) -> AsyncIterator[RedisBackend]:
+    b = RedisBackend.from_url(redis_store, SETTINGS)
+    await b.open()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture
+async def hive(redis_store: str) -> AsyncIterator[LocalHive]:
+    h = hivemem.connect(redis_store, agent="tester", settings=SETTINGS)
+    assert isinstance(h, LocalHive)
+    await h.open()
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
+def put(ns: str, key: str, value: bytes = b"1", if_version: int | None = None) -> PutWrite:
+    return PutWrite(ns, key, value, None, None, None, if_version)
+
+
+# URLs and layout --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://",
+        "redis://host:notaport",
+        "redis://host:6379/notadb",
+        "redis+cluster://",
+        "redis+cluster://host",
+        "redis+cluster://a:1,b",
+        "redis+cluster://a:99999",
+        "redis-cluster://a:1",
+    ],
+)
+def test_bad_urls_raise_invalid_input_on_url(url: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        RedisBackend.from_url(url, SETTINGS)
+    assert info.value.field == "url"
+
+
+def test_good_urls_parse() -> None:
+    assert not RedisBackend.from_url("redis://127.0.0.1:6380/2", SETTINGS).is_cluster
+    assert not RedisBackend.from_url("rediss://user:pw@h:6380", SETTINGS).is_cluster
+    b = RedisBackend.from_url("redis+cluster://u:p%40ss@a:7000,b:7001/?ssl=true", SETTINGS)
+    assert b.is_cluster
+    assert b._nodes == [("a", 7000), ("b", 7001)]
+    assert b._cluster_options == {"username": "u", "password": "p@ss", "ssl": True}
+    assert "p@ss" not in repr(b) and "p%40ss" not in repr(b)
+
+
+def test_a_namespace_tree_and_a_session_each_live_in_one_partition() -> None:
+    assert partition_of("team") == partition_of("team/a/b") == partitions_under("team/x")[0]
+    assert partition_of("_sessions/s1") == partitions_under("_sessions/s1")[0]
+    assert partitions_under("") == list(range(PARTITIONS))
+    assert partitions_under("_sessions") == list(range(PARTITIONS))
+
+
+# Feed -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cursor", ["5", "e1.2", "e1.0.99", "wx", "garbage", "e0.0.0"])
+async def test_foreign_cursors_are_invalid_input(backend: RedisBackend, cursor: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        await backend.read_events("", cursor, 10)
+    assert info.value.field == "after"
+
+
+async def test_feed_orders_events_across_partitions_in_commit_order(
+    hive: LocalHive, redis_store: str
+) -> None:
+    a = f"t{uuid.uuid4().hex[:8]}"
+    b = ns_in_other_partition(a)
+    head = await hive.head()
+    for i in range(6):
+        await hive.put(a if i % 2 == 0 else b, f"k{i}", i)
+    page = await hive.read_events("", after=head, limit=1000)
+    mine = [(e.namespace, e.key) for e in page.items if e.namespace in (a, b)]
+    assert mine == [(a if i % 2 == 0 else b, f"k{i}") for i in range(6)]
+    # each event's cursor resumes right after it, whatever partition it is in
+    for i, e in enumerate(ev for ev in page.items if ev.namespace in (a, b)):
+        rest = await hive.read_events("", after=e.cursor, limit=1000)
+        assert [x.key for x in rest.items if x.namespace in (a, b)] == [
+            f"k{j}" for j in range(i + 1, 6)
+        ]
+
+
+async def test_a_reader_racing_concurrent_writers_misses_nothing(hive: LocalHive) -> None:
+    """No gaps: a reader polling while writers commit to many partitions at once ends up
+    with every event exactly once, in each namespace's commit order."""
+    base = f"t{uuid.uuid4().hex[:8]}"
+    spaces = [f"{base}x{i}" for i in range(8)]
+    head = await hive.head()
+    done = asyncio.Event()
+
+    async def writer(ns: str) -> None:
+        for i in range(25):
+            await hive.put(ns, "k", i)
+
+    seen: list[tuple[str, int | None]] = []
+
+    async def reader() -> None:
+        cursor = head
+        while True:
+            finished = done.is_set()
+            page = await hive.read_events("", after=cursor, limit=7)
+            seen.extend((e.namespace, e.version) for e in page.items if e.namespace in spaces)
+            cursor = page.next_cursor or cursor
+            if finished and not page.items:
+                return
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(reader())
+    await asyncio.gather(*(writer(ns) for ns in spaces))
+    done.set()
+    await asyncio.wait_for(task, 60)
+    assert len(seen) == len(set(seen)) == 8 * 25
+    for ns in spaces:
+        assert [v for n, v in seen if n == ns] == list(range(1, 26))
+
+
+async def test_publish_cursor_is_the_cursor_readers_see(hive: LocalHive) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    head = await hive.head()
+    event = await hive.publish(f"{ns}/c", {"n": 1})
+    page = await hive.read_events(ns, after=head)
+    assert [e.cursor for e in page.items] == [event.cursor]
+    assert parse_cursor(await hive.head()) >= parse_cursor(event.cursor)
+    assert (await hive.read_events(ns, after=event.cursor)).items == []
+
+
+async def test_trimmed_cursor_raises_cursor_expired_and_zero_still_reads(
+    backend: RedisBackend,
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    old = await backend.head()
+    await backend.write_items([put(ns, "a")], author="x", now=time.time(), history_limit=5)
+    page, _ = await backend.read_events(ns, old, 10)
+    assert [r.key for r in page] == ["a"]
+    await asyncio.sleep(0.01)
+    cut = time.time()
+    await asyncio.sleep(0.01)
+    await backend.write_items([put(ns, "b")], author="x", now=time.time(), history_limit=5)
+    # trims every partition's events before `cut` (shared server: others' too, harmless)
+    _, trimmed = await backend.sweep(time.time(), cut, 0.0)
+    assert trimmed >= 1
+    with pytest.raises(CursorExpired) as info:
+        await backend.read_events(ns, old, 10)
+    assert info.value.field == "after"
+    rows, _ = await backend.read_events(ns, "0", 10)
+    assert [r.key for r in rows] == ["b"]
+    head = await backend.head()
+    assert (await backend.read_events(ns, head, 10))[0] == []
+
+
+# Items, batches, request ids ---------------------------------------------------------------
+
+
+async def test_batch_across_partitions(backend: RedisBackend) -> None:
+    a = f"t{uuid.uuid4().hex[:8]}"
+    b = ns_in_other_partition(a)
+    now = time.time()
+    if backend.is_cluster:
+        with pytest.raises(InvalidInput) as info:
+            await backend.write_items(
+                [put(a, "k"), put(b, "k")], author="x", now=now, history_limit=5
+            )
+        assert info.value.field == "ops"
+        assert await backend.get_item(a, "k", now) is None
+        return
+    head = await backend.head()
+    with pytest.raises(Conflict) as conflict:
+        await backend.write_items(
+            [put(a, "k"), put(b, "k", if_version=3)], author="x", now=now, history_limit=5
+        )
+    assert conflict.value.field == "ops.1.if_version"
+    assert await backend.get_item(a, "k", now) is None
+    rows, _ = await backend.read_events("", head, 1000)
+    assert [r for r in rows if r.namespace in (a, b)] == []
+    results = await backend.write_items(
+        [put(a, "k"), put(b, "k"), DeleteWrite(a, "k", 1)], author="x", now=now, history_limit=5
+    )
+    assert [getattr(r, "version", r) for r in results] == [1, 1, True]
+    rows, _ = await backend.read_events("", head, 1000)
+    assert [(r.type, r.namespace) for r in rows if r.namespace in (a, b)] == [
+        ("item.put", a),
+        ("item.put", b),
+        ("item.deleted", a),
+    ]
+
+
+async def test_request_id_applies_once_and_returns_the_first_result(
+    backend: RedisBackend,
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    rid = f"r{uuid.uuid4().hex}"
+    head = await backend.head()
+    first = await backend.write_items(
+        [put(ns, "k", b"1")], author="x", now=time.time(), history_limit=5, request_id=rid
+    )
+    again = await backend.write_items(
+        [put(ns, "k", b"2")], author="x", now=time.time(), history_limit=5, request_id=rid
+    )
+    assert again == first
+    item = await backend.get_item(ns, "k", time.time())
+    assert item is not None and (item.version, item.value) == (1, b"1")
+    rows, _ = await backend.read_events(ns, head, 100)
+    assert len(rows) == 1
+    # a failed write stores nothing: the retry is checked again
+    rid2 = f"r{uuid.uuid4().hex}"
+    with pytest.raises(Conflict):
+        await backend.write_items(
+            [put(ns, "k", b"3", if_version=7)],
+            author="x",
+            now=time.time(),
+            history_limit=5,
+            request_id=rid2,
+        )
+    (ok,) = await backend.write_items(
+        [put(ns, "k", b"3", if_version=1)],
+        author="x",
+        now=time.time(),
+        history_limit=5,
+        request_id=rid2,
+    )
+    assert not isinstance(ok, bool) and ok.version == 2
+
+
+async def test_sweep_expires_items_with_events(backend: RedisBackend) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    w = PutWrite(ns, "gone", b"1", None, None, now + 0.05, None, index_text="some text")
+    await backend.write_items([w, put(ns, "kept")], author="x", now=now, history_limit=5)
+    assert await backend.count_items(now) >= 2
+    head = await backend.head()
+    later = now + 1
+    expired, _ = await backend.sweep(later, 0.0, 0.0)
+    assert expired >= 1
+    assert await backend.get_item(ns, "gone", later) is None
+    assert await backend.item_history(ns, "gone", 10, later) == []
+    assert (ns, "gone") not in {(n, k) for n, k, _ in await backend.load_texts()}
+    rows, _ = await backend.read_events(ns, head, 10)
+    assert [(r.type, r.key, r.version, r.author) for r in rows] == [
+        ("item.expired", "gone", 1, "hivemem")
+    ]
+
+
+async def test_index_entries_follow_versions(backend: RedisBackend) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    await backend.write_items([put(ns, "a"), put(ns, "b")], author="x", now=now, history_limit=5)
+    pending = await backend.unindexed_items("m1", (ns, ""), 10, now)
+    assert [(r.namespace, r.key) for r in pending][:2] == [(ns, "a"), (ns, "b")]
+    vec = b"\x00\x00\x80?" * 4
+    stored = await backend.set_index(
+        [IndexEntry(ns, "a", 1, "text a", vec, "m1"), IndexEntry(ns, "b", 9, "stale", vec, "m1")]
+    )
+    assert stored == 1
+    assert await backend.vectors_of([(ns, "a"), (ns, "b")], "m1") == {(ns, "a"): vec}
+    assert await backend.texts_of([(ns, "a"), (ns, "b")]) == {(ns, "a"): "text a"}
+    assert (ns, "a", vec) in await backend.load_vectors("m1")
+    pending = await backend.unindexed_items("m1", (ns, ""), 10, now)
+    assert [(r.namespace, r.key) for r in pending if r.namespace == ns] == [(ns, "b")]
+    assert [(r.namespace, r.key) for r in await backend.unindexed_items("m2", (ns, ""), 10, now)][
+        :2
+    ] == [(ns, "a"), (ns, "b")]
+
+
+# Wake-ups and errors -----------------------------------------------------------------------
+
+
+async def test_another_process_write_wakes_a_watcher_at_once(redis_store: str) -> None:
+    slow = Settings(embedder="none", feed_poll_seconds=30.0)
+    watcher = hivemem.connect(redis_store, agent="w", settings=slow)
+    writer = hivemem.connect(redis_store, agent="x", settings=slow)
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    try:
+        await watcher.open()
+        await writer.open()
+        events = watcher.watch(ns)
+        first = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        await writer.put(ns, "k", 1)
+        event = await asyncio.wait_for(first, 10)
+        assert event.key == "k"
+        assert time.monotonic() - started < 2.0
+        await events.aclose()  # type: ignore[attr-defined]
+    finally:
+        await watcher.close()
+        await writer.close()
+
+
+async def test_nothing_listening_is_unavailable() -> None:
+    b = RedisBackend.from_url(f"redis://127.0.0.1:{free_port()}/0", SETTINGS)
+    b._retry_seconds = 0.5
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        await b.open()
+    assert time.monotonic() - started < 5
+    c = RedisBackend.from_url(f"redis+cluster://127.0.0.1:{free_port()}", SETTINGS)
+    c._retry_seconds = 0.5
+    with pytest.raises(Unavailable):
+        await c.open()
+
+
+# Crashes and failover ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.mark.slow
+async def test_standalone_crash_keeps_acknowledged_writes_and_requests_wait_for_restart(
+    own_redis: RedisServer,
+) -> None:
+    hive = hivemem.connect(own_redis.url, agent="tester", settings=SETTINGS)
+    try:
+        for i in range(20):
+            await hive.put("crash", f"k{i}", i)
+        own_redis.kill9()
+        with pytest.raises(Unavailable):
+            await hive.backend.ping()  # type: ignore[attr-defined]
+
+        async def restart_soon() -> None:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(own_redis.start)
+
+        task = asyncio.create_task(restart_soon())
+        item = await hive.put("crash", "after", 1)  # retried until the server is back
+        await task
+        assert item.version == 1
+        listed = await hive.list("crash", limit=100)
+        assert len(listed.items) == 21
+    finally:
+        await hive.close()
+
+
+@pytest.fixture(scope="module")
+def failover_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    with RedisClusterServers(tmp_path_factory.mktemp("failover")) as cluster:
+        yield cluster
+
+
+@pytest.mark.slow
+async def test_cluster_failover_writes_continue_without_duplicates(
+    failover_cluster: RedisClusterServers,
+) -> None:
+    """Writers keep writing while a master is killed: every write returns (retried across the
+    failover), no write is applied twice, and the feed has one event per applied write."""
+    hive = hivemem.connect(failover_cluster.url, agent="tester", settings=SETTINGS)
+    spaces = [f"fo{i}" for i in range(12)]
+    counts = dict.fromkeys(spaces, 0)
+    stop = asyncio.Event()
+    try:
+        head = await hive.head()
+
+        async def writer(ns: str) -> None:
+            while not stop.is_set():
+                item = await hive.put(ns, "counter", counts[ns] + 1)
+                counts[ns] += 1
+                assert item.version == counts[ns]
+                await asyncio.sleep(0.005)
+
+        tasks = [asyncio.create_task(writer(ns)) for ns in spaces]
+        await asyncio.sleep(1.0)
+        dead = failover_cluster.kill_master()
+        await asyncio.to_thread(failover_cluster.wait_for_failover, dead)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*tasks)
+        for ns in spaces:
+            item = await hive.get(ns, "counter")
+            assert item is not None
+            # A write acknowledged just before the kill may be lost with the master
+            # (asynchronous replication), never applied twice.
+            assert item.version <= counts[ns]
+            assert item.value == item.version
+        events: list[hivemem.Event] = []
+        cursor = head
+        while True:
+            page = await hive.read_events("", after=cursor, limit=1000)
+            events.extend(page.items)
+            if not page.items:
+                break
+            cursor = page.next_cursor or cursor
+        for ns in spaces:
+            versions = [e.version for e in events if e.namespace == ns]
+            assert versions == sorted(set(versions)), ns
+        failover_cluster.restart_node(dead)
+    finally:
+        stop.set()
+        await hive.close()
