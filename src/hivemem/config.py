@@ -152,10 +152,12 @@ class Settings(BaseSettings):
         "(e.g. the turn number); items without both fields are never expanded.",
     )
     max_search_limit: int = Field(default=100, gt=0, description="Largest search `limit`.")
-    vector_index: Literal["exact", "hnsw"] = Field(
-        default="exact",
-        description="exact: numpy over every vector (best up to a few 100k items); "
-        "hnsw: usearch's approximate HNSW index, for large collections.",
+    vector_index: Literal["auto", "exact", "hnsw", "engine"] = Field(
+        default="auto",
+        description="exact: numpy over every vector in process (best up to a few 100k "
+        "items); hnsw: usearch's approximate HNSW index in process, for large collections; "
+        "engine: the store searches (PostgreSQL: pgvector HNSW; other stores fall back to "
+        "exact); auto: engine where the store can, else exact.",
     )
     lexical_index: Literal["auto", "engine", "memory"] = Field(
         default="auto",

@@ -342,6 +342,11 @@ class Backend(ABC):
     #: current through the feed with :meth:`texts_of`.
     native_lexical: ClassVar[bool] = True
 
+    #: Whether :meth:`search_vectors` searches vectors in the engine (PostgreSQL:
+    #: pgvector HNSW). When False, or with ``vector_index`` ``exact``/``hnsw``, the
+    #: core searches its in-process vector index.
+    native_vectors: ClassVar[bool] = False
+
     @abstractmethod
     async def open(self) -> None:
         """Connect and create or migrate the schema."""
@@ -513,6 +518,21 @@ class Backend(ABC):
     @abstractmethod
     async def texts_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """The current index texts of these items (items without one are left out)."""
+
+    async def search_vectors(
+        self,
+        prefix: str,
+        vector: bytes,
+        model: str,
+        conditions: Sequence[Condition],
+        limit: int,
+        now: float,
+    ) -> list[tuple[str, str, float]]:
+        """Live items at or under ``prefix`` matching every condition whose vector by
+        ``model`` is most similar to ``vector`` (float32 bytes, unit length): (namespace,
+        key, cosine similarity), best first. Only backends with ``native_vectors``
+        implement it (approximate nearest neighbours are allowed)."""
+        raise NotImplementedError
 
     @abstractmethod
     async def matching_keys(

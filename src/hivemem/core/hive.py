@@ -54,7 +54,9 @@ class _Shared:
                 self.embedder.name,
                 dim,
                 self.settings.feed_poll_seconds,
-                kind=self.settings.vector_index,
+                kind=self.settings.vector_index
+                if self.settings.vector_index in ("exact", "hnsw")
+                else "exact",
             )
         return self.vectors
 
@@ -228,6 +230,9 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
     def _vector_index(self, dim: int) -> VectorIndex:
         return self._shared.vector_index(dim)
 
+    def _vectors_in_engine(self) -> bool:
+        return self._backend.native_vectors and self._settings.vector_index in ("auto", "engine")
+
     def _lexical_index(self) -> LexicalIndex | None:
         return self._shared.lexical_index()
 
@@ -250,7 +255,7 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
                 await lexical.sync()
             elif self._shared.lexical_loading is not None:
                 await asyncio.shield(self._shared.lexical_loading)
-            if self._embedder is not None:
+            if self._embedder is not None and not self._vectors_in_engine():
                 await self._vector_index(self._embedder.dim).sync()
         except asyncio.CancelledError:
             raise

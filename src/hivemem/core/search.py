@@ -226,6 +226,9 @@ class SearchMixin(Area):
     def _lexical_index(self) -> LexicalIndex | None:
         raise NotImplementedError
 
+    def _vectors_in_engine(self) -> bool:
+        raise NotImplementedError
+
     def _row_cache(self) -> RowCache:
         raise NotImplementedError
 
@@ -283,17 +286,23 @@ class SearchMixin(Area):
                 )
         if mode != "lexical" and self._embedder is not None:
             (vector,) = await self._embedder.embed([query])
-            index = self._vector_index(int(vector.shape[0]))
-            await index.sync()
-            q = np.asarray(vector)
-            rankings["vector"] = await self._filtered(
-                lambda allowed, k: index.search(q, prefix, allowed, k),
-                prefix,
-                conditions,
-                candidates,
-                now,
-                rows,
-            )
+            q = np.asarray(vector, dtype=np.float32)
+            if self._vectors_in_engine():
+                nearest = await self._backend.search_vectors(
+                    prefix, q.tobytes(), self._embedder.name, conditions, candidates, now
+                )
+                rankings["vector"] = [((ns, key), score) for ns, key, score in nearest]
+            else:
+                index = self._vector_index(int(q.shape[0]))
+                await index.sync()
+                rankings["vector"] = await self._filtered(
+                    lambda allowed, k: index.search(q, prefix, allowed, k),
+                    prefix,
+                    conditions,
+                    candidates,
+                    now,
+                    rows,
+                )
         fused = fuse(
             rankings,
             {"lexical": s.search_weight_lexical, "vector": s.search_weight_vector},

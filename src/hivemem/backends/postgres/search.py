@@ -16,7 +16,10 @@ frequency; ``Settings.lexical_index = "memory"`` gives BM25 over the same store.
 Vectors are pgvector ``vector`` values exchanged in pgvector's binary format (a
 16-bit dimension, 16 unused bits, big-endian float32s) and converted to and from the
 contract's little-endian float32 bytes with numpy. Similarity itself is computed
-in process (:mod:`hivemem.core.vectors`).
+by pgvector (:meth:`SearchMixin.search_vectors`: cosine distance over a partial HNSW
+index per model and dimension, created on first search with ``CREATE INDEX
+CONCURRENTLY``; iterative scans so a filter does not starve the result) unless
+``Settings.vector_index`` asks for the in-process index (:mod:`hivemem.core.vectors`).
 
 Filters (:func:`conditions_sql`) follow :func:`~hivemem.backends.base.row_matches`
 exactly: a ``CASE`` on ``jsonb_typeof`` compares booleans (``=`` only), numbers
@@ -27,17 +30,23 @@ an object matches nothing.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from psycopg import sql
 from psycopg.adapt import Buffer, Dumper, Loader
 from psycopg.pq import Format
 
 from hivemem.backends.base import Condition, IndexEntry, ItemRow
 from hivemem.backends.postgres.engine import Conn, PostgresEngine, lock_keys
 from hivemem.backends.postgres.schema import ITEM_COLS, index_text, item_row
+from hivemem.errors import Unavailable
+
+log = logging.getLogger("hivemem")
 
 _OPS = {"=": "=", ">": ">", ">=": ">=", "<": "<", "<=": "<="}
 _ITEM_COLS_I = ", ".join(f"i.{c}" for c in ITEM_COLS.split(", "))
@@ -201,6 +210,7 @@ class SearchMixin:
     """The search primitives of :class:`PostgresBackend`."""
 
     _engine: PostgresEngine
+    native_vectors: ClassVar[bool] = True
 
     async def search_lexical(
         self,
@@ -267,6 +277,70 @@ class SearchMixin:
             return [(r[0], r[1]) for r in await cur.fetchall()]
 
         return await self._engine.read(run)
+
+    async def search_vectors(
+        self,
+        prefix: str,
+        vector: bytes,
+        model: str,
+        conditions: Sequence[Condition],
+        limit: int,
+        now: float,
+    ) -> list[tuple[str, str, float]]:
+        dim = len(vector) // 4
+        await self._ensure_hnsw(model, dim)
+        args: dict[str, Any] = {"q": Vector(vector), "limit": limit, "ef": max(40, limit)}
+        where = _live_under(prefix, now, args) + conditions_sql(conditions, args)
+        # The model and dimension are literals so that the planner can match the
+        # partial HNSW index's predicate; the cast gives the index's expression.
+        distance = f"(d.vec::vector({dim}) <=> %(q)s::vector({dim}))"
+        query = sql.SQL(
+            f"SELECT d.ns, d.key, 1 - {distance} AS score FROM hivemem_search d "
+            "JOIN hivemem_items i ON i.ns = d.ns AND i.key = d.key "
+            "WHERE d.model = {model} AND d.dim = {dim} AND "
+            f"{' AND '.join(where)} ORDER BY {distance} LIMIT %(limit)s"
+        ).format(model=sql.Literal(model), dim=sql.Literal(dim))
+
+        async def run(c: Conn) -> list[tuple[str, str, float]]:
+            async with c.transaction():
+                # pgvector >= 0.8: keep scanning the graph until enough rows pass the
+                # filter (relaxed order: re-sorted below).
+                await c.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                await c.execute(
+                    sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(args["ef"]))
+                )
+                cur = await c.execute(query, args)
+                rows = [(r[0], r[1], float(r[2])) for r in await cur.fetchall()]
+            rows.sort(key=lambda r: -r[2])
+            return rows
+
+        return await self._engine.read(run)
+
+    async def _ensure_hnsw(self, model: str, dim: int) -> None:
+        """Create (once per process, concurrently with writes) the partial HNSW index of
+        the vectors by ``model`` of dimension ``dim``. A failure is logged: search then
+        works without the index, only slower."""
+        done: set[tuple[str, int]] = self.__dict__.setdefault("_hnsw_ready", set())
+        if (model, dim) in done:
+            return
+        name = "hivemem_search_hnsw_" + hashlib.sha1(f"{model}\0{dim}".encode()).hexdigest()[:12]
+        statement = sql.SQL(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON hivemem_search USING hnsw "
+            "((vec::vector({dim})) vector_cosine_ops) WHERE model = {model} AND dim = {dim}"
+        ).format(name=sql.Identifier(name), dim=sql.Literal(dim), model=sql.Literal(model))
+
+        async def run(c: Conn) -> None:
+            await c.execute(statement)
+
+        try:
+            await self._engine.read(run)
+        except Unavailable:
+            raise
+        except Exception:
+            log.warning(
+                "creating the HNSW index %s failed; searching without it", name, exc_info=True
+            )
+        done.add((model, dim))
 
     async def load_vectors(self, model: str) -> list[tuple[str, str, bytes]]:
         async def run(c: Conn) -> list[tuple[str, str, bytes]]:
