@@ -321,7 +321,7 @@ def serve(
         str | None,
         typer.Option(
             show_default=False,
-            help="TOML file of settings (`field = value`, top level or under [hivemem]). "
+            help="TOML file of settings (`field = value`, top level or under \\[hivemem]). "
             "Default: env HIVEMEM_CONFIG. Environment variables HIVEMEM_<FIELD> override it; "
             "--set overrides both.",
         ),
