@@ -64,7 +64,7 @@ _MAX_QUERY_CHARS = 4096
 _FILTER_OVERSAMPLE = 4
 #: ... and at least this many; widening stops at the most below, where asking the store
 #: for every matching item becomes the cheaper way.
-_FILTER_MIN_CANDIDATES = 400
+_FILTER_MIN_CANDIDATES = 2000
 _FILTER_MAX_CANDIDATES = 20_000
 _FILTER_OPS = {"$eq": "=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<=", "$in": "in"}
 
