@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -44,6 +44,26 @@ class Settings(BaseSettings):
     max_batch_ops: int = Field(default=100, gt=0, description="Most operations in one batch.")
     max_page_size: int = Field(default=1000, gt=0, description="Largest `limit` of a listing.")
     max_payload_bytes: int = Field(default=64 * KiB, gt=0, description="Largest publish payload.")
+
+    max_ttl_seconds: float = Field(
+        default=10 * 365.25 * 24 * 3600.0, gt=0, description="Longest `ttl` (10 years)."
+    )
+    max_filter_keys: int = Field(
+        default=16, gt=0, description="Most metadata conditions in one search filter."
+    )
+    max_filter_values: int = Field(default=256, gt=0, description="Longest `$in` list of a filter.")
+    max_text_terms: int = Field(
+        default=20_000,
+        gt=0,
+        description="Most distinct index terms in one searchable text (a text over it is "
+        "refused, naming the field).",
+    )
+    max_vocabulary_terms: int = Field(
+        default=5_000_000,
+        gt=0,
+        description="Most distinct terms the in-process BM25 index holds; terms of new texts "
+        "beyond it are not indexed (terms of deleted texts leave at the next rebuild).",
+    )
 
     # Retention.
     history_limit: int = Field(
@@ -88,7 +108,7 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:8000/v1", description="Base URL of the embeddings endpoint."
     )
     openai_model: str = Field(default="text-embedding-3-small", description="Model to ask for.")
-    openai_api_key: str | None = Field(default=None, description="Bearer key, if needed.")
+    openai_api_key: SecretStr | None = Field(default=None, description="Bearer key, if needed.")
     openai_timeout_seconds: float = Field(default=30.0, gt=0, description="Per request.")
     embed_batch_size: int = Field(
         default=32, gt=0, description="Most texts in one model call (micro-batching)."
@@ -196,6 +216,84 @@ class Settings(BaseSettings):
     )
     sse_ping_seconds: float = Field(default=15.0, gt=0, description="SSE keep-alive interval.")
 
+    max_header_bytes: int = Field(
+        default=16 * KiB, gt=0, description="Largest total size of a request's headers (431)."
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long the service waits for a request body to arrive in full (408).",
+    )
+    search_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Time budget of one search; the in-process ranking runs off the event "
+        "loop, and a search over budget answers 503.",
+    )
+    max_watch_streams: int = Field(
+        default=1000, gt=0, description="Most open watch streams (SSE) of one service process."
+    )
+    max_watch_streams_per_agent: int = Field(
+        default=32, gt=0, description="Most open watch streams of one agent on one process."
+    )
+    allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated Host header values the service answers (e.g. "
+        "'hive.example.com,*.example.com'); empty: any.",
+    )
+    ssl_certfile: str | None = Field(default=None, description="TLS certificate (PEM) to serve.")
+    ssl_keyfile: str | None = Field(default=None, description="TLS private key (PEM).")
+
+    # Identities and permissions.
+    auth: bool = Field(
+        default=False,
+        description="Require credentials (API key or JWT bearer token) on every route but "
+        "/healthz and /readyz; the author of a write is the authenticated agent.",
+    )
+    policy_file: str | None = Field(
+        default=None,
+        description="Permission rules (TOML or YAML); reloaded on SIGHUP. With auth on and no "
+        "file, only the built-in roles admin, writer and reader grant anything.",
+    )
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a verified API key is remembered by one process; a revoked key "
+        "stops working on every replica within this time (0: check the store every request).",
+    )
+    jwt_secret: SecretStr | None = Field(
+        default=None, description="HS256 secret for JWT bearer tokens."
+    )
+    jwt_public_key_file: str | None = Field(
+        default=None, description="PEM public key for RS256/ES256 JWT bearer tokens."
+    )
+    jwt_jwks_file: str | None = Field(
+        default=None, description="JWKS file (JSON) of public keys, chosen by the token's kid."
+    )
+    jwt_issuer: str | None = Field(default=None, description="Required `iss` of JWTs.")
+    jwt_audience: str | None = Field(default=None, description="Required `aud` of JWTs.")
+    jwt_roles_claim: str = Field(
+        default="roles", min_length=1, description="JWT claim holding the agent's roles."
+    )
+    jwt_leeway_seconds: float = Field(
+        default=30.0, ge=0, description="Clock skew allowed when checking exp/nbf/iat."
+    )
+
+    # Rate limits (per agent, per action class; `limits` notation such as "100/second" or
+    # "1000/minute;50/second"; empty: no limit).
+    rate_limit_read: str = Field(default="", description="get, list, namespaces, history.")
+    rate_limit_write: str = Field(default="", description="put, delete, batch.")
+    rate_limit_search: str = Field(default="", description="search.")
+    rate_limit_watch: str = Field(default="", description="feed pages and new watch streams.")
+    rate_limit_publish: str = Field(default="", description="publish.")
+    rate_limit_sessions: str = Field(default="", description="every session route.")
+    rate_limit_admin: str = Field(default="", description="administrative routes.")
+    rate_limit_store: str = Field(
+        default="memory://",
+        description="Where rate-limit counters live: memory:// (one process) or "
+        "redis://host:port[/db] shared by replicas.",
+    )
+
     # Client.
     request_timeout_seconds: float = Field(default=30.0, gt=0, description="Client HTTP timeout.")
     client_attempts: int = Field(
@@ -223,6 +321,21 @@ class Settings(BaseSettings):
         gt=0,
         description="Client: how long a replica stays out before one probe request may try "
         "it again (doubles, up to 30 s, while probes keep failing).",
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="Client: API key sent as `Authorization: Bearer`."
+    )
+    client_ca_file: str | None = Field(
+        default=None, description="Client: CA bundle (PEM) to verify an https service."
+    )
+    client_max_sse_bytes: int = Field(
+        default=8 * MiB, gt=0, description="Client: largest SSE line or buffered event."
+    )
+    client_rate_limit_wait_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Client: how long a read answered 429 is retried (after Retry-After) "
+        "before RateLimited is raised; writes are never retried on 429.",
     )
     watch_reconnect_seconds: float = Field(
         default=300.0,

@@ -70,7 +70,9 @@ class OpenAIEmbedder:
         self._fixed_dim = dim is not None
         self._headers = {"Content-Type": "application/json"}
         if settings.openai_api_key:
-            self._headers["Authorization"] = f"Bearer {settings.openai_api_key}"
+            self._headers["Authorization"] = (
+                f"Bearer {settings.openai_api_key.get_secret_value()}"
+            )
         self._timeout = aiohttp.ClientTimeout(total=settings.openai_timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
