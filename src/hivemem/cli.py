@@ -66,6 +66,13 @@ eval_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(eval_app, name="eval")
+agents_app = typer.Typer(
+    help="Manage agent identities and their API keys (stored, hashed, in the store itself, "
+    "so every replica sees them). Used by `hivemem serve --auth`.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+)
+app.add_typer(agents_app, name="agents")
 
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
@@ -334,6 +341,44 @@ def serve(
             help="A setting as FIELD=VALUE (repeatable), e.g. --set lexical_index=engine.",
         ),
     ] = None,
+    auth: Annotated[
+        bool | None,
+        typer.Option(
+            "--auth/--no-auth",
+            show_default=False,
+            help="Require an API key (hivemem agents add) or a JWT on every route but "
+            "/healthz and /readyz. Default: setting auth (off).",
+        ),
+    ] = None,
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Permission rules file (TOML or YAML), reloaded on SIGHUP. Setting policy_file.",
+        ),
+    ] = None,
+    rate_limit_store: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Rate-limit counters: memory:// (this process) or redis://host:port shared "
+            "by replicas. Limits themselves: --set rate_limit_write=100/second etc.",
+        ),
+    ] = None,
+    ssl_certfile: Annotated[
+        str | None, typer.Option(show_default=False, help="Serve HTTPS with this certificate.")
+    ] = None,
+    ssl_keyfile: Annotated[
+        str | None, typer.Option(show_default=False, help="Private key of --ssl-certfile.")
+    ] = None,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Comma-separated Host header values to answer (e.g. hive.example.com); "
+            "others get 400. Default: any.",
+        ),
+    ] = None,
 ) -> None:
     """Run the hivemem HTTP service (HTTP API, /docs, /healthz) over a store until Ctrl-C.
 
@@ -349,6 +394,15 @@ def serve(
         if name.strip() not in Settings.model_fields:
             _fail(InvalidInput(f"unknown setting {name.strip()!r}", field=f"set.{name.strip()}"))
         overrides[name.strip()] = value
+    flags: dict[str, object] = {
+        "auth": auth,
+        "policy_file": policy,
+        "rate_limit_store": rate_limit_store,
+        "ssl_certfile": ssl_certfile,
+        "ssl_keyfile": ssl_keyfile,
+        "allowed_hosts": allowed_hosts,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})  # type: ignore[misc]
     try:
         settings = Settings.load(config, overrides)
     except InvalidInput as exc:
@@ -359,12 +413,16 @@ def serve(
         _fail(InvalidInput(f"invalid setting: {first['msg']}", field=loc))
     import uvicorn
 
-    from hivemem.service.app import create_app
+    from hivemem.service.app import create_app, redact_url
 
     store_url = store or settings.store
+    if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
+        _fail(InvalidInput("--ssl-certfile and --ssl-keyfile go together", field="ssl_keyfile"))
     with _guard():
         service = create_app(store_url, settings)
-    typer.echo(f"hivemem serving http://{host}:{port} (store: {store_url})")
+    scheme = "https" if settings.ssl_certfile else "http"
+    mode = "auth on" if settings.auth else "auth off: X-Hivemem-Agent names the caller"
+    typer.echo(f"hivemem serving {scheme}://{host}:{port} (store: {redact_url(store_url)}; {mode})")
     uvicorn.run(
         service,
         host=host,
@@ -373,6 +431,9 @@ def serve(
         access_log=access_log,
         loop="auto",
         http="auto",
+        ssl_certfile=settings.ssl_certfile,
+        ssl_keyfile=settings.ssl_keyfile,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
     )
 
 
@@ -833,6 +894,113 @@ def eval_locomo(
             soft_wrap=True,
         )
     _out.print(f"load: {report.load_seconds:.1f} s ({report.items_per_second:.0f} items/s)")
+
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        show_default=False,
+        help=f"Store URL (not http): the store the service serves. Default: env "
+        f"HIVEMEM_STORE, else {DEFAULT_URL}.",
+    ),
+]
+
+
+def _with_keys(store: str | None, work: Callable[[Any], Any]) -> Any:
+    """Open the local store ``store``, run ``await work(KeyStore)``, close it."""
+    from hivemem.core import LocalHive
+    from hivemem.policy.keys import KeyStore
+
+    settings = Settings()
+    url = store or settings.store
+    if url.split(":", 1)[0].lower() in ("http", "https"):
+        _fail(InvalidInput("agents commands need the store URL, not the service's", field="store"))
+
+    async def run() -> Any:
+        hive = hivemem.connect(
+            url, agent="cli", settings=settings.model_copy(update={"embedder": "none"})
+        )
+        assert isinstance(hive, LocalHive)
+        async with hive:
+            await hive.ping()
+            return await work(KeyStore(hive.backend, settings, cache_seconds=0))
+
+    with _guard():
+        return anyio.run(run)
+
+
+@agents_app.command("add")
+def agents_add(
+    name: Annotated[str, typer.Argument(help="Agent name (one namespace segment).")],
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role",
+            show_default=False,
+            help="A role (repeatable): admin, writer, reader, or one your policy names.",
+        ),
+    ] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Add an agent and print its new API key, once, alone on the last line of stdout.
+
+    Only a hash of the key is stored. Keep the key in a secret store; clients send it as
+    HIVEMEM_API_KEY or hivemem.connect(url, api_key=...).
+    """
+    key = _with_keys(store, lambda keys: keys.add(name, role or [], by="cli"))
+    _err.print(
+        f"added agent [bold]{escape(name)}[/] with roles {', '.join(role or []) or '(none)'}; its key:"
+    )
+    typer.echo(key)
+
+
+@agents_app.command("ls")
+def agents_list(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List the agents with their roles and key ids (never the keys)."""
+    records = _with_keys(store, lambda keys: keys.list())
+    if as_json:
+        typer.echo(
+            to_json(
+                [
+                    {
+                        "name": r.name,
+                        "roles": list(r.roles),
+                        "keys": list(r.keys),
+                        "created_at": r.created_at,
+                    }
+                    for r in records
+                ],
+                indent=2,
+            ).decode()
+        )
+        return
+    if not records:
+        _err.print("no agents; add one with: hivemem agents add NAME --role writer")
+        return
+    _table(
+        ["name", "roles", "key ids", "created"],
+        [
+            [
+                r.name,
+                ", ".join(r.roles),
+                ", ".join(r.keys),
+                _ts(datetime.fromtimestamp(r.created_at).astimezone()),
+            ]
+            for r in records
+        ],
+    )
+
+
+@agents_app.command("revoke")
+def agents_revoke(
+    name: Annotated[str, typer.Argument(help="Agent whose keys stop working.")],
+    store: StoreOpt = None,
+) -> None:
+    """Remove an agent and every key it has. Replicas stop accepting its keys within
+    auth_cache_seconds (5 s by default)."""
+    if not _with_keys(store, lambda keys: keys.revoke(name, by="cli")):
+        _fail(NotFound(f"no agent {name!r}", field="name"))
+    _err.print(f"revoked agent [bold]{escape(name)}[/] and its keys")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,6 +13,13 @@ from hivemem.core import validation as check
 from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput
 from hivemem.models import Event, Page
+from hivemem.policy.rules import session_namespace
+
+#: A filtered feed page reads at most this many pages of events the view may not see
+#: before it answers (short) with the cursor it reached.
+_SCAN_PAGES = 10
+#: Session namespaces remembered per view (for checking session events).
+_SESSION_MEMO = 4096
 
 #: Events fetched per feed query while replaying or following.
 WATCH_BATCH = 500
@@ -34,8 +42,73 @@ def to_event(row: EventRow) -> Event:
 class EventsMixin(Area):
     """The feed operations of :class:`~hivemem.core.LocalHive`."""
 
+    _session_memo: dict[str, str | None] | None = None
+
     def _prefix(self, prefix: str) -> str:
         return check.namespace(prefix, self._settings, field="prefix", allow_empty=True)
+
+    def _feed_prefix(self, prefix: str) -> str:
+        """The prefix to read the feed under: narrowed to the one root where the
+        principal may watch, when there is exactly one and no session or admin events
+        can be visible besides."""
+        if self._access is None:
+            return prefix
+        roots = self._access.roots("watch", prefix)
+        others = self._access.anywhere("sessions") or self._access.anywhere("admin")
+        return roots[0] if len(roots) == 1 and not others else prefix
+
+    async def _visible_event(self, row: EventRow) -> bool:
+        """Whether this view may see a feed event: ``watch`` on its namespace (or
+        channel); for a session's events ``sessions`` on the session's namespace (a
+        session deleted since is known only to principals who may see every one);
+        for hivemem's own ``_auth``/``_admin`` events, ``admin``."""
+        access = self._access
+        if access is None:
+            return True
+        ns = row.namespace
+        if ns.startswith("_sessions/"):
+            session_id = ns.split("/", 2)[1]
+            memo = self._session_memo
+            if memo is None:
+                memo = self._session_memo = {}
+            if session_id not in memo:
+                found = await self._backend.get_session(session_id)
+                if len(memo) >= _SESSION_MEMO:
+                    memo.clear()
+                memo[session_id] = None if found is None else session_namespace(
+                    found.app, found.user
+                )
+            target = memo[session_id]
+            if target is None:
+                return access.allows("admin", ns)
+            return access.allows("sessions", target)
+        if ns.startswith("_"):
+            return access.allows("admin", ns)
+        return access.allows("watch", ns)
+
+    async def _read_visible(
+        self, prefix: str, after: str | None, limit: int
+    ) -> tuple[builtins.list[EventRow], str, bool]:
+        """A feed page of events this view may see, the cursor to continue from, and
+        whether more events may follow at once (the scan stopped before the head)."""
+        if self._access is None:
+            rows, next_cursor = await self._backend.read_events(prefix, after, limit)
+            return rows, next_cursor, len(rows) == limit
+        read_prefix = self._feed_prefix(prefix)
+        out: builtins.list[EventRow] = []
+        cursor = after
+        for _ in range(_SCAN_PAGES):
+            rows, next_cursor = await self._backend.read_events(read_prefix, cursor, limit)
+            for row in rows:
+                if await self._visible_event(row):
+                    out.append(row)
+                    if len(out) == limit:
+                        return out, row.cursor, True
+            cursor = next_cursor
+            if len(rows) < limit:
+                return out, cursor, False
+        assert cursor is not None
+        return out, cursor, True
 
     async def read_events(
         self, prefix: str = "", *, after: str | None = None, limit: int = 100
@@ -45,7 +118,7 @@ class EventsMixin(Area):
         if after is not None and not isinstance(after, str):
             raise InvalidInput("after must be a cursor string", field="after")
         await self._ready()
-        rows, next_cursor = await self._backend.read_events(prefix, after, limit)
+        rows, next_cursor, _ = await self._read_visible(prefix, after, limit)
         return Page[Event](items=[to_event(r) for r in rows], next_cursor=next_cursor)
 
     async def head(self) -> str:
@@ -61,10 +134,10 @@ class EventsMixin(Area):
         changes = self._backend.changes
         while True:
             generation = changes.generation
-            rows, cursor = await self._backend.read_events(prefix, cursor, WATCH_BATCH)
+            rows, cursor, more = await self._read_visible(prefix, cursor, WATCH_BATCH)
             for row in rows:
                 yield to_event(row)
-            if not rows:
+            if not rows and not more:
                 # Woken at once by a local commit or another process's notification;
                 # the timeout is only a safety net.
                 await changes.wait(generation, self._settings.feed_poll_seconds)
@@ -72,8 +145,12 @@ class EventsMixin(Area):
     async def publish(self, channel: str, payload: Any) -> Event:
         check.namespace(channel, self._settings, field="channel")
         data = check.to_json(payload, "payload", self._settings.max_payload_bytes)
+        self._must("publish", channel, "channel")
+        request_id = self._scoped_request_id("publish", channel, data)
         await self._ready()
-        row = await self._backend.publish(
-            channel, data, author=self.agent, now=self._now(), request_id=self._scoped_request_id()
+        row = await self._once(
+            self._backend.publish(
+                channel, data, author=self.agent, now=self._now(), request_id=request_id
+            )
         )
         return to_event(row)

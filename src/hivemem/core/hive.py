@@ -22,6 +22,8 @@ from hivemem.core.vectors import VectorIndex
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput
 from hivemem.hive import Hive
+from hivemem.policy.principal import Principal
+from hivemem.policy.rules import Access, PolicyHolder
 
 __all__ = ["LocalHive"]
 
@@ -45,6 +47,10 @@ class _Shared:
         self.lock = asyncio.Lock()
         self.opened = False
         self.sweeper: asyncio.Task[None] | None = None
+        #: The permission rules in force, or None: no policy, every view may do anything.
+        self.policy: PolicyHolder | None = (
+            PolicyHolder(settings.policy_file) if settings.policy_file else None
+        )
 
     def vector_index(self, dim: int) -> VectorIndex:
         if self.vectors is None:
@@ -72,7 +78,11 @@ class _Shared:
         if native and mode == "engine":
             return None
         if self.lexical is None:
-            self.lexical = LexicalIndex(self.backend, self.settings.feed_poll_seconds)
+            self.lexical = LexicalIndex(
+                self.backend,
+                self.settings.feed_poll_seconds,
+                max_terms=self.settings.max_vocabulary_terms,
+            )
         if native and mode == "auto" and not self.lexical.loaded:
             if self.lexical_loading is None or self.lexical_loading.done():
                 self.lexical_loading = asyncio.create_task(
@@ -163,9 +173,16 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
         agent: the identity stamped as author of writes.
         settings: limits and tuning.
         embedder: makes vectors for search; None for lexical search only.
+        principal: who this hive acts for, when a policy is in force (default: the
+            agent, with no roles).
+
+    With ``settings.policy_file`` set, every view of this hive enforces that policy for
+    its agent (see :mod:`hivemem.policy.rules`); :meth:`as_principal` gives a view
+    for an authenticated principal with its roles.
 
     Raises:
-        InvalidInput: ``agent`` is not a valid identity (field ``agent``).
+        InvalidInput: ``agent`` is not a valid identity (field ``agent``), or the
+            policy file is unreadable or malformed (field ``policy_file`` / ``rules.<i>...``).
     """
 
     def __init__(
@@ -175,6 +192,7 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
         agent: str = "anonymous",
         settings: Settings | None = None,
         embedder: Embedder | None = None,
+        principal: Principal | None = None,
         _shared: _Shared | None = None,
     ) -> None:
         self._settings = settings or Settings()
@@ -182,6 +200,9 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
         self._backend = backend
         self._shared = _shared or _Shared(backend, self._settings, embedder)
         self._embedder = self._shared.embedder
+        holder = self._shared.policy
+        if holder is not None:
+            self._access = Access(principal or Principal(self.agent), holder)
 
     def __repr__(self) -> str:
         return f"LocalHive({self._backend!r}, agent={self.agent!r})"
@@ -209,22 +230,55 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
     def as_agent(self, agent: str) -> LocalHive:
         return LocalHive(self._backend, agent=agent, settings=self._settings, _shared=self._shared)
 
-    def with_request_id(self, request_id: str | None) -> LocalHive:
+    def as_principal(self, principal: Principal) -> LocalHive:
+        """A view acting for an authenticated ``principal``: its agent is the author of
+        the view's writes, and the policy in force (or, without a policy file, the
+        built-in roles alone) decides what it may read and write.
+
+        Raises:
+            InvalidInput: the principal's agent is not a valid identity (field ``agent``).
+        """
+        if self._shared.policy is None:
+            self._shared.policy = PolicyHolder()
+        return LocalHive(
+            self._backend,
+            agent=principal.agent,
+            settings=self._settings,
+            principal=principal,
+            _shared=self._shared,
+        )
+
+    @property
+    def policy(self) -> PolicyHolder | None:
+        """The permission rules in force (shared by every view), or None."""
+        return self._shared.policy
+
+    @property
+    def principal(self) -> Principal | None:
+        """Who this view acts for when a policy is in force, else None."""
+        return None if self._access is None else self._access.principal
+
+    def with_request_id(
+        self, request_id: str | None, *, field: str = "request_id"
+    ) -> LocalHive:
         """A view of this hive whose writes carry ``request_id``: a write repeated with
         the same request id (by the same agent, within ``request_retention_seconds``) is
         applied once, and the repeat returns the first result.
 
+        The id is bound to the request: the same id with a different operation or
+        arguments raises :class:`~hivemem.errors.InvalidInput` naming ``field`` and
+        writes nothing.
+
         Raises:
-            InvalidInput: not 1-128 letters, digits or ``_ - . :`` (field ``request_id``).
+            InvalidInput: not 1-128 letters, digits or ``_ - . :`` (field ``field``).
         """
         if request_id is None:
             return self
         if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
-            raise InvalidInput(
-                "request_id must be 1-128 letters, digits or _ - . :", field="request_id"
-            )
+            raise InvalidInput(f"{field} must be 1-128 letters, digits or _ - . :", field=field)
         view = copy.copy(self)
         view._request_id = request_id
+        view._request_field = field
         return view
 
     def _vector_index(self, dim: int) -> VectorIndex:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -14,8 +16,18 @@ from hivemem.backends.base import DeleteWrite, ItemRow, PutWrite
 from hivemem.core import cursors
 from hivemem.core import validation as check
 from hivemem.core.area import Area, timestamp
+from hivemem.core.lexical import check_terms
 from hivemem.errors import InvalidInput
 from hivemem.models import DeleteOp, Item, Page, PutOp
+
+
+#: A listing scans at most this many pages of rows it may not show before it returns a
+#: short page with a cursor.
+_SCAN_PAGES = 10
+
+
+def _row_key(row: ItemRow) -> tuple[str, str]:
+    return (row.namespace, row.key)
 
 
 def to_item(row: ItemRow) -> Item:
@@ -66,7 +78,7 @@ class ItemsMixin(Area):
         turns it into a time, so that the TTL counts from the write, not from before
         the embedding."""
         s = self._settings
-        return PutWrite(
+        write = PutWrite(
             namespace=check.namespace(namespace, s, field=f"{field}namespace"),
             key=check.key(key, s, field=f"{field}key"),
             value=check.to_json(value, f"{field}value", s.max_value_bytes),
@@ -74,11 +86,16 @@ class ItemsMixin(Area):
             metadata=None
             if metadata is None
             else check.json_object(metadata, f"{field}metadata", s.max_metadata_bytes),
-            expires_at=None if ttl is None else check.ttl(ttl, field=f"{field}ttl"),
+            expires_at=None if ttl is None else check.ttl(ttl, field=f"{field}ttl", settings=s),
             if_version=None
             if if_version is None
             else check.version(if_version, field=f"{field}if_version"),
         )
+        indexed = searchable_text(text, value)
+        if indexed is not None:
+            where = f"{field}text" if text is not None else f"{field}value"
+            check_terms(indexed, s.max_text_terms, where)
+        return write
 
     async def _index(
         self, writes: Sequence[PutWrite], texts: Sequence[str | None], now: Callable[[], float]
@@ -120,14 +137,18 @@ class ItemsMixin(Area):
         metadata: dict[str, Any] | None = None,
     ) -> Item:
         write = self._put_write(namespace, key, value, if_version, ttl, text, metadata)
+        self._must("write", write.namespace, "namespace")
+        request_id = self._scoped_request_id("put", write)
         await self._ready()
         (write,), now = await self._index([write], [searchable_text(text, value)], self._now)
-        (row,) = await self._backend.write_items(
-            [write],
-            author=self.agent,
-            now=now,
-            history_limit=self._settings.history_limit,
-            request_id=self._scoped_request_id(),
+        (row,) = await self._once(
+            self._backend.write_items(
+                [write],
+                author=self.agent,
+                now=now,
+                history_limit=self._settings.history_limit,
+                request_id=request_id,
+            )
         )
         assert isinstance(row, ItemRow)
         return to_item(row)
@@ -135,6 +156,8 @@ class ItemsMixin(Area):
     async def get(self, namespace: str, key: str) -> Item | None:
         check.namespace(namespace, self._settings)
         check.key(key, self._settings)
+        if not self._may("read", namespace):
+            return None  # indistinguishable from an absent item
         await self._ready()
         row = await self._backend.get_item(namespace, key, self._now())
         return None if row is None else to_item(row)
@@ -145,13 +168,17 @@ class ItemsMixin(Area):
             check.key(key, self._settings),
             None if if_version is None else check.version(if_version),
         )
+        self._must("write", write.namespace, "namespace")
+        request_id = self._scoped_request_id("delete", write)
         await self._ready()
-        (deleted,) = await self._backend.write_items(
-            [write],
-            author=self.agent,
-            now=self._now(),
-            history_limit=self._settings.history_limit,
-            request_id=self._scoped_request_id(),
+        (deleted,) = await self._once(
+            self._backend.write_items(
+                [write],
+                author=self.agent,
+                now=self._now(),
+                history_limit=self._settings.history_limit,
+                request_id=request_id,
+            )
         )
         return bool(deleted)
 
@@ -166,13 +193,48 @@ class ItemsMixin(Area):
         ):
             raise InvalidInput("cursor was not made by list()", field="cursor")
         await self._ready()
-        rows = await self._backend.list_items(
-            prefix, None if after is None else (after[0], after[1]), limit, self._now()
+        rows, last = await self._visible_items(
+            self._roots("read", prefix), None if after is None else (after[0], after[1]), limit
         )
-        next_cursor = (
-            cursors.encode([rows[-1].namespace, rows[-1].key]) if len(rows) == limit else None
-        )
+        next_cursor = None if last is None else cursors.encode(list(last))
         return Page[Item](items=[to_item(r) for r in rows], next_cursor=next_cursor)
+
+    async def _visible_items(
+        self, roots: builtins.list[str], after: tuple[str, str] | None, limit: int
+    ) -> tuple[builtins.list[ItemRow], tuple[str, str] | None]:
+        """Up to ``limit`` live items under ``roots`` after ``after`` that this view may
+        read (never hivemem's own ``_`` namespaces), in (namespace, key) order, and the
+        position to continue from (None at the end).
+
+        Rows the view may not read are skipped; after scanning
+        ``_SCAN_PAGES`` x ``limit`` rows without filling the page, the page is returned
+        short with a cursor, so one request never scans a whole store.
+        """
+        now = self._now()
+        out: builtins.list[ItemRow] = []
+        position = after
+        budget = _SCAN_PAGES * limit
+        while roots and budget > 0:
+            want = min(limit, budget)
+            if len(roots) == 1:
+                batch = await self._backend.list_items(roots[0], position, want, now)
+            else:  # merge the roots' orders; each answers up to ``want`` after position
+                parts = await asyncio.gather(
+                    *(self._backend.list_items(r, position, want, now) for r in roots)
+                )
+                batch = heapq.nsmallest(
+                    want, (row for part in parts for row in part), key=_row_key
+                )
+            budget -= len(batch)
+            for row in batch:
+                position = (row.namespace, row.key)
+                if not row.namespace.startswith("_") and self._may("read", row.namespace):
+                    out.append(row)
+                    if len(out) == limit:
+                        return out, position
+            if len(batch) < want:
+                return out, None
+        return out, position
 
     async def list_namespaces(
         self,
@@ -192,7 +254,14 @@ class ItemsMixin(Area):
         if after is not None and not isinstance(after, str):
             raise InvalidInput("cursor was not made by list_namespaces()", field="cursor")
         await self._ready()
-        found = await self._backend.list_namespaces(prefix, self._now())
+        roots = self._roots("read", prefix)
+        now = self._now()
+        if roots == [prefix]:
+            found = await self._backend.list_namespaces(prefix, now)
+        else:
+            parts = await asyncio.gather(*(self._backend.list_namespaces(r, now) for r in roots))
+            found = sorted({ns for part in parts for ns in part})
+        found = [ns for ns in found if not ns.startswith("_") and self._may("read", ns)]
         if max_depth is not None:
             found = sorted({"/".join(ns.split("/")[:max_depth]) for ns in found})
         if after is not None:
@@ -234,18 +303,23 @@ class ItemsMixin(Area):
                         else check.version(op.if_version, field=f"ops.{i}.if_version"),
                     )
                 )
+        for i, w in enumerate(writes):
+            self._must("write", w.namespace, f"ops.{i}.namespace")
+        request_id = self._scoped_request_id("batch", writes)
         await self._ready()
         puts = [(i, w) for i, w in enumerate(writes) if isinstance(w, PutWrite)]
         texts = [_text_of(ops_[i]) for i, _ in puts]
         indexed, now = await self._index([w for _, w in puts], texts, self._now)
         for (i, _), write in zip(puts, indexed, strict=True):
             writes[i] = write
-        results = await self._backend.write_items(
-            writes,
-            author=self.agent,
-            now=now,
-            history_limit=self._settings.history_limit,
-            request_id=self._scoped_request_id(),
+        results = await self._once(
+            self._backend.write_items(
+                writes,
+                author=self.agent,
+                now=now,
+                history_limit=self._settings.history_limit,
+                request_id=request_id,
+            )
         )
         return [to_item(r) if isinstance(r, ItemRow) else r for r in results]
 
@@ -253,6 +327,8 @@ class ItemsMixin(Area):
         check.namespace(namespace, self._settings)
         check.key(key, self._settings)
         check.limit(limit, self._settings)
+        if not self._may("read", namespace):
+            return []  # as for an absent item
         await self._ready()
         rows = await self._backend.item_history(namespace, key, limit, self._now())
         return [to_item(r) for r in rows]

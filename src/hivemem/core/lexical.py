@@ -20,14 +20,24 @@ N the live documents and n_t those containing t; higher is better.
 Layout: a vocabulary (term → id); per document its term ids and frequencies;
 postings as one compressed-sparse-row block (documents grouped by term) built at
 load, plus per-term lists for documents added since. A changed item gets a new
-document id and its old one is marked dead; when dead and recent documents
-outgrow a quarter of the block, the block is rebuilt (numpy, about a third of a
-second per 100k documents on two cores).
+document id and its old one is marked dead; when dead and recent documents (or
+their postings) outgrow a quarter of the block, the block is rebuilt (numpy, about
+a third of a second per 100k documents on two cores).
+
+Bounds: the vocabulary holds at most ``max_terms`` terms (the setting
+``max_vocabulary_terms``); a term first seen when it is full is not indexed (its
+documents are still counted in BM25's lengths; a warning is logged once). A
+rebuild drops the terms no live document uses any more (when they are at least an
+eighth of the vocabulary, or the vocabulary is full) and renumbers the rest, and
+copies the live documents' term arrays afresh, so the memory of deleted texts is
+returned. Core refuses a text with more than ``max_text_terms`` distinct terms
+(:func:`distinct_terms`) before it is written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import threading
@@ -41,14 +51,23 @@ import numpy.typing as npt
 import Stemmer  # type: ignore[import-not-found]
 
 from hivemem.backends.base import Backend
+from hivemem.config import Settings
 from hivemem.core.mirror import FeedMirror, Key, Namespaces
+from hivemem.errors import TooLarge
 
-__all__ = ["LexicalIndex", "tokens"]
+__all__ = ["LexicalIndex", "check_terms", "distinct_terms", "tokens"]
+
+log = logging.getLogger("hivemem.lexical")
 
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
 _STEMMER = Stemmer.Stemmer("porter")
 _STEMMER.maxCacheSize = 100_000
 _MIN_DOCS = 1024
+#: Rebuild once dead and recent postings pass this many, even when documents are few
+#: (a few very long texts).
+_MIN_POSTINGS = 1 << 18
+#: Words stemmed per step while counting distinct terms.
+_COUNT_STEP = 4096
 #: The attributes that make up an index's contents (taken over from a fresh build).
 _STATE = (
     "_vocab",
@@ -68,6 +87,8 @@ _STATE = (
     "_recent_docs",
     "_recent_tf",
     "_recent",
+    "_dead_postings",
+    "_recent_postings",
 )
 
 Ints = npt.NDArray[np.int32]
@@ -89,6 +110,60 @@ def tokens(text: str) -> list[str]:
     return [s if 3 <= len(w) <= 64 else w for w, s in zip(words, stemmed, strict=True)]
 
 
+def distinct_terms(text: str, limit: int) -> int:
+    """How many distinct index terms ``text`` has (see :func:`tokens`), counting no
+    further than ``limit + 1``.
+
+    Args:
+        text: the text to be indexed.
+        limit: the count that matters; anything above it is reported as ``limit + 1``.
+
+    Returns:
+        The number of distinct terms, or ``limit + 1`` when there are more than ``limit``.
+    """
+    words = set(_WORD.findall(_fold(text)))
+    if len(words) <= limit:  # a word has one term: no need to stop early
+        return len(set(_terms(list(words))))
+    seen: set[str] = set()
+    unique = list(words)
+    for start in range(0, len(unique), _COUNT_STEP):
+        seen.update(_terms(unique[start : start + _COUNT_STEP]))
+        if len(seen) > limit:
+            return limit + 1
+    return len(seen)
+
+
+def check_terms(text: str, limit: int, field: str) -> str:
+    """Refuse a text to be indexed that has more than ``limit`` distinct index terms.
+
+    Args:
+        text: the text search would index.
+        limit: the most distinct terms accepted (the setting ``max_text_terms``).
+        field: the input's name, for the error (``text``, or ``value`` when the text is
+            taken from the value).
+
+    Returns:
+        ``text``.
+
+    Raises:
+        TooLarge: the text has more than ``limit`` distinct terms (field ``field``).
+    """
+    # An ASCII text of c characters has at most (c + 1) // 2 words: no need to count.
+    if text.isascii() and (len(text) + 1) // 2 <= limit:
+        return text
+    if distinct_terms(text, limit) > limit:
+        raise TooLarge(
+            f"{field} has more than {limit} distinct search terms (the setting max_text_terms)",
+            field=field,
+        )
+    return text
+
+
+def _terms(words: list[str]) -> list[str]:
+    stemmed: list[str] = _STEMMER.stemWords(words)
+    return [s if 3 <= len(w) <= 64 else w for w, s in zip(words, stemmed, strict=True)]
+
+
 class LexicalIndex(FeedMirror):
     """BM25 over the index texts of every searchable item of a store.
 
@@ -96,16 +171,29 @@ class LexicalIndex(FeedMirror):
         backend: the store's backend (its :meth:`~hivemem.backends.base.Backend.load_texts`
             and :meth:`~hivemem.backends.base.Backend.texts_of` feed this index).
         poll_seconds: catch up at least this often even without a change signal.
+        max_terms: the most distinct terms the vocabulary holds (default: the setting
+            ``max_vocabulary_terms``); terms first seen beyond it are not indexed.
+
+    Raises:
+        ValueError: ``max_terms`` is not positive.
     """
 
     k1 = 1.2
     b = 0.75
     #: Rebuild the postings block when dead plus recent documents exceed this share of it.
     rebuild_share = 0.25
+    #: A rebuild drops dead terms when they are at least this share of the vocabulary.
+    compact_share = 0.125
 
-    def __init__(self, backend: Backend, poll_seconds: float) -> None:
+    def __init__(self, backend: Backend, poll_seconds: float, max_terms: int | None = None) -> None:
         super().__init__(backend, poll_seconds)
+        if max_terms is None:
+            max_terms = Settings.model_fields["max_vocabulary_terms"].default
+        if max_terms <= 0:
+            raise ValueError("max_terms must be positive")
+        self.max_terms: int = max_terms
         self._stopping = threading.Event()
+        self._full_warned = False
         self._clear()
 
     def _clear(self) -> None:
@@ -128,6 +216,9 @@ class LexicalIndex(FeedMirror):
         self._recent_docs: dict[int, list[int]] = {}
         self._recent_tf: dict[int, list[float]] = {}
         self._recent = 0
+        # Postings of dead documents and of recent ones, since the block was built.
+        self._dead_postings = 0
+        self._recent_postings = 0
 
     def __len__(self) -> int:
         return self._live
@@ -153,7 +244,7 @@ class LexicalIndex(FeedMirror):
         self._stopping.set()
 
     def _built(self, rows: Sequence[tuple[str, str, str]]) -> LexicalIndex:
-        fresh = LexicalIndex(self.backend, self.poll_seconds)
+        fresh = LexicalIndex(self.backend, self.poll_seconds, self.max_terms)
         fresh._stopping = self._stopping
         fresh._bulk(rows)
         return fresh
@@ -171,8 +262,13 @@ class LexicalIndex(FeedMirror):
                 raise asyncio.CancelledError("the hive closed while its BM25 index loaded")
             words = tokens(text)
             counts = Counter(words)
-            flat_terms.extend([vocab.setdefault(t, len(vocab)) for t in counts])
-            flat_tf.extend(counts.values())
+            if len(vocab) + len(counts) <= self.max_terms:  # every new term fits
+                flat_terms.extend([vocab.setdefault(t, len(vocab)) for t in counts])
+                flat_tf.extend(counts.values())
+            else:
+                ids, freqs = self._term_ids(counts)
+                flat_terms.extend(ids)
+                flat_tf.extend(freqs)
             bounds.append(len(flat_terms))
             lengths.append(len(words))
             ns_ids.append(self._ns.id_of(ns))
@@ -208,18 +304,56 @@ class LexicalIndex(FeedMirror):
                 self.set(key, text)
 
     def _synced(self) -> None:
-        if self._dead + self._recent > max(_MIN_DOCS, self.rebuild_share * len(self._docs)):
+        if self._dead + self._recent > max(
+            _MIN_DOCS, self.rebuild_share * len(self._docs)
+        ) or self._dead_postings + self._recent_postings > max(
+            _MIN_POSTINGS, self.rebuild_share * len(self._docs)
+        ):
             self._rebuild()
 
+    def _term_ids(self, counts: Counter[str]) -> tuple[list[int], list[int]]:
+        """The ids and frequencies of the terms of ``counts``, giving new terms ids while
+        the vocabulary has room; terms that find it full are left out."""
+        vocab = self._vocab
+        ids: list[int] = []
+        freqs: list[int] = []
+        for term, f in counts.items():
+            tid = vocab.get(term)
+            if tid is None:
+                if len(vocab) >= self.max_terms:
+                    if not self._full_warned:
+                        self._full_warned = True
+                        log.warning(
+                            "the in-process BM25 vocabulary is full (%d terms, the setting "
+                            "max_vocabulary_terms): new terms are not indexed until deleted "
+                            "texts free room",
+                            self.max_terms,
+                        )
+                    continue
+                tid = vocab[term] = len(vocab)
+            ids.append(tid)
+            freqs.append(f)
+        return ids, freqs
+
     def set(self, key: Key, text: str) -> None:
-        """Index ``text`` as the document of ``key`` (replacing its previous text)."""
+        """Index ``text`` as the document of ``key`` (replacing its previous text).
+
+        Terms first seen while the vocabulary holds ``max_terms`` terms are not indexed
+        (the document's length still counts them)."""
         self.remove(key)
         counts = Counter(tokens(text))
         vocab = self._vocab
-        term_ids = np.fromiter(
-            (vocab.setdefault(t, len(vocab)) for t in counts), dtype=np.int32, count=len(counts)
-        )
-        tf = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+        if len(vocab) + len(counts) <= self.max_terms:  # every new term fits
+            term_ids = np.fromiter(
+                (vocab.setdefault(t, len(vocab)) for t in counts),
+                dtype=np.int32,
+                count=len(counts),
+            )
+            tf = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+        else:
+            ids, freqs = self._term_ids(counts)
+            term_ids = np.asarray(ids, dtype=np.int32)
+            tf = np.asarray(freqs, dtype=np.float32)
         doc = len(self._keys)
         if doc == len(self._alive):
             self._grow(2 * doc)
@@ -236,6 +370,7 @@ class LexicalIndex(FeedMirror):
             self._recent_docs.setdefault(t, []).append(doc)
             self._recent_tf.setdefault(t, []).append(f)
         self._recent += 1
+        self._recent_postings += len(term_ids)
 
     def remove(self, key: Key) -> None:
         """Forget the document of ``key`` (nothing if absent)."""
@@ -244,6 +379,9 @@ class LexicalIndex(FeedMirror):
             return
         self._alive[doc] = False
         self._keys[doc] = None
+        terms = self._doc_terms[doc]
+        if terms is not None:
+            self._dead_postings += len(terms[0])
         self._doc_terms[doc] = None
         self._live -= 1
         self._total_length -= float(self._lengths[doc])
@@ -256,7 +394,10 @@ class LexicalIndex(FeedMirror):
         self._alive = np.concatenate([self._alive[:n], np.zeros(size - n, dtype=bool)])
 
     def _rebuild(self) -> None:
-        """Renumber the live documents 0..n-1 and rebuild the postings block."""
+        """Renumber the live documents 0..n-1, rebuild the postings block, copy the live
+        documents' term arrays into one fresh block (so deleted texts' memory is freed),
+        and drop the terms no live document uses when they are many (see the module
+        notes)."""
         live = [d for d, terms in enumerate(self._doc_terms) if terms is not None]
         keys = [self._keys[d] for d in live]
         doc_terms = [t for t in self._doc_terms if t is not None]
@@ -273,19 +414,44 @@ class LexicalIndex(FeedMirror):
         counts = np.fromiter((len(t) for t, _ in doc_terms), dtype=np.int64, count=n)
         all_terms = np.concatenate([t for t, _ in doc_terms]) if n else np.zeros(0, dtype=np.int32)
         all_tf = np.concatenate([f for _, f in doc_terms]) if n else np.zeros(0, dtype=np.float32)
+        del doc_terms
+        vocab = self._vocab
+        per_term = np.bincount(all_terms, minlength=len(vocab))
+        used = per_term > 0
+        n_used = int(np.count_nonzero(used))
+        dead_terms = len(vocab) - n_used
+        if dead_terms and (
+            dead_terms >= self.compact_share * len(vocab) or len(vocab) >= self.max_terms
+        ):
+            # Renumber the used terms 0..n_used-1 in their old order.
+            remap = (np.cumsum(used, dtype=np.int64) - 1).astype(np.int32)
+            all_terms = remap[all_terms]
+            per_term = per_term[used]
+            keep = used.tolist()
+            new_ids = remap.tolist()
+            vocab = {t: new_ids[i] for t, i in vocab.items() if keep[i]}
+            if len(vocab) < self.max_terms:
+                self._full_warned = False
         all_docs = np.repeat(np.arange(n, dtype=np.int32), counts)
         order = np.argsort(all_terms, kind="stable")
+        offsets = np.zeros(len(vocab) + 1, dtype=np.int64)
+        np.cumsum(per_term, out=offsets[1:])
+        bounds = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=bounds[1:])
+        cuts = bounds.tolist()
+        self._vocab = vocab
         self._docs = all_docs[order]
         self._tf = all_tf[order]
-        per_term = np.bincount(all_terms, minlength=len(self._vocab))
-        self._offsets = np.zeros(len(self._vocab) + 1, dtype=np.int64)
-        np.cumsum(per_term, out=self._offsets[1:])
+        self._offsets = offsets
         self._keys = list(keys)
-        self._doc_terms = list[tuple[Ints, Floats] | None](doc_terms)
+        self._doc_terms = list[tuple[Ints, Floats] | None](
+            (all_terms[cuts[i] : cuts[i + 1]], all_tf[cuts[i] : cuts[i + 1]]) for i in range(n)
+        )
         self._doc_of = {key: i for i, key in enumerate(keys) if key is not None}
         self._ns_ids, self._lengths, self._alive = ns_ids, lengths, alive
         self._recent_docs, self._recent_tf = {}, {}
         self._recent = self._dead = 0
+        self._recent_postings = self._dead_postings = 0
 
     # Search -------------------------------------------------------------------------------
 
@@ -380,5 +546,7 @@ class LexicalIndex(FeedMirror):
             "dead": self._dead,
             "recent": self._recent,
             "terms": len(self._vocab),
+            "max_terms": self.max_terms,
             "postings": len(self._docs),
+            "dead_postings": self._dead_postings,
         }

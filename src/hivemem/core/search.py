@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import heapq
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -44,13 +45,14 @@ import numpy as np
 import orjson
 
 from hivemem.backends.base import Condition, IndexEntry, ItemRow, row_matches
+from hivemem.config import Settings
 from hivemem.core import validation as check
 from hivemem.core.area import Area
 from hivemem.core.items import searchable_text, to_item
 from hivemem.core.lexical import LexicalIndex, tokens
 from hivemem.core.rowcache import RowCache
 from hivemem.core.vectors import VectorIndex
-from hivemem.errors import InvalidInput
+from hivemem.errors import InvalidInput, Unavailable
 from hivemem.models import SearchHit
 
 Mode = Literal["hybrid", "vector", "lexical"]
@@ -66,6 +68,8 @@ _FILTER_OVERSAMPLE = 4
 #: for every matching item becomes the cheaper way.
 _FILTER_MIN_CANDIDATES = 2000
 _FILTER_MAX_CANDIDATES = 20_000
+#: Candidate lists longer than this are checked against the filter in a worker thread.
+_CHECK_IN_THREAD = 4000
 _FILTER_OPS = {"$eq": "=", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<=", "$in": "in"}
 
 #: Words too common to help a BM25 query (a short English list).
@@ -95,10 +99,15 @@ def query_terms(query: str) -> builtins.list[str]:
 
 
 def _scalar(value: Any, field: str) -> Any:
-    if isinstance(value, bool | int | float | str) and not (
-        isinstance(value, float) and value != value
-    ):
+    """A filter value: a string, a boolean, a finite float or an int64.
+
+    Raises:
+        InvalidInput: anything else, NaN, Infinity, or an integer outside -2**63..2**63-1.
+    """
+    if isinstance(value, str | bool):
         return value
+    if isinstance(value, int | float):
+        return check.finite(value, field)
     raise InvalidInput("filter values must be strings, numbers or booleans", field=field)
 
 
@@ -107,19 +116,40 @@ def parse_filter(
     author: str | None,
     updated_after: datetime | float | None,
     updated_before: datetime | float | None,
+    *,
+    settings: Settings | None = None,
 ) -> builtins.list[Condition]:
     """Check the filter arguments of :meth:`search` and turn them into conditions.
 
     ``filter`` maps a metadata key to a value (equality) or to an object of
     operators: ``$eq``, ``$in`` (a non-empty list), ``$gt``, ``$gte``, ``$lt``, ``$lte``.
+    Values are strings, booleans, finite floats or integers within -2**63..2**63-1;
+    ``updated_after`` / ``updated_before`` are aware datetimes or UNIX seconds (finite).
+
+    Args:
+        settings: the limits ``max_filter_keys`` (most keys in ``filter``) and
+            ``max_filter_values`` (longest ``$in`` list); default: their default values.
 
     Raises:
-        InvalidInput: naming the field, e.g. ``filter.tags.$near`` for an unknown operator.
+        InvalidInput: naming the field, e.g. ``filter.tags.$near`` for an unknown operator,
+            ``filter`` for more than ``max_filter_keys`` keys, ``filter.<key>.$in`` for a
+            list longer than ``max_filter_values``.
     """
+    if settings is not None:
+        max_keys, max_values = settings.max_filter_keys, settings.max_filter_values
+    else:
+        fields = Settings.model_fields
+        max_keys = fields["max_filter_keys"].default
+        max_values = fields["max_filter_values"].default
     conditions: builtins.list[Condition] = []
     if filter is not None:
         if not isinstance(filter, Mapping):
             raise InvalidInput("filter must be an object of metadata conditions", field="filter")
+        if len(filter) > max_keys:
+            raise InvalidInput(
+                f"a filter holds at most {max_keys} conditions (the setting max_filter_keys)",
+                field="filter",
+            )
         for name, spec in filter.items():
             field = f"filter.{name}"
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:@+\-]{1,128}", name):
@@ -139,6 +169,12 @@ def parse_filter(
                 if sql_op == "in":
                     if not isinstance(operand, list | tuple) or not operand:
                         raise InvalidInput("$in needs a non-empty list", field=f"{field}.$in")
+                    if len(operand) > max_values:
+                        raise InvalidInput(
+                            f"$in holds at most {max_values} values "
+                            "(the setting max_filter_values)",
+                            field=f"{field}.$in",
+                        )
                     values = tuple(_scalar(v, f"{field}.$in") for v in operand)
                     conditions.append(Condition("metadata", name, "in", values))
                 else:
@@ -158,7 +194,7 @@ def parse_filter(
                 raise InvalidInput("times must carry a timezone (UTC)", field=field)
             seconds = value.timestamp()
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            seconds = float(value)
+            seconds = float(check.finite(value, field))
         else:
             raise InvalidInput("must be a datetime or UNIX seconds", field=field)
         conditions.append(Condition("updated_at", None, op, seconds))
@@ -262,47 +298,107 @@ class SearchMixin(Area):
         if mode == "vector" and self._embedder is None:
             raise InvalidInput("vector search needs an embedder (embedder=none)", field="mode")
         await self._ready()
+        roots = self._roots("search", prefix)
+        if not roots:
+            return []
+        budget = s.search_timeout_seconds
+        try:
+            async with asyncio.timeout(budget):
+                return await self._search(
+                    roots, query, conditions, mode, limit, s.search_candidates
+                )
+        except TimeoutError:
+            raise Unavailable(
+                f"the search took longer than search_timeout_seconds ({budget:g} s); "
+                "narrow it with a prefix or a more selective filter"
+            ) from None
+
+    async def _search(
+        self,
+        roots: builtins.list[str],
+        query: str,
+        conditions: builtins.list[Condition],
+        mode: Mode,
+        limit: int,
+        search_candidates: int,
+    ) -> builtins.list[SearchHit]:
+        """The search proper, over the prefixes ``roots`` (the request's prefix, or the
+        narrower prefixes the principal may search under it); hits the principal may
+        not search are dropped before fusion."""
+        s = self._settings
         now = self._now()
-        candidates = max(s.search_candidates, limit)
+        candidates = max(search_candidates, limit)
         rankings: dict[str, builtins.list[tuple[Key, float]]] = {}
         rows: dict[Key, ItemRow] = {}
+
+        async def ranked(
+            one: Callable[[str], Awaitable[builtins.list[tuple[Key, float]]]],
+        ) -> builtins.list[tuple[Key, float]]:
+            # Scores of one mode are comparable across prefixes (same index, same idf),
+            # so the roots' rankings merge by score.
+            if len(roots) == 1:
+                found = await one(roots[0])
+            else:
+                parts = [await one(root) for root in roots]
+                found = heapq.nlargest(
+                    candidates, (hit for part in parts for hit in part), key=lambda h: h[1]
+                )
+            return [hit for hit in found if self._may("search", hit[0][0])]
+
         if mode != "vector":
             lexical_index = self._lexical_index()
+            terms = query_terms(query)
             if lexical_index is None:
-                lexical = await self._backend.search_lexical(
-                    prefix, query_terms(query), conditions, candidates, now
-                )
-                rankings["lexical"] = [((ns, key), score) for ns, key, score in lexical]
+
+                async def lexical_in_engine(root: str) -> builtins.list[tuple[Key, float]]:
+                    found = await self._backend.search_lexical(
+                        root, terms, conditions, candidates, now
+                    )
+                    return [((ns, key), score) for ns, key, score in found]
+
+                rankings["lexical"] = await ranked(lexical_in_engine)
             else:
                 await lexical_index.sync()
-                terms = query_terms(query)
-                rankings["lexical"] = await self._filtered(
-                    lambda allowed, k: lexical_index.search(terms, prefix, allowed, k),
-                    prefix,
-                    conditions,
-                    candidates,
-                    now,
-                    rows,
-                )
+
+                async def lexical_in_process(root: str) -> builtins.list[tuple[Key, float]]:
+                    return await self._filtered(
+                        lambda allowed, k: lexical_index.search(terms, root, allowed, k),
+                        root,
+                        conditions,
+                        candidates,
+                        now,
+                        rows,
+                    )
+
+                rankings["lexical"] = await ranked(lexical_in_process)
         if mode != "lexical" and self._embedder is not None:
             (vector,) = await self._embedder.embed([query])
             q = np.asarray(vector, dtype=np.float32)
+            embedder = self._embedder
             if self._vectors_in_engine():
-                nearest = await self._backend.search_vectors(
-                    prefix, q.tobytes(), self._embedder.name, conditions, candidates, now
-                )
-                rankings["vector"] = [((ns, key), score) for ns, key, score in nearest]
+
+                async def vectors_in_engine(root: str) -> builtins.list[tuple[Key, float]]:
+                    nearest = await self._backend.search_vectors(
+                        root, q.tobytes(), embedder.name, conditions, candidates, now
+                    )
+                    return [((ns, key), score) for ns, key, score in nearest]
+
+                rankings["vector"] = await ranked(vectors_in_engine)
             else:
                 index = self._vector_index(int(q.shape[0]))
                 await index.sync()
-                rankings["vector"] = await self._filtered(
-                    lambda allowed, k: index.search(q, prefix, allowed, k),
-                    prefix,
-                    conditions,
-                    candidates,
-                    now,
-                    rows,
-                )
+
+                async def vectors_in_process(root: str) -> builtins.list[tuple[Key, float]]:
+                    return await self._filtered(
+                        lambda allowed, k: index.search(q, root, allowed, k),
+                        root,
+                        conditions,
+                        candidates,
+                        now,
+                        rows,
+                    )
+
+                rankings["vector"] = await ranked(vectors_in_process)
         fused = fuse(
             rankings,
             {"lexical": s.search_weight_lexical, "vector": s.search_weight_vector},
@@ -324,7 +420,8 @@ class SearchMixin(Area):
                 now,
             )
             for key, gain in gains.items():
-                scores[key] = scores.get(key, 0.0) + gain
+                if self._may("search", key[0]):
+                    scores[key] = scores.get(key, 0.0) + gain
         best = sorted(scores, key=lambda key: -scores[key])[:limit]
         missing = [key for key in best if key not in rows]
         if missing:
@@ -379,7 +476,10 @@ class SearchMixin(Area):
         while True:
             ranked = rank(None, wide)
             fresh = [key for key, _ in ranked if key not in checked]
-            passing, unknown = cache.check(fresh, conditions, now)
+            if len(fresh) > _CHECK_IN_THREAD:  # keep the event loop answering meanwhile
+                passing, unknown = await asyncio.to_thread(cache.check, fresh, conditions, now)
+            else:
+                passing, unknown = cache.check(fresh, conditions, now)
             checked.update((key, key in passing) for key in fresh)
             if unknown:  # written since the cache caught up: ask the store
                 for row in await self._backend.get_items(unknown, now):

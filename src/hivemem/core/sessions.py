@@ -17,6 +17,10 @@ from hivemem.core import validation as check
 from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput, NotFound
 from hivemem.models import Message, MessageIn, Page, Session
+from hivemem.policy.rules import session_namespace
+
+#: A session listing scans at most this many pages of sessions it may not show.
+_SCAN_PAGES = 10
 
 
 def new_session_id() -> str:
@@ -68,6 +72,21 @@ class SessionsMixin(Area):
     def _session_id(self, session_id: object) -> str:
         return check.segment(session_id, "session_id", self._settings)
 
+    def _may_session(self, row: SessionRow) -> bool:
+        return self._may("sessions", session_namespace(row.app, row.user))
+
+    async def _visible_session(self, session_id: str) -> None:
+        """With a policy in force, refuse a session this view may not see as absent.
+
+        Raises:
+            NotFound: no such session, or one the principal may not use.
+        """
+        if self._access is None:
+            return
+        row = await self._backend.get_session(session_id)
+        if row is None or not self._may_session(row):
+            raise NotFound(f"no session {session_id!r}", field="session_id")
+
     async def create_session(
         self,
         *,
@@ -97,16 +116,21 @@ class SessionsMixin(Area):
             started_at=now,
             last_activity_at=now,
         )
+        self._must("sessions", session_namespace(row.app, row.user), "app")
+        request_id = self._scoped_request_id(
+            "create_session", row.id if session_id is not None else None, row.app, row.user,
+            row.agent, row.metadata, row.state if state is not None else None,
+        )
         await self._ready()
         return to_session(
-            await self._backend.create_session(row, request_id=self._scoped_request_id())
+            await self._once(self._backend.create_session(row, request_id=request_id))
         )
 
     async def get_session(self, session_id: str) -> Session:
         session_id = self._session_id(session_id)
         await self._ready()
         row = await self._backend.get_session(session_id)
-        if row is None:
+        if row is None or not self._may_session(row):
             raise NotFound(f"no session {session_id!r}", field="session_id")
         return to_session(row)
 
@@ -128,15 +152,40 @@ class SessionsMixin(Area):
         if after is not None and not isinstance(after, str):
             raise InvalidInput("cursor was not made by list_sessions()", field="cursor")
         await self._ready()
-        rows = await self._backend.list_sessions(app, user, agent, after, limit)
-        next_cursor = cursors.encode(rows[-1].id) if len(rows) == limit else None
-        return Page[Session](items=[to_session(r) for r in rows], next_cursor=next_cursor)
+        if self._access is not None and not self._access.anywhere("sessions"):
+            return Page[Session](items=[], next_cursor=None)
+        out: builtins.list[SessionRow] = []
+        budget = _SCAN_PAGES * limit
+        while True:
+            rows = await self._backend.list_sessions(app, user, agent, after, limit)
+            budget -= len(rows)
+            for row in rows:
+                after = row.id
+                if self._may_session(row):
+                    out.append(row)
+                    if len(out) == limit:
+                        return Page[Session](
+                            items=[to_session(r) for r in out], next_cursor=cursors.encode(after)
+                        )
+            if len(rows) < limit:
+                return Page[Session](items=[to_session(r) for r in out], next_cursor=None)
+            if budget <= 0:
+                return Page[Session](
+                    items=[to_session(r) for r in out], next_cursor=cursors.encode(after)
+                )
 
     async def delete_session(self, session_id: str) -> bool:
         session_id = self._session_id(session_id)
+        request_id = self._scoped_request_id("delete_session", session_id)
         await self._ready()
-        return await self._backend.delete_session(
-            session_id, author=self.agent, now=self._now(), request_id=self._scoped_request_id()
+        try:
+            await self._visible_session(session_id)
+        except NotFound:
+            return False
+        return await self._once(
+            self._backend.delete_session(
+                session_id, author=self.agent, now=self._now(), request_id=request_id
+            )
         )
 
     async def append_messages(
@@ -150,13 +199,13 @@ class SessionsMixin(Area):
                 f"append 1 to {self._settings.max_batch_ops} messages at a time", field="messages"
             )
         new = [self._new_message(m, i) for i, m in enumerate(messages)]
+        request_id = self._scoped_request_id("append_messages", session_id, new)
         await self._ready()
-        rows = await self._backend.append_messages(
-            session_id,
-            new,
-            author=self.agent,
-            now=self._now(),
-            request_id=self._scoped_request_id(),
+        await self._visible_session(session_id)
+        rows = await self._once(
+            self._backend.append_messages(
+                session_id, new, author=self.agent, now=self._now(), request_id=request_id
+            )
         )
         return [to_message(r) for r in rows]
 
@@ -188,6 +237,7 @@ class SessionsMixin(Area):
         check.count(after, field="after")
         check.limit(limit, self._settings)
         await self._ready()
+        await self._visible_session(session_id)
         rows = await self._backend.read_messages(session_id, after, limit)
         return [to_message(r) for r in rows]
 
@@ -198,13 +248,17 @@ class SessionsMixin(Area):
         data = check.json_object(state, "state", self._settings.max_value_bytes)
         if if_version is not None:
             check.version(if_version)
+        request_id = self._scoped_request_id("save_state", session_id, data, if_version)
         await self._ready()
-        row = await self._backend.save_state(
-            session_id,
-            data,
-            if_version,
-            author=self.agent,
-            now=self._now(),
-            request_id=self._scoped_request_id(),
+        await self._visible_session(session_id)
+        row = await self._once(
+            self._backend.save_state(
+                session_id,
+                data,
+                if_version,
+                author=self.agent,
+                now=self._now(),
+                request_id=request_id,
+            )
         )
         return to_session(row)

@@ -1,11 +1,18 @@
-"""Input rules shared by every area: names, sizes, TTLs, limits.
+"""Input rules shared by every area: names, sizes, TTLs, limits, numbers.
 
 Every check raises :class:`~hivemem.errors.InvalidInput` or
 :class:`~hivemem.errors.TooLarge` naming the field, before anything is written.
+
+Numbers: every integer a hive stores or compares must fit a signed 64-bit integer
+(SQLite's INTEGER, PostgreSQL's bigint), and every float must be finite (JSON has no
+NaN or Infinity; orjson would silently write them as ``null``). This module does not
+import numpy: the client imports it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 import re
 from typing import Any
@@ -15,8 +22,22 @@ import orjson
 from hivemem.config import Settings
 from hivemem.errors import InvalidInput, TooLarge
 
+#: The range of a signed 64-bit integer, the widest integer any store keeps.
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+
 _SEGMENT = re.compile(r"[A-Za-z0-9_.:@+\-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: orjson writes NaN and Infinity as ``null``, and integers up to 2**64 - 1 (19 or 20
+#: digits); an encoding with neither ``null`` nor a run of 19 digits cannot hold a bad
+#: number, so only such encodings are walked. Digits map to b"0", everything else to b"x".
+_DIGIT_MAP = bytes(48 if 48 <= i <= 57 else 120 for i in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def _default(name: str) -> Any:
+    """The default of setting ``name`` (not read from the environment)."""
+    return Settings.model_fields[name].default
 
 
 def segment(value: object, field: str, settings: Settings, *, reserved_ok: bool = False) -> str:
@@ -79,24 +100,110 @@ def key(value: object, settings: Settings, *, field: str = "key") -> str:
     return value
 
 
-def to_json(value: Any, field: str, limit: int) -> bytes:
-    """Encode a JSON value, enforcing a size limit in bytes.
+def to_json(value: Any, field: str, limit: int | None = None) -> bytes:
+    """Encode a JSON value with orjson, enforcing a size limit in bytes.
+
+    Args:
+        value: any JSON value (dicts with string keys, lists, strings, numbers, booleans,
+            None; what orjson serialises).
+        field: the input's name, for the error.
+        limit: the largest encoding accepted, in bytes; None: no limit.
+
+    Returns:
+        The UTF-8 JSON encoding.
 
     Raises:
-        InvalidInput: the value is not JSON-serialisable (e.g. a set, NaN, a huge int).
+        InvalidInput: the value is not JSON-serialisable (e.g. a set, an int beyond
+            2**64), or holds a float that is not finite (NaN, Infinity) or an integer
+            outside the signed 64-bit range, anywhere inside it (field ``field``; the
+            message gives the position).
         TooLarge: the encoding is longer than ``limit`` bytes.
     """
     try:
         data = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidInput(f"{field} is not a JSON value: {exc}", field=field) from None
-    if len(data) > limit:
+    # Cheap screen: only an encoding with "null" or 19 digits in a row can hide a bad number.
+    if (b"null" in data or _LONG_RUN in data.translate(_DIGIT_MAP)) and _has_bad_number(value):
+        where, bad = _find_bad_number(value, field)
+        raise InvalidInput(
+            f"{where} is {bad}; numbers must be finite, integers within -2**63..2**63-1",
+            field=field,
+        )
+    if limit is not None and len(data) > limit:
         raise TooLarge(f"{field} is {len(data)} bytes as JSON; the limit is {limit}", field=field)
     return data
 
 
-def json_object(value: Any, field: str, limit: int) -> bytes:
-    """Encode a JSON object (dict with string keys), enforcing a size limit in bytes."""
+def _bad(v: Any) -> bool:
+    """Whether ``v`` is a non-finite float or an integer outside int64 (bools are fine)."""
+    if isinstance(v, float):
+        return not math.isfinite(v)
+    return isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX
+
+
+def _children(v: Any) -> list[tuple[str, Any]] | None:
+    """The members of a container orjson serialises, labelled; None for a leaf."""
+    if isinstance(v, dict):
+        return [(f".{k}", x) for k, x in v.items()]
+    if isinstance(v, list | tuple):
+        return [(f"[{i}]", x) for i, x in enumerate(v)]
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return [(f".{f.name}", getattr(v, f.name)) for f in dataclasses.fields(v)]
+    if isinstance(v, enum.Enum):
+        return [("", v.value)]
+    return None
+
+
+def _has_bad_number(value: Any) -> bool:
+    """Whether a bad number (see :func:`_bad`) is anywhere inside ``value``; fast path for
+    the plain types JSON decoding makes, without building positions."""
+    stack = [value]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        v = pop()
+        t = type(v)
+        if t is str or t is bool or v is None:
+            continue
+        if t is dict:
+            push(v.values())
+        elif t is list or t is tuple:
+            push(v)
+        elif t is float:
+            if v - v != 0.0:  # NaN and ±Infinity give NaN
+                return True
+        elif t is int:
+            if not INT64_MIN <= v <= INT64_MAX:
+                return True
+        elif _bad(v):
+            return True
+        else:
+            members = _children(v)
+            if members is not None:
+                push(x for _, x in members)
+    return False
+
+
+def _find_bad_number(value: Any, field: str) -> tuple[str, str]:
+    """The position (e.g. ``value.scores[2]``) and repr of the first bad number found."""
+    stack = [(field, value)]
+    while stack:
+        where, v = stack.pop()
+        if _bad(v):
+            return where, repr(v)
+        members = _children(v)
+        if members is not None:
+            stack.extend((where + label, x) for label, x in reversed(members))
+    return field, "not a JSON number"
+
+
+def json_object(value: Any, field: str, limit: int | None = None) -> bytes:
+    """Encode a JSON object (dict with string keys), enforcing a size limit in bytes.
+
+    Raises:
+        InvalidInput: not a dict, or what :func:`to_json` refuses.
+        TooLarge: the encoding is longer than ``limit`` bytes.
+    """
     if not isinstance(value, dict):
         raise InvalidInput(f"{field} must be a JSON object", field=field)
     return to_json(value, field, limit)
@@ -111,34 +218,117 @@ def text(value: object, settings: Settings, *, field: str = "text") -> str:
     return value
 
 
-def ttl(value: object, *, field: str = "ttl") -> float:
-    """Check a TTL: a finite number of seconds > 0."""
+def ttl(
+    value: object,
+    *,
+    field: str = "ttl",
+    settings: Settings | None = None,
+    max_seconds: float | None = None,
+) -> float:
+    """Check a TTL: a finite number of seconds, > 0 and at most the longest TTL.
+
+    Args:
+        value: the TTL in seconds (int or float, not bool).
+        field: the input's name, for the error.
+        settings: its ``max_ttl_seconds`` is the longest TTL accepted.
+        max_seconds: the longest TTL accepted, in seconds; wins over ``settings``. With
+            neither, the default ``max_ttl_seconds`` (10 years).
+
+    Returns:
+        The TTL in seconds, as a float.
+
+    Raises:
+        InvalidInput: not a number, not finite, <= 0, or over the longest TTL.
+    """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(f"{field} must be a number of seconds", field=field)
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond a float's range
+        raise InvalidInput(f"{field} must be a finite number of seconds", field=field) from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise InvalidInput(f"{field} must be a positive number of seconds", field=field)
+    if max_seconds is None:
+        max_seconds = (
+            settings.max_ttl_seconds if settings is not None else _default("max_ttl_seconds")
+        )
+    if seconds > max_seconds:
+        raise InvalidInput(f"{field} must be at most {max_seconds:g} seconds", field=field)
     return seconds
 
 
-def version(value: object, *, field: str = "if_version") -> int:
-    """Check an expected version: an integer >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"{field} must be an integer >= 0", field=field)
+def int64(value: object, field: str) -> int:
+    """Check an integer that fits a signed 64-bit integer (-2**63 .. 2**63 - 1).
+
+    Args:
+        value: the integer (not bool).
+        field: the input's name, for the error.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        InvalidInput: not an int (or a bool), or outside the 64-bit range.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{field} must be an integer", field=field)
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise InvalidInput(f"{field} must be between -2**63 and 2**63-1", field=field)
     return value
 
 
+def finite(value: object, field: str) -> float | int:
+    """Check a JSON number: a finite float, or an integer in the signed 64-bit range.
+
+    Args:
+        value: an int (not bool) or a float.
+        field: the input's name, for the error.
+
+    Returns:
+        ``value`` unchanged.
+
+    Raises:
+        InvalidInput: not a number, a NaN or Infinity, or an integer outside int64.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{field} must be a number", field=field)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput(f"{field} must be a finite number, not {value!r}", field=field)
+        return value
+    return int64(value, field)
+
+
+def version(value: object, *, field: str = "if_version") -> int:
+    """Check an expected version: an integer in 0..2**63 - 1.
+
+    Raises:
+        InvalidInput: not an int (or a bool), negative, or over 2**63 - 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"{field} must be an integer >= 0", field=field)
+    return int64(value, field)
+
+
 def limit(value: object, settings: Settings, *, field: str = "limit") -> int:
-    """Check a page size: an integer in 1..max_page_size."""
+    """Check a page size: an integer in 1..max_page_size.
+
+    Raises:
+        InvalidInput: not an int (or a bool), or out of range.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(f"{field} must be an integer", field=field)
-    if not 1 <= value <= settings.max_page_size:
+    if not 1 <= value <= min(settings.max_page_size, INT64_MAX):
         raise InvalidInput(f"{field} must be between 1 and {settings.max_page_size}", field=field)
     return value
 
 
 def count(value: object, *, field: str) -> int:
-    """Check a non-negative integer such as a sequence number."""
+    """Check a non-negative integer such as a sequence number: 0..2**63 - 1.
+
+    Raises:
+        InvalidInput: not an int (or a bool), negative, or over 2**63 - 1.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(f"{field} must be an integer >= 0", field=field)
-    return value
+    return int64(value, field)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
 import orjson
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import FastAPI
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,8 +20,6 @@ from hivemem.core import LocalHive
 from hivemem.errors import HivememError, InvalidInput, TooLarge
 from hivemem.service import problems
 
-AGENT_HEADER = "X-Hivemem-Agent"
-_MAX_VIEWS = 10_000
 
 
 class _BodyLimit:
@@ -55,53 +54,6 @@ class _BodyLimit:
         return TooLarge(f"request body is over {self.limit} bytes", field="body")
 
 
-class ServiceState:
-    """The hive behind the service and its per-agent views."""
-
-    def __init__(self, hive: LocalHive) -> None:
-        self.hive = hive
-        self.views: dict[str, LocalHive] = {}
-
-    def view(self, agent: str | None) -> LocalHive:
-        name = agent or "anonymous"
-        view = self.views.get(name)
-        if view is None:
-            try:
-                view = self.hive.as_agent(name)
-            except InvalidInput as exc:
-                raise InvalidInput(exc.message, field="agent") from None
-            if len(self.views) >= _MAX_VIEWS:
-                self.views.clear()
-            self.views[name] = view
-        return view
-
-
-async def hive_for(
-    request: Request,
-    x_hivemem_agent: Annotated[
-        str | None, Header(description="Identity of the calling agent (author of its writes).")
-    ] = None,
-    x_hivemem_request_id: Annotated[
-        str | None,
-        Header(
-            description="Idempotency key of a write (1-128 letters, digits, _ - . :). A write "
-            "repeated with the same request id by the same agent, on any replica, within "
-            "request_retention_seconds, is applied once; the repeat gets the first result."
-        ),
-    ] = None,
-) -> LocalHive:
-    """FastAPI dependency: the hive view acting for the caller (async, so FastAPI does not
-    send it to its thread pool)."""
-    state: ServiceState = request.app.state.hivemem
-    view = state.view(x_hivemem_agent)
-    if x_hivemem_request_id is not None:
-        view = view.with_request_id(x_hivemem_request_id)
-    return view
-
-
-HiveDep = Annotated[LocalHive, Depends(hive_for)]
-
-
 def json_response(
     content: object, status: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
@@ -121,23 +73,47 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     Raises:
         InvalidInput: the store URL is not a local store (field ``store``).
     """
+    from hivemem.service.auth import AGENT_HEADER, ServiceState
+
     settings = settings or Settings()
     url = store or settings.store
     hive = hivemem.connect(url, agent="hivemem", settings=settings)
     if not isinstance(hive, LocalHive):
-        raise InvalidInput(f"the service needs a local store URL, not {url!r}", field="store")
-    state = ServiceState(hive)
+        raise InvalidInput(
+            f"the service needs a local store URL, not {redact_url(url)!r}", field="store"
+        )
+    state = ServiceState(hive, settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await hive.open()
         warming = asyncio.create_task(hive.warm(), name="hivemem-warm")
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_sighup() -> None:
+            task = loop.create_task(state.reload_policy(), name="hivemem-policy-reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        hup = False
+        if state.policy is not None and state.policy.path:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGHUP, on_sighup)
+                hup = True
+            await state.admin_event(
+                "policy.loaded",
+                {"source": state.policy.path, "rules": len(state.policy.policy.rules)},
+            )
         try:
             yield
         finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
             warming.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await warming
+            await state.close()
             await hive.close()
 
     app = FastAPI(
@@ -145,7 +121,9 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
         version=hivemem.__version__,
         summary="Shared memory, sessions and a change feed for AI agents.",
         description=(
-            f"Identify the calling agent with the `{AGENT_HEADER}` header. Errors are RFC 9457 "
+            "With `--auth`, send `Authorization: Bearer <API key or JWT>` on every route but "
+            f"/healthz and /readyz; without it, name the calling agent with `{AGENT_HEADER}`. "
+            "Errors are RFC 9457 "
             "`application/problem+json` bodies whose `field` names the input at fault. Item "
             'versions are ETags (`"3"`); send `If-Match` for compare-and-set and '
             "`If-None-Match: *` for create-only."
@@ -175,4 +153,21 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
         return json_response({"status": "ready", "store": url.split("://", 1)[0]})
 
     app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
+    hosts = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
+    if hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     return app
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its authority replaced by ``***`` (for logs and
+    messages): ``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, tail = rest.partition("/")
+    hosts = authority.rsplit("@", 1)
+    if len(hosts) == 2 and ":" in hosts[0]:
+        user = hosts[0].split(":", 1)[0]
+        authority = f"{user}:***@{hosts[1]}"
+    return f"{scheme}{sep}{authority}{slash}{tail}"

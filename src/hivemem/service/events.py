@@ -8,11 +8,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 
 from hivemem.core.events import WATCH_BATCH
 from hivemem.models import Event, Page
-from hivemem.service.app import HiveDep, json_response
+from hivemem.service.app import json_response
+from hivemem.service.auth import PublishHive, WatchHive
 
 router = APIRouter(tags=["events"])
 
@@ -34,17 +36,17 @@ class Head(BaseModel):
 
 @router.get("/v1/events", response_model=Page[Event], summary="One page of the feed.")
 async def read_events(
-    hive: HiveDep,
+    hive: WatchHive,
     prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
     after: Annotated[str | None, Query(description="Cursor; absent: oldest retained.")] = None,
-    limit: Annotated[int, Query(description="Page size, 1..1000.")] = 100,
+    limit: Annotated[int, Query(le=2**63 - 1, description="Page size, 1..1000.")] = 100,
 ) -> Response:
     page = await hive.read_events(prefix, after=after, limit=limit)
     return Response(page.model_dump_json(), media_type="application/json")
 
 
 @router.get("/v1/events/head", response_model=Head, summary="Cursor of the newest event.")
-async def head(hive: HiveDep) -> Response:
+async def head(hive: WatchHive) -> Response:
     return json_response({"cursor": await hive.head()})
 
 
@@ -56,7 +58,7 @@ async def head(hive: HiveDep) -> Response:
 )
 async def watch(
     request: Request,
-    hive: HiveDep,
+    hive: WatchHive,
     prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
     after: Annotated[
         str | None, Query(description="Resume after this cursor; absent: from now.")
@@ -71,18 +73,28 @@ async def watch(
     # Read the first page before answering, so a bad prefix or an expired cursor
     # gets its problem+json status instead of a broken stream.
     first = await hive.read_events(prefix, after=start, limit=WATCH_BATCH)
-    settings = request.app.state.hivemem.hive.settings
+    state = request.app.state.hivemem
+    settings = state.hive.settings
+    release = state.open_stream(hive.agent)
 
     async def stream() -> AsyncIterator[ServerSentEvent]:
-        for event in first.items:
-            yield ServerSentEvent(data=event.model_dump_json(), id=event.cursor, event="hivemem")
-        async for event in hive.watch(prefix, after=first.next_cursor):
-            yield ServerSentEvent(data=event.model_dump_json(), id=event.cursor, event="hivemem")
+        try:
+            for event in first.items:
+                yield ServerSentEvent(
+                    data=event.model_dump_json(), id=event.cursor, event="hivemem"
+                )
+            async for event in hive.watch(prefix, after=first.next_cursor):
+                yield ServerSentEvent(
+                    data=event.model_dump_json(), id=event.cursor, event="hivemem"
+                )
+        finally:
+            release()
 
     return EventSourceResponse(
         stream(),
         ping=int(settings.sse_ping_seconds),
         headers={START_HEADER: start, "Cache-Control": "no-store"},
+        background=BackgroundTask(release),
     )
 
 
@@ -91,6 +103,6 @@ async def watch(
     response_model=Event,
     summary="Publish an agent's own event on a channel (a namespace).",
 )
-async def publish(channel: str, body: PublishBody, hive: HiveDep) -> Response:
+async def publish(channel: str, body: PublishBody, hive: PublishHive) -> Response:
     event = await hive.publish(channel, body.payload)
     return Response(event.model_dump_json(), media_type="application/json")

@@ -11,7 +11,8 @@ from starlette.responses import Response
 
 from hivemem.errors import Conflict, InvalidInput, NotFound
 from hivemem.models import Item, Page
-from hivemem.service.app import HiveDep, json_response
+from hivemem.service.app import json_response
+from hivemem.service.auth import ReadHive, WriteHive
 from hivemem.service.problems import PreconditionFailed
 
 router = APIRouter(tags=["items"])
@@ -40,9 +41,14 @@ class PutBody(BaseModel):
 
     value: Any = Field(description="Any JSON value (at most 1 MiB by default).")
     if_version: int | None = Field(
-        default=None, ge=0, description="0: create only; n: only if at version n."
+        default=None, ge=0, le=2**63 - 1, description="0: create only; n: only if at version n."
     )
-    ttl: float | None = Field(default=None, description="Seconds until the item expires.")
+    ttl: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds until the item expires (at most max_ttl_seconds).",
+    )
     text: str | None = Field(default=None, description="Text that search indexes.")
     metadata: dict[str, Any] | None = Field(default=None, description="Filterable attributes.")
 
@@ -112,7 +118,7 @@ def item_response(item: Item, status: int = 200) -> Response:
 async def put_item(
     path: str,
     body: PutBody,
-    hive: HiveDep,
+    hive: WriteHive,
     if_match: Annotated[str | None, Header(description='Expected version, e.g. "3".')] = None,
     if_none_match: Annotated[str | None, Header(description="'*': create only.")] = None,
 ) -> Response:
@@ -147,7 +153,7 @@ async def put_item(
 
 
 @router.get("/v1/items/{path:anypath}", response_model=Item, summary="Get an item (404 if absent).")
-async def get_item(path: str, hive: HiveDep) -> Response:
+async def get_item(path: str, hive: ReadHive) -> Response:
     namespace, key = split_path(path)
     item = await hive.get(namespace, key)
     if item is None:
@@ -162,8 +168,10 @@ async def get_item(path: str, hive: HiveDep) -> Response:
 )
 async def delete_item(
     path: str,
-    hive: HiveDep,
-    if_version: Annotated[int | None, Query(ge=0, description="Only if at this version.")] = None,
+    hive: WriteHive,
+    if_version: Annotated[
+        int | None, Query(ge=0, le=2**63 - 1, description="Only if at this version.")
+    ] = None,
     if_match: Annotated[str | None, Header(description='Expected version, e.g. "3".')] = None,
 ) -> Response:
     namespace, key = split_path(path)
@@ -177,9 +185,9 @@ async def delete_item(
 
 @router.get("/v1/items", response_model=Page[Item], summary="List items under a namespace prefix.")
 async def list_items(
-    hive: HiveDep,
+    hive: ReadHive,
     prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
-    limit: Annotated[int, Query(description="Page size, 1..1000.")] = 100,
+    limit: Annotated[int, Query(le=2**63 - 1, description="Page size, 1..1000.")] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> Response:
     page = await hive.list(prefix, limit=limit, cursor=cursor)
@@ -190,10 +198,12 @@ async def list_items(
     "/v1/namespaces", response_model=Page[str], summary="List namespaces holding live items."
 )
 async def list_namespaces(
-    hive: HiveDep,
+    hive: ReadHive,
     prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
-    max_depth: Annotated[int | None, Query(description="Truncate to this many segments.")] = None,
-    limit: Annotated[int, Query(description="Page size, 1..1000.")] = 100,
+    max_depth: Annotated[
+        int | None, Query(le=2**63 - 1, description="Truncate to this many segments.")
+    ] = None,
+    limit: Annotated[int, Query(le=2**63 - 1, description="Page size, 1..1000.")] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> Response:
     page = await hive.list_namespaces(prefix, max_depth=max_depth, limit=limit, cursor=cursor)
@@ -205,7 +215,7 @@ async def list_namespaces(
     response_model=BatchResult,
     summary="Apply puts and deletes atomically (all or none).",
 )
-async def batch(body: BatchBody, hive: HiveDep) -> Response:
+async def batch(body: BatchBody, hive: WriteHive) -> Response:
     results = await hive.batch(body.ops)  # type: ignore[arg-type]
     return Response(BatchResult(results=results).model_dump_json(), media_type="application/json")
 
@@ -217,8 +227,10 @@ async def batch(body: BatchBody, hive: HiveDep) -> Response:
 )
 async def history(
     path: str,
-    hive: HiveDep,
-    limit: Annotated[int, Query(description="Most versions returned, 1..1000.")] = 100,
+    hive: ReadHive,
+    limit: Annotated[
+        int, Query(le=2**63 - 1, description="Most versions returned, 1..1000.")
+    ] = 100,
 ) -> Response:
     namespace, key = split_path(path)
     items = await hive.history(namespace, key, limit=limit)

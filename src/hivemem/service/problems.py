@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import orjson
@@ -11,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from hivemem.errors import Conflict, HivememError, InvalidInput, RateLimited
+from hivemem.errors import Conflict, HivememError, InvalidInput, RateLimited, Unauthenticated
 
 log = logging.getLogger("hivemem.service")
 
@@ -31,7 +32,9 @@ def problem(error: HivememError, instance: str | None = None) -> Response:
         body["instance"] = instance
     headers = {}
     if isinstance(error, RateLimited):
-        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    elif isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="hivemem"'  # RFC 6750 section 3
     return Response(
         orjson.dumps(body), status_code=error.status, media_type=PROBLEM, headers=headers
     )

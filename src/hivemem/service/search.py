@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from starlette.responses import Response
 
 from hivemem.models import SearchHit
-from hivemem.service.app import HiveDep
+from hivemem.service.auth import SearchHive
 
 router = APIRouter(tags=["search"])
 
@@ -35,7 +35,7 @@ class SearchBody(BaseModel):
         default=None, description="Only items updated before (ISO 8601 or UNIX seconds)."
     )
     mode: Literal["hybrid", "vector", "lexical"] = "hybrid"
-    limit: StrictInt = Field(default=10, description="Most hits, 1..100.")
+    limit: StrictInt = Field(default=10, le=2**63 - 1, description="Most hits, 1..100.")
 
 
 class SearchResult(BaseModel):
@@ -47,7 +47,7 @@ class SearchResult(BaseModel):
     response_model=SearchResult,
     summary="Hybrid search (BM25 + vectors, reciprocal rank fusion), or one mode alone.",
 )
-async def search(body: SearchBody, hive: HiveDep) -> Response:
+async def search(body: SearchBody, hive: SearchHive) -> Response:
     hits = await hive.search(
         body.prefix,
         body.query,

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from hivemem.errors import NotFound
 from hivemem.models import Message, MessageIn, Page, Session
-from hivemem.service.app import HiveDep
+from hivemem.service.auth import SessionsHive
 
 router = APIRouter(tags=["sessions"])
 
@@ -46,7 +46,9 @@ class StateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     state: dict[str, Any]
-    if_version: int | None = Field(default=None, ge=0, description="Only if at this version.")
+    if_version: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="Only if at this version."
+    )
 
 
 def _json(model: BaseModel, status: int = 200) -> Response:
@@ -54,7 +56,7 @@ def _json(model: BaseModel, status: int = 200) -> Response:
 
 
 @router.post("/v1/sessions", status_code=201, response_model=Session, summary="Create a session.")
-async def create_session(body: CreateBody, hive: HiveDep) -> Response:
+async def create_session(body: CreateBody, hive: SessionsHive) -> Response:
     session = await hive.create_session(
         app=body.app,
         user=body.user,
@@ -68,11 +70,11 @@ async def create_session(body: CreateBody, hive: HiveDep) -> Response:
 
 @router.get("/v1/sessions", response_model=Page[Session], summary="List sessions, oldest first.")
 async def list_sessions(
-    hive: HiveDep,
+    hive: SessionsHive,
     app: Annotated[str | None, Query(description="Only this app.")] = None,
     user: Annotated[str | None, Query(description="Only this user.")] = None,
     agent: Annotated[str | None, Query(description="Only this agent.")] = None,
-    limit: Annotated[int, Query(description="Page size, 1..1000.")] = 100,
+    limit: Annotated[int, Query(le=2**63 - 1, description="Page size, 1..1000.")] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> Response:
     page = await hive.list_sessions(app=app, user=user, agent=agent, limit=limit, cursor=cursor)
@@ -80,14 +82,14 @@ async def list_sessions(
 
 
 @router.get("/v1/sessions/{session_id}", response_model=Session, summary="Get a session.")
-async def get_session(session_id: str, hive: HiveDep) -> Response:
+async def get_session(session_id: str, hive: SessionsHive) -> Response:
     return _json(await hive.get_session(session_id))
 
 
 @router.delete(
     "/v1/sessions/{session_id}", status_code=204, summary="Delete a session and its messages."
 )
-async def delete_session(session_id: str, hive: HiveDep) -> Response:
+async def delete_session(session_id: str, hive: SessionsHive) -> Response:
     if not await hive.delete_session(session_id):
         raise NotFound(f"no session {session_id!r}", field="session_id")
     return Response(status_code=204)
@@ -98,7 +100,7 @@ async def delete_session(session_id: str, hive: HiveDep) -> Response:
     response_model=Messages,
     summary="Append messages (atomic; each gets the next sequence number).",
 )
-async def append_messages(session_id: str, body: AppendBody, hive: HiveDep) -> Response:
+async def append_messages(session_id: str, body: AppendBody, hive: SessionsHive) -> Response:
     stored = await hive.append_messages(session_id, body.messages)
     return _json(Messages(messages=stored))
 
@@ -110,9 +112,13 @@ async def append_messages(session_id: str, body: AppendBody, hive: HiveDep) -> R
 )
 async def get_messages(
     session_id: str,
-    hive: HiveDep,
-    after: Annotated[int, Query(ge=0, description="Return messages with seq > after.")] = 0,
-    limit: Annotated[int, Query(description="Most messages returned, 1..1000.")] = 100,
+    hive: SessionsHive,
+    after: Annotated[
+        int, Query(ge=0, le=2**63 - 1, description="Return messages with seq > after.")
+    ] = 0,
+    limit: Annotated[
+        int, Query(le=2**63 - 1, description="Most messages returned, 1..1000.")
+    ] = 100,
 ) -> Response:
     stored = await hive.get_messages(session_id, after=after, limit=limit)
     return _json(Messages(messages=stored))
@@ -123,6 +129,6 @@ async def get_messages(
     response_model=Session,
     summary="Replace the state document (compare-and-set with if_version).",
 )
-async def save_state(session_id: str, body: StateBody, hive: HiveDep) -> Response:
+async def save_state(session_id: str, body: StateBody, hive: SessionsHive) -> Response:
     session = await hive.save_state(session_id, body.state, if_version=body.if_version)
     return _json(session)
