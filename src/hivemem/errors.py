@@ -21,6 +21,7 @@ __all__ = [
     "TooLarge",
     "Unauthenticated",
     "Unavailable",
+    "UpstreamFailed",
     "error_from_problem",
 ]
 
@@ -160,6 +161,15 @@ class Unavailable(HivememError):
     type = "unavailable"
 
 
+class UpstreamFailed(HivememError):
+    """Raised when a provider the hive relies on (the embeddings endpoint) answered
+    something unusable: a refusal, a malformed or wrongly shaped response. The message
+    is generic; the provider's answer is in the hive's log, never sent to callers."""
+
+    status = 502
+    type = "upstream-failed"
+
+
 _BY_TYPE: dict[str, type[HivememError]] = {
     cls.type: cls
     for cls in (
@@ -172,6 +182,7 @@ _BY_TYPE: dict[str, type[HivememError]] = {
         PermissionDenied,
         RateLimited,
         Unavailable,
+        UpstreamFailed,
     )
 }
 _BY_STATUS: dict[int, type[HivememError]] = {cls.status: cls for cls in _BY_TYPE.values()}

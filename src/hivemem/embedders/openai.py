@@ -10,6 +10,7 @@ llama.cpp, Ollama and LiteLLM): ``POST {base_url}/embeddings`` with the JSON bod
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 from hivemem.config import Settings
 from hivemem.embedders.base import Vectors
 from hivemem.embedders.batching import MicroBatcher
-from hivemem.errors import HivememError, Unavailable
+from hivemem.errors import HivememError, Unavailable, UpstreamFailed
 
 __all__ = ["OpenAIEmbedder"]
 
@@ -41,6 +42,8 @@ def _server_message(body: Any, text: str) -> str:
                 return str(body[field])
     return text.strip()[:MAX_ERROR_CHARS] or "(empty body)"
 
+
+log = logging.getLogger("hivemem.embedders")
 
 class OpenAIEmbedder:
     """Embeds with ``POST {base_url}/embeddings``, micro-batched, over aiohttp.
@@ -92,9 +95,10 @@ class OpenAIEmbedder:
         Raises:
             Unavailable: the endpoint cannot be reached, timed out, answered 5xx or
                 429, or the embedder was closed while these texts were queued.
-            HivememError: the endpoint refused the request (another 4xx; the message
-                is the server's) or answered something that is not an embeddings
-                response, or of the wrong dimension.
+            UpstreamFailed: the endpoint refused the request (another 4xx) or answered
+                something that is not an embeddings response, or of the wrong dimension.
+            Messages never carry the endpoint's answer; it is logged (logger
+                ``hivemem.embedders``).
         """
         items = list(texts)
         if not items:
@@ -110,22 +114,26 @@ class OpenAIEmbedder:
                 text = await resp.text(errors="replace")
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Unavailable(
-                f"the embeddings endpoint {self.url} cannot be reached: {type(exc).__name__}: {exc}"
+            raise _failed(
+                Unavailable,
+                "cannot be reached",
+                f"{self.url} cannot be reached: {type(exc).__name__}: {exc}",
             ) from exc
         try:
             body: Any = json.loads(text) if text else None
         except ValueError:
             body = None
         if status >= 500 or status in (408, 429):
-            raise Unavailable(
-                f"the embeddings endpoint {self.url} answered {status}: "
-                f"{_server_message(body, text)}"
+            raise _failed(
+                Unavailable,
+                f"answered HTTP {status}",
+                f"{self.url} answered {status}: {_server_message(body, text)}",
             )
         if status >= 400:
-            raise HivememError(
-                f"the embeddings endpoint {self.url} refused the request ({status}): "
-                f"{_server_message(body, text)}"
+            raise _failed(
+                UpstreamFailed,
+                f"refused the request (HTTP {status})",
+                f"{self.url} refused the request ({status}): {_server_message(body, text)}",
             )
         return self._parse(body, len(texts))
 
@@ -154,8 +162,10 @@ class OpenAIEmbedder:
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list) or len(data) != count:
             got = len(data) if isinstance(data, list) else "no"
-            raise HivememError(
-                f"the embeddings endpoint {self.url} returned {got} embeddings for {count} texts"
+            raise _failed(
+                UpstreamFailed,
+                "returned a malformed response",
+                f"{self.url} returned {got} embeddings for {count} texts",
             )
         try:
             ordered = sorted(data, key=lambda entry: int(entry["index"]))
@@ -163,21 +173,34 @@ class OpenAIEmbedder:
                 raise ValueError("the indexes are not 0..n-1")
             rows = np.array([entry["embedding"] for entry in ordered], dtype=np.float32)
         except (KeyError, TypeError, ValueError) as exc:
-            raise HivememError(
-                f"the embeddings endpoint {self.url} returned a malformed response: {exc}"
+            raise _failed(
+                UpstreamFailed,
+                "returned a malformed response",
+                f"{self.url} returned a malformed response: {exc}",
             ) from exc
         if rows.ndim != 2 or rows.shape[1] == 0:
-            raise HivememError(
-                f"the embeddings endpoint {self.url} returned embeddings of shape {rows.shape}"
+            raise _failed(
+                UpstreamFailed,
+                "returned a malformed response",
+                f"{self.url} returned embeddings of shape {rows.shape}",
             )
         if self.dim == 0:
             self.dim = int(rows.shape[1])
         elif rows.shape[1] != self.dim:
             source = "configured" if self._fixed_dim else "of its earlier answers"
-            raise HivememError(
-                f"the embeddings endpoint {self.url} returned {rows.shape[1]}-dimensional "
-                f"vectors, expected {self.dim} ({source})"
+            raise _failed(
+                UpstreamFailed,
+                "returned vectors of the wrong dimension",
+                f"{self.url} returned {rows.shape[1]}-dimensional vectors, expected "
+                f"{self.dim} ({source})",
             )
         norms = np.linalg.norm(rows, axis=1, keepdims=True)
         unit: Vectors = (rows / np.clip(norms, 1e-12, None)).astype(np.float32)
         return unit
+
+
+def _failed(kind: type[HivememError], summary: str, detail: str) -> HivememError:
+    """An error for callers that names what went wrong but not the provider's answer
+    (which may carry its internals or echo a key); the detail goes to the log."""
+    log.warning("embeddings endpoint: %s", detail)
+    return kind(f"the embedding provider {summary}; the hive's log has the details")
