@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ import pytest
 
 import hivemem
 from hivemem.errors import PermissionDenied, RateLimited, Unauthenticated
-from tests.conftest import ServiceProcess
+from tests.conftest import ServiceProcess, free_port
 from tests.test_permissions import POLICY, add_agent
 
 SECRET = "s" * 40
@@ -236,3 +238,18 @@ async def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
             assert svc.running
     finally:
         svc.terminate()
+
+
+def test_the_store_password_is_never_printed(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"postgresql://hive:hunter2@127.0.0.1:{free_port()}/hive?password=hunter2"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hivemem", "serve", "--store", url, "--port", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "HIVEMEM_EMBEDDER": "none"},
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "127.0.0.1" in output, output
+    assert "hunter2" not in output, output

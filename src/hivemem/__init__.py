@@ -24,6 +24,7 @@ from hivemem.errors import (
     TooLarge,
     Unauthenticated,
     Unavailable,
+    UpstreamFailed,
 )
 from hivemem.hive import Hive
 from hivemem.models import (
@@ -40,6 +41,8 @@ from hivemem.models import (
 from hivemem.sync import SyncHive
 
 if TYPE_CHECKING:
+    from pydantic import SecretStr
+
     from hivemem.backends.base import Backend
 
 __all__ = [
@@ -65,6 +68,7 @@ __all__ = [
     "TooLarge",
     "Unauthenticated",
     "Unavailable",
+    "UpstreamFailed",
     "connect",
     "connect_sync",
     "open_backend",
@@ -74,7 +78,11 @@ __version__ = "0.1.0"
 
 
 def connect(
-    url: str = "sqlite:///hive.db", *, agent: str = "anonymous", settings: Settings | None = None
+    url: str = "sqlite:///hive.db",
+    *,
+    agent: str = "anonymous",
+    api_key: str | SecretStr | None = None,
+    settings: Settings | None = None,
 ) -> Hive:
     """Open the async Hive that ``url`` names. Nothing is contacted until first use.
 
@@ -84,6 +92,9 @@ def connect(
             or several ``http://`` URLs separated by commas (replicas of one service).
         agent: the identity stamped as author of this hive's writes (one namespace
             segment: letters, digits, ``_ - . : @ +``).
+        api_key: for ``http(s)`` URLs, the key sent as ``Authorization: Bearer <key>``
+            with every request; None (the default) takes ``settings.api_key`` (env
+            ``HIVEMEM_API_KEY``), ``""`` sends none. Ignored by embedded stores.
         settings: limits and tuning; by default read from ``HIVEMEM_*`` variables. Its
             ``embedder`` picks the search embedder of a local store (default: the
             offline all-MiniLM-L6-v2 model; ``none`` for lexical search only).
@@ -93,14 +104,16 @@ def connect(
         the backend :func:`open_backend` picks (SQLite, PostgreSQL, Redis).
 
     Raises:
-        InvalidInput: unknown scheme (field ``url``) or invalid agent (field ``agent``).
+        InvalidInput: unknown scheme (field ``url``), invalid agent (field ``agent``);
+            for ``http(s)`` URLs an API key that cannot be sent in a header (field
+            ``api_key``, the key is never shown) or an unreadable ``client_ca_file``.
     """
     settings = settings or Settings()
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("http", "https"):
         from hivemem.client.remote import RemoteHive
 
-        return RemoteHive(url, agent=agent, settings=settings)
+        return RemoteHive(url, agent=agent, api_key=api_key, settings=settings)
     from hivemem.core.hive import LocalHive
     from hivemem.embedders import make_embedder
 
@@ -143,7 +156,11 @@ def open_backend(url: str, settings: Settings) -> Backend:
 
 
 def connect_sync(
-    url: str = "sqlite:///hive.db", *, agent: str = "anonymous", settings: Settings | None = None
+    url: str = "sqlite:///hive.db",
+    *,
+    agent: str = "anonymous",
+    api_key: str | SecretStr | None = None,
+    settings: Settings | None = None,
 ) -> SyncHive:
-    """Open a blocking :class:`SyncHive`; arguments as for :func:`connect`."""
-    return SyncHive(connect(url, agent=agent, settings=settings))
+    """Open a blocking :class:`SyncHive`; arguments and errors as for :func:`connect`."""
+    return SyncHive(connect(url, agent=agent, api_key=api_key, settings=settings))

@@ -628,6 +628,7 @@ def reindex(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from hivemem.core import LocalHive
+    from hivemem.service.app import redact_url
 
     url = store or Settings().store
 
@@ -652,7 +653,7 @@ def reindex(
 
     with _guard():
         done = anyio.run(run)
-    typer.echo(f"reindexed {done} items in {url}")
+    typer.echo(f"reindexed {done} items in {redact_url(url)}")
 
 
 @_client(app, "publish")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -170,4 +171,5 @@ def redact_url(url: str) -> str:
     if len(hosts) == 2 and ":" in hosts[0]:
         user = hosts[0].split(":", 1)[0]
         authority = f"{user}:***@{hosts[1]}"
+    tail = re.sub(r"(?i)((?:^|[?&;])password=)[^&;]*", r"\1***", tail)
     return f"{scheme}{sep}{authority}{slash}{tail}"
