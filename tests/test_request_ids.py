@@ -112,6 +112,19 @@ async def test_http_repeat_with_the_same_request_id(service: object, ns: str) ->
         bad = {**headers, "X-Hivemem-Request-Id": "no spaces allowed"}
         async with http.put(f"{url}/v1/items/{ns}/k", json={"value": 2}, headers=bad) as resp:
             assert resp.status == 422
-            assert orjson.loads(await resp.read())["field"] == "request_id"
+            assert orjson.loads(await resp.read())["field"] == "X-Hivemem-Request-Id"
+        async with http.get(f"{url}/v1/items/{ns}/k") as resp:
+            assert orjson.loads(await resp.read())["version"] == 1
+        # The same id with another request: refused, never answered with the first result.
+        async with http.put(
+            f"{url}/v1/items/{ns}/k", json={"value": "other"}, headers=headers
+        ) as resp:
+            assert resp.status == 422
+            assert orjson.loads(await resp.read())["field"] == "X-Hivemem-Request-Id"
+        same = {k: v for k, v in headers.items() if k != "X-Hivemem-Request-Id"}
+        idem = {**same, "Idempotency-Key": f'"{headers["X-Hivemem-Request-Id"]}"'}
+        async with http.put(f"{url}/v1/items/{ns}/k", json={"value": 1}, headers=idem) as resp:
+            assert resp.status in (200, 201)
+            assert orjson.loads(await resp.read()) == bodies[0]  # Idempotency-Key is the same id
         async with http.get(f"{url}/v1/items/{ns}/k") as resp:
             assert orjson.loads(await resp.read())["version"] == 1

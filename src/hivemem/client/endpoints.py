@@ -4,8 +4,10 @@ breaker per replica.
 States of a replica (the circuit-breaker pattern, M. Nygard, "Release It!", 2007):
 
 - closed (healthy): takes requests in turn with the other healthy replicas;
-- open (out): after ``client_circuit_failures`` consecutive failures (timeouts, 5xx),
-  or at once when a connection is refused. It gets no requests for
+- open (out): after ``client_circuit_failures`` consecutive failures (timeouts,
+  502/503/504), or at once when a connection is refused (a TLS certificate that does
+  not verify counts as refused). Any other answer, a 429 "rate limited" or a 3xx
+  included, shows the replica is up and is a success. It gets no requests for
   ``client_circuit_open_seconds``, doubling (up to 30 s) each time a probe fails;
 - half-open: once that time has passed, the next request may go to it as a probe;
   success closes the circuit, failure opens it again.
@@ -84,14 +86,16 @@ class Endpoints:
         return fallback if fallback is not None else self.all[0]
 
     def succeeded(self, ep: Endpoint) -> None:
-        """A response came back (any status the service itself chose, below 502)."""
+        """A response came back: any status but 502/503/504, including 4xx such as 429
+        (a rate limit says the replica is busy, not broken) and 3xx."""
         ep.failures = 0
         ep.open_until = 0.0
         ep.open_seconds = 0.0
         ep.probe_at = 0.0
 
     def failed(self, ep: Endpoint, *, refused: bool = False) -> None:
-        """A request to ``ep`` failed; ``refused``: the connection was never made."""
+        """A request to ``ep`` failed (connection error, timeout, 502/503/504);
+        ``refused``: the connection was never made (refused, DNS, TLS handshake)."""
         ep.failures += 1
         was_probe = ep.probe_at > 0.0
         ep.probe_at = 0.0

@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
+import enum
+import math
 import random
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from yarl import URL
 
 from hivemem.client.endpoints import Endpoint, Endpoints
 from hivemem.client.sse import read_sse
 from hivemem.config import Settings
 from hivemem.core import validation as check
-from hivemem.errors import HivememError, InvalidInput, NotFound, Unavailable, error_from_problem
+from hivemem.errors import (
+    HivememError,
+    InvalidInput,
+    NotFound,
+    RateLimited,
+    Unavailable,
+    error_from_problem,
+)
 from hivemem.hive import Hive
 from hivemem.models import (
     DeleteOp,
@@ -40,10 +52,14 @@ __all__ = ["RemoteHive"]
 M = TypeVar("M", bound=BaseModel)
 
 AGENT_HEADER = "X-Hivemem-Agent"
+AUTHORIZATION_HEADER = "Authorization"
 REQUEST_ID_HEADER = "X-Hivemem-Request-Id"
 #: Answers that say "this replica cannot serve now": tried again elsewhere.
 _RETRY_STATUSES = frozenset({502, 503, 504})
 START_HEADER = "X-Hivemem-Cursor"
+#: Shortest pause before a read answered 429 is tried again (seconds), whatever
+#: Retry-After says, so that a server answering "Retry-After: 0" is not hammered.
+_MIN_RATE_LIMIT_PAUSE = 0.1
 
 _ItemPage = Page[Item]
 _SessionPage = Page[Session]
@@ -52,19 +68,43 @@ _StrPage = Page[str]
 
 
 class _Shared:
-    """The connection pool and replicas that the views of one RemoteHive share."""
+    """The connection pool, replicas and credentials that the views of one RemoteHive share.
 
-    def __init__(self, endpoints: builtins.list[str], settings: Settings) -> None:
+    Args:
+        endpoints: the replicas' base URLs (already checked by :func:`_parse_endpoints`).
+        settings: ``request_timeout_seconds``, ``client_ca_file`` and the circuit settings.
+        authorization: the whole ``Authorization`` header value, or None to send none.
+
+    Raises:
+        InvalidInput: ``client_ca_file`` cannot be read as a PEM CA bundle
+            (field ``client_ca_file``).
+    """
+
+    def __init__(
+        self,
+        endpoints: builtins.list[str],
+        settings: Settings,
+        authorization: str | None = None,
+    ) -> None:
         self.endpoints = Endpoints(
             endpoints, settings.client_circuit_failures, settings.client_circuit_open_seconds
         )
         self.settings = settings
+        self.authorization = authorization
+        self.ssl_context = _ssl_context(settings.client_ca_file, endpoints)
         self.session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:  # never shows the credentials
+        return f"<_Shared {[ep.url for ep in self.endpoints.all]}>"
 
     def open(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
             self.session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, ttl_dns_cache=300),
+                connector=aiohttp.TCPConnector(
+                    limit=256,
+                    ttl_dns_cache=300,
+                    ssl=self.ssl_context if self.ssl_context is not None else True,
+                ),
                 timeout=aiohttp.ClientTimeout(total=self.settings.request_timeout_seconds),
                 json_serialize=lambda obj: orjson.dumps(obj).decode(),
             )
@@ -74,6 +114,43 @@ class _Shared:
         if self.session is not None:
             await self.session.close()
             self.session = None
+
+
+def _ssl_context(ca_file: str | None, endpoints: builtins.list[str]) -> ssl.SSLContext | None:
+    """The TLS context trusting only ``ca_file`` (PEM), or None for the system's default
+    trust store (no CA file set, or no https URL to use it for)."""
+    if not ca_file or not any(URL(u).scheme == "https" for u in endpoints):
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInput(
+            f"client_ca_file {ca_file!r} is not a readable PEM CA bundle: {exc}",
+            field="client_ca_file",
+        ) from None
+
+
+def _authorization(api_key: str | SecretStr | None) -> str | None:
+    """The ``Authorization`` header value for ``api_key`` (None or empty: no header).
+
+    Raises:
+        InvalidInput: the key is not a string of visible ASCII characters (field
+            ``api_key``); the message never shows the key.
+    """
+    if api_key is None:
+        return None
+    key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
+    if not isinstance(key, str):
+        raise InvalidInput("api_key must be a string", field="api_key")
+    key = key.strip()
+    if not key:
+        return None
+    if not key.isascii() or not all(0x21 <= ord(c) <= 0x7E for c in key):
+        raise InvalidInput(
+            "api_key may hold only visible ASCII characters (no spaces or line breaks)",
+            field="api_key",
+        )
+    return f"Bearer {key}"
 
 
 def _parse_endpoints(url: str) -> builtins.list[str]:
@@ -96,10 +173,95 @@ def _item_path(namespace: str, key: str) -> str:
 
 
 def _body(payload: Any, field: str) -> bytes:
+    """``payload`` as JSON bytes (orjson).
+
+    orjson writes NaN and ±Infinity as ``null`` without complaint, which would store
+    something other than what the caller passed. So when (and only when) the output
+    holds ``null``, the payload is walked for a non-finite float; the common path costs
+    one substring search.
+
+    Raises:
+        InvalidInput: the payload is not a JSON value (field ``field``), or holds NaN or
+            ±Infinity (field: its dotted path, e.g. ``metadata.score`` or ``ops.0.ttl``).
+    """
     try:
-        return orjson.dumps(payload)
+        data = orjson.dumps(payload)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise InvalidInput(f"{field} is not a JSON value: {exc}", field=field) from None
+    if b"null" in data:
+        found = _non_finite(payload, "")
+        if found is not None:
+            path, value = found
+            path = path or field
+            raise InvalidInput(
+                f"{path} is {value!r}: NaN and Infinity are not JSON numbers and cannot be sent",
+                field=path,
+            )
+    return data
+
+
+def _non_finite(obj: Any, path: str) -> tuple[str, float] | None:
+    """The dotted path and value of the first NaN/±Infinity in what orjson serialises
+    (dicts, lists, tuples, dataclasses, enums), or None. orjson refuses nesting deeper
+    than 255, so the recursion here is bounded once ``orjson.dumps`` succeeded."""
+    if type(obj) is float:
+        return None if math.isfinite(obj) else (path, obj)
+    if isinstance(obj, dict):
+        items: Any = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    elif isinstance(obj, enum.Enum):
+        return _non_finite(obj.value, path)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = ((f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj))
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _query(params: Mapping[str, Any] | None) -> dict[str, str]:
+    """Query parameters as strings, leaving out None.
+
+    Raises:
+        InvalidInput: a parameter is NaN or ±Infinity (field: its name).
+    """
+    query: dict[str, str] = {}
+    for name, value in (params or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(f"{name} must be a finite number, not {value!r}", field=name)
+        query[name] = str(value)
+    return query
+
+
+def _retry_after(headers: Mapping[str, str], error: HivememError) -> float:
+    """Seconds to wait from a 429 answer: its ``Retry-After`` header (delta-seconds or
+    an HTTP date, RFC 9110 section 10.2.3), else the problem body's ``retry_after``,
+    else 1 s. Never negative."""
+    raw = headers.get("Retry-After")
+    if raw is not None:
+        raw = raw.strip()
+        try:
+            seconds = float(raw)
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(raw)
+            except (TypeError, ValueError, IndexError):
+                when = None
+            if when is not None:
+                if when.tzinfo is None:
+                    when = when.replace(tzinfo=UTC)
+                return max(0.0, (when - datetime.now(UTC)).total_seconds())
+        else:
+            if math.isfinite(seconds):
+                return max(0.0, seconds)
+    fallback = getattr(error, "retry_after", 1.0)
+    return max(0.0, fallback) if math.isfinite(fallback) else 1.0
 
 
 class RemoteHive(Hive):
@@ -115,10 +277,37 @@ class RemoteHive(Hive):
     again on another with backoff. Every write carries a request id, so a write
     retried after a lost response is applied once.
 
+    Trust and limits:
+
+    - the API key goes as ``Authorization: Bearer <key>`` with every request, the watch
+      stream included; it never appears in ``repr`` or in error messages;
+    - with ``client_ca_file``, https replicas are verified against that CA bundle only
+      (otherwise against the system's trust store);
+    - redirects are never followed (they could carry the key and writes to another
+      host): a 3xx answer raises :class:`~hivemem.errors.HivememError` naming its
+      ``Location``, without retry;
+    - NaN and ±Infinity anywhere in an argument raise
+      :class:`~hivemem.errors.InvalidInput` before anything is sent (JSON has no such
+      numbers; orjson would send ``null``);
+    - a read (GET) answered 429 waits ``Retry-After`` seconds (plus up to 10 % jitter)
+      and tries again, for at most ``client_rate_limit_wait_seconds`` in all, then
+      raises :class:`~hivemem.errors.RateLimited`; a write answered 429 raises it at
+      once. A 429 is an answer, not a replica failure: it never opens a circuit;
+    - one line, and one event, of the watch stream may be at most
+      ``client_max_sse_bytes`` long.
+
     Args:
-        url: ``http://host:port`` or several separated by commas.
+        url: ``http(s)://host:port`` or several separated by commas.
         agent: the identity sent with every request (``X-Hivemem-Agent``).
-        settings: ``request_timeout_seconds`` and the ``client_*`` settings apply.
+        api_key: the key sent as ``Authorization: Bearer``; None (the default) takes
+            ``settings.api_key`` (env ``HIVEMEM_API_KEY``); ``""`` sends no key.
+            Views made with :meth:`as_agent` share it.
+        settings: ``request_timeout_seconds``, ``api_key``, ``watch_reconnect_seconds``,
+            ``sse_ping_seconds`` and the ``client_*`` settings apply.
+
+    Raises:
+        InvalidInput: a malformed URL (field ``url``), agent (``agent``), API key
+            (``api_key``) or an unreadable ``client_ca_file`` (``client_ca_file``).
     """
 
     def __init__(
@@ -126,14 +315,22 @@ class RemoteHive(Hive):
         url: str,
         *,
         agent: str = "anonymous",
+        api_key: str | SecretStr | None = None,
         settings: Settings | None = None,
         _shared: _Shared | None = None,
     ) -> None:
         self._settings = settings or Settings()
         self.agent = check.segment(agent, "agent", self._settings)
         self.url = url
-        self._shared = _shared or _Shared(_parse_endpoints(url), self._settings)
+        if _shared is None:
+            authorization = _authorization(
+                api_key if api_key is not None else self._settings.api_key
+            )
+            _shared = _Shared(_parse_endpoints(url), self._settings, authorization)
+        self._shared = _shared
         self._headers = {AGENT_HEADER: self.agent}
+        if _shared.authorization is not None:
+            self._headers[AUTHORIZATION_HEADER] = _shared.authorization
 
     def __repr__(self) -> str:
         return f"RemoteHive({self.url!r}, agent={self.agent!r})"
@@ -156,10 +353,17 @@ class RemoteHive(Hive):
         Connection failures, timeouts and 502/503/504 answers are tried again on the next
         healthy replica (see :mod:`hivemem.client.endpoints`), up to ``client_attempts``
         tries with exponential backoff and full jitter; other errors are raised at once.
+        A GET answered 429 is tried again after ``Retry-After`` (see :class:`RemoteHive`).
+
+        Raises:
+            InvalidInput: a query parameter is NaN or ±Infinity (before anything is sent).
+            RateLimited: 429 on a write, or on a read still limited after
+                ``client_rate_limit_wait_seconds``.
+            HivememError: a 3xx answer (redirects are not followed), or the error class
+                the service's problem+json names.
+            Unavailable: no replica answered in ``client_attempts`` tries.
         """
-        session = self._shared.open()
-        settings = self._settings
-        query = {k: str(v) for k, v in (params or {}).items() if v is not None}
+        query = _query(params)
         all_headers = dict(self._headers)
         if body is not None:
             all_headers["Content-Type"] = "application/json"
@@ -167,6 +371,40 @@ class RemoteHive(Hive):
             all_headers[REQUEST_ID_HEADER] = uuid.uuid4().hex
         if headers:
             all_headers.update(headers)
+        limited_since: float | None = None
+        while True:
+            try:
+                return await self._send(method, path, query, body, all_headers)
+            except RateLimited as exc:
+                if method != "GET":
+                    raise
+                now = time.monotonic()
+                limited_since = limited_since or now
+                pause = _rate_limit_pause(exc.retry_after, now - limited_since, self._settings)
+                if pause is None:
+                    raise RateLimited(
+                        f"{method} {path}: rate limited by the service ({exc.message}); "
+                        f"still limited after {now - limited_since:.1f} s of waiting "
+                        f"(client_rate_limit_wait_seconds="
+                        f"{self._settings.client_rate_limit_wait_seconds:g}), "
+                        f"retry after {exc.retry_after:g} s",
+                        field=exc.field,
+                        retry_after=exc.retry_after,
+                    ) from None
+                await asyncio.sleep(pause)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes | None,
+        headers: Mapping[str, str],
+    ) -> tuple[int, bytes]:
+        """One request, tried on up to ``client_attempts`` replicas (see :meth:`_request`);
+        a 429 raises RateLimited whose ``retry_after`` comes from ``Retry-After``."""
+        session = self._shared.open()
+        settings = self._settings
         endpoints = self._shared.endpoints
         last_error: Exception | None = None
         last: Endpoint | None = None
@@ -179,10 +417,16 @@ class RemoteHive(Hive):
             url = URL(f"{ep.url}{path}", encoded=True)
             try:
                 async with session.request(
-                    method, url, params=query or None, data=body, headers=all_headers
+                    method,
+                    url,
+                    params=query or None,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
                 ) as resp:
                     data = await resp.read()
                     status = resp.status
+                    resp_headers = resp.headers
             except aiohttp.ClientConnectorError as exc:  # never reached the service
                 last_error = exc
                 endpoints.failed(ep, refused=True)
@@ -195,7 +439,16 @@ class RemoteHive(Hive):
                 last_error = _problem(status, data)
                 endpoints.failed(ep)
                 continue
-            endpoints.succeeded(ep)
+            endpoints.succeeded(ep)  # any other answer, 3xx and 429 included, is health
+            if 300 <= status < 400:
+                raise _redirect(method, path, ep.url, status, resp_headers)
+            if status == 429:
+                error = _problem(status, data)
+                raise RateLimited(
+                    error.message,
+                    field=error.field,
+                    retry_after=_retry_after(resp_headers, error),
+                )
             if status >= 400:
                 raise _problem(status, data)
             return status, data
@@ -219,6 +472,7 @@ class RemoteHive(Hive):
         await self._shared.close()
 
     def as_agent(self, agent: str) -> RemoteHive:
+        """A view acting as ``agent`` over the same connections, replicas and API key."""
         return RemoteHive(self.url, agent=agent, settings=self._settings, _shared=self._shared)
 
     async def ping(self) -> None:
@@ -443,15 +697,25 @@ class RemoteHive(Hive):
     async def watch(self, prefix: str = "", *, after: str | None = None) -> AsyncIterator[Event]:
         """See :meth:`Hive.watch`. Reconnects by itself with the last cursor when the
         stream drops, trying each endpoint with exponential backoff (0.1 s doubling to
-        2 s); raises Unavailable after ``watch_reconnect_seconds`` without a connection."""
+        2 s). Opening the stream answered 429 waits ``Retry-After`` as a read does.
+
+        Raises:
+            Unavailable: no connection for ``watch_reconnect_seconds``.
+            RateLimited: still answered 429 after ``client_rate_limit_wait_seconds``.
+            HivememError: a 3xx answer (redirects are not followed); a stream line or
+                event longer than ``client_max_sse_bytes`` (a protocol error: the stream
+                is closed, not reopened); or the 4xx error the service answered.
+        """
         session = self._shared.open()
+        settings = self._settings
         cursor = after
         delay = 0.1
         down_since: float | None = None
+        limited_since: float | None = None
         stream_timeout = aiohttp.ClientTimeout(
             total=None,
-            connect=self._settings.request_timeout_seconds,
-            sock_read=self._settings.sse_ping_seconds * 3,
+            connect=settings.request_timeout_seconds,
+            sock_read=settings.sse_ping_seconds * 3,
         )
         endpoints = self._shared.endpoints
         last: Endpoint | None = None
@@ -463,37 +727,65 @@ class RemoteHive(Hive):
             if cursor is not None:
                 headers["Last-Event-ID"] = cursor
             url = URL(f"{endpoint}/v1/watch", encoded=True)
+            pause: float | None = None
             try:
                 async with session.get(
-                    url, params={"prefix": prefix}, headers=headers, timeout=stream_timeout
+                    url,
+                    params={"prefix": prefix},
+                    headers=headers,
+                    timeout=stream_timeout,
+                    allow_redirects=False,
                 ) as resp:
-                    if resp.status >= 400:
+                    if 300 <= resp.status < 400:
+                        endpoints.succeeded(ep)
+                        raise _redirect("GET", "/v1/watch", endpoint, resp.status, resp.headers)
+                    if resp.status == 429:
+                        endpoints.succeeded(ep)
+                        error = _problem(resp.status, await resp.read())
+                        retry_after = _retry_after(resp.headers, error)
+                        now = time.monotonic()
+                        limited_since = limited_since or now
+                        pause = _rate_limit_pause(retry_after, now - limited_since, settings)
+                        if pause is None:
+                            raise RateLimited(
+                                f"watch: rate limited by the service ({error.message}); "
+                                f"still limited after {now - limited_since:.1f} s of waiting",
+                                field=error.field,
+                                retry_after=retry_after,
+                            )
+                    elif resp.status >= 400:
                         error = _problem(resp.status, await resp.read())
                         if resp.status < 500:
                             raise error
                         raise aiohttp.ClientResponseError(
                             resp.request_info, (), status=resp.status, message=error.message
                         )
-                    if cursor is None:
-                        cursor = resp.headers.get(START_HEADER, "0")
-                    endpoints.succeeded(ep)
-                    delay, down_since = 0.1, None
-                    async for message in read_sse(resp):
-                        if message.event != "hivemem":
-                            continue
-                        event = Event.model_validate_json(message.data)
-                        cursor = event.cursor
-                        yield event
+                    else:
+                        if cursor is None:
+                            cursor = resp.headers.get(START_HEADER, "0")
+                        endpoints.succeeded(ep)
+                        delay, down_since, limited_since = 0.1, None, None
+                        async for message in read_sse(
+                            resp, max_bytes=settings.client_max_sse_bytes
+                        ):
+                            if message.event != "hivemem":
+                                continue
+                            event = Event.model_validate_json(message.data)
+                            cursor = event.cursor
+                            yield event
             except aiohttp.ClientConnectorError:
                 endpoints.failed(ep, refused=True)
             except (aiohttp.ClientError, TimeoutError, ConnectionError):
                 endpoints.failed(ep)
+            if pause is not None:  # answered 429: the service is up, only busy
+                await asyncio.sleep(pause)
+                continue
             now = time.monotonic()
             down_since = down_since or now
-            if now - down_since > self._settings.watch_reconnect_seconds:
+            if now - down_since > settings.watch_reconnect_seconds:
                 raise Unavailable(
                     f"watch lost its connection and could not reconnect for "
-                    f"{self._settings.watch_reconnect_seconds:.0f} s"
+                    f"{settings.watch_reconnect_seconds:.0f} s"
                 )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -515,6 +807,38 @@ def _problem(status: int, data: bytes) -> HivememError:
     except orjson.JSONDecodeError:
         body = None
     return error_from_problem(status, body if isinstance(body, dict) else None)
+
+
+def _redirect(
+    method: str, path: str, endpoint: str, status: int, headers: Mapping[str, str]
+) -> HivememError:
+    """The error for a 3xx answer: redirects are a misconfiguration, never followed."""
+    location = headers.get("Location")
+    where = f"to {location[:300]!r}" if location else "without a Location"
+    return HivememError(
+        f"{method} {path}: {endpoint} answered HTTP {status}, a redirect {where}; "
+        "hivemem does not follow redirects (they could carry the API key and writes "
+        "elsewhere): configure the client with the URL the service really answers at"
+    )
+
+
+def _rate_limit_pause(retry_after: float, waited: float, settings: Settings) -> float | None:
+    """Seconds to sleep before a read answered 429 is tried again, or None to give up.
+
+    Args:
+        retry_after: what the answer asked for (seconds).
+        waited: seconds since the first 429 of this request.
+        settings: ``client_rate_limit_wait_seconds`` is the budget for all the waits.
+
+    Returns:
+        ``retry_after`` (at least 0.1 s) plus up to 10 % (at most 1 s) of jitter, capped
+        to the budget left; None when ``retry_after`` does not fit in that budget.
+    """
+    budget = settings.client_rate_limit_wait_seconds - waited
+    pause = max(retry_after, _MIN_RATE_LIMIT_PAUSE)
+    if pause > budget:
+        return None
+    return min(pause + random.uniform(0, min(1.0, 0.1 * pause)), budget)
 
 
 def _describe(exc: BaseException | None) -> str:

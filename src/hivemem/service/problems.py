@@ -43,6 +43,8 @@ def problem(error: HivememError, instance: str | None = None) -> Response:
 def _field(loc: tuple[Any, ...] | list[Any]) -> str:
     """Name the field of a pydantic error location: ('body','ttl') -> 'ttl'."""
     parts = [str(p) for p in loc]
+    if len(parts) == 2 and parts[0] == "header":  # x-hivemem-agent -> X-Hivemem-Agent
+        return "-".join(word.capitalize() for word in parts[1].split("-"))
     if parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:] if len(parts) > 1 else parts
     return ".".join(parts) or "body"
