@@ -14,9 +14,11 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, overload
 
 import orjson
+
+from hivemem.errors import InvalidInput
 
 __all__ = [
     "Backend",
@@ -29,11 +31,15 @@ __all__ = [
     "MessageRow",
     "NewMessage",
     "PutWrite",
+    "RequestIdReused",
     "SessionRow",
     "WriteResult",
     "decode_result",
+    "decode_stored_result",
     "encode_result",
+    "encode_stored_result",
     "row_matches",
+    "split_request_id",
 ]
 
 
@@ -226,6 +232,70 @@ def decode_result(data: bytes) -> WriteResult:
     return _decode_value(orjson.loads(data))
 
 
+class RequestIdReused(InvalidInput):
+    """Raised when a request id comes with a different request than the one it was first
+    used for (another operation or other arguments): nothing was written (HTTP 422,
+    field ``request_id``)."""
+
+    def __init__(
+        self,
+        message: str = (
+            "this request id was already used for a different request (another operation "
+            "or other arguments); use a new request id for a new request"
+        ),
+        *,
+        field: str | None = "request_id",
+    ) -> None:
+        super().__init__(message, field=field)
+
+
+@overload
+def split_request_id(request_id: str) -> tuple[str, str | None]: ...
+@overload
+def split_request_id(request_id: None) -> tuple[None, None]: ...
+@overload
+def split_request_id(request_id: str | None) -> tuple[str | None, str | None]: ...
+def split_request_id(request_id: str | None) -> tuple[str | None, str | None]:
+    """(id, fingerprint) of a ``request_id`` a backend primitive was given.
+
+    The core may append ``#<fingerprint>`` (hex) to the id; the part before the last
+    ``#`` is the id (what the stored result is kept under), the rest the fingerprint
+    of the request (``None`` when absent or empty). ``None`` gives ``(None, None)``.
+    """
+    if request_id is None:
+        return None, None
+    rid, sep, fp = request_id.rpartition("#")
+    if not sep:
+        return request_id, None
+    return rid, fp or None
+
+
+def encode_stored_result(result: WriteResult, fingerprint: str | None) -> bytes:
+    """What a SQL backend stores under a request id: :func:`encode_result` of ``result``,
+    prefixed with ``#<fingerprint>\\n`` when there is a fingerprint (a plain encoded
+    result starts with ``{``, so results stored without one still read back)."""
+    encoded = encode_result(result)
+    if not fingerprint:
+        return encoded
+    return b"#" + fingerprint.encode("utf-8") + b"\n" + encoded
+
+
+def decode_stored_result(data: bytes, fingerprint: str | None) -> WriteResult:
+    """The result :func:`encode_stored_result` stored, for a repeat with ``fingerprint``.
+
+    Raises:
+        RequestIdReused: both the stored result and the repeat have a fingerprint and
+            they differ.
+    """
+    stored_fp: bytes | None = None
+    if data[:1] == b"#":
+        end = data.index(b"\n")
+        stored_fp, data = data[1:end], data[end + 1 :]
+    if stored_fp and fingerprint and stored_fp != fingerprint.encode("utf-8"):
+        raise RequestIdReused()
+    return decode_result(data)
+
+
 def _typed(value: Any) -> tuple[int, Any] | None:
     """(kind, comparable) of a JSON scalar: kind 0 = boolean, 1 = number, 2 = string;
     None for null, arrays and objects (which no condition matches)."""
@@ -332,6 +402,15 @@ class Backend(ABC):
     the state has changed since. A write that fails (Conflict, NotFound) stores no
     result, so a retry is checked again. The core scopes request ids by agent;
     :meth:`sweep` forgets them after the retention the core passes.
+
+    A ``request_id`` may end in ``#<fingerprint>`` (hex: a hash the core computes of
+    the operation and its arguments; ids never contain ``#``, see
+    :func:`split_request_id`). The part before the last ``#`` is the id; the
+    fingerprint is stored with the result. A later call with the same id and a
+    different fingerprint writes nothing and raises :class:`RequestIdReused` (an
+    InvalidInput, field ``request_id``); with the same fingerprint, or when either
+    side has none (a result stored before fingerprints, a call without one), the
+    stored result is returned as above.
     """
 
     #: Wakes this process's watchers; set by the backend.

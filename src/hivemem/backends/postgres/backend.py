@@ -51,7 +51,9 @@ its own commit. Sessions are locked by their row (``UPDATE ... RETURNING`` moves
 session's counters and hands out consecutive message seqs atomically). A request
 id is claimed by inserting its row first (``ON CONFLICT DO NOTHING``): a concurrent
 retry with the same id waits for the first to commit (then returns its stored
-result) or roll back (then runs itself).
+result) or roll back (then runs itself). The request's fingerprint (``<id>#<fp>``)
+is stored in front of the result (``#<fp>\\n``), so a repeat with another one is
+refused (RequestIdReused) before anything is written.
 
 Primitive for the future task queue: claim work with ``SELECT ... FOR UPDATE SKIP
 LOCKED`` in the same kind of transaction; no task table exists yet.
@@ -87,8 +89,9 @@ from hivemem.backends.base import (
     NewMessage,
     PutWrite,
     SessionRow,
-    decode_result,
-    encode_result,
+    decode_stored_result,
+    encode_stored_result,
+    split_request_id,
 )
 from hivemem.backends.postgres.engine import (
     CHANNEL,
@@ -317,44 +320,55 @@ class PostgresBackend(SearchMixin, Backend):
     ) -> T:
         """Run a write job in one transaction: claim the request id (or return its
         stored result), run ``run``, append its events (``finish(result, head)`` may
-        then complete the result), store the result under the request id, commit."""
+        then complete the result), store the result under the request id, commit.
+
+        ``request_id`` may end in ``#<fingerprint>`` (see
+        :func:`~hivemem.backends.base.split_request_id`): the row is keyed by the id and
+        the fingerprint is stored in front of the result bytes; a repeat with another
+        fingerprint raises RequestIdReused before anything is written."""
+        rid, fingerprint = split_request_id(request_id)
 
         async def job(conn: Conn) -> T:
-            if request_id is not None:
+            if rid is not None:
                 cur = await conn.execute(
                     "INSERT INTO hivemem_requests (id, at) VALUES (%s, %s) "
                     "ON CONFLICT (id) DO NOTHING RETURNING 1",
-                    (request_id, now),
+                    (rid, now),
                 )
                 if await cur.fetchone() is None:
                     cur = await conn.execute(
-                        "SELECT result FROM hivemem_requests WHERE id = %s", (request_id,)
+                        "SELECT result FROM hivemem_requests WHERE id = %s", (rid,)
                     )
                     stored = await cur.fetchone()
                     if stored is not None and stored[0] is not None:
-                        found: T = decode_result(bytes(stored[0]))
+                        found: T = decode_stored_result(bytes(stored[0]), fingerprint)
                         return found
-                    raise Unavailable(f"request id {request_id!r} has no stored result")
+                    raise Unavailable(f"request id {rid!r} has no stored result")
             events = Events()
             result = await run(conn, events)
-            if request_id is not None and finish is None:
-                await self._store_result(conn, request_id, result)
+            if rid is not None and finish is None:
+                await self._store_result(conn, rid, result, fingerprint)
             if events.rows:
                 head = await append_events(conn, events, fetch=finish is not None)
                 if finish is not None:
                     assert head is not None
                     result = finish(result, head)
-            if request_id is not None and finish is not None:
-                await self._store_result(conn, request_id, result)
+            if rid is not None and finish is not None:
+                await self._store_result(conn, rid, result, fingerprint)
             return result
 
         return await self._engine.write(job)
 
     @staticmethod
-    async def _store_result(conn: Conn, request_id: str, result: Any) -> None:
+    async def _store_result(
+        conn: Conn, request_id: str, result: Any, fingerprint: str | None = None
+    ) -> None:
+        """Store ``result`` under ``request_id`` (the id without fingerprint), prefixed
+        with ``#<fingerprint>\\n`` when there is one (see
+        :func:`~hivemem.backends.base.encode_stored_result`)."""
         await conn.execute(
             "UPDATE hivemem_requests SET result = %s WHERE id = %s",
-            (encode_result(result), request_id),
+            (encode_stored_result(result, fingerprint), request_id),
         )
 
     # Items -------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import logging
 import time
 import urllib.parse
 import uuid
+import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -66,8 +67,10 @@ from hivemem.backends.base import (
     MessageRow,
     NewMessage,
     PutWrite,
+    RequestIdReused,
     SessionRow,
     row_matches,
+    split_request_id,
 )
 from hivemem.backends.redis import scripts
 from hivemem.backends.redis.layout import (
@@ -405,12 +408,68 @@ class RedisBackend(Backend):
         script = self._scripts.get(name)
         if script is None:
             raise Unavailable(f"the Redis store {self._where} is not open")
-        return await self._retrying(lambda: script(keys=list(keys), args=list(args)), name)
 
-    def _request_key(self, p: int, request_id: str | None) -> tuple[str, int]:
+        async def call() -> Any:
+            try:
+                return await script(keys=list(keys), args=list(args))
+            except rex.NoScriptError:
+                # A promoted replica lacks the script and the client's view of the
+                # primaries may still be stale: EVAL sends the source to the node that
+                # owns the keys (and caches it there).
+                return await self.client.eval(script.script, len(keys), *keys, *args)
+
+        try:
+            return await self._retrying(call, name)
+        except rex.ResponseError as exc:
+            if str(exc).startswith("HMREQUEST"):
+                raise RequestIdReused() from None
+            raise
+
+    async def _requested(
+        self, p: int, request_id: str | None, run: Callable[[str, str], Awaitable[Any]]
+    ) -> Any:
+        """Call ``run(rk, ttl)``, a write script on partition ``p``, with its request-key
+        argument and TTL (ms) for ``request_id`` (see :mod:`.scripts`), and return its
+        reply (``{'ok'|'dup', ...}`` when applied or repeated, a refusal otherwise).
+
+        Without a request id: an internal one (``~<uuid>``, no fingerprint). With a
+        fingerprint (``<id>#<fp>``) the id is also bound to it by a binding key in the
+        partition of the id, so that reusing the id for a request on another partition
+        is refused too: the script checks the binding itself when it can reach the key
+        (a standalone server, or the same slot); in a cluster, otherwise, it is bound
+        here first (one more round trip) and unbound if the write is refused (Conflict,
+        NotFound: it then stored nothing).
+
+        Raises:
+            RequestIdReused: the id was used with another fingerprint; nothing written.
+        """
         if request_id is None:
-            return f"{tag(p)}:req:~{uuid.uuid4().hex}", self._internal_ttl_ms
-        return f"{tag(p)}:req:{request_id}", self._request_ttl_ms
+            return await run(f"{tag(p)}:req:~{uuid.uuid4().hex}", str(self._internal_ttl_ms))
+        ttl = str(self._request_ttl_ms)
+        rid, fingerprint = split_request_id(request_id)
+        rk = f"{tag(p)}:req:{rid}"
+        if fingerprint is None:
+            return await run(rk, ttl)
+        pb = zlib.crc32(rid.encode("utf-8", "surrogatepass")) % PARTITIONS
+        bk = f"{tag(pb)}:bind:{rid}"
+        if not self.is_cluster or pb == p:
+            return await run(f"{rk}#{fingerprint}#{bk}", ttl)
+        reply = await self._script("bind_request", [meta_key(pb)], [bk, fingerprint, ttl, "bind"])
+        if reply[0] == b"reused":
+            raise RequestIdReused()
+        unbind = [bk, fingerprint, ttl, "unbind"]
+        try:
+            reply = await run(f"{rk}#{fingerprint}", ttl)
+        except RequestIdReused:  # the write stored nothing: free the id again
+            with contextlib.suppress(Unavailable):
+                await self._script("bind_request", [meta_key(pb)], unbind)
+            raise
+        # Refused (conflict, notfound): likewise. A repeat of a result stored without
+        # fingerprint (before fingerprints): the id stays unbound, as it was.
+        if reply[0] != b"ok" and (reply[0] != b"dup" or not reply[2]):
+            with contextlib.suppress(Unavailable):
+                await self._script("bind_request", [meta_key(pb)], unbind)
+        return reply
 
     async def _listen(self) -> None:
         """Wake this process's watchers when any process commits: subscribe to the
@@ -502,8 +561,7 @@ class RedisBackend(Backend):
                 + " (split the batch, or keep batched namespaces under one top-level segment)",
                 field="ops",
             )
-        rk, ttl = self._request_key(involved[0], request_id)
-        args: list[Any] = [num(now), author, str(history_limit), rk, str(ttl), str(len(writes))]
+        args: list[Any] = [num(now), author, str(history_limit), "", "", str(len(writes))]
         for w, p in zip(writes, parts, strict=True):
             if_version = "" if w.if_version is None else str(w.if_version)
             if isinstance(w, DeleteWrite):
@@ -523,7 +581,13 @@ class RedisBackend(Backend):
                 opt(w.vector),
                 opt(w.model),
             ]
-        reply = await self._script("write_items", [meta_key(p) for p in involved], args)
+        keys = [meta_key(p) for p in involved]
+
+        async def run(rk: str, ttl: str) -> Any:
+            args[3], args[4] = rk, ttl
+            return await self._script("write_items", keys, args)
+
+        reply = await self._requested(involved[0], request_id, run)
         status = reply[0]
         if status == b"conflict":
             i, current = int(reply[1]), int(reply[2])
@@ -608,19 +672,12 @@ class RedisBackend(Backend):
         return keys
 
     async def create_session(self, row: SessionRow, *, request_id: str | None = None) -> SessionRow:
-        # The id goes into the (global) session indexes first, then the session is
-        # created: list_sessions never misses a session, and it checks every indexed id
-        # against the session itself, so an entry left by a failed create is ignored.
-        await self._script(
-            "session_index", self._session_indexes(row.app, row.user, row.agent), ["add", row.id]
-        )
         p = session_partition(row.id)
-        rk, ttl = self._request_key(p, request_id)
         args: list[Any] = [
             tag(p),
             row.id,
-            rk,
-            str(ttl),
+            "",
+            "",
             row.app,
             opt(row.user),
             opt(row.agent),
@@ -636,7 +693,21 @@ class RedisBackend(Backend):
             num(row.started_at),
             num(row.last_activity_at),
         ]
-        reply = await self._script("create_session", [meta_key(p)], args)
+
+        async def run(rk: str, ttl: str) -> Any:
+            # The id goes into the (global) session indexes first, then the session is
+            # created: list_sessions never misses a session, and it checks every indexed
+            # id against the session itself, so an entry left by a failed create is
+            # ignored.
+            await self._script(
+                "session_index",
+                self._session_indexes(row.app, row.user, row.agent),
+                ["add", row.id],
+            )
+            args[2], args[3] = rk, ttl
+            return await self._script("create_session", [meta_key(p)], args)
+
+        reply = await self._requested(p, request_id, run)
         if reply[0] == b"conflict":
             raise Conflict(f"session {row.id!r} already exists", field="session_id")
         if reply[0] == b"ok":
@@ -699,10 +770,13 @@ class RedisBackend(Backend):
         self, session_id: str, *, author: str, now: float, request_id: str | None = None
     ) -> bool:
         p = session_partition(session_id)
-        rk, ttl = self._request_key(p, request_id)
-        reply = await self._script(
-            "delete_session", [meta_key(p)], [tag(p), session_id, rk, str(ttl), num(now), author]
-        )
+
+        async def run(rk: str, ttl: str) -> Any:
+            return await self._script(
+                "delete_session", [meta_key(p)], [tag(p), session_id, rk, ttl, num(now), author]
+            )
+
+        reply = await self._requested(p, request_id, run)
         if reply[0] == b"ok" and reply[1] == b"1":
             self.changes.notify()
             app, user, agent = (None if v is None else v.decode("utf-8") for v in reply[2:5])
@@ -722,12 +796,11 @@ class RedisBackend(Backend):
         request_id: str | None = None,
     ) -> list[MessageRow]:
         p = session_partition(session_id)
-        rk, ttl = self._request_key(p, request_id)
         args: list[Any] = [
             tag(p),
             session_id,
-            rk,
-            str(ttl),
+            "",
+            "",
             num(now),
             author,
             str(len(messages)),
@@ -745,7 +818,12 @@ class RedisBackend(Backend):
                 num(m.cost),
                 m.metadata,
             ]
-        reply = await self._script("append_messages", [meta_key(p)], args)
+
+        async def run(rk: str, ttl: str) -> Any:
+            args[2], args[3] = rk, ttl
+            return await self._script("append_messages", [meta_key(p)], args)
+
+        reply = await self._requested(p, request_id, run)
         if reply[0] == b"notfound":
             raise NotFound(f"no session {session_id!r}", field="session_id")
         if reply[0] == b"ok":
@@ -772,18 +850,22 @@ class RedisBackend(Backend):
         request_id: str | None = None,
     ) -> SessionRow:
         p = session_partition(session_id)
-        rk, ttl = self._request_key(p, request_id)
         args: list[Any] = [
             tag(p),
             session_id,
-            rk,
-            str(ttl),
+            "",
+            "",
             state,
             "" if if_version is None else str(if_version),
             num(now),
             author,
         ]
-        reply = await self._script("save_state", [meta_key(p)], args)
+
+        async def run(rk: str, ttl: str) -> Any:
+            args[2], args[3] = rk, ttl
+            return await self._script("save_state", [meta_key(p)], args)
+
+        reply = await self._requested(p, request_id, run)
         if reply[0] == b"notfound":
             raise NotFound(f"no session {session_id!r}", field="session_id")
         if reply[0] == b"conflict":
@@ -809,10 +891,13 @@ class RedisBackend(Backend):
         request_id: str | None = None,
     ) -> EventRow:
         p = partition_of(channel)
-        rk, ttl = self._request_key(p, request_id)
-        reply = await self._script(
-            "publish", [meta_key(p)], [tag(p), channel, payload, author, num(now), rk, str(ttl)]
-        )
+
+        async def run(rk: str, ttl: str) -> Any:
+            return await self._script(
+                "publish", [meta_key(p)], [tag(p), channel, payload, author, num(now), rk, ttl]
+            )
+
+        reply = await self._requested(p, request_id, run)
         if reply[0] == b"ok":
             self.changes.notify()
         event_id, ch, who, at, data = unpack(reply[1])

@@ -14,6 +14,19 @@ Conventions:
 * Optional string arguments arrive as ``""`` (absent) or ``"=" .. value``.
 * Records returned (and stored as request-id results) are length-prefixed fields:
   ``<len>:<bytes>`` per field, ``~`` for a missing one (see ``layout.unpack``).
+* The request-key argument ``rk`` is ``<tag>:req:<id>`` (the result key, in the
+  written partition), optionally followed by ``#<fingerprint>`` and then by
+  ``#<binding key>`` (``<tag'>:bind:<id>``, in the partition of the id itself);
+  ``req_get``/``req_put`` split it (ids and fingerprints hold no ``#``). A result
+  stored with a fingerprint is ``#<fingerprint>\\n<payload>`` (a payload never
+  starts with ``#``) and its binding key holds the fingerprint. ``req_get`` raises the
+  error ``HMREQUEST ...`` (the backend raises RequestIdReused) when the stored result
+  or the binding has another fingerprint (both non-empty); every write script calls
+  ``req_get`` before its first write, so such a call writes nothing; a repeat returns
+  ``{'dup', stored payload, stored fingerprint or ''}``. The binding key
+  makes the check independent of the partition written (a reused id may name another
+  namespace tree or session); when it lives in another slot of a cluster the backend
+  checks it first with ``BIND_REQUEST`` and passes no binding key.
 * Numbers cross as decimal strings made by Python (``repr`` of a float round-trips);
   floats computed here are written with ``%.17g`` (exact for a double).
 * Feed event ids are ``<ts>-<seq>``: ``ts`` = max(server TIME in microseconds, the
@@ -93,12 +106,43 @@ local function feed_done()
   end
   if any then redis.call('PUBLISH', 'hivemem:changes', '1') end
 end
+local function req_split(rk)
+  local i = string.find(rk, '#', 1, true)
+  if not i then return rk, '', false end
+  local key, rest = string.sub(rk, 1, i - 1), string.sub(rk, i + 1)
+  local j = string.find(rest, '#', 1, true)
+  if not j then return key, rest, false end
+  return key, string.sub(rest, 1, j - 1), string.sub(rest, j + 1)
+end
+local function req_reused()
+  return error({err = 'HMREQUEST request id already used for a different request'})
+end
+local REQ_FP = ''
 local function req_get(rk)
   if rk == '' then return false end
-  return redis.call('GET', rk)
+  local key, fp, bk = req_split(rk)
+  local stored = redis.call('GET', key)
+  if stored then
+    if string.sub(stored, 1, 1) == '#' then
+      local nl = string.find(stored, '\n', 2, true)
+      REQ_FP = string.sub(stored, 2, nl - 1)
+      if fp ~= '' and REQ_FP ~= '' and fp ~= REQ_FP then req_reused() end
+      stored = string.sub(stored, nl + 1)
+    end
+    return stored
+  end
+  if bk and fp ~= '' then
+    local bound = redis.call('GET', bk)
+    if bound and bound ~= fp then req_reused() end
+  end
+  return false
 end
 local function req_put(rk, ttl, payload)
-  if rk ~= '' then redis.call('SET', rk, payload, 'PX', ttl) end
+  if rk == '' then return end
+  local key, fp, bk = req_split(rk)
+  if fp ~= '' then payload = '#' .. fp .. '\n' .. payload end
+  redis.call('SET', key, payload, 'PX', ttl)
+  if bk and fp ~= '' then redis.call('SET', bk, fp, 'PX', ttl) end
 end
 local function drop_item(tag, m)
   redis.call('DEL', tag .. ':i:' .. m, tag .. ':h:' .. m)
@@ -126,7 +170,7 @@ local now_s, author, hl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rk, ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local now = tonumber(now_s)
 local stored = req_get(rk)
-if stored then return {'dup', stored} end
+if stored then return {'dup', stored, REQ_FP} end
 local function arg(i, j) return ARGV[6 + (i - 1) * 12 + j] end
 local sim = {}
 for i = 1, n do
@@ -212,7 +256,7 @@ return {'ok', payload}
 CREATE_SESSION = r"""
 local tag, sid, rk, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local stored = req_get(rk)
-if stored then return {'dup', stored} end
+if stored then return {'dup', stored, REQ_FP} end
 local sk = tag .. ':s:' .. sid
 if redis.call('EXISTS', sk) == 1 then return {'conflict'} end
 local f, vals = {}, {sid}
@@ -238,7 +282,7 @@ APPEND_MESSAGES = r"""
 local tag, sid, rk, ttl, now, author = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local n = tonumber(ARGV[7])
 local stored = req_get(rk)
-if stored then return {'dup', stored} end
+if stored then return {'dup', stored, REQ_FP} end
 local sk = tag .. ':s:' .. sid
 if redis.call('EXISTS', sk) == 0 then return {'notfound'} end
 local total = redis.call('HINCRBY', sk, 'messages', n)
@@ -270,7 +314,7 @@ SAVE_STATE = r"""
 local tag, sid, rk, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local state, ifv, now, author = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local stored = req_get(rk)
-if stored then return {'dup', stored} end
+if stored then return {'dup', stored, REQ_FP} end
 local sk = tag .. ':s:' .. sid
 local sv = redis.call('HGET', sk, 'state_version')
 if not sv then return {'notfound'} end
@@ -289,7 +333,7 @@ return {'ok', payload}
 DELETE_SESSION = r"""
 local tag, sid, rk, ttl, now, author = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local stored = req_get(rk)
-if stored then return {'dup', stored} end
+if stored then return {'dup', stored, REQ_FP} end
 local sk = tag .. ':s:' .. sid
 local h = redis.call('HMGET', sk, 'app', 'user', 'agent')
 if not h[1] then
@@ -309,12 +353,28 @@ PUBLISH = r"""
 local tag, channel, data, author, now, rk, ttl =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local stored = req_get(rk)
-if stored then return {'dup', stored} end
+if stored then return {'dup', stored, REQ_FP} end
 local id = emit(tag, 'publish', channel, false, false, author, now, data)
 local payload = enc({id, channel, author, now, data}, 5)
 req_put(rk, ttl, payload)
 feed_done()
 return {'ok', payload}
+"""
+
+#: KEYS: the meta key of the binding key's partition (routes the call; not written).
+#: ARGV: binding key, fingerprint, ttl, bind|unbind. bind: {'ok'} when the key is absent
+#: (then set to the fingerprint) or holds it; {'reused'} when it holds another one.
+#: unbind: deletes the key if it holds the fingerprint (a refused write stored nothing).
+BIND_REQUEST = r"""
+local bk, fp, ttl, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local bound = redis.call('GET', bk)
+if op == 'unbind' then
+  if bound == fp then redis.call('DEL', bk) end
+  return {'ok'}
+end
+if bound and bound ~= fp then return {'reused'} end
+if not bound then redis.call('SET', bk, fp, 'PX', ttl) end
+return {'ok'}
 """
 
 #: ARGV: tag, now, trim before (microseconds), most items to expire.
@@ -570,6 +630,7 @@ WRITE_SCRIPTS = {
     "save_state": SAVE_STATE,
     "delete_session": DELETE_SESSION,
     "publish": PUBLISH,
+    "bind_request": BIND_REQUEST,
     "sweep": SWEEP,
     "set_index": SET_INDEX,
     "session_index": SESSION_INDEX,

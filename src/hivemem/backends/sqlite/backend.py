@@ -21,8 +21,9 @@ from hivemem.backends.base import (
     NewMessage,
     PutWrite,
     SessionRow,
-    decode_result,
-    encode_result,
+    decode_stored_result,
+    encode_stored_result,
+    split_request_id,
 )
 from hivemem.backends.sqlite.engine import SqliteEngine
 from hivemem.backends.sqlite.schema import (
@@ -48,19 +49,26 @@ def once(
     request_id: str | None, now: float, run: Callable[[sqlite3.Connection], T]
 ) -> Callable[[sqlite3.Connection], T]:
     """Wrap a write job so that, with a request id, it runs at most once: a stored
-    result is returned instead of writing again; a new result is stored with the write."""
-    if request_id is None:
+    result is returned instead of writing again; a new result is stored with the write.
+
+    ``request_id`` may end in ``#<fingerprint>`` (see
+    :func:`~hivemem.backends.base.split_request_id`): the row is keyed by the id, the
+    fingerprint is stored in front of the result bytes (``#<fp>\\n``; rows stored
+    without one start with ``{``), and a repeat with another fingerprint raises
+    RequestIdReused before ``run`` writes anything."""
+    rid, fingerprint = split_request_id(request_id)
+    if rid is None:
         return run
 
     def wrapped(c: sqlite3.Connection) -> T:
-        found = c.execute("SELECT result FROM requests WHERE id = ?", (request_id,)).fetchone()
+        found = c.execute("SELECT result FROM requests WHERE id = ?", (rid,)).fetchone()
         if found is not None:
-            result: T = decode_result(found[0])
+            result: T = decode_stored_result(bytes(found[0]), fingerprint)
             return result
         result = run(c)
         c.execute(
             "INSERT INTO requests (id, result, at) VALUES (?, ?, ?)",
-            (request_id, encode_result(result), now),
+            (rid, encode_stored_result(result, fingerprint), now),
         )
         return result
 
