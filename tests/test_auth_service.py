@@ -60,7 +60,9 @@ def jwt_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePro
         svc.terminate()
 
 
-async def status_of(url: str, bearer: str | None, method: str = "GET", **kw: Any) -> tuple[int, Any]:
+async def status_of(
+    url: str, bearer: str | None, method: str = "GET", **kw: Any
+) -> tuple[int, Any]:
     headers = {} if bearer is None else {"Authorization": f"Bearer {bearer}"}
     async with aiohttp.ClientSession() as http:
         async with http.request(method, url, headers=headers, **kw) as resp:
@@ -85,7 +87,9 @@ async def test_bad_credentials_get_401(jwt_service: ServiceProcess, credential: 
     assert status == 401 and body["type"] == "/problems/unauthenticated", body
 
 
-async def test_jwt_subject_is_the_author_and_the_policy_applies(jwt_service: ServiceProcess) -> None:
+async def test_jwt_subject_is_the_author_and_the_policy_applies(
+    jwt_service: ServiceProcess,
+) -> None:
     hive = hivemem.connect(jwt_service.url, agent="ignored", api_key=token("jay"))
     async with hive:
         item = await hive.put("team/jay/notes", f"k{uuid.uuid4().hex[:6]}", 1)
@@ -128,7 +132,9 @@ async def test_over_its_write_limit_an_agent_gets_429_while_another_is_served(
             assert body["type"] == "/problems/rate-limited" and body["retry_after"] > 0
     assert statuses[:5] == [201] * 5 and statuses[5:] == [429, 429], statuses
     other = f"calm{uuid.uuid4().hex[:6]}"
-    status, _ = await status_of(f"{url}/v1/items/team/{other}/k", token(other), "PUT", json={"value": 1})
+    status, _ = await status_of(
+        f"{url}/v1/items/team/{other}/k", token(other), "PUT", json={"value": 1}
+    )
     assert status == 201
     # Reads are another action class: still served for the limited agent.
     status, _ = await status_of(f"{url}/v1/items/team/{busy}/k0", token(busy))
@@ -176,7 +182,9 @@ def replicas(tmp_path: Path, redis_url: str) -> Iterator[list[ServiceProcess]]:
     env = {
         "HIVEMEM_EMBEDDER": "none",
         "HIVEMEM_RATE_LIMIT_WRITE": "6/minute",
-        "HIVEMEM_RATE_LIMIT_STORE": redis_url.replace("/0", "/3") if redis_url.endswith("/0") else redis_url,
+        "HIVEMEM_RATE_LIMIT_STORE": redis_url.replace("/0", "/3")
+        if redis_url.endswith("/0")
+        else redis_url,
     }
     made = [ServiceProcess(store, env=env), ServiceProcess(store, env=env)]
     for svc in made:
@@ -210,7 +218,11 @@ async def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
     key = add_agent(f"sqlite:///{store}", "a")
     svc = ServiceProcess(
         store,
-        env={"HIVEMEM_AUTH": "true", "HIVEMEM_EMBEDDER": "none", "HIVEMEM_POLICY_FILE": str(policy)},
+        env={
+            "HIVEMEM_AUTH": "true",
+            "HIVEMEM_EMBEDDER": "none",
+            "HIVEMEM_POLICY_FILE": str(policy),
+        },
     )
     svc.start()
     try:
@@ -218,7 +230,9 @@ async def test_sighup_reloads_the_policy(tmp_path: Path) -> None:
             with pytest.raises(PermissionDenied):
                 await hive.put("shared/x", "k", 1)
             policy.write_text(
-                POLICY + '\n[[rules]]\nactions = ["write", "read"]\nnamespaces = ["shared/**"]\nagents = ["a"]\n'
+                POLICY
+                + '\n[[rules]]\nactions = ["write", "read"]\n'
+                + 'namespaces = ["shared/**"]\nagents = ["a"]\n'
             )
             assert svc.proc is not None
             os.kill(svc.proc.pid, signal.SIGHUP)

@@ -56,7 +56,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     policy = base / "policy.toml"
     policy.write_text(POLICY)
     store = f"sqlite:///{base / 'hive.db'}"
-    keys = {"a": add_agent(store, "a"), "b": add_agent(store, "b"), "root": add_agent(store, "root", "admin")}
+    keys = {
+        "a": add_agent(store, "a"),
+        "b": add_agent(store, "b"),
+        "root": add_agent(store, "root", "admin"),
+    }
     svc = ServiceProcess(
         base / "hive.db",
         env={
@@ -106,13 +110,23 @@ async def seed(b: Caller, a: Caller, tag: str) -> dict[str, Any]:
     state, a published event) and a's own control item."""
     ns_b, ns_a = f"team/b/{tag}", f"team/a/{tag}"
     for version in (1, 2):
-        status, _ = await b("PUT", f"/v1/items/{ns_b}/k1", {"value": {"text": f"{SECRET_WORD} plan v{version}"}, "metadata": {"n": version}})
+        status, _ = await b(
+            "PUT",
+            f"/v1/items/{ns_b}/k1",
+            {"value": {"text": f"{SECRET_WORD} plan v{version}"}, "metadata": {"n": version}},
+        )
         assert status in (200, 201)
     status, _ = await a("PUT", f"/v1/items/{ns_a}/k1", {"value": {"text": f"{SECRET_WORD} for a"}})
     assert status == 201
-    status, session = await b("POST", "/v1/sessions", {"app": "team", "user": "b", "state": {"x": 1}})
+    status, session = await b(
+        "POST", "/v1/sessions", {"app": "team", "user": "b", "state": {"x": 1}}
+    )
     assert status == 201, session
-    status, _ = await b("POST", f"/v1/sessions/{session['id']}/messages", {"messages": [{"role": "user", "content": SECRET_WORD}]})
+    status, _ = await b(
+        "POST",
+        f"/v1/sessions/{session['id']}/messages",
+        {"messages": [{"role": "user", "content": SECRET_WORD}]},
+    )
     assert status == 200
     status, _ = await b("POST", f"/v1/publish/{ns_b}/chan", {"payload": {"word": SECRET_WORD}})
     assert status == 200
@@ -160,7 +174,9 @@ async def probe_item_put(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     for target in ("k1", "never-written"):
         status, body = await a("PUT", f"/v1/items/{s['ns_b']}/{target}", {"value": "forged"})
         assert status == 403 and body["field"] == "namespace", body
-        status, body = await a("PUT", f"/v1/items/{s['ns_b']}/{target}", {"value": "x", "if_version": 0})
+        status, body = await a(
+            "PUT", f"/v1/items/{s['ns_b']}/{target}", {"value": "x", "if_version": 0}
+        )
         assert status == 403, body  # not 409: a version check would reveal existence
     status, item = await b("GET", f"/v1/items/{s['ns_b']}/k1")
     assert item["value"] != "forged" and item["version"] == 2
@@ -198,7 +214,9 @@ async def probe_batch(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     status, body = await a("POST", "/v1/batch", {"ops": ops})
     assert status == 403 and body["field"] == "ops.1.namespace", body
     assert (await a("GET", f"/v1/items/{s['ns_a']}/ok"))[0] == 404  # all or nothing
-    status, body = await a("POST", "/v1/batch", {"ops": [{"op": "delete", "namespace": s["ns_b"], "key": "k1"}]})
+    status, body = await a(
+        "POST", "/v1/batch", {"ops": [{"op": "delete", "namespace": s["ns_b"], "key": "k1"}]}
+    )
     assert status == 403
 
 
@@ -212,7 +230,11 @@ async def probe_history(a: Caller, b: Caller, s: dict[str, Any]) -> None:
 async def probe_search(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     for prefix in ("", "team", "team/b", s["ns_b"]):
         for extra in ({}, {"filter": {"n": {"$gte": 1}}}, {"author": "b"}):
-            status, found = await a("POST", "/v1/search", {"query": SECRET_WORD, "prefix": prefix, "mode": "lexical", **extra})
+            status, found = await a(
+                "POST",
+                "/v1/search",
+                {"query": SECRET_WORD, "prefix": prefix, "mode": "lexical", **extra},
+            )
             assert status == 200 and not mentions_b(found), (prefix, extra, found)
     status, found = await a("POST", "/v1/search", {"query": SECRET_WORD, "mode": "lexical"})
     assert [h["item"]["namespace"] for h in found["hits"]] == [s["ns_a"]]  # control
@@ -234,7 +256,9 @@ async def probe_sessions_list(a: Caller, b: Caller, s: dict[str, Any]) -> None:
         assert not mentions_b(page)
 
 
-async def _same_as_absent(a: Caller, method: str, suffix: str, s: dict[str, Any], body: Any = None) -> None:
+async def _same_as_absent(
+    a: Caller, method: str, suffix: str, s: dict[str, Any], body: Any = None
+) -> None:
     denied = await a(method, f"/v1/sessions/{s['session']}{suffix}", body)
     absent = await a(method, f"/v1/sessions/x{uuid.uuid4().hex[:12]}{suffix}", body)
     assert denied[0] == absent[0] == 404, (denied, absent)
@@ -255,8 +279,10 @@ async def probe_messages_get(a: Caller, b: Caller, s: dict[str, Any]) -> None:
 
 
 async def probe_messages_post(a: Caller, b: Caller, s: dict[str, Any]) -> None:
-    await _same_as_absent(a, "POST", "/messages", s, {"messages": [{"role": "user", "content": "forged"}]})
-    status, got = await b("GET", f"/v1/sessions/{s['session']}/messages")
+    await _same_as_absent(
+        a, "POST", "/messages", s, {"messages": [{"role": "user", "content": "forged"}]}
+    )
+    _, got = await b("GET", f"/v1/sessions/{s['session']}/messages")
     assert "forged" not in [m["content"] for m in got["messages"]]
 
 
@@ -287,7 +313,11 @@ async def probe_watch(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     async def writes() -> None:
         await asyncio.sleep(0.3)
         await b("PUT", f"/v1/items/{s['ns_b']}/live", {"value": 1})
-        await b("POST", f"/v1/sessions/{s['session']}/messages", {"messages": [{"role": "user", "content": "x"}]})
+        await b(
+            "POST",
+            f"/v1/sessions/{s['session']}/messages",
+            {"messages": [{"role": "user", "content": "x"}]},
+        )
         await b("POST", f"/v1/publish/{s['ns_b']}/chan", {"payload": 1})
         await a("PUT", f"/v1/items/{s['ns_a']}/live", {"value": 1})
 
@@ -368,11 +398,15 @@ async def test_every_route_but_health_needs_credentials(
         if path in ("/healthz", "/readyz"):
             continue
         concrete = (
-            path.replace("{path}", "team/a/k").replace("{session_id}", "s1").replace("{channel}", "team/a")
+            path.replace("{path}", "team/a/k")
+            .replace("{session_id}", "s1")
+            .replace("{channel}", "team/a")
         )
         for method in ops:
             for caller in (anonymous, forged):
-                status, body = await caller(method.upper(), concrete, {} if method != "get" else None)
+                status, body = await caller(
+                    method.upper(), concrete, {} if method != "get" else None
+                )
                 assert status == 401, (method, path, status, body)
                 assert body["type"] == "/problems/unauthenticated"
 
@@ -384,11 +418,19 @@ async def test_admin_sees_everything_and_admin_events(callers: dict[str, Caller]
     status, item = await root("GET", f"/v1/items/team/b/{tag}/k")
     assert status == 200 and item["author"] == "b"
     status, page = await root("GET", "/v1/events", limit=1000)
-    kinds = {(e["namespace"], (e.get("data") or {}).get("action") if isinstance(e.get("data"), dict) else None) for e in page["items"]}
+    kinds = {
+        (
+            e["namespace"],
+            (e.get("data") or {}).get("action") if isinstance(e.get("data"), dict) else None,
+        )
+        for e in page["items"]
+    }
     assert ("_admin", "policy.loaded") in kinds, kinds
     assert any(ns == "_auth/agents" for ns, _ in kinds)
     status, page = await b("GET", "/v1/events", limit=1000)
-    assert not any(e["namespace"].startswith("_auth") or e["namespace"] == "_admin" for e in page["items"])
+    assert not any(
+        e["namespace"].startswith("_auth") or e["namespace"] == "_admin" for e in page["items"]
+    )
 
 
 async def test_forged_agent_header_changes_nothing(callers: dict[str, Caller]) -> None:
@@ -409,8 +451,18 @@ async def test_revoked_key_gets_401(secured: dict[str, Any], callers: dict[str, 
     key = add_agent(secured["store"], "shortlived")
     caller = Caller(callers["a"].http, callers["a"].base, key)
     assert (await caller("GET", "/v1/events/head"))[0] == 200
-    subprocess.run(
-        [sys.executable, "-m", "hivemem", "agents", "revoke", "shortlived", "--store", secured["store"]],
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "hivemem",
+            "agents",
+            "revoke",
+            "shortlived",
+            "--store",
+            secured["store"],
+        ],
         check=True,
         capture_output=True,
         timeout=60,
@@ -463,7 +515,9 @@ async def test_embedded_hive_applies_the_same_policy(embedded: tuple[Hive, Hive]
         "get": lambda: _eq(a.get(ns_b, "k"), None),
         "put": lambda: denied(a.put(ns_b, "k", "forged"), PermissionDenied),
         "delete": lambda: denied(a.delete(ns_b, "k"), PermissionDenied),
-        "batch": lambda: denied(a.batch([{"op": "put", "namespace": ns_b, "key": "k", "value": 1}]), PermissionDenied),
+        "batch": lambda: denied(
+            a.batch([{"op": "put", "namespace": ns_b, "key": "k", "value": 1}]), PermissionDenied
+        ),
         "list": lambda: _none_of_b(a.list("", limit=1000)),
         "list_namespaces": lambda: _none_of_b(a.list_namespaces("")),
         "history": lambda: _eq(a.history(ns_b, "k"), []),
@@ -476,7 +530,9 @@ async def test_embedded_hive_applies_the_same_policy(embedded: tuple[Hive, Hive]
         "get_session": lambda: denied(a.get_session(session.id), NotFound),
         "list_sessions": lambda: _none_of_b(a.list_sessions()),
         "delete_session": lambda: _eq(a.delete_session(session.id), False),
-        "append_messages": lambda: denied(a.append_messages(session.id, [{"role": "user", "content": "x"}]), NotFound),
+        "append_messages": lambda: denied(
+            a.append_messages(session.id, [{"role": "user", "content": "x"}]), NotFound
+        ),
         "get_messages": lambda: denied(a.get_messages(session.id), NotFound),
         "save_state": lambda: denied(a.save_state(session.id, {"forged": 1}), NotFound),
         # Lifecycle methods touch no namespace.
@@ -486,7 +542,8 @@ async def test_embedded_hive_applies_the_same_policy(embedded: tuple[Hive, Hive]
         "close": lambda: _ok(asyncio.sleep(0)),
     }
     assert set(checks) == set(Hive.__abstractmethods__), (
-        f"Hive methods without a permission check: {sorted(set(Hive.__abstractmethods__) - set(checks))}"
+        "Hive methods without a permission check: "
+        f"{sorted(set(Hive.__abstractmethods__) - set(checks))}"
     )
     for name, check in checks.items():
         try:
@@ -510,9 +567,11 @@ async def _ok(call: Awaitable[Any]) -> None:
 
 async def _none_of_b(call: Awaitable[Any], *, internal: bool = False) -> None:
     got = await call
-    text = json.dumps(got.model_dump(mode="json") if hasattr(got, "model_dump") else [
-        x.model_dump(mode="json") if hasattr(x, "model_dump") else x for x in got
-    ])
+    text = json.dumps(
+        got.model_dump(mode="json")
+        if hasattr(got, "model_dump")
+        else [x.model_dump(mode="json") if hasattr(x, "model_dump") else x for x in got]
+    )
     assert "team/b" not in text and '"author": "b"' not in text, text
     if internal:
         assert '"namespace": "_' not in text and '"_sessions' not in text, text

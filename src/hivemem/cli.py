@@ -950,7 +950,8 @@ def agents_add(
     """
     key = _with_keys(store, lambda keys: keys.add(name, role or [], by="cli"))
     _err.print(
-        f"added agent [bold]{escape(name)}[/] with roles {', '.join(role or []) or '(none)'}; its key:"
+        f"added agent [bold]{escape(name)}[/] with roles "
+        f"{', '.join(role or []) or '(none)'}; its key:"
     )
     typer.echo(key)
 

@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+#: The largest integer the stores keep (a signed 64-bit integer).
+_INT64_MAX = 2**63 - 1
 
 
 class _Record(BaseModel):
@@ -101,9 +103,9 @@ class MessageIn(_Record):
 
     role: str = Field(description="'user', 'assistant', 'system', 'tool' or your own role.")
     content: Any = Field(description="Text or any JSON value (e.g. a list of content parts).")
-    tokens_in: int = Field(default=0, ge=0)
-    tokens_out: int = Field(default=0, ge=0)
-    cost: float = Field(default=0.0, ge=0)
+    tokens_in: int = Field(default=0, ge=0, le=_INT64_MAX, description="0 .. 2**63 - 1.")
+    tokens_out: int = Field(default=0, ge=0, le=_INT64_MAX, description="0 .. 2**63 - 1.")
+    cost: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="Finite, >= 0.")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

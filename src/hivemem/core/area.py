@@ -9,9 +9,8 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from hivemem.backends.base import Backend
+from hivemem.backends.base import Backend, RequestIdReused
 from hivemem.config import Settings
-from hivemem.backends.base import RequestIdReused
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput, PermissionDenied
 from hivemem.policy.rules import Access

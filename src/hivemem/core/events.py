@@ -75,8 +75,8 @@ class EventsMixin(Area):
                 found = await self._backend.get_session(session_id)
                 if len(memo) >= _SESSION_MEMO:
                     memo.clear()
-                memo[session_id] = None if found is None else session_namespace(
-                    found.app, found.user
+                memo[session_id] = (
+                    None if found is None else session_namespace(found.app, found.user)
                 )
             target = memo[session_id]
             if target is None:

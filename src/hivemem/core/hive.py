@@ -258,9 +258,7 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
         """Who this view acts for when a policy is in force, else None."""
         return None if self._access is None else self._access.principal
 
-    def with_request_id(
-        self, request_id: str | None, *, field: str = "request_id"
-    ) -> LocalHive:
+    def with_request_id(self, request_id: str | None, *, field: str = "request_id") -> LocalHive:
         """A view of this hive whose writes carry ``request_id``: a write repeated with
         the same request id (by the same agent, within ``request_retention_seconds``) is
         applied once, and the repeat returns the first result.

@@ -20,7 +20,6 @@ from hivemem.core.lexical import check_terms
 from hivemem.errors import InvalidInput
 from hivemem.models import DeleteOp, Item, Page, PutOp
 
-
 #: A listing scans at most this many pages of rows it may not show before it returns a
 #: short page with a cursor.
 _SCAN_PAGES = 10
@@ -222,9 +221,7 @@ class ItemsMixin(Area):
                 parts = await asyncio.gather(
                     *(self._backend.list_items(r, position, want, now) for r in roots)
                 )
-                batch = heapq.nsmallest(
-                    want, (row for part in parts for row in part), key=_row_key
-                )
+                batch = heapq.nsmallest(want, (row for part in parts for row in part), key=_row_key)
             budget -= len(batch)
             for row in batch:
                 position = (row.namespace, row.key)

@@ -31,7 +31,8 @@ rebuild drops the terms no live document uses any more (when they are at least a
 eighth of the vocabulary, or the vocabulary is full) and renumbers the rest, and
 copies the live documents' term arrays afresh, so the memory of deleted texts is
 returned. Core refuses a text with more than ``max_text_terms`` distinct terms
-(:func:`distinct_terms`) before it is written.
+(:func:`check_terms`) before it is written. (PyStemmer's own word cache, shared by the
+process, is bounded apart: 100,000 words, about 20 MB of random words at most.)
 """
 
 from __future__ import annotations

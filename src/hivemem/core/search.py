@@ -294,7 +294,7 @@ class SearchMixin(Area):
             or not 0 < limit <= s.max_search_limit
         ):
             raise InvalidInput(f"limit must be between 1 and {s.max_search_limit}", field="limit")
-        conditions = parse_filter(filter, author, updated_after, updated_before)
+        conditions = parse_filter(filter, author, updated_after, updated_before, settings=s)
         if mode == "vector" and self._embedder is None:
             raise InvalidInput("vector search needs an embedder (embedder=none)", field="mode")
         await self._ready()

@@ -118,8 +118,13 @@ class SessionsMixin(Area):
         )
         self._must("sessions", session_namespace(row.app, row.user), "app")
         request_id = self._scoped_request_id(
-            "create_session", row.id if session_id is not None else None, row.app, row.user,
-            row.agent, row.metadata, row.state if state is not None else None,
+            "create_session",
+            row.id if session_id is not None else None,
+            row.app,
+            row.user,
+            row.agent,
+            row.metadata,
+            row.state if state is not None else None,
         )
         await self._ready()
         return to_session(

@@ -15,7 +15,7 @@ import dataclasses
 import enum
 import math
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
@@ -28,11 +28,11 @@ INT64_MAX = 2**63 - 1
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_.:@+\-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-#: orjson writes NaN and Infinity as ``null``, and integers up to 2**64 - 1 (19 or 20
-#: digits); an encoding with neither ``null`` nor a run of 19 digits cannot hold a bad
-#: number, so only such encodings are walked. Digits map to b"0", everything else to b"x".
-_DIGIT_MAP = bytes(48 if 48 <= i <= 57 else 120 for i in range(256))
-_LONG_RUN = b"0" * 19
+#: orjson writes NaN and Infinity as ``null`` and integers up to 2**64 - 1. Encoding
+#: first with this option (integers within ±2**53 only; a value without larger ones
+#: encodes the same) tells at no cost that no integer can be outside int64, so only an
+#: encoding holding ``null`` (or a value with a large integer) is walked for bad numbers.
+_SMALL_INTS = orjson.OPT_STRICT_INTEGER
 
 
 def _default(name: str) -> Any:
@@ -114,25 +114,36 @@ def to_json(value: Any, field: str, limit: int | None = None) -> bytes:
 
     Raises:
         InvalidInput: the value is not JSON-serialisable (e.g. a set, an int beyond
-            2**64), or holds a float that is not finite (NaN, Infinity) or an integer
-            outside the signed 64-bit range, anywhere inside it (field ``field``; the
-            message gives the position).
+            2**64; field ``field``), or holds a float that is not finite (NaN, Infinity)
+            or an integer outside the signed 64-bit range anywhere inside it (field: its
+            dotted path from ``field``, e.g. ``value.scores.2`` or ``metadata.score``).
         TooLarge: the encoding is longer than ``limit`` bytes.
     """
+    large_ints = False
     try:
-        data = orjson.dumps(value)
-    except (TypeError, orjson.JSONEncodeError) as exc:
-        raise InvalidInput(f"{field} is not a JSON value: {exc}", field=field) from None
-    # Cheap screen: only an encoding with "null" or 19 digits in a row can hide a bad number.
-    if (b"null" in data or _LONG_RUN in data.translate(_DIGIT_MAP)) and _has_bad_number(value):
-        where, bad = _find_bad_number(value, field)
-        raise InvalidInput(
-            f"{where} is {bad}; numbers must be finite, integers within -2**63..2**63-1",
-            field=field,
-        )
+        data = orjson.dumps(value, option=_SMALL_INTS)
+    except (TypeError, orjson.JSONEncodeError):
+        large_ints = True  # an integer beyond ±2**53, or not JSON at all
+        try:
+            data = orjson.dumps(value)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            if _has_bad_number(value):  # an integer beyond 2**64: name where it is
+                _refuse_bad_number(value, field)
+            raise InvalidInput(f"{field} is not a JSON value: {exc}", field=field) from None
+    # Cheap screen: only a large integer or a "null" in the encoding can be a bad number.
+    if (large_ints or b"null" in data) and _has_bad_number(value):
+        _refuse_bad_number(value, field)
     if limit is not None and len(data) > limit:
         raise TooLarge(f"{field} is {len(data)} bytes as JSON; the limit is {limit}", field=field)
     return data
+
+
+def _refuse_bad_number(value: Any, field: str) -> NoReturn:
+    where, bad = _find_bad_number(value, field)
+    raise InvalidInput(
+        f"{where} is {bad}; numbers must be finite, integers within -2**63..2**63-1",
+        field=where,
+    )
 
 
 def _bad(v: Any) -> bool:
@@ -147,7 +158,7 @@ def _children(v: Any) -> list[tuple[str, Any]] | None:
     if isinstance(v, dict):
         return [(f".{k}", x) for k, x in v.items()]
     if isinstance(v, list | tuple):
-        return [(f"[{i}]", x) for i, x in enumerate(v)]
+        return [(f".{i}", x) for i, x in enumerate(v)]
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
         return [(f".{f.name}", getattr(v, f.name)) for f in dataclasses.fields(v)]
     if isinstance(v, enum.Enum):
@@ -185,7 +196,7 @@ def _has_bad_number(value: Any) -> bool:
 
 
 def _find_bad_number(value: Any, field: str) -> tuple[str, str]:
-    """The position (e.g. ``value.scores[2]``) and repr of the first bad number found."""
+    """The dotted path (e.g. ``value.scores.2``) and repr of the first bad number found."""
     stack = [(field, value)]
     while stack:
         where, v = stack.pop()

@@ -10,8 +10,8 @@ llama.cpp, Ollama and LiteLLM): ``POST {base_url}/embeddings`` with the JSON bod
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 

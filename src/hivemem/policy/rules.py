@@ -254,7 +254,9 @@ class Policy:
             else:
                 doc = tomllib.loads(text)
         except Exception as exc:  # tomllib / yaml parse errors have no common base
-            raise InvalidInput(f"cannot parse policy file {p}: {exc}", field="policy_file") from None
+            raise InvalidInput(
+                f"cannot parse policy file {p}: {exc}", field="policy_file"
+            ) from None
         return cls.parse(doc, str(p))
 
     def for_principal(self, principal: Principal) -> tuple[list[_Bound], list[_Bound]]:

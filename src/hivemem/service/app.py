@@ -13,46 +13,12 @@ import orjson
 from fastapi import FastAPI
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import hivemem
 from hivemem.config import Settings
 from hivemem.core import LocalHive
-from hivemem.errors import HivememError, InvalidInput, TooLarge
+from hivemem.errors import HivememError, InvalidInput
 from hivemem.service import problems
-
-
-
-class _BodyLimit:
-    """Reject request bodies over ``limit`` bytes with 413 before anything reads them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await problems.problem(self._error())(scope, receive, send)
-                return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise self._error()
-            return message
-
-        await self.app(scope, limited, send)
-
-    def _error(self) -> TooLarge:
-        return TooLarge(f"request body is over {self.limit} bytes", field="body")
 
 
 def json_response(
@@ -134,12 +100,13 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     app.state.hivemem = state
     problems.install(app)
 
-    from hivemem.service import events, items, search, sessions
+    from hivemem.service import events, guards, items, openapi, search, sessions
 
     app.include_router(items.router)
     app.include_router(search.router)
     app.include_router(sessions.router)
     app.include_router(events.router)
+    openapi.install(app, settings)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive.")
     async def healthz() -> dict[str, str]:
@@ -153,10 +120,10 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
             return problems.problem(exc)
         return json_response({"status": "ready", "store": url.split("://", 1)[0]})
 
-    app.add_middleware(_BodyLimit, limit=settings.max_request_bytes)
     hosts = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
     if hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
+    guards.install(app, settings)  # outermost: header size, UTF-8, body size and time
     return app
 
 

@@ -15,8 +15,9 @@ from hivemem.core.events import WATCH_BATCH
 from hivemem.models import Event, Page
 from hivemem.service.app import json_response
 from hivemem.service.auth import PublishHive, WatchHive
+from hivemem.service.routing import JSONRoute
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], route_class=JSONRoute)
 
 #: Header of the watch response naming the cursor the stream starts after.
 START_HEADER = "X-Hivemem-Cursor"

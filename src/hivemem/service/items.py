@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
@@ -14,8 +15,9 @@ from hivemem.models import Item, Page
 from hivemem.service.app import json_response
 from hivemem.service.auth import ReadHive, WriteHive
 from hivemem.service.problems import PreconditionFailed
+from hivemem.service.routing import JSONRoute
 
-router = APIRouter(tags=["items"])
+router = APIRouter(tags=["items"], route_class=JSONRoute)
 
 
 class _AnyPath(Convertor[str]):
@@ -85,19 +87,19 @@ def split_path(path: str) -> tuple[str, str]:
     return namespace, key
 
 
+_ETAG = re.compile(r'(?:W/)?(?:"([0-9]{1,18})"|([0-9]{1,18}))')
+
+
 def parse_etag(value: str, header: str) -> int:
     """'"3"', 'W/"3"' or '3' -> 3.
 
     Raises:
         InvalidInput: anything else (field = the header name).
     """
-    tag = value.strip()
-    if tag.startswith("W/"):
-        tag = tag[2:]
-    tag = tag.strip('"')
-    if not tag.isascii() or not tag.isdigit():
+    match = _ETAG.fullmatch(value.strip())
+    if match is None:
         raise InvalidInput(f"{header} must be an item version ETag such as '\"3\"'", field=header)
-    return int(tag)
+    return int(match.group(1) or match.group(2))
 
 
 def item_response(item: Item, status: int = 200) -> Response:

@@ -11,8 +11,9 @@ from starlette.responses import Response
 
 from hivemem.models import SearchHit
 from hivemem.service.auth import SearchHive
+from hivemem.service.routing import JSONRoute
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], route_class=JSONRoute)
 
 
 class SearchBody(BaseModel):

@@ -11,8 +11,9 @@ from starlette.responses import Response
 from hivemem.errors import NotFound
 from hivemem.models import Message, MessageIn, Page, Session
 from hivemem.service.auth import SessionsHive
+from hivemem.service.routing import JSONRoute
 
-router = APIRouter(tags=["sessions"])
+router = APIRouter(tags=["sessions"], route_class=JSONRoute)
 
 
 class CreateBody(BaseModel):

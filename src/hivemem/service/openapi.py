@@ -1,0 +1,270 @@
+"""The OpenAPI document, made to tell the truth about what the service enforces.
+
+FastAPI derives the document from the routes; this module completes it once, after
+generation: every error status a route can answer, as ``application/problem+json``
+(RFC 9457) with its schema; ``201`` where a route creates; the name patterns, ranges
+and lengths the core checks (namespaces, keys, ids, page sizes, TTLs); response
+headers (``ETag``, ``Retry-After``, ``WWW-Authenticate``); an example per request body.
+The patterns are exact: a value that matches is accepted, one that does not is
+refused with 422, so generated tests (schemathesis) can rely on them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+from hivemem.config import Settings
+
+__all__ = ["install"]
+
+INT64_MAX = 2**63 - 1
+
+#: One namespace segment: 1-128 of letters, digits, ``_ - . : @ +``, not ``.`` or
+#: ``..``, not starting with ``_`` (reserved). Written without look-arounds.
+_SEG = (
+    r"(?:[A-Za-z0-9:@+\-][A-Za-z0-9_.:@+\-]{0,127}"
+    r"|\.[A-Za-z0-9_:@+\-][A-Za-z0-9_.:@+\-]{0,126}"
+    r"|\.\.[A-Za-z0-9_.:@+\-]{1,126})"
+)
+#: An item key: no '/', no control characters (and no lone surrogates, which are not UTF-8).
+_KEY = r"[^/\x00-\x1f\x7f\ud800-\udfff]"
+
+
+def _namespace(depth: int) -> str:
+    return rf"{_SEG}(?:/{_SEG}){{0,{depth - 1}}}"
+
+
+def _patterns(s: Settings) -> dict[str, str]:
+    ns = _namespace(s.max_namespace_depth)
+    prefix_seg = rf"(?:{_SEG}|_sessions)"
+    prefix = rf"{prefix_seg}(?:/{prefix_seg}){{0,{s.max_namespace_depth - 1}}}"
+    return {
+        "segment": rf"^{_SEG}$",
+        "namespace": rf"^{ns}$",
+        "prefix": rf"^(?:{prefix})?$",
+        "item_path": rf"^{ns}/{_KEY}{{1,{s.max_key_bytes}}}$",
+        "etag": r'^(?:W/)?(?:"[0-9]{1,18}"|[0-9]{1,18})$',
+        "request_id": r"^[A-Za-z0-9_.:\-]{1,128}$",
+        "idempotency_key": r'^(?:"[A-Za-z0-9_.:\-]{1,128}"|[A-Za-z0-9_.:\-]{1,128})$',
+    }
+
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "description": "RFC 9457 problem details. `field` names the input at fault.",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string", "description": "e.g. /problems/invalid-input"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "field": {"type": "string"},
+        "instance": {"type": "string"},
+        "current_version": {"type": "integer", "description": "409/412: the version found"},
+        "retry_after": {"type": "number", "description": "429: seconds to wait"},
+    },
+}
+
+_WHY = {
+    401: "Missing, malformed, unknown, revoked, expired or wrongly signed credentials.",
+    403: "The principal may not write in this namespace (says nothing of existence).",
+    404: "Absent, expired, or not visible to this principal.",
+    408: "The request body did not arrive within body_timeout_seconds.",
+    409: "The expected version (if_version) did not match; nothing was written.",
+    410: "The cursor points before the feed's retention window.",
+    412: "If-Match / If-None-Match failed; nothing was written.",
+    413: "A value, text, metadata or the body is over its size limit.",
+    422: "Invalid input; `field` names it. Nothing was written.",
+    429: "Over a rate limit or the watch-stream limit; wait Retry-After seconds.",
+    431: "The request's headers are over max_header_bytes.",
+    502: "The embedding provider answered something unusable (details in the log).",
+    503: "The store or the embedding provider is unavailable, or a search ran over its "
+    "time budget.",
+}
+#: Errors any data route can answer (credentials, input, limits, availability).
+_COMMON = (401, 408, 413, 422, 429, 431, 503)
+#: Further errors by (method, path).
+_EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
+    ("put", "/v1/items/{path}"): (403, 409, 412, 502),
+    ("get", "/v1/items/{path}"): (404,),
+    ("delete", "/v1/items/{path}"): (403, 404, 409),
+    ("post", "/v1/batch"): (403, 409, 502),
+    ("post", "/v1/search"): (502,),
+    ("get", "/v1/events"): (410,),
+    ("get", "/v1/watch"): (410,),
+    ("post", "/v1/publish/{channel}"): (403,),
+    ("post", "/v1/sessions"): (403, 409),
+    ("get", "/v1/sessions/{session_id}"): (404,),
+    ("delete", "/v1/sessions/{session_id}"): (404,),
+    ("post", "/v1/sessions/{session_id}/messages"): (404,),
+    ("get", "/v1/sessions/{session_id}/messages"): (404,),
+    ("put", "/v1/sessions/{session_id}/state"): (404, 409),
+}
+_PUBLIC = {"/healthz": (431,), "/readyz": (431, 503)}
+
+_EXAMPLES: dict[tuple[str, str], Any] = {
+    ("put", "/v1/items/{path}"): {
+        "value": {"status": "draft", "papers": 3},
+        "if_version": 0,
+        "ttl": 3600,
+        "text": "Q4 research plan: three papers on retrieval",
+        "metadata": {"topic": "retrieval", "priority": 2},
+    },
+    ("post", "/v1/batch"): {
+        "ops": [
+            {"op": "put", "namespace": "team/research", "key": "a", "value": 1},
+            {"op": "delete", "namespace": "team/research", "key": "old", "if_version": 2},
+        ]
+    },
+    ("post", "/v1/search"): {
+        "query": "why did customers leave",
+        "prefix": "team/research",
+        "filter": {"priority": {"$gte": 2}},
+        "mode": "hybrid",
+        "limit": 10,
+    },
+    ("post", "/v1/sessions"): {
+        "app": "support",
+        "user": "u42",
+        "agent": "triage",
+        "metadata": {"channel": "chat"},
+        "state": {"step": 1},
+    },
+    ("post", "/v1/sessions/{session_id}/messages"): {
+        "messages": [
+            {"role": "user", "content": "My order is late", "tokens_in": 6},
+            {"role": "assistant", "content": "Let me check.", "tokens_out": 4, "cost": 0.0001},
+        ]
+    },
+    ("put", "/v1/sessions/{session_id}/state"): {"state": {"step": 2}, "if_version": 1},
+    ("post", "/v1/publish/{channel}"): {"payload": {"done": "summary", "by": "writer"}},
+}
+
+_HEADERS = {
+    "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}},
+    "WWW-Authenticate": {"description": "Bearer realm.", "schema": {"type": "string"}},
+    "ETag": {"description": 'The item\'s version, e.g. "3".', "schema": {"type": "string"}},
+}
+
+
+def _problem_response(status: int) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": _WHY[status],
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
+    if status == 429:
+        response["headers"] = {"Retry-After": _HEADERS["Retry-After"]}
+    elif status == 401:
+        response["headers"] = {"WWW-Authenticate": _HEADERS["WWW-Authenticate"]}
+    return response
+
+
+def _set(schema: dict[str, Any], **constraints: Any) -> None:
+    """Put constraints on a schema that may be ``anyOf [X, null]`` (optional fields)."""
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") != "null":
+            option.update(constraints)
+
+
+def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
+    rules: dict[str, dict[str, Any]] = {
+        "path": {"pattern": pattern["item_path"]},
+        "session_id": {"pattern": pattern["segment"]},
+        "channel": {"pattern": pattern["namespace"]},
+        "prefix": {"pattern": pattern["prefix"]},
+        "limit": {"minimum": 1, "maximum": s.max_page_size},
+        "max_depth": {"minimum": 1, "maximum": INT64_MAX},
+        "if_version": {"minimum": 0, "maximum": INT64_MAX},
+        "after": {"minimum": 0, "maximum": INT64_MAX},
+        "if-match": {"pattern": pattern["etag"]},
+        "if-none-match": {"pattern": r"^\*$"},
+        "x-hivemem-agent": {"pattern": pattern["segment"]},
+        "x-hivemem-request-id": {"pattern": pattern["request_id"]},
+        "idempotency-key": {"pattern": pattern["idempotency_key"]},
+    }
+    for param in op.get("parameters", []):
+        rule = rules.get(param["name"])
+        if rule is None:
+            continue
+        if param["name"] == "after" and param["in"] == "query":
+            schema = param["schema"]
+            if any(o.get("type") == "string" for o in schema.get("anyOf", [schema])):
+                continue  # the feed's `after` is a cursor string
+        _set(param["schema"], **rule)
+
+
+def _bodies(doc: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
+    schemas = doc.get("components", {}).get("schemas", {})
+
+    def field(model: str, name: str, **constraints: Any) -> None:
+        props = schemas.get(model, {}).get("properties", {})
+        if name in props:
+            _set(props[name], **constraints)
+
+    field("PutBody", "if_version", minimum=0, maximum=INT64_MAX)
+    field("PutBody", "ttl", exclusiveMinimum=0, maximum=s.max_ttl_seconds)
+    field("PutBody", "text", maxLength=s.max_text_bytes)
+    field("StateBody", "if_version", minimum=0, maximum=INT64_MAX)
+    for name in ("app", "user", "agent", "session_id"):
+        field("CreateBody", name, pattern=pattern["segment"])
+    field("SearchBody", "prefix", pattern=pattern["prefix"])
+    field("SearchBody", "limit", minimum=1, maximum=s.max_search_limit)
+    field("SearchBody", "query", minLength=1, maxLength=4096, pattern=r"\S")
+    field("SearchBody", "author", minLength=1)
+    field("MessageIn", "role", pattern=pattern["segment"])
+    for name in ("tokens_in", "tokens_out"):
+        field("MessageIn", name, minimum=0, maximum=INT64_MAX)
+    field("MessageIn", "cost", minimum=0)
+    field("AppendBody", "messages", minItems=1, maxItems=s.max_batch_ops)
+    field("BatchBody", "ops", minItems=1, maxItems=s.max_batch_ops)
+
+
+def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Complete FastAPI's generated document (see the module notes); returns it."""
+    pattern = _patterns(settings)
+    doc.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    schemas = doc["components"]["schemas"]
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            statuses = _PUBLIC.get(path) or (_COMMON + _EXTRA.get((method, path), ()))
+            for status in statuses:
+                responses[str(status)] = _problem_response(status)
+            if (method, path) == ("put", "/v1/items/{path}"):
+                created = copy.deepcopy(responses["200"])
+                created["description"] = "Created (version 1)."
+                responses["201"] = created
+                responses["200"]["description"] = "Replaced (version > 1)."
+            if path == "/v1/items/{path}" and method in ("put", "get"):
+                for code in ("200", "201"):
+                    if code in responses:
+                        responses[code]["headers"] = {"ETag": _HEADERS["ETag"]}
+            _parameters(op, settings, pattern)
+            example = _EXAMPLES.get((method, path))
+            body = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if example is not None and body is not None:
+                body["example"] = example
+    _bodies(doc, settings, pattern)
+    return doc
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Make ``app.openapi()`` return the completed document (generated once)."""
+    generate: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete(generate(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
