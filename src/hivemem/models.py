@@ -7,9 +7,9 @@ models, so they serialise to the same JSON embedded and over HTTP.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 __all__ = [
     "DeleteOp",
@@ -26,6 +26,21 @@ __all__ = [
 T = TypeVar("T")
 #: The largest integer the stores keep (a signed 64-bit integer).
 _INT64_MAX = 2**63 - 1
+#: Most tokens one message may count, and most cost: bounded well below what a
+#: session's running totals (signed 64-bit integers, doubles) can hold.
+MAX_MESSAGE_TOKENS = 2**40
+MAX_MESSAGE_COST = 1e12
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 3.0 is the integer 3 (as JSON Schema says); 3.5 is not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An integer as JSON carries it: ``3`` or ``3.0``; never a string or a boolean.
+JsonInt = Annotated[int, Strict(), BeforeValidator(_integral)]
 
 
 class _Record(BaseModel):
@@ -63,8 +78,10 @@ class PutOp(_Record):
     namespace: str
     key: str
     value: Any
-    if_version: int | None = None
-    ttl: float | None = Field(default=None, description="Seconds until the item expires.")
+    if_version: JsonInt | None = None
+    ttl: Annotated[float, Strict()] | None = Field(
+        default=None, description="Seconds until the item expires."
+    )
     text: str | None = None
     metadata: dict[str, Any] | None = None
 
@@ -75,7 +92,7 @@ class DeleteOp(_Record):
     op: Literal["delete"] = "delete"
     namespace: str
     key: str
-    if_version: int | None = None
+    if_version: JsonInt | None = None
 
 
 class Session(_Record):
@@ -103,9 +120,11 @@ class MessageIn(_Record):
 
     role: str = Field(description="'user', 'assistant', 'system', 'tool' or your own role.")
     content: Any = Field(description="Text or any JSON value (e.g. a list of content parts).")
-    tokens_in: int = Field(default=0, ge=0, le=_INT64_MAX, description="0 .. 2**63 - 1.")
-    tokens_out: int = Field(default=0, ge=0, le=_INT64_MAX, description="0 .. 2**63 - 1.")
-    cost: float = Field(default=0.0, ge=0, allow_inf_nan=False, description="Finite, >= 0.")
+    tokens_in: JsonInt = Field(default=0, ge=0, le=MAX_MESSAGE_TOKENS, description="0 .. 2**40.")
+    tokens_out: JsonInt = Field(default=0, ge=0, le=MAX_MESSAGE_TOKENS, description="0 .. 2**40.")
+    cost: Annotated[float, Strict()] = Field(
+        default=0.0, ge=0, le=MAX_MESSAGE_COST, allow_inf_nan=False, description="0 .. 1e12."
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -45,6 +45,7 @@ def _server_message(body: Any, text: str) -> str:
 
 log = logging.getLogger("hivemem.embedders")
 
+
 class OpenAIEmbedder:
     """Embeds with ``POST {base_url}/embeddings``, micro-batched, over aiohttp.
 
@@ -73,9 +74,7 @@ class OpenAIEmbedder:
         self._fixed_dim = dim is not None
         self._headers = {"Content-Type": "application/json"}
         if settings.openai_api_key:
-            self._headers["Authorization"] = (
-                f"Bearer {settings.openai_api_key.get_secret_value()}"
-            )
+            self._headers["Authorization"] = f"Bearer {settings.openai_api_key.get_secret_value()}"
         self._timeout = aiohttp.ClientTimeout(total=settings.openai_timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None

@@ -11,6 +11,7 @@ The view a request gets enforces the policy in core (:mod:`hivemem.policy.rules`
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -35,6 +36,7 @@ log = logging.getLogger("hivemem.service")
 AGENT_HEADER = "X-Hivemem-Agent"
 REQUEST_ID_HEADER = "X-Hivemem-Request-Id"
 _MAX_VIEWS = 10_000
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 #: The security scheme shown in the OpenAPI document (the credential is checked by
 #: :meth:`ServiceState.authenticate`, not by FastAPI).
@@ -82,7 +84,7 @@ class ServiceState:
             InvalidInput: auth is off and the agent header is not a valid identity.
         """
         if not self.auth:
-            return Principal(agent_header or "anonymous", via="header")
+            return Principal("anonymous" if agent_header is None else agent_header, via="header")
         if not credentials:
             raise Unauthenticated(
                 "credentials required: send 'Authorization: Bearer <API key or JWT>'",
@@ -194,23 +196,20 @@ class ServiceState:
 
 
 def _request_id(request_id: str | None, idempotency_key: str | None) -> str | None:
-    """The request id of a write from ``X-Hivemem-Request-Id`` or ``Idempotency-Key``
-    (IETF draft-ietf-httpapi-idempotency-key-header: a quoted string, quotes optional here).
-
-    Raises:
-        InvalidInput: both headers are present and differ (field ``X-Hivemem-Request-Id``).
-    """
+    """The request id of a write from ``X-Hivemem-Request-Id`` or, when it is absent,
+    ``Idempotency-Key`` (IETF draft-ietf-httpapi-idempotency-key-header: a quoted
+    string, quotes optional here)."""
+    key = None
     if idempotency_key is not None:
         key = idempotency_key.strip()
         if len(key) >= 2 and key[0] == key[-1] == '"':
             key = key[1:-1]
-        if request_id is not None and request_id != key:
+        if not _REQUEST_ID.fullmatch(key):
             raise InvalidInput(
-                "X-Hivemem-Request-Id and Idempotency-Key differ; send one of them",
-                field=REQUEST_ID_HEADER,
+                "Idempotency-Key must be 1-128 letters, digits or _ - . : (optionally quoted)",
+                field="Idempotency-Key",
             )
-        return key
-    return request_id
+    return request_id if request_id is not None else key
 
 
 def hive_for(action: Action) -> Any:
@@ -241,7 +240,10 @@ def hive_for(action: Action) -> Any:
         ] = None,
         idempotency_key: Annotated[
             str | None,
-            Header(description="The IETF Idempotency-Key header; same as X-Hivemem-Request-Id."),
+            Header(
+                description="The IETF Idempotency-Key header: the same as X-Hivemem-Request-Id "
+                "(which wins when both are sent)."
+            ),
         ] = None,
     ) -> LocalHive:
         state: ServiceState = request.app.state.hivemem

@@ -11,7 +11,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
 from hivemem.errors import Conflict, InvalidInput, NotFound
-from hivemem.models import Item, Page
+from hivemem.models import Item, JsonInt, Page
 from hivemem.service.app import json_response
 from hivemem.service.auth import ReadHive, WriteHive
 from hivemem.service.problems import PreconditionFailed
@@ -42,7 +42,7 @@ class PutBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     value: Any = Field(description="Any JSON value (at most 1 MiB by default).")
-    if_version: int | None = Field(
+    if_version: JsonInt | None = Field(
         default=None, ge=0, le=2**63 - 1, description="0: create only; n: only if at version n."
     )
     ttl: float | None = Field(

@@ -30,8 +30,8 @@ _SEG = (
     r"|\.[A-Za-z0-9_:@+\-][A-Za-z0-9_.:@+\-]{0,126}"
     r"|\.\.[A-Za-z0-9_.:@+\-]{1,126})"
 )
-#: An item key: no '/', no control characters (and no lone surrogates, which are not UTF-8).
-_KEY = r"[^/\x00-\x1f\x7f\ud800-\udfff]"
+#: An item key: no '/', no control characters.
+_KEY = r"[^/\x00-\x1f\x7f]"
 
 
 def _namespace(depth: int) -> str:
@@ -88,6 +88,7 @@ _WHY = {
 }
 #: Errors any data route can answer (credentials, input, limits, availability).
 _COMMON = (401, 408, 413, 422, 429, 431, 503)
+_COMMON_WITHOUT_AUTH = (408, 413, 422, 429, 431, 503)
 #: Further errors by (method, path).
 _EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("put", "/v1/items/{path}"): (403, 409, 412, 502),
@@ -174,6 +175,7 @@ def _set(schema: dict[str, Any], **constraints: Any) -> None:
 
 
 def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
+    examples = {"path": "team/research/q4-plan", "session_id": "s42", "channel": "team/alerts"}
     rules: dict[str, dict[str, Any]] = {
         "path": {"pattern": pattern["item_path"]},
         "session_id": {"pattern": pattern["segment"]},
@@ -186,9 +188,17 @@ def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str]) -> Non
         "if-match": {"pattern": pattern["etag"]},
         "if-none-match": {"pattern": r"^\*$"},
         "x-hivemem-agent": {"pattern": pattern["segment"]},
+        "cursor": {"minLength": 1},
+        "app": {"pattern": pattern["segment"]},
+        "user": {"pattern": pattern["segment"]},
+        "agent": {"pattern": pattern["segment"]},
         "x-hivemem-request-id": {"pattern": pattern["request_id"]},
         "idempotency-key": {"pattern": pattern["idempotency_key"]},
     }
+    if s.auth:  # the credential names the agent; the header is ignored, so not offered
+        op["parameters"] = [p for p in op.get("parameters", []) if p["name"] != "x-hivemem-agent"]
+    else:  # no credentials are asked for
+        op.pop("security", None)
     for param in op.get("parameters", []):
         rule = rules.get(param["name"])
         if rule is None:
@@ -196,8 +206,11 @@ def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str]) -> Non
         if param["name"] == "after" and param["in"] == "query":
             schema = param["schema"]
             if any(o.get("type") == "string" for o in schema.get("anyOf", [schema])):
-                continue  # the feed's `after` is a cursor string
+                _set(schema, minLength=1)  # the feed's `after` is a cursor string
+                continue
         _set(param["schema"], **rule)
+        if param["in"] == "path" and param["name"] in examples:
+            param["example"] = examples[param["name"]]
 
 
 def _bodies(doc: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
@@ -210,7 +223,10 @@ def _bodies(doc: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
 
     field("PutBody", "if_version", minimum=0, maximum=INT64_MAX)
     field("PutBody", "ttl", exclusiveMinimum=0, maximum=s.max_ttl_seconds)
-    field("PutBody", "text", maxLength=s.max_text_bytes)
+    if s.embedder == "none":  # vector search needs an embedder: refused (422)
+        mode = schemas.get("SearchBody", {}).get("properties", {}).get("mode", {})
+        if "vector" in mode.get("enum", []):
+            mode["enum"] = [m for m in mode["enum"] if m != "vector"]
     field("StateBody", "if_version", minimum=0, maximum=INT64_MAX)
     for name in ("app", "user", "agent", "session_id"):
         field("CreateBody", name, pattern=pattern["segment"])
@@ -219,17 +235,94 @@ def _bodies(doc: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
     field("SearchBody", "query", minLength=1, maxLength=4096, pattern=r"\S")
     field("SearchBody", "author", minLength=1)
     field("MessageIn", "role", pattern=pattern["segment"])
-    for name in ("tokens_in", "tokens_out"):
-        field("MessageIn", name, minimum=0, maximum=INT64_MAX)
-    field("MessageIn", "cost", minimum=0)
     field("AppendBody", "messages", minItems=1, maxItems=s.max_batch_ops)
     field("BatchBody", "ops", minItems=1, maxItems=s.max_batch_ops)
+    ops = schemas.get("BatchBody", {}).get("properties", {}).get("ops")
+    if ops is not None:
+        ops["items"] = _batch_op(s, pattern)
+    search = schemas.get("SearchBody", {}).get("properties", {})
+    if "filter" in search:
+        search["filter"] = {
+            "anyOf": [_filter(s), {"type": "null"}],
+            "description": search["filter"].get("description", ""),
+        }
+
+
+def _batch_op(s: Settings, pattern: dict[str, str]) -> dict[str, Any]:
+    """The schema of one operation of a batch: a put or a delete, by ``op``."""
+    key = {"type": "string", "pattern": rf"^{_KEY}{{1,{s.max_key_bytes}}}$"}
+    namespace = {"type": "string", "pattern": pattern["namespace"]}
+    version = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": INT64_MAX}, {"type": "null"}]}
+    put = {
+        "type": "object",
+        "title": "PutOp",
+        "required": ["op", "namespace", "key", "value"],
+        "additionalProperties": False,
+        "properties": {
+            "op": {"const": "put"},
+            "namespace": namespace,
+            "key": key,
+            "value": {"description": "Any JSON value."},
+            "if_version": version,
+            "ttl": {
+                "anyOf": [
+                    {"type": "number", "exclusiveMinimum": 0, "maximum": s.max_ttl_seconds},
+                    {"type": "null"},
+                ]
+            },
+            "text": {
+                "anyOf": [{"type": "string"}, {"type": "null"}],
+                "description": f"At most max_text_bytes ({s.max_text_bytes}) bytes of UTF-8.",
+            },
+            "metadata": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+        },
+    }
+    delete = {
+        "type": "object",
+        "title": "DeleteOp",
+        "required": ["op", "namespace", "key"],
+        "additionalProperties": False,
+        "properties": {
+            "op": {"const": "delete"},
+            "namespace": namespace,
+            "key": key,
+            "if_version": version,
+        },
+    }
+    return {"oneOf": [put, delete]}
+
+
+def _filter(s: Settings) -> dict[str, Any]:
+    """The schema of a search filter (see :func:`hivemem.core.search.parse_filter`)."""
+    scalar = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+    operators = {
+        "type": "object",
+        "minProperties": 1,
+        "additionalProperties": False,
+        "properties": {
+            **{op: scalar for op in ("$eq", "$gt", "$gte", "$lt", "$lte")},
+            "$in": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": s.max_filter_values,
+                "items": scalar,
+            },
+        },
+    }
+    return {
+        "type": "object",
+        "maxProperties": s.max_filter_keys,
+        "propertyNames": {"pattern": r"^[A-Za-z0-9_.:@+\-]{1,128}$"},
+        "additionalProperties": {"anyOf": [*scalar["anyOf"], operators]},
+    }
 
 
 def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Complete FastAPI's generated document (see the module notes); returns it."""
     pattern = _patterns(settings)
     doc.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    if not settings.auth:
+        doc["components"].pop("securitySchemes", None)
     schemas = doc["components"]["schemas"]
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
@@ -237,7 +330,8 @@ def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
         for method, op in ops.items():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
-            statuses = _PUBLIC.get(path) or (_COMMON + _EXTRA.get((method, path), ()))
+            common = _COMMON if settings.auth else _COMMON_WITHOUT_AUTH
+            statuses = _PUBLIC.get(path) or (common + _EXTRA.get((method, path), ()))
             for status in statuses:
                 responses[str(status)] = _problem_response(status)
             if (method, path) == ("put", "/v1/items/{path}"):

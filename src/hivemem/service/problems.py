@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from hivemem.errors import Conflict, HivememError, InvalidInput, RateLimited, Unauthenticated
 
@@ -76,11 +77,14 @@ def install(app: FastAPI) -> None:
             "detail": str(exc.detail),
             "instance": request.url.path,
         }
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         return Response(
             orjson.dumps(body),
             status_code=exc.status_code,
             media_type=PROBLEM,
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
 
     @app.exception_handler(Exception)
@@ -93,3 +97,20 @@ def install(app: FastAPI) -> None:
             "detail": "unexpected server error; see the service log",
         }
         return Response(orjson.dumps(body), status_code=500, media_type=PROBLEM)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first
+    route that matched the path, but one path may have a route per method)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        found = getattr(route, "methods", None)
+        if match != Match.NONE and found:
+            methods.update(found)
+        elif found:
+            for method in found:
+                match, _ = route.matches({**request.scope, "method": method})
+                if match == Match.FULL:
+                    methods.add(method)
+    return sorted(methods)

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from starlette.responses import Response
 
-from hivemem.models import SearchHit
+from hivemem.models import JsonInt, SearchHit
 from hivemem.service.auth import SearchHive
 from hivemem.service.routing import JSONRoute
 
@@ -36,7 +36,7 @@ class SearchBody(BaseModel):
         default=None, description="Only items updated before (ISO 8601 or UNIX seconds)."
     )
     mode: Literal["hybrid", "vector", "lexical"] = "hybrid"
-    limit: StrictInt = Field(default=10, le=2**63 - 1, description="Most hits, 1..100.")
+    limit: JsonInt = Field(default=10, le=2**63 - 1, description="Most hits, 1..100.")
 
 
 class SearchResult(BaseModel):

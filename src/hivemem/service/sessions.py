@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from hivemem.errors import NotFound
-from hivemem.models import Message, MessageIn, Page, Session
+from hivemem.models import JsonInt, Message, MessageIn, Page, Session
 from hivemem.service.auth import SessionsHive
 from hivemem.service.routing import JSONRoute
 
@@ -47,7 +47,7 @@ class StateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     state: dict[str, Any]
-    if_version: int | None = Field(
+    if_version: JsonInt | None = Field(
         default=None, ge=0, le=2**63 - 1, description="Only if at this version."
     )
 
