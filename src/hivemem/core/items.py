@@ -23,6 +23,8 @@ from hivemem.models import DeleteOp, Item, Page, PutOp
 #: A listing scans at most this many pages of rows it may not show before it returns a
 #: short page with a cursor.
 _SCAN_PAGES = 10
+#: Texts longer than this (characters) have their distinct terms counted in a thread.
+_TERMS_IN_THREAD = 8192
 
 
 def _row_key(row: ItemRow) -> tuple[str, str]:
@@ -90,11 +92,25 @@ class ItemsMixin(Area):
             if if_version is None
             else check.version(if_version, field=f"{field}if_version"),
         )
-        indexed = searchable_text(text, value)
-        if indexed is not None:
-            where = f"{field}text" if text is not None else f"{field}value"
-            check_terms(indexed, s.max_text_terms, where)
         return write
+
+    async def _check_terms(self, texts: Sequence[tuple[str | None, str]]) -> None:
+        """Refuse texts with more than ``max_text_terms`` distinct terms; ``texts`` are
+        (indexed text or None, field). Counting a long text's terms costs tens of
+        milliseconds of CPU, so long texts are counted in a worker thread and the event
+        loop keeps serving others meanwhile.
+
+        Raises:
+            TooLarge: naming the field of the first text over the bound.
+        """
+        limit = self._settings.max_text_terms
+        for text, field in texts:
+            if text is None:
+                continue
+            if len(text) > _TERMS_IN_THREAD:
+                await asyncio.to_thread(check_terms, text, limit, field)
+            else:
+                check_terms(text, limit, field)
 
     async def _index(
         self, writes: Sequence[PutWrite], texts: Sequence[str | None], now: Callable[[], float]
@@ -137,9 +153,11 @@ class ItemsMixin(Area):
     ) -> Item:
         write = self._put_write(namespace, key, value, if_version, ttl, text, metadata)
         self._must("write", write.namespace, "namespace")
+        indexed = searchable_text(text, value)
+        await self._check_terms([(indexed, "text" if text is not None else "value")])
         request_id = self._scoped_request_id("put", write)
         await self._ready()
-        (write,), now = await self._index([write], [searchable_text(text, value)], self._now)
+        (write,), now = await self._index([write], [indexed], self._now)
         (row,) = await self._once(
             self._backend.write_items(
                 [write],
@@ -306,6 +324,12 @@ class ItemsMixin(Area):
         await self._ready()
         puts = [(i, w) for i, w in enumerate(writes) if isinstance(w, PutWrite)]
         texts = [_text_of(ops_[i]) for i, _ in puts]
+        await self._check_terms(
+            [
+                (text, f"ops.{i}.text" if ops_[i].text is not None else f"ops.{i}.value")  # type: ignore[union-attr]
+                for (i, _), text in zip(puts, texts, strict=True)
+            ]
+        )
         indexed, now = await self._index([w for _, w in puts], texts, self._now)
         for (i, _), write in zip(puts, indexed, strict=True):
             writes[i] = write

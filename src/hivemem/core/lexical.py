@@ -122,7 +122,9 @@ def distinct_terms(text: str, limit: int) -> int:
     Returns:
         The number of distinct terms, or ``limit + 1`` when there are more than ``limit``.
     """
-    words = set(_WORD.findall(_fold(text)))
+    words: set[str] = set()
+    for piece in _pieces(text):  # short C calls, so a worker thread lets others run between
+        words.update(_WORD.findall(_fold(piece)))
     if len(words) <= limit:  # a word has one term: no need to stop early
         return len(set(_terms(list(words))))
     seen: set[str] = set()
@@ -132,6 +134,20 @@ def distinct_terms(text: str, limit: int) -> int:
         if len(seen) > limit:
             return limit + 1
     return len(seen)
+
+
+def _pieces(text: str, size: int = 16_384) -> list[str]:
+    """``text`` cut into pieces of about ``size`` characters, at whitespace when there is
+    some (a word is never split; without whitespace, a cut may split one word in two)."""
+    pieces = []
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + size // 2, start + size)
+        end = cut if cut > start else start + size
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
 
 
 def check_terms(text: str, limit: int, field: str) -> str:
