@@ -267,3 +267,89 @@ def test_the_store_password_is_never_printed(tmp_path: Path) -> None:
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "127.0.0.1" in output, output
     assert "hunter2" not in output, output
+
+
+def _serve(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hivemem", "serve", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "HIVEMEM_EMBEDDER": "none", **env},
+        start_new_session=True,
+    )
+
+
+async def _wait_healthy(url: str, ssl_context: Any = None) -> None:
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as http:
+        while True:
+            try:
+                async with http.get(url + "/healthz", ssl=ssl_context) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(url)
+            await asyncio.sleep(0.1)
+
+
+async def test_serve_over_tls_with_a_private_ca(tmp_path: Path) -> None:
+    import ssl
+
+    from tests.test_client_trust import make_certificates
+
+    ca, cert, key = make_certificates(tmp_path)
+    port = free_port()
+    proc = _serve(
+        [
+            "--store",
+            f"sqlite:///{tmp_path / 'hive.db'}",
+            "--port",
+            str(port),
+            "--ssl-certfile",
+            str(cert),
+            "--ssl-keyfile",
+            str(key),
+        ],
+        {},
+    )
+    try:
+        url = f"https://127.0.0.1:{port}"
+        await _wait_healthy(url, ssl.create_default_context(cafile=str(ca)))
+        settings = hivemem.Settings(client_ca_file=str(ca), embedder="none")
+        async with hivemem.connect(url, agent="tls", settings=settings) as hive:
+            assert (await hive.put("secure/notes", "k", 1)).author == "tls"
+        async with aiohttp.ClientSession() as http:  # plain HTTP is not served
+            with pytest.raises(aiohttp.ClientError):
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    await resp.read()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+async def test_allowed_hosts_refuses_other_host_headers(tmp_path: Path) -> None:
+    port = free_port()
+    proc = _serve(
+        [
+            "--store",
+            f"sqlite:///{tmp_path / 'hive.db'}",
+            "--port",
+            str(port),
+            "--allowed-hosts",
+            "hive.test,127.0.0.1",
+        ],
+        {},
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await _wait_healthy(url)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/v1/events/head", headers={"Host": "evil.test"}) as resp:
+                assert resp.status == 400
+            async with http.get(url + "/v1/events/head", headers={"Host": "hive.test"}) as resp:
+                assert resp.status == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
