@@ -248,7 +248,7 @@ class Policy:
             raise InvalidInput(f"cannot read policy file {p}: {exc}", field="policy_file") from None
         try:
             if p.suffix.lower() in (".yaml", ".yml"):
-                import yaml
+                import yaml  # type: ignore[import-untyped]
 
                 doc = yaml.safe_load(text) or {}
             else:

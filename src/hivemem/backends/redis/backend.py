@@ -416,7 +416,7 @@ class RedisBackend(Backend):
                 # A promoted replica lacks the script and the client's view of the
                 # primaries may still be stale: EVAL sends the source to the node that
                 # owns the keys (and caches it there).
-                return await self.client.eval(script.script, len(keys), *keys, *args)
+                return await self.client.eval(script.script, len(keys), *keys, *args)  # type: ignore[arg-type,misc]
 
         try:
             return await self._retrying(call, name)
