@@ -41,7 +41,7 @@ from hivemem.core import lexical
 from hivemem.core import validation as check
 from hivemem.core.lexical import LexicalIndex, check_terms, distinct_terms, tokens
 from hivemem.core.search import parse_filter
-from hivemem.models import MessageIn
+from hivemem.models import MAX_MESSAGE_COST, MAX_MESSAGE_TOKENS, MessageIn
 from hivemem.service import problems
 from hivemem.service.app import create_app
 from hivemem.service.guards import Guards
@@ -361,8 +361,21 @@ def test_validation_module_does_not_import_numpy() -> None:
 
 
 def test_message_in_bounds() -> None:
-    assert MessageIn(role="user", content="x", tokens_in=INT64_MAX).tokens_in == INT64_MAX
-    for bad in ({"tokens_in": 2**63}, {"tokens_out": -1}, {"cost": NAN}, {"cost": INF}):
+    """Per message: tokens 0..2**40 and cost 0..1e12, so a session's running totals
+    (signed 64-bit integers, doubles) cannot overflow."""
+    top = MessageIn(role="user", content="x", tokens_in=MAX_MESSAGE_TOKENS, cost=MAX_MESSAGE_COST)
+    assert top.tokens_in == MAX_MESSAGE_TOKENS and top.cost == MAX_MESSAGE_COST
+    assert MessageIn(role="user", content="x", tokens_out=3.0).tokens_out == 3  # JSON's 3.0
+    for bad in (
+        {"tokens_in": MAX_MESSAGE_TOKENS + 1},
+        {"tokens_in": 2**63},
+        {"tokens_out": -1},
+        {"tokens_out": "3"},
+        {"tokens_out": 2.5},
+        {"cost": MAX_MESSAGE_COST * 2},
+        {"cost": NAN},
+        {"cost": INF},
+    ):
         with pytest.raises(ValidationError):
             MessageIn(role="user", content="x", **bad)
 
