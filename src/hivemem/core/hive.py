@@ -51,6 +51,8 @@ class _Shared:
         self.policy: PolicyHolder | None = (
             PolicyHolder(settings.policy_file) if settings.policy_file else None
         )
+        #: The built-in roles alone, for principals when no policy file is in force.
+        self.builtin_policy = PolicyHolder()
 
     def vector_index(self, dim: int) -> VectorIndex:
         if self.vectors is None:
@@ -238,15 +240,16 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
         Raises:
             InvalidInput: the principal's agent is not a valid identity (field ``agent``).
         """
-        if self._shared.policy is None:
-            self._shared.policy = PolicyHolder()
-        return LocalHive(
+        view = LocalHive(
             self._backend,
             agent=principal.agent,
             settings=self._settings,
             principal=principal,
             _shared=self._shared,
         )
+        if view._access is None:  # no policy file: the built-in roles decide
+            view._access = Access(principal, self._shared.builtin_policy)
+        return view
 
     @property
     def policy(self) -> PolicyHolder | None:

@@ -65,8 +65,6 @@ class ServiceState:
         self.keys = KeyStore(hive.backend, cache_seconds=settings.auth_cache_seconds)
         self.tokens = TokenVerifier(settings)
         self.limiter = RateLimiter(settings)
-        if self.auth and hive.policy is None:
-            hive.as_principal(Principal("hivemem"))  # installs the built-in roles' policy
         self.views: dict[Principal, LocalHive] = {}
         self.streams: dict[str, int] = {}
         self.streams_total = 0
