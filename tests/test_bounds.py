@@ -47,7 +47,17 @@ from hivemem.service.app import create_app
 from hivemem.service.guards import Guards
 from hivemem.service.routing import JSONRoute, loads
 from tests.conformance._feed import assert_nothing_written
-from tests.conftest import free_port
+from tests.conftest import free_port, selected_stores, store_url_of
+
+#: The bounds are checked in core and in the service before any store is touched, so
+#: one embedded kind and the service cover them (the conformance suite runs the rest).
+_KINDS = [k for k in ("sqlite-memory", "remote") if k in selected_stores()] or selected_stores()[:1]
+
+
+@pytest.fixture(params=_KINDS)
+def hive_url(request: pytest.FixtureRequest) -> str:
+    return store_url_of(request, request.param)
+
 
 INT64_MAX = 2**63 - 1
 NAN, INF = float("nan"), float("inf")

@@ -76,6 +76,19 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
         await s.close()
 
 
+@pytest.fixture
+async def one_store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """One in-memory store, for checks that never reach the store's engine."""
+    url = "sqlite://:memory:"
+    b = hivemem.open_backend(url, SETTINGS)
+    await b.open()
+    s = Store(url, b)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 def agent_name() -> str:
     return f"agent-{uuid.uuid4().hex[:10]}"
 
@@ -194,8 +207,9 @@ async def test_wrong_secret_and_unknown_ids_are_refused(store: Store) -> None:
     ],
 )
 async def test_malformed_keys_are_none(
-    store: Store, token: str, monkeypatch: pytest.MonkeyPatch
+    one_store: Store, token: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = one_store
     reads = CountingBackend(store.backend, monkeypatch)
     ks = KeyStore(store.backend, SETTINGS)
     assert await ks.verify(token) is None
@@ -252,8 +266,9 @@ async def test_concurrent_adds_of_one_name_create_one_agent(store: Store) -> Non
     ],
 )
 async def test_names_and_roles_are_segments(
-    store: Store, name: str, roles: Any, field: str
+    one_store: Store, name: str, roles: Any, field: str
 ) -> None:
+    store = one_store
     ks = KeyStore(store.backend, SETTINGS)
     with pytest.raises(InvalidInput) as info:
         await ks.add(name, roles, by="admin")

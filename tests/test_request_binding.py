@@ -317,15 +317,26 @@ def test_stored_results() -> None:
     assert err.value.to_problem()["field"] == "request_id"
 
 
+@pytest.fixture(params=[k for k in KINDS if k.startswith("redis")])
+async def redis_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """An opened Redis backend, standalone and Cluster."""
+    b = hivemem.open_backend(store_url_of(request, request.param), SETTINGS)
+    await b.open()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
 @pytest.mark.parametrize("same_slot", [True, False])
 async def test_redis_binding_in_and_out_of_the_written_slot(
-    backend: Backend, ns: str, same_slot: bool
+    redis_backend: Backend, ns: str, same_slot: bool
 ) -> None:
     """On Redis the id is bound in the partition of the id: checked by the write script
     when that is the written partition (or any partition of a standalone server), else
     bound first (cluster) and freed again when the write is refused."""
-    if not isinstance(backend, RedisBackend):
-        pytest.skip("Redis only")
+    backend = redis_backend
+    assert isinstance(backend, RedisBackend)
     p = partition_of(ns)
     for _ in range(10_000):
         r = rid()
