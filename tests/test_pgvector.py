@@ -69,7 +69,11 @@ async def test_hnsw_search_matches_brute_force_within_scope(postgres_url: str) -
                     assert score == pytest.approx(float(vectors[i] @ q), abs=1e-4)
                 assert [s for _, _, s in got] == sorted((s for _, _, s in got), reverse=True)
                 recall.append(len({k for _, k, _ in got} & set(best)) / 10)
-        assert float(np.mean(recall)) >= 0.9
+        # pgvector builds its HNSW graph with random levels that no seed controls: on this
+        # data mean recall@10 was 0.89-0.99 over runs. The bound leaves a margin of 0.09
+        # below the lowest seen, and still fails for a scan that ignores the vectors
+        # (about 0.1 here).
+        assert float(np.mean(recall)) >= 0.8
         # The partial HNSW index exists and the planner uses it.
         async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as c:
             cur = await c.execute(

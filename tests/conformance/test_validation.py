@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 import hivemem
 from hivemem import InvalidInput, PutOp, TooLarge
+from tests.conftest import selected_stores, store_url_of
 
 from ._feed import assert_nothing_written
+
+#: Bad input is refused in core (embedded) or in the service (remote) before any store
+#: is touched, so the cases below run on one embedded kind and on the service; what
+#: reaches a store (the limits themselves) runs on every kind.
+_BEFORE_THE_STORE = [k for k in ("sqlite-memory", "remote") if k in selected_stores()] or [
+    selected_stores()[0]
+]
+
+
+@pytest.fixture(params=_BEFORE_THE_STORE)
+async def checked_hive(request: pytest.FixtureRequest) -> AsyncIterator[hivemem.Hive]:
+    h = hivemem.connect(store_url_of(request, request.param), agent="tester")
+    await h.open()
+    try:
+        yield h
+    finally:
+        await h.close()
+
 
 MiB = 1024 * 1024
 
@@ -130,12 +149,13 @@ CASES: list[tuple[str, Call, type[hivemem.HivememError], str]] = [
     ("call", "error", "field"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
 async def test_bad_input_raises_with_field_and_writes_nothing(
-    hive: hivemem.Hive,
+    checked_hive: hivemem.Hive,
     ns: str,
     call: Call,
     error: type[hivemem.HivememError],
     field: str,
 ) -> None:
+    hive = checked_hive
     head = await hive.head()
     with pytest.raises(error) as info:
         await call(hive, ns)
