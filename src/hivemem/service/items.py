@@ -134,7 +134,12 @@ async def put_item(
             raise InvalidInput("If-None-Match supports only '*'", field="If-None-Match")
         if_version, from_header = 0, True
     if from_header and body.if_version is not None and body.if_version != if_version:
-        raise InvalidInput("if_version and the precondition header disagree", field="if_version")
+        # Both preconditions must hold and an item is at one version: one of them fails.
+        raise Conflict(
+            f"if_version {body.if_version} and the precondition header (version {if_version}) "
+            "cannot both hold; nothing was written",
+            field="if_version",
+        )
     try:
         item = await hive.put(
             namespace,

@@ -30,8 +30,18 @@ _SEG = (
     r"|\.[A-Za-z0-9_:@+\-][A-Za-z0-9_.:@+\-]{0,126}"
     r"|\.\.[A-Za-z0-9_.:@+\-]{1,126})"
 )
-#: An item key: no '/', no control characters.
+#: A character of an item key: no '/', no control characters.
 _KEY = r"[^/\x00-\x1f\x7f]"
+#: A whole key: 1..max characters, not ``.`` or ``..``.
+_KEY_NOT_DOTS = (
+    r"(?:[^/\x00-\x1f\x7f.]{kc}{{0,{n1}}}"
+    r"|\.[^/\x00-\x1f\x7f.]{kc}{{0,{n2}}}"
+    r"|\.\.{kc}{{1,{n2}}})"
+)
+
+
+def _key(max_chars: int) -> str:
+    return _KEY_NOT_DOTS.format(kc=_KEY, n1=max_chars - 1, n2=max_chars - 2)
 
 
 def _namespace(depth: int) -> str:
@@ -46,7 +56,7 @@ def _patterns(s: Settings) -> dict[str, str]:
         "segment": rf"^{_SEG}$",
         "namespace": rf"^{ns}$",
         "prefix": rf"^(?:{prefix})?$",
-        "item_path": rf"^{ns}/{_KEY}{{1,{s.max_key_bytes}}}$",
+        "item_path": rf"^{ns}/{_key(s.max_key_bytes)}$",
         "etag": r'^(?:W/)?(?:"[0-9]{1,18}"|[0-9]{1,18})$',
         "request_id": r"^[A-Za-z0-9_.:\-]{1,128}$",
         "idempotency_key": r'^(?:"[A-Za-z0-9_.:\-]{1,128}"|[A-Za-z0-9_.:\-]{1,128})$',
@@ -250,7 +260,7 @@ def _bodies(doc: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
 
 def _batch_op(s: Settings, pattern: dict[str, str]) -> dict[str, Any]:
     """The schema of one operation of a batch: a put or a delete, by ``op``."""
-    key = {"type": "string", "pattern": rf"^{_KEY}{{1,{s.max_key_bytes}}}$"}
+    key = {"type": "string", "pattern": rf"^{_key(s.max_key_bytes)}$"}
     namespace = {"type": "string", "pattern": pattern["namespace"]}
     version = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": INT64_MAX}, {"type": "null"}]}
     put = {
