@@ -177,6 +177,20 @@ def _problem_response(status: int) -> dict[str, Any]:
     return response
 
 
+def _drop_null(param: dict[str, Any]) -> None:
+    """An optional header or query parameter is absent, never JSON ``null``: keep only
+    the non-null branch of FastAPI's ``anyOf [X, null]`` (a generator would otherwise
+    send the text "null")."""
+    schema = param.get("schema", {})
+    options = schema.get("anyOf")
+    if not options:
+        return
+    kept = [o for o in options if o.get("type") != "null"]
+    if len(kept) == 1 and len(kept) < len(options):
+        rest = {k: v for k, v in schema.items() if k != "anyOf"}
+        param["schema"] = {**kept[0], **rest}
+
+
 def _set(schema: dict[str, Any], **constraints: Any) -> None:
     """Put constraints on a schema that may be ``anyOf [X, null]`` (optional fields)."""
     for option in schema.get("anyOf", [schema]):
@@ -210,6 +224,7 @@ def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str]) -> Non
     else:  # no credentials are asked for
         op.pop("security", None)
     for param in op.get("parameters", []):
+        _drop_null(param)
         rule = rules.get(param["name"])
         if rule is None:
             continue
