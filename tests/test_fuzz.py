@@ -63,7 +63,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_that_breaks_the_document(
         "--max-examples",
         examples,
         "--seed",
-        "20261129",
+        os.environ.get("HIVEMEM_FUZZ_SEED", "20261129"),
         "--workers",
         "1",
         "--exclude-path",

@@ -100,7 +100,7 @@ async def watch(
 
 
 @router.post(
-    "/v1/publish/{channel:path}",
+    "/v1/publish/{channel:anypath}",
     response_model=Event,
     summary="Publish an agent's own event on a channel (a namespace).",
 )

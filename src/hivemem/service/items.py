@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 
 from hivemem.errors import Conflict, InvalidInput, NotFound
@@ -18,22 +17,6 @@ from hivemem.service.problems import PreconditionFailed
 from hivemem.service.routing import JSONRoute
 
 router = APIRouter(tags=["items"], route_class=JSONRoute)
-
-
-class _AnyPath(Convertor[str]):
-    """Like Starlette's ``path`` convertor, but also matching newlines, so a key with a
-    control character reaches validation (a 422 naming ``key``) instead of a 404."""
-
-    regex = r"[\s\S]*"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("anypath", _AnyPath())
 
 
 class PutBody(BaseModel):

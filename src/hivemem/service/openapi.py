@@ -83,7 +83,8 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 _WHY = {
     401: "Missing, malformed, unknown, revoked, expired or wrongly signed credentials.",
     403: "The principal may not write in this namespace (says nothing of existence).",
-    404: "Absent, expired, or not visible to this principal.",
+    404: "Absent, expired, or not visible to this principal; or a path that names no "
+    "resource (e.g. a session id with '/').",
     408: "The request body did not arrive within body_timeout_seconds.",
     409: "The expected version (if_version) did not match; nothing was written.",
     410: "The cursor points before the feed's retention window.",
@@ -97,8 +98,8 @@ _WHY = {
     "time budget.",
 }
 #: Errors any data route can answer (credentials, input, limits, availability).
-_COMMON = (401, 408, 413, 422, 429, 431, 503)
-_COMMON_WITHOUT_AUTH = (408, 413, 422, 429, 431, 503)
+_COMMON = (401, 404, 408, 413, 422, 429, 431, 503)
+_COMMON_WITHOUT_AUTH = (404, 408, 413, 422, 429, 431, 503)
 #: Further errors by (method, path).
 _EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("put", "/v1/items/{path}"): (403, 409, 412, 502),

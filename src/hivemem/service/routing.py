@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 from fastapi.routing import APIRoute
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -90,3 +91,19 @@ class JSONRoute(APIRoute):
             return await handler(request)
 
         return strict_json_handler
+
+
+class _AnyPath(Convertor[str]):
+    """Like Starlette's ``path`` convertor, but also matching newlines, so a key with a
+    control character reaches validation (a 422 naming ``key``) instead of a 404."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anypath", _AnyPath())
