@@ -62,9 +62,10 @@ slot: the cluster's hive figures use one master, while the raw cluster baseline'
 spread over all three.
 
 The search texts are real sentences, built at run time from the dialog turns of a
-LoCoMo-format file (``--data``, default ``/work/shared/data/locomo-dev.json``, read,
-never copied): item ``n`` joins turn ``n mod T`` (with its date and speaker) and turn
-``(n mod T + 1 + n div T) mod T``; the queries are the file's questions. Without the
+LoCoMo-format file (``--data``, else ``$HIVEMEM_LOCOMO``, else
+``../shared/data/locomo-dev.json`` beside the checkout; read, never copied): item ``n``
+joins turn ``n mod T`` (with its date and speaker) and turn ``(n mod T + 1 + n div T) mod
+T``; the queries are the file's questions. Without the
 file, sentences of 8 to 16 words are drawn from a fixed word list (seeded, so every run
 gets the same texts) and queries of 3 words.
 
@@ -114,10 +115,12 @@ sys.path.insert(0, str(BENCH_DIR))
 sys.path.insert(0, str(REPO_DIR))
 
 from common import (  # noqa: E402
+    LOCOMO_HELP,
     MAX_OPS,
     Procs,
     Result,
     free_port,
+    locomo_path,
     process_cpu_seconds,
     run_sync_loop,
     summarize,
@@ -127,7 +130,6 @@ from common import (  # noqa: E402
 from embedded import make_value  # noqa: E402
 
 BACKENDS = ("sqlite", "postgres", "redis", "redis-cluster")
-DEFAULT_DATA = Path("/work/shared/data/locomo-dev.json")
 DEFAULT_JSON = BENCH_DIR / "results" / "backends.json"
 #: Namespaces ``bench/g0..g9`` (get/put) and ``search/g0..g9`` (search items).
 NAMESPACES = 10
@@ -904,10 +906,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--search-items", type=int, default=None, help="items searched (3000; --quick 1000)"
     )
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LoCoMo file for search texts")
+    p.add_argument("--data", type=Path, default=None, help=LOCOMO_HELP)
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output file (%(default)s)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (stores, logs)")
     a = p.parse_args(argv)
+    a.data = locomo_path(a.data)
     a.kinds = [b.strip() for b in a.backends.split(",") if b.strip()]
     unknown = set(a.kinds) - set(BACKENDS)
     if unknown or not a.kinds:

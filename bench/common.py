@@ -32,6 +32,7 @@ __all__ = [
     "Procs",
     "Result",
     "free_port",
+    "locomo_path",
     "percentile",
     "process_cpu_seconds",
     "run_async_clients",
@@ -43,6 +44,41 @@ __all__ = [
 
 #: Cap on operations recorded by one measurement (bounds memory and run time).
 MAX_OPS = 2_000_000
+
+#: The root of the repository (this file is ``bench/common.py``).
+REPO_ROOT = Path(__file__).resolve().parent.parent
+#: Environment variable naming the LoCoMo-format file the benchmarks read.
+LOCOMO_ENV = "HIVEMEM_LOCOMO"
+#: Where that file is looked for last, relative to :data:`REPO_ROOT`.
+LOCOMO_FALLBACK = Path("..", "shared", "data", "locomo-dev.json")
+#: What ``--data`` help texts say about the default.
+LOCOMO_HELP = (
+    f"LoCoMo-format file (default: ${LOCOMO_ENV}, else {LOCOMO_FALLBACK} relative to the "
+    "repository root; see examples/README.md)"
+)
+
+
+def locomo_path(given: Path | str | None = None) -> Path:
+    """The LoCoMo-format file to read: ``given`` (a ``--data`` argument), else the file
+    ``$HIVEMEM_LOCOMO`` names, else ``../shared/data/locomo-dev.json`` relative to the
+    repository root. The file is read where it is, never copied.
+
+    Raises:
+        SystemExit: the file does not exist (the message says how to name one).
+    """
+    if given is not None and str(given):
+        path = Path(given).expanduser()
+    elif os.environ.get(LOCOMO_ENV, "").strip():
+        path = Path(os.environ[LOCOMO_ENV].strip()).expanduser()
+    else:
+        path = Path(os.path.normpath(REPO_ROOT / LOCOMO_FALLBACK))
+    if not path.is_file():
+        raise SystemExit(
+            f"no LoCoMo file at {path}: pass --data PATH or set {LOCOMO_ENV} (the public "
+            "file is data/locomo10.json of https://github.com/snap-research/locomo, "
+            "CC BY-NC 4.0; see examples/README.md)"
+        )
+    return path
 
 
 @dataclass

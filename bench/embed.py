@@ -9,9 +9,9 @@ Two figures per setting, both in sentences per second:
 
 The ratio concurrent/own is the share of the model's throughput that micro-batching
 keeps (target: at least 80 %). The texts are the dialog turns of LoCoMo
-(``/work/shared/data/locomo-dev.json`` by default, read at run time), formatted as the
-hive indexes them: ``"[session date] speaker: text"``. Both figures walk the same texts
-in the same order.
+(``--data``, else ``$HIVEMEM_LOCOMO``, else ``../shared/data/locomo-dev.json`` beside
+the checkout; read at run time), formatted as the hive indexes them: ``"[session date]
+speaker: text"``. Both figures walk the same texts in the same order.
 
 The two figures are measured in ``--rounds`` alternating slices (own, concurrent, own,
 ...) on the same loaded model, so a change of machine load hits both alike. Columns:
@@ -41,12 +41,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import percentile
+from common import LOCOMO_HELP, locomo_path, percentile
 
 from hivemem.config import Settings
 from hivemem.embedders import MiniLMEmbedder
 
-DEFAULT_DATA = Path("/work/shared/data/locomo-dev.json")
 #: Texts in one call of the model for the "own" figure.
 OWN_BATCH = 32
 
@@ -228,9 +227,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int_list, default=[32], help="e.g. 16,32")
     parser.add_argument("--wait-ms", type=float_list, default=[2.0], help="e.g. 0,2,10")
     parser.add_argument("--threads", type=int_list, default=[2], help="onnxruntime threads")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LoCoMo-format file")
+    parser.add_argument("--data", type=Path, default=None, help=LOCOMO_HELP)
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
+    args.data = locomo_path(args.data)
     load1 = os.getloadavg()[0]
     print(
         f"embedding throughput: {args.writers} writers, {args.seconds:g} s per figure, "

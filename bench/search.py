@@ -14,7 +14,9 @@ times ``VectorIndex.search`` alone (no SQLite, no fusion), which separates the i
 cost from the rest of the search. Targets (embedded): p50 <= 10 ms, p99 <= 30 ms.
 
 The data: the items' texts are real sentences, built at run time from the dialog turns
-of a LoCoMo-format file (``/work/shared/data/locomo-dev.json``; never copied anywhere).
+of a LoCoMo-format file (``--data``, else ``$HIVEMEM_LOCOMO``, else
+``../shared/data/locomo-dev.json`` relative to the repository root; read in place,
+never copied anywhere; see examples/README.md for where the file comes from).
 Item ``n`` joins turn ``n mod T`` (with its session date and speaker) and turn
 ``(n mod T + 1 + n div T) mod T``, which gives ``T * (T - 1)`` distinct texts. Items go
 to ten namespaces ``bench/g0`` .. ``bench/g9`` (``n mod 10``) with metadata
@@ -76,12 +78,20 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from common import Procs, Result, free_port, process_cpu_seconds, summarize, wait_http_ready
+from common import (
+    LOCOMO_HELP,
+    Procs,
+    Result,
+    free_port,
+    locomo_path,
+    process_cpu_seconds,
+    summarize,
+    wait_http_ready,
+)
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-DEFAULT_DATA = Path("/work/shared/data/locomo-dev.json")
 SCRIPT = Path(__file__).resolve()
 DEFAULT_JSON = SCRIPT.parent / "results" / "search.json"
 DIM = 384
@@ -612,7 +622,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=300, help="timed queries per figure (300)")
     p.add_argument("--limit", type=int, default=10, help="search limit (10)")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"output ({DEFAULT_JSON})")
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LoCoMo-format file")
+    p.add_argument("--data", type=Path, default=None, help=LOCOMO_HELP)
     p.add_argument("--db", type=Path, default=None, help="store file to build or reuse (kept)")
     p.add_argument("--chunk", type=int, default=500, help="items per batch() when building")
     p.add_argument("--only", default="embedded,http", help="embedded,http (default both)")
@@ -628,6 +638,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.data = locomo_path(args.data)
     if args.lexical_index is not None:  # read by Settings here and in the service subprocess
         os.environ["HIVEMEM_LEXICAL_INDEX"] = args.lexical_index
     if args.items is None:

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +18,8 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from hivemem.cli import app
+from hivemem.cli import _fail, app
+from hivemem.errors import Conflict
 
 from .conftest import ServiceProcess
 
@@ -106,7 +114,7 @@ def test_stale_if_version_exits_2_and_reports_the_current_version(cli: Cli) -> N
     ok(cli("put", "t", "k", "v1"))
     result = cli("put", "t", "k", "v2", "--if-version", "5")
     assert result.exit_code == 2
-    assert "field: if_version" in result.stderr and "current version: 1" in result.stderr
+    assert "field: if_version" in result.stderr and "version 1" in result.stderr
     assert ok(cli("get", "t", "k")).stdout == "v1\n"
 
 
@@ -316,3 +324,144 @@ def test_serve_rejects_bad_settings_naming_the_field(
     result = CliRunner().invoke(app, argv, env={"HIVEMEM_CONFIG": ""})
     assert result.exit_code == 2, result.output
     assert f"field: {field}" in result.stderr
+
+
+# --- watch says what it waits for; Conflict states its version once; serve names /docs ---
+
+
+def test_watch_on_a_quiet_feed_says_on_stderr_that_it_waits_and_how_to_stop(url: str) -> None:
+    cmd = [sys.executable, "-m", "hivemem", "--url", url, "watch", "team/research"]
+    env = {**os.environ, "HIVEMEM_EMBEDDER": "none", "COLUMNS": "200"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 30)
+        assert ready, "watch printed nothing on stderr within 30 s"
+        line = proc.stderr.readline()
+        assert "waiting for events under 'team/research'" in line
+        assert "new events only" in line and "Ctrl-C to stop" in line
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    assert stdout == ""
+    assert "Traceback" not in stderr
+
+
+def test_watch_json_keeps_the_waiting_line_off_stdout(cli: Cli) -> None:
+    ok(cli("put", "w", "a", "1"))
+    result = ok(cli("watch", "w", "--from-start", "--count", "1", "--json"))
+    assert [json.loads(line)["key"] for line in result.stdout.splitlines()] == ["a"]
+    assert "waiting for events under 'w' (from the oldest kept event)" in result.stderr
+    every = ok(cli("watch", "--after", "0", "--count", "1"))
+    assert "waiting for events in every namespace (after cursor 0)" in every.stderr
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "version"),
+    [
+        ([["put", "t", "k", "v1"]], ["put", "t", "k", "v2", "--if-version", "5"], 1),
+        ([], ["put", "t", "absent", "v", "--if-version", "3"], 0),
+        ([], ["rm", "t", "absent", "--if-version", "0"], 0),
+        (
+            [["session", "create", "--app", "a", "--id", "s"]],
+            ["session", "state", "s", "{}", "--if-version", "4"],
+            0,
+        ),
+    ],
+)
+def test_a_conflict_states_the_current_version_once(
+    cli: Cli, setup: list[list[str]], args: list[str], version: int
+) -> None:
+    for command in setup:
+        ok(cli(*command))
+    result = cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+    assert len(re.findall(r"\bversion\b", result.stderr)) == 1, result.stderr
+    assert f"version {version}" in result.stderr
+    assert "current version" not in result.stderr
+
+
+def test_a_conflict_message_without_its_version_gets_it_appended(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(typer.Exit) as exited:
+        _fail(Conflict("someone else wrote first", field="if_version", current_version=7))
+    assert exited.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert "someone else wrote first (field: if_version) (current version: 7)" in err
+    with pytest.raises(typer.Exit):
+        _fail(Conflict("agent 'x' already exists", field="name"))
+    assert "version" not in capsys.readouterr().err
+
+
+def test_serve_prints_its_url_the_docs_url_and_the_store_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    import uvicorn
+
+    served: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(kwargs))
+    store = "postgresql://hive:s3cret@127.0.0.1:1/hive"
+    argv = ["serve", "--store", store, "--port", "9876"]
+    result = CliRunner().invoke(app, argv, env={"HIVEMEM_CONFIG": "", "COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("hivemem serving http://127.0.0.1:9876 ")
+    assert "API docs: http://127.0.0.1:9876/docs" in line
+    assert "store: postgresql://hive:***@127.0.0.1:1/hive" in line
+    assert "s3cret" not in result.output
+    assert served and served[0]["port"] == 9876
+    argv = ["serve", "--host", "::1", "--store", url]
+    ipv6 = CliRunner().invoke(app, argv, env={"HIVEMEM_CONFIG": ""})
+    assert "http://[::1]:8765/docs" in ok(ipv6).stdout
+
+
+def test_serve_docs_url_answers_and_a_remote_conflict_states_its_version_once(
+    service_factory: Callable[..., ServiceProcess],
+) -> None:
+    svc = service_factory("docs")
+    assert f"API docs: {svc.url}/docs" in svc.output()
+    with urllib.request.urlopen(f"{svc.url}/docs", timeout=10) as response:
+        assert response.status == 200
+    runner = CliRunner()
+    ok(runner.invoke(app, ["--url", svc.url, "put", "remote/ns", "k", "v"]))
+    stale = runner.invoke(
+        app, ["--url", svc.url, "put", "remote/ns", "k", "w", "--if-version", "3"]
+    )
+    assert stale.exit_code == 2
+    assert len(re.findall(r"\bversion\b", stale.stderr)) == 1, stale.stderr
+    assert "version 1" in stale.stderr
+
+
+def test_eval_locomo_without_a_file_reads_hivemem_locomo_or_says_how_to_name_one(
+    tmp_path: Path,
+) -> None:
+    sample = tmp_path / "tiny.json"
+    conversation = {
+        "speaker_a": "Ann",
+        "speaker_b": "Ben",
+        "session_1_date_time": "1 May 2024",
+        "session_1": [
+            {"speaker": "Ann", "dia_id": "D1:1", "text": "I bake bread on Sundays"},
+            {"speaker": "Ben", "dia_id": "D1:2", "text": "I play the violin"},
+        ],
+    }
+    qa = [
+        {"question": "What does Ann bake?", "answer": "bread", "evidence": ["D1:1"], "category": 4}
+    ]
+    data = [{"sample_id": "s1", "conversation": conversation, "qa": qa}]
+    sample.write_text(json.dumps(data), "utf-8")
+    argv = ["eval", "locomo", "--embedder", "none", "--k", "1"]
+    runner = CliRunner()
+    result = ok(runner.invoke(app, argv, env={"HIVEMEM_LOCOMO": str(sample), "COLUMNS": "200"}))
+    assert "1 conversations, 2 turns, 1 questions" in result.stdout
+    missing = tmp_path / "missing.json"
+    result = runner.invoke(app, argv, env={"HIVEMEM_LOCOMO": str(missing), "COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert f"no LoCoMo file at {missing}" in result.stderr
+    assert "HIVEMEM_LOCOMO" in result.stderr and "field: file" in result.stderr

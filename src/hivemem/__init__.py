@@ -162,5 +162,29 @@ def connect_sync(
     api_key: str | SecretStr | None = None,
     settings: Settings | None = None,
 ) -> SyncHive:
-    """Open a blocking :class:`SyncHive`; arguments and errors as for :func:`connect`."""
+    """Open the blocking hive that ``url`` names: :func:`connect` without ``await``.
+
+    It starts a background thread running an event loop; close the hive (``with`` or
+    :meth:`SyncHive.close`) to stop it. Nothing is contacted until the first call.
+
+    Args:
+        url: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
+            ``sqlite://:memory:`` (private to this hive), ``http://host:port``, several
+            ``http://`` URLs separated by commas (replicas of one service), or a store URL
+            (``postgresql://...``, ``redis://...``).
+        agent: the identity stamped as author of this hive's writes (one namespace
+            segment: letters, digits, ``_ - . : @ +``).
+        api_key: for ``http(s)`` URLs, the key sent as ``Authorization: Bearer <key>``;
+            None takes ``settings.api_key`` (env ``HIVEMEM_API_KEY``), ``""`` sends none.
+        settings: limits and tuning; by default read from ``HIVEMEM_*`` variables (its
+            ``embedder`` picks the search embedder of a local store).
+
+    Returns:
+        A :class:`SyncHive` over the :class:`Hive` :func:`connect` returns.
+
+    Raises:
+        InvalidInput: unknown scheme (field ``url``), invalid agent (field ``agent``), or
+            for ``http(s)`` URLs an API key that cannot be sent in a header (field
+            ``api_key``) or an unreadable ``client_ca_file``.
+    """
     return SyncHive(connect(url, agent=agent, api_key=api_key, settings=settings))

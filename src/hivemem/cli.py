@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import re
 import sys
 from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing, contextmanager, suppress
@@ -118,12 +119,42 @@ class _Run:
 
 
 def _fail(exc: HivememError) -> NoReturn:
-    """Print ``exc`` as one red line on stderr; exit 1 for NotFound, 2 otherwise."""
+    """Print ``exc`` as one red line on stderr; exit 1 for NotFound, 2 otherwise.
+
+    A :class:`Conflict` states the version it found once: the stores' messages already
+    say it ("is at version 3, not 2"), so it is added only to a message that does not.
+    """
     detail = f" (field: {exc.field})" if exc.field else ""
-    if isinstance(exc, Conflict) and exc.current_version is not None:
-        detail += f" (current version: {exc.current_version})"
+    current = exc.current_version if isinstance(exc, Conflict) else None
+    if current is not None and not re.search(rf"\bversion {current}\b", exc.message):
+        detail += f" (current version: {current})"
     _err.print(f"[red]error:[/] {escape(exc.message + detail)}", soft_wrap=True)
     raise typer.Exit(1 if isinstance(exc, NotFound) else 2)
+
+
+@contextmanager
+def _loading_model(run: _Run, embeds: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """Show "loading the search model…" on stderr while the block runs, when it will load
+    the MiniLM model of an embedded hive (1-1.5 s at its first use) and stderr is a
+    terminal. ``embeds()``: whether the call embeds any text (asked only then). The
+    library itself loads the model silently; only the command line shows this, and never
+    on stdout.
+    """
+    embedder = getattr(run.hive.hive, "embedder", None) if _err.is_terminal else None
+    if embedder is None:
+        yield
+        return
+    from rich.live import Live
+    from rich.spinner import Spinner
+
+    from hivemem.embedders.minilm import MiniLMEmbedder
+
+    if not isinstance(embedder, MiniLMEmbedder) or not embeds():
+        yield
+        return
+    spinner = Spinner("dots", Text("loading the search model…", style="dim"))
+    with Live(spinner, console=_err, transient=True, redirect_stdout=False, redirect_stderr=False):
+        yield
 
 
 @contextmanager
@@ -421,8 +452,11 @@ def serve(
     with _guard():
         service = create_app(store_url, settings)
     scheme = "https" if settings.ssl_certfile else "http"
+    base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
     mode = "auth on" if settings.auth else "auth off: X-Hivemem-Agent names the caller"
-    typer.echo(f"hivemem serving {scheme}://{host}:{port} (store: {redact_url(store_url)}; {mode})")
+    typer.echo(
+        f"hivemem serving {base} (API docs: {base}/docs; store: {redact_url(store_url)}; {mode})"
+    )
     uvicorn.run(
         service,
         host=host,
@@ -460,9 +494,16 @@ def put(
 ) -> None:
     """Create or replace the item at NAMESPACE KEY and print its new version."""
     data, metadata = _read_value(value, value_file), _parse_meta(meta)
-    item = run.hive.put(
-        namespace, key, data, if_version=if_version, ttl=ttl, text=text, metadata=metadata
-    )
+
+    def embeds() -> bool:
+        from hivemem.core.items import searchable_text
+
+        return searchable_text(text, data) is not None
+
+    with _loading_model(run, embeds):
+        item = run.hive.put(
+            namespace, key, data, if_version=if_version, ttl=ttl, text=text, metadata=metadata
+        )
     run.emit(item, lambda: typer.echo(f"{item.namespace} {item.key}: version {item.version}"))
 
 
@@ -550,9 +591,24 @@ def watch(
 
     # The async API, so that Ctrl-C cancels the pending wait and the hive closes cleanly
     # (SyncHive.watch cannot close a subscription that is blocked waiting for an event).
+    start = (
+        "from the oldest kept event"
+        if from_start
+        else f"after cursor {after}"
+        if after is not None
+        else "new events only"
+    )
+    where = f"under {prefix!r}" if prefix else "in every namespace"
+
     async def follow() -> None:
         async with hivemem.connect(run.url, agent=run.agent) as hive:
             events = hive.watch(prefix, after="0" if from_start else after)
+            # On stderr, so that stdout (--json: one event per line) holds events only.
+            _err.print(
+                f"waiting for events {escape(where)} ({escape(start)}); Ctrl-C to stop",
+                style="dim",
+                soft_wrap=True,
+            )
             async with aclosing(cast(AsyncGenerator[Event, None], events)) as feed:
                 seen = 0
                 async for ev in feed:
@@ -588,7 +644,10 @@ def search(
     conditions = None if filter_json is None else _parse(filter_json)
     if filter_json is not None and not isinstance(conditions, dict):
         raise InvalidInput("--filter must be a JSON object", field="filter")
-    hits = run.hive.search(prefix, query, filter=conditions, author=author, mode=mode, limit=limit)
+    with _loading_model(run, lambda: mode != "lexical"):
+        hits = run.hive.search(
+            prefix, query, filter=conditions, author=author, mode=mode, limit=limit
+        )
     run.emit(
         [h.model_dump(mode="json") for h in hits],
         lambda: _table(
@@ -781,7 +840,14 @@ def _fmt(value: float | None) -> str:
 
 @eval_app.command("locomo")
 def eval_locomo(
-    file: Annotated[Path, typer.Argument(help="LoCoMo-format JSON file (e.g. locomo10.json).")],
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            show_default=False,
+            help="LoCoMo-format JSON file (e.g. locomo10.json). Default: env HIVEMEM_LOCOMO, "
+            "else ../shared/data/locomo-dev.json relative to the hivemem source checkout.",
+        ),
+    ] = None,
     k: Annotated[str, typer.Option("--k", help="Cut-offs, comma-separated (1..100).")] = "5,10",
     mode: Annotated[
         Literal["hybrid", "vector", "lexical", "all"],
@@ -814,6 +880,9 @@ def eval_locomo(
     (writing and embedding every turn) in seconds and items/s, and the latency of each
     search call (query embedding included) at p50 and p99 in ms. Search settings come
     from HIVEMEM_* variables as usual.
+
+    The data is LoCoMo's data/locomo10.json (github.com/snap-research/locomo, CC BY-NC
+    4.0), not shipped with hivemem; see examples/README.md.
     """
     import tempfile
 
@@ -823,6 +892,14 @@ def eval_locomo(
 
     with _guard():
         ks = _parse_ks(k)
+        if file is None:
+            file = evaluation.default_locomo_path()
+            if not file.is_file():
+                raise InvalidInput(
+                    f"no LoCoMo file at {file}: pass FILE or set {evaluation.LOCOMO_ENV} "
+                    "(the public file is data/locomo10.json of github.com/snap-research/locomo)",
+                    field="file",
+                )
         conversations = evaluation.load_locomo(file)[:limit_conversations]
         try:
             settings = Settings() if embedder is None else Settings(embedder=embedder)

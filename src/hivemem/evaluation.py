@@ -18,11 +18,18 @@ Evidence ids are normalised first (the file has a few malformed ones): a field h
 several ids (``"D8:6; D9:17"``) is split, ``"D:11:26"`` becomes ``"D11:26"``, leading
 zeros go (``"D30:05"`` -> ``"D30:5"``), and ids naming no turn of the conversation are
 dropped; a question left with no evidence is not asked.
+
+The data is not part of hivemem: LoCoMo's ``data/locomo10.json`` comes from
+https://github.com/snap-research/locomo under CC BY-NC 4.0 (non-commercial). Without a
+FILE argument, ``hivemem eval locomo`` reads the file that :func:`default_locomo_path`
+names: the environment variable ``HIVEMEM_LOCOMO``, else ``../shared/data/locomo-dev.json``
+relative to the root of the hivemem source checkout.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
@@ -38,12 +45,15 @@ from hivemem.models import PutOp
 
 __all__ = [
     "CATEGORIES",
+    "LOCOMO_ENV",
+    "LOCOMO_FALLBACK",
     "Conversation",
     "ModeResult",
     "Question",
     "Report",
     "Turn",
     "ask",
+    "default_locomo_path",
     "evaluate",
     "load_locomo",
     "load_turns",
@@ -197,6 +207,36 @@ def _sample(sample: Mapping[str, Any]) -> Conversation:
             continue
         questions.append(Question(str(qa["question"]), int(qa["category"]), tuple(evidence)))
     return Conversation(str(sample["sample_id"]), tuple(turns), tuple(questions), skipped)
+
+
+#: Environment variable naming the LoCoMo-format file read when no file is given.
+LOCOMO_ENV = "HIVEMEM_LOCOMO"
+#: Where that file is looked for last, relative to the root of the source checkout
+#: (the directory holding ``pyproject.toml``): a shared data directory beside it.
+LOCOMO_FALLBACK = Path("..", "shared", "data", "locomo-dev.json")
+
+
+def default_locomo_path() -> Path:
+    """The LoCoMo-format file to read when none is given (it may not exist).
+
+    ``$HIVEMEM_LOCOMO`` if set, else :data:`LOCOMO_FALLBACK` relative to the root of the
+    hivemem source checkout this module runs from.
+
+    Raises:
+        InvalidInput: neither applies (hivemem installed from a wheel and the variable
+            unset), field ``file``.
+    """
+    named = os.environ.get(LOCOMO_ENV, "").strip()
+    if named:
+        return Path(named).expanduser()
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file():
+        return Path(os.path.normpath(root / LOCOMO_FALLBACK))
+    raise InvalidInput(
+        f"no LoCoMo file given: pass FILE or set {LOCOMO_ENV} to the path of a LoCoMo-format "
+        "file (data/locomo10.json of github.com/snap-research/locomo)",
+        field="file",
+    )
 
 
 def load_locomo(path: str | Path) -> list[Conversation]:

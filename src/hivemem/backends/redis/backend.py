@@ -593,7 +593,10 @@ class RedisBackend(Backend):
             i, current = int(reply[1]), int(reply[2])
             w = writes[i]
             raise Conflict(
-                f"{w.namespace}/{w.key} is at version {current}, not {w.if_version}",
+                f"{w.namespace}/{w.key} is at version {current}, not {w.if_version}"
+                if current
+                else f"{w.namespace}/{w.key} does not exist (version 0); if_version was "
+                f"{w.if_version}",
                 field=f"ops.{i}.if_version" if len(writes) > 1 else "if_version",
                 current_version=current,
             )
