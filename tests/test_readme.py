@@ -1,12 +1,15 @@
 """README.md runs as pasted: every ```python and ```bash block, in order, twice in a row.
 
-Both passes run in one fresh scratch directory (the second pass finds what the first
-left: ./hive.db, ./auth.db, policy.toml), with no ``HIVEMEM_*`` variable from the
-caller's environment and the default (offline MiniLM) embedder, since the search
-snippet finds its item by meaning. Each block runs alone: a Python block as
-``python -c``, a bash block as ``bash -euo pipefail -c``; it must exit 0, print no
-traceback, no "Unclosed client session" and no "Exception ignored", and leave no
-process behind. Ports the README names (``localhost:8765``, ``--port 8766``) are
+Each section of the README (a ``##`` heading) runs in a fresh scratch directory of its
+own: its blocks in order, then all of them again (the second pass finds what the first
+left: ./hive.db, ./auth.db, policy.toml), so a reader may start at any section. The
+sections run at the same time, each with its own ports: one after the other they take
+too long (about 40 process starts of one second each). There is no ``HIVEMEM_*``
+variable from the caller's environment, and the embedder is the default (offline
+MiniLM) one, since the search snippet finds its item by meaning. Each block runs alone:
+a Python block as ``python -c``, a bash block as ``bash -euo pipefail -c``; it must exit
+0, print no traceback, no "Unclosed client session" and no "Exception ignored", and
+leave no process behind. Ports the README names (``localhost:8765``, ``--port 8766``) are
 rewritten to free loopback ports chosen here, and ``--host 0.0.0.0`` to loopback.
 
 Two kinds of block get explicit handling:
@@ -15,8 +18,8 @@ Two kinds of block get explicit handling:
   checkout (checked), so only ``rest`` runs;
 - a bash block whose last command is a foreground ``hivemem serve`` (it runs until
   Ctrl-C) runs in the background until /healthz answers, and stays up for the blocks
-  after it, until the next such block or the end of the pass (as a reader would stop
-  one service before starting the next on the same port).
+  after it, until the next such block on its port or the end of the pass (as a reader
+  would stop one service before starting the next on the same port).
 
 A block the README precedes with ``<!-- readme-test: skip (why) -->`` is not run, only
 parsed (``compile`` / ``bash -n``): the full test suite (it would run itself), and the
@@ -30,9 +33,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +66,7 @@ class Block:
     line: int  # line of README.md where the block's code starts
     code: str
     skip: str | None  # the reason of a readme-test skip comment, if any
+    section: str  # the ## heading the block is under
 
     @property
     def where(self) -> str:
@@ -72,12 +78,15 @@ def readme_blocks() -> list[Block]:
     blocks: list[Block] = []
     lines = README.read_text("utf-8").splitlines()
     previous = ""  # the last non-blank line outside a fence
+    section = ""
     i = 0
     while i < len(lines):
         line = lines[i]
         if not line.startswith("```"):
             if line.strip():
                 previous = line.strip()
+            if line.startswith("## "):
+                section = line[3:].strip()
             i += 1
             continue
         lang, start = line[3:].strip(), i + 1
@@ -88,17 +97,33 @@ def readme_blocks() -> list[Block]:
         if lang in ("python", "bash"):
             marker = SKIP.match(previous)
             code = "\n".join(lines[start:i]) + "\n"
-            blocks.append(Block(lang, start + 1, code, marker["why"].strip() if marker else None))
+            why = marker["why"].strip() if marker else None
+            blocks.append(Block(lang, start + 1, code, why, section))
         previous, i = "", i + 1
     return blocks
+
+
+_ports_lock = threading.Lock()
+_ports_given: set[int] = set()
+
+
+def new_port() -> int:
+    """A free loopback port that no other section of this test was given."""
+    with _ports_lock:
+        while (port := free_port()) in _ports_given:
+            pass
+        _ports_given.add(port)
+        return port
 
 
 class Run:
     """One scratch directory, its ports and environment, and the services started."""
 
-    def __init__(self, cwd: Path) -> None:
-        self.cwd = cwd
-        self.ports: dict[int, int] = {DEFAULT_PORT: free_port()}
+    def __init__(self, cwd: Path, logs: Path) -> None:
+        self.cwd, self.logs = cwd, logs
+        cwd.mkdir()
+        logs.mkdir()
+        self.ports: dict[int, int] = {DEFAULT_PORT: new_port()}
         env = {k: v for k, v in os.environ.items() if not k.startswith("HIVEMEM_")}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["HIVEMEM_PORT"] = str(self.ports[DEFAULT_PORT])
@@ -112,7 +137,7 @@ class Run:
         def port(m: re.Match[str]) -> str:
             wanted = int(m["port"])
             if wanted not in self.ports:
-                self.ports[wanted] = free_port()
+                self.ports[wanted] = new_port()
             return f"{m['lead']}{self.ports[wanted]}"
 
         code = re.sub(r"--host[ =]0\.0\.0\.0\b", "--host 127.0.0.1", code)  # loopback only
@@ -120,13 +145,13 @@ class Run:
 
     def log(self) -> Path:
         self.count += 1
-        return self.cwd.parent / f"block{self.count}.log"
+        return self.logs / f"block{self.count}.log"
 
-    def run(self, block: Block, code: str) -> str:
+    def run(self, where: str, lang: str, code: str) -> str:
         """Run ``code`` to completion; fail unless it exits 0 and leaves nothing running."""
         cmd = (
             [sys.executable, "-c", code]
-            if block.lang == "python"
+            if lang == "python"
             else ["bash", "-euo", "pipefail", "-c", code]
         )
         log = self.log()
@@ -147,16 +172,17 @@ class Run:
         leftover = not group_gone(proc.pid, timeout=10.0)
         kill_group(proc)
         output = log.read_text("utf-8", "replace")
-        assert code_ is not None, f"{block.where} still running after {BLOCK_TIMEOUT} s:\n{output}"
-        assert code_ == 0, f"{block.where} exited {code_}:\n{output}"
-        assert not leftover, f"{block.where} left processes running:\n{output}"
+        assert code_ is not None, f"{where} still running after {BLOCK_TIMEOUT} s:\n{output}"
+        assert code_ == 0, f"{where} exited {code_}:\n{output}"
+        assert not leftover, f"{where} left processes running:\n{output}"
         return output
 
-    def serve(self, block: Block, code: str) -> str:
+    def serve(self, where: str, code: str) -> str:
         """Start a foreground-service block in the background and wait for /healthz."""
         ports = [int(p) for p in re.findall(r"--port[ =](\d+)", code)]
         port = ports[-1] if ports else self.ports[DEFAULT_PORT]
-        self.stop(port)
+        for before, output in self.stop(port):  # the reader stops it before starting this one
+            check_output(before, "", output)
         log = self.log()
         with open(log, "wb") as out:
             proc = subprocess.Popen(
@@ -168,12 +194,12 @@ class Run:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        self.services[port] = (proc, log, block.where)
+        self.services[port] = (proc, log, where)
         deadline = time.monotonic() + HEALTH_TIMEOUT
         while not healthy(port):
             status = proc.poll()
-            assert status is None, f"{block.where} exited {status}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"{block.where} not healthy:\n{log.read_text()}"
+            assert status is None, f"{where} exited {status}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"{where} not healthy:\n{log.read_text()}"
             time.sleep(0.1)
         return log.read_text("utf-8", "replace")
 
@@ -242,16 +268,12 @@ def check_output(where: str, code: str, output: str) -> None:
             assert in_output in output, f"{where} did not print {in_output!r}:\n{output}"
 
 
-def test_readme_snippets_run_twice(tmp_path: Path) -> None:
-    blocks = readme_blocks()
-    runnable = [b for b in blocks if b.skip is None]
-    assert {b.lang for b in runnable} == {"python", "bash"}, "README.md: no blocks found?"
-    cwd = tmp_path / "scratch"
-    cwd.mkdir()
-    run = Run(cwd)
+def run_section(blocks: list[Block], cwd: Path, logs: Path) -> None:
+    """Run ``blocks`` in order in ``cwd``, then once more; fail on the first bad block."""
+    run = Run(cwd, logs)
     try:
         for attempt in (1, 2):
-            for block in runnable:
+            for block in blocks:
                 code = run.rewrite(block.code)
                 if block.lang == "bash" and PIP_PREFIX.match(code):
                     # Installed already: `pip install -e .` of this checkout.
@@ -259,14 +281,33 @@ def test_readme_snippets_run_twice(tmp_path: Path) -> None:
                     code = PIP_PREFIX.sub("", code, count=1)
                 where = f"{block.where}, run {attempt}"
                 if block.lang == "bash" and is_server(code):
-                    output = run.serve(block, code)
+                    output = run.serve(where, code)
                 else:
-                    output = run.run(block, code)
+                    output = run.run(where, block.lang, code)
                 check_output(where, block.code, output)
-            for where, output in run.stop():
-                check_output(f"{where}, run {attempt} (service)", "", output)
+            for service, output in run.stop():
+                check_output(f"{service} (service)", "", output)
     finally:
         run.stop()
+
+
+def test_readme_snippets_run_twice(tmp_path: Path) -> None:
+    runnable = [b for b in readme_blocks() if b.skip is None]
+    assert {b.lang for b in runnable} == {"python", "bash"}, "README.md: no blocks found?"
+    sections: dict[str, list[Block]] = {}
+    for block in runnable:
+        sections.setdefault(block.section, []).append(block)
+    with ThreadPoolExecutor(len(sections)) as pool:
+        runs = {
+            name: pool.submit(run_section, blocks, tmp_path / f"s{n}", tmp_path / f"s{n}-logs")
+            for n, (name, blocks) in enumerate(sections.items())
+        }
+    failures = [
+        f"## {name}: {type(exc).__name__}: {exc}"
+        for name, run in runs.items()
+        if (exc := run.exception()) is not None
+    ]
+    assert not failures, "\n\n".join(failures)
 
 
 def test_readme_skips_say_why_and_parse() -> None:
