@@ -37,8 +37,6 @@ Call = Callable[[hivemem.Hive, str], Awaitable[Any]]
 
 # (id, call, expected error class, expected .field)
 CASES: list[tuple[str, Call, type[hivemem.HivememError], str]] = [
-    ("key-dot", lambda h, ns: h.put(ns, ".", 1), InvalidInput, "key"),
-    ("key-dot-dot", lambda h, ns: h.put(ns, "..", 1), InvalidInput, "key"),
     ("namespace-space", lambda h, ns: h.put(f"{ns}/bad ns", "k", 1), InvalidInput, "namespace"),
     ("namespace-hash", lambda h, ns: h.put(f"{ns}/a#b", "k", 1), InvalidInput, "namespace"),
     ("namespace-slash-run", lambda h, ns: h.put(f"{ns}//x", "k", 1), InvalidInput, "namespace"),

@@ -93,8 +93,6 @@ def key(value: object, settings: Settings, *, field: str = "key") -> str:
         raise InvalidInput(f"{field} is longer than {settings.max_key_bytes} bytes", field=field)
     if "/" in value or _CONTROL.search(value):
         raise InvalidInput(f"{field} may not contain '/' or control characters", field=field)
-    if value in (".", ".."):  # a URL path cannot carry them (RFC 3986 removes dot segments)
-        raise InvalidInput(f"{field} may not be '.' or '..'", field=field)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -32,16 +32,12 @@ _SEG = (
 )
 #: A character of an item key: no '/', no control characters.
 _KEY = r"[^/\x00-\x1f\x7f]"
-#: A whole key: 1..max characters, not ``.`` or ``..``.
-_KEY_NOT_DOTS = (
-    r"(?:[^/\x00-\x1f\x7f.]{kc}{{0,{n1}}}"
-    r"|\.[^/\x00-\x1f\x7f.]{kc}{{0,{n2}}}"
-    r"|\.\.{kc}{{1,{n2}}})"
-)
 
 
 def _key(max_chars: int) -> str:
-    return _KEY_NOT_DOTS.format(kc=_KEY, n1=max_chars - 1, n2=max_chars - 2)
+    """A whole key: 1..max characters (the limit is in bytes; a generator's keys stay
+    well below it)."""
+    return rf"{_KEY}{{1,{max_chars}}}"
 
 
 def _namespace(depth: int) -> str:
