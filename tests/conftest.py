@@ -1,6 +1,7 @@
 """Shared fixtures: free loopback ports, `hivemem serve` subprocesses and the `hive` fixture.
 
-The ``hive`` fixture runs each test that uses it once per store kind of :data:`STORES`:
+The ``hive`` fixture runs each test that uses it once per store kind of
+:data:`DEFAULT_STORES` (``HIVEMEM_TEST_STORES`` picks others, e.g. the rest of :data:`STORES`):
 embedded hives (a SQLite file, in-memory SQLite, PostgreSQL, Redis, Redis Cluster) and
 RemoteHives talking to a real service process over each of them (``remote``,
 ``remote-postgres``, ...). ``HIVEMEM_TEST_STORES=sqlite-file,postgres`` narrows the run.
@@ -44,8 +45,13 @@ STORES = [
     "redis-cluster",
     "remote-redis-cluster",
 ]
-#: Store kinds run when HIVEMEM_TEST_STORES is not set: all of them.
-DEFAULT_STORES = list(STORES)
+#: Store kinds run when HIVEMEM_TEST_STORES is not set: every embedded kind and the
+#: service over SQLite. The service over the network stores (``remote-postgres``,
+#: ``remote-redis``, ``remote-redis-cluster``: the same service code over backends the
+#: embedded kinds already cover) runs in ``.ci/run`` after the default suite.
+DEFAULT_STORES = [k for k in STORES if not k.startswith("remote-")]
+#: What ``.ci/run`` adds to the default run.
+MATRIX_STORES = [k for k in STORES if k not in DEFAULT_STORES]
 #: The fixture giving the URL of each embedded server-backed kind.
 _SERVER_FIXTURES = {
     "postgres": "postgres_url",

@@ -3,7 +3,7 @@
 requests accepted and invalid ones refused, missing credentials refused), a bounded
 number of examples with a fixed seed.
 
-``HIVEMEM_FUZZ_EXAMPLES`` sets the examples per operation (default 8 here; ``.ci/run``
+``HIVEMEM_FUZZ_EXAMPLES`` sets the examples per operation (default 4 here; ``.ci/run``
 runs a larger pass). The SSE route ``/v1/watch`` is left out: a generated request to it
 is a stream that never ends (its statuses are covered by tests/test_permissions.py).
 """
@@ -50,7 +50,7 @@ def test_schemathesis_finds_no_5xx_and_no_response_that_breaks_the_document(
     fuzzed: tuple[ServiceProcess, str],
 ) -> None:
     svc, key = fuzzed
-    examples = os.environ.get("HIVEMEM_FUZZ_EXAMPLES", "8")
+    examples = os.environ.get("HIVEMEM_FUZZ_EXAMPLES", "4")
     exe = shutil.which("schemathesis") or shutil.which("st")
     cmd = [exe] if exe else [sys.executable, "-m", "schemathesis.cli"]
     cmd += [
