@@ -35,10 +35,10 @@ from pydantic import BaseModel, ValidationError
 
 import hivemem
 from hivemem import InvalidInput, PutOp, TooLarge
+from hivemem import validation as check
 from hivemem.backends.sqlite import SqliteBackend
 from hivemem.config import Settings
 from hivemem.core import lexical
-from hivemem.core import validation as check
 from hivemem.core.lexical import LexicalIndex, check_terms, distinct_terms, tokens
 from hivemem.core.search import parse_filter
 from hivemem.models import MAX_MESSAGE_COST, MAX_MESSAGE_TOKENS, MessageIn

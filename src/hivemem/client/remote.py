@@ -22,10 +22,10 @@ import orjson
 from pydantic import BaseModel, SecretStr
 from yarl import URL
 
+from hivemem import validation as check
 from hivemem.client.endpoints import Endpoint, Endpoints
 from hivemem.client.sse import read_sse
 from hivemem.config import Settings
-from hivemem.core import validation as check
 from hivemem.errors import (
     HivememError,
     InvalidInput,

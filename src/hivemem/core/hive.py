@@ -9,9 +9,9 @@ import logging
 import re
 import time
 
+from hivemem import validation as check
 from hivemem.backends.base import Backend
 from hivemem.config import Settings
-from hivemem.core import validation as check
 from hivemem.core.events import EventsMixin
 from hivemem.core.items import ItemsMixin
 from hivemem.core.lexical import LexicalIndex

@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from hivemem import validation as check
 from hivemem.backends.base import DeleteWrite, ItemRow, PutWrite
 from hivemem.core import cursors
-from hivemem.core import validation as check
 from hivemem.core.area import Area, timestamp
 from hivemem.core.lexical import check_terms
 from hivemem.errors import InvalidInput

@@ -44,9 +44,9 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
+from hivemem import validation as check
 from hivemem.backends.base import Condition, IndexEntry, ItemRow, row_matches
 from hivemem.config import Settings
-from hivemem.core import validation as check
 from hivemem.core.area import Area
 from hivemem.core.items import searchable_text, to_item
 from hivemem.core.lexical import LexicalIndex, tokens

@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from hivemem import validation as check
 from hivemem.backends.base import MessageRow, NewMessage, SessionRow
 from hivemem.core import cursors
-from hivemem.core import validation as check
 from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput, NotFound
 from hivemem.models import Message, MessageIn, Page, Session

@@ -44,9 +44,9 @@ import orjson
 
 from hivemem.backends.base import Backend, DeleteWrite, ItemRow, PutWrite
 from hivemem.config import Settings
-from hivemem.core.validation import segment
 from hivemem.errors import Conflict, InvalidInput
 from hivemem.policy.principal import Principal
+from hivemem.validation import segment
 
 __all__ = [
     "AGENTS_NAMESPACE",

@@ -44,9 +44,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from hivemem.config import Settings
-from hivemem.core.validation import segment
 from hivemem.errors import HivememError, InvalidInput, Unauthenticated
 from hivemem.policy.principal import Principal
+from hivemem.validation import segment
 
 __all__ = ["TokenVerifier", "looks_like_jwt"]
 
