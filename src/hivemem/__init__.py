@@ -19,6 +19,7 @@ from hivemem.errors import (
     HivememError,
     InvalidInput,
     NotFound,
+    OnceFailed,
     PermissionDenied,
     RateLimited,
     TooLarge,
@@ -28,15 +29,22 @@ from hivemem.errors import (
 )
 from hivemem.hive import Hive
 from hivemem.models import (
+    AgentRecord,
     DeleteOp,
     Event,
     Item,
+    Lease,
     Message,
     MessageIn,
+    OnceTicket,
     Page,
     PutOp,
+    QueueStats,
     SearchHit,
     Session,
+    Signal,
+    Task,
+    TaskError,
 )
 from hivemem.sync import SyncHive
 
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
     from hivemem.backends.base import Backend
 
 __all__ = [
+    "AgentRecord",
     "Conflict",
     "CursorExpired",
     "DeleteOp",
@@ -54,17 +63,24 @@ __all__ = [
     "HivememError",
     "InvalidInput",
     "Item",
+    "Lease",
     "Message",
     "MessageIn",
     "NotFound",
+    "OnceFailed",
+    "OnceTicket",
     "Page",
     "PermissionDenied",
     "PutOp",
+    "QueueStats",
     "RateLimited",
     "SearchHit",
     "Session",
     "Settings",
+    "Signal",
     "SyncHive",
+    "Task",
+    "TaskError",
     "TooLarge",
     "Unauthenticated",
     "Unavailable",

@@ -10,6 +10,7 @@ A :class:`~hivemem.errors.HivememError` becomes one red line on stderr and exit 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import json
 import re
@@ -33,7 +34,7 @@ from rich.text import Text
 import hivemem
 from hivemem.config import Settings
 from hivemem.errors import Conflict, HivememError, InvalidInput, NotFound
-from hivemem.models import Event, Item, Page, Session
+from hivemem.models import Event, Item, Page, Session, Task
 from hivemem.sync import SyncHive
 
 __all__ = ["app", "main"]
@@ -1080,6 +1081,240 @@ def agents_revoke(
     if not _with_keys(store, lambda keys: keys.revoke(name, by="cli")):
         _fail(NotFound(f"no agent {name!r}", field="name"))
     _err.print(f"revoked agent [bold]{escape(name)}[/] and its keys")
+
+
+# Tasks, workers and the agent registry ---------------------------------------------
+
+tasks_app = typer.Typer(
+    help="Inspect and operate task queues: list, show, stats, requeue dead tasks, cancel.",
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+)
+app.add_typer(tasks_app, name="tasks")
+Queue = Annotated[str, typer.Argument(help="Queue name, e.g. research/summaries.")]
+TaskId = Annotated[str, typer.Argument(help="Task id (from submit, ls or the feed).")]
+
+
+def _task_rows(tasks: list[Task]) -> list[list[Any]]:
+    return [
+        [
+            t.id,
+            t.state,
+            t.attempt,
+            t.max_attempts,
+            t.priority,
+            t.claimed_by or "",
+            _ts(t.created_at),
+            _preview(t.payload, 40),
+        ]
+        for t in tasks
+    ]
+
+
+def _show_task(t: Task) -> None:
+    fields = t.model_dump(exclude={"id", "errors", "payload", "result"})
+    rows = [[k, _ts(v) if isinstance(v, datetime) else v] for k, v in fields.items()]
+    rows.append(["payload", _preview(t.payload, 200)])
+    rows.append(["result", _preview(t.result, 200)])
+    _table(["task", t.id], rows)
+    if t.errors:
+        _table(
+            ["attempt", "at", "worker", "error"],
+            [[e.attempt, _ts(e.at), e.worker, e.error] for e in t.errors],
+            title="errors",
+        )
+
+
+@_client(tasks_app, "ls")
+def tasks_list(
+    run: _Run,
+    queue: Queue,
+    state: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Only tasks in this state: ready, delayed, running, completed, dead, cancelled.",
+        ),
+    ] = None,
+    limit: Limit = 100,
+    cursor: Annotated[str | None, typer.Option(show_default=False, help="Continue here.")] = None,
+) -> None:
+    """List a queue's tasks in submission order (one page; --cursor continues)."""
+    page = run.hive.list_tasks(queue, state=state, limit=limit, cursor=cursor)
+    run.emit(
+        page.model_dump(mode="json"),
+        lambda: (
+            _table(
+                ["id", "state", "attempt", "max", "priority", "worker", "submitted", "payload"],
+                _task_rows(list(page.items)),
+            ),
+            page.next_cursor and _err.print(f"more: --cursor {page.next_cursor}"),
+        ),
+    )
+
+
+@_client(tasks_app, "show")
+def tasks_show(run: _Run, task_id: TaskId) -> None:
+    """Show one task: its state, payload, result and each failed attempt's error."""
+    task = run.hive.get_task(task_id)
+    if task is None:
+        raise NotFound(f"no task {task_id!r}", field="task_id")
+    run.emit(task.model_dump(mode="json"), lambda: _show_task(task))
+
+
+@_client(tasks_app, "stats")
+def tasks_stats(run: _Run, queue: Queue) -> None:
+    """Count a queue's tasks by state and say how long the oldest due one has waited."""
+    stats = run.hive.queue_stats(queue)
+    oldest = stats.oldest_ready_seconds
+    run.emit(
+        stats.model_dump(mode="json"),
+        lambda: _table(
+            ["ready", "delayed", "running", "completed", "dead", "cancelled", "oldest ready"],
+            [
+                [
+                    stats.ready,
+                    stats.delayed,
+                    stats.running,
+                    stats.completed,
+                    stats.dead,
+                    stats.cancelled,
+                    "" if oldest is None else f"{oldest:.1f} s",
+                ]
+            ],
+            title=f"queue {queue}",
+        ),
+    )
+
+
+@_client(tasks_app, "requeue")
+def tasks_requeue(
+    run: _Run,
+    task_id: TaskId,
+    delay: Annotated[float, typer.Option(min=0, help="Seconds before it may be claimed.")] = 0,
+) -> None:
+    """Put a dead or cancelled task back on its queue with fresh attempts."""
+    task = run.hive.requeue(task_id, delay=delay)
+    run.emit(task.model_dump(mode="json"), lambda: _err.print(f"task {task.id} is {task.state}"))
+
+
+@_client(tasks_app, "cancel")
+def tasks_cancel(run: _Run, task_id: TaskId) -> None:
+    """Cancel a ready, delayed or running task (its worker is refused on its next heartbeat)."""
+    task = run.hive.cancel(task_id)
+    run.emit(task.model_dump(mode="json"), lambda: _err.print(f"task {task.id} is {task.state}"))
+
+
+@_client(agents_app, "status")
+def agents_status(
+    run: _Run,
+    capability: Annotated[
+        str | None, typer.Option(show_default=False, help="Only agents with this capability.")
+    ] = None,
+    every: Annotated[bool, typer.Option("--all", help="Include agents that are down.")] = False,
+) -> None:
+    """Show registered agents: who is alive, their capabilities and last heartbeat."""
+    records = run.hive.agents(capability=capability, healthy=None if every else True)
+    run.emit(
+        [r.model_dump(mode="json") for r in records],
+        lambda: _table(
+            ["name", "status", "capabilities", "endpoint", "last seen", "ttl"],
+            [
+                [
+                    r.name,
+                    "up" if r.healthy else "down",
+                    ", ".join(r.capabilities),
+                    r.endpoint or "",
+                    _ts(r.last_seen),
+                    f"{r.ttl:g} s",
+                ]
+                for r in records
+            ],
+        ),
+    )
+
+
+def _load_handler(target: str) -> Callable[..., Any]:
+    """The function ``module:function`` names (a Worker's handler when it is one)."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise InvalidInput(f"expected module:function, got {target!r}", field="target")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: modules of the working directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidInput(f"cannot import {module_name!r}: {exc}", field="target") from exc
+    found: Any = module
+    for part in attr.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            raise InvalidInput(f"{module_name!r} has no {attr!r}", field="target")
+    from hivemem.worker import Worker
+
+    if isinstance(found, Worker):
+        found = found.fn
+    if not callable(found):
+        raise InvalidInput(f"{target!r} is not callable", field="target")
+    return cast(Callable[..., Any], found)
+
+
+@app.command()
+def worker(
+    ctx: typer.Context,
+    target: Annotated[
+        str, typer.Argument(help="The handler, module:function (sync or async; gets a Task).")
+    ],
+    queue: Annotated[str, typer.Option(help="Queue to take tasks from.")],
+    concurrency: Annotated[int, typer.Option(min=1, max=1000, help="Tasks run at once.")] = 1,
+    lease: Annotated[
+        float, typer.Option(min=0.1, max=86400, help="Seconds a claim holds a task (renewed).")
+    ] = 30.0,
+    grace: Annotated[
+        float, typer.Option(min=0, help="Seconds tasks in hand may finish after SIGTERM.")
+    ] = 10.0,
+    url: UrlOpt = None,
+    agent: Annotated[
+        str | None,
+        typer.Option(show_default=False, help="Agent identity (default: worker-<host>-<pid>)."),
+    ] = None,
+) -> None:
+    """Run a worker: claim tasks of --queue and run the handler on each, --concurrency at
+    a time, with automatic heartbeats. The handler's return value completes the task, an
+    exception fails the attempt (retried after the task's backoff). SIGTERM or Ctrl-C
+    stops claiming; tasks in hand get --grace seconds, then go back to the queue. One log
+    line per task on stderr.
+
+    [cyan]hivemem worker myapp.jobs:summarise --queue summaries --concurrency 4 --url http://hive:8765[/]
+    """
+    import asyncio
+    import logging
+    import os
+    import socket
+
+    from hivemem.worker import Worker
+
+    root = ctx.find_root().obj
+    base = root if isinstance(root, _Options) else _Options()
+    name = agent or (base.agent if base.agent != "cli" else None)
+    if name is None:
+        host = re.sub(r"[^A-Za-z0-9_.:@+-]", "-", socket.gethostname())[:80] or "host"
+        name = f"worker-{host}-{os.getpid()}"
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def main() -> None:
+        handler = _load_handler(target)
+        async with hivemem.connect(url or base.url, agent=name) as hive:
+            await Worker(
+                hive, queue, handler, concurrency=concurrency, lease=lease, grace=grace
+            ).run()
+
+    with _guard():
+        asyncio.run(main())
 
 
 def main() -> None:

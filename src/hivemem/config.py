@@ -81,6 +81,25 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(
         default=30.0, gt=0, description="How often expired items and old events are removed."
     )
+    task_retention_seconds: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="How long completed, dead and cancelled tasks (and their idempotency "
+        "keys) are kept after they finished.",
+    )
+    coordination_interval_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often expired task leases are settled and silent agents are "
+        "marked down (claims settle their queue's expired leases themselves).",
+    )
+    max_wait_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=300,
+        description="Longest wait one HTTP request may ask for (claim, result, signals, "
+        "once); clients repeat requests to wait longer.",
+    )
 
     # SQLite tuning.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(

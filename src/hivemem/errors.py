@@ -16,6 +16,7 @@ __all__ = [
     "HivememError",
     "InvalidInput",
     "NotFound",
+    "OnceFailed",
     "PermissionDenied",
     "RateLimited",
     "TooLarge",
@@ -107,6 +108,24 @@ class Conflict(HivememError):
 
     def extra(self) -> dict[str, Any]:
         return {} if self.current_version is None else {"current_version": self.current_version}
+
+
+class OnceFailed(HivememError):
+    """Raised by :meth:`~hivemem.Hive.once` when the first call with that key failed and
+    its error was kept (``keep_errors``): the call is not run again.
+
+    Attributes:
+        holder: the agent whose call failed, if known.
+    """
+
+    status = 409
+    type = "once-failed"
+
+    def __init__(
+        self, message: str, *, field: str | None = None, holder: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.holder = holder
 
 
 class CursorExpired(HivememError):

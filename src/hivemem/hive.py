@@ -8,26 +8,88 @@ conformance suite (tests/conformance/) checks that they behave the same.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
+import functools
+import inspect
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
+from hivemem.errors import Conflict, HivememError, InvalidInput, NotFound, OnceFailed
 from hivemem.models import (
+    AgentRecord,
     DeleteOp,
     Event,
     Item,
+    Lease,
     Message,
     MessageIn,
+    OnceTicket,
     Page,
     PutOp,
+    QueueStats,
     SearchHit,
     Session,
+    Signal,
+    Task,
 )
 
-__all__ = ["Hive"]
+if TYPE_CHECKING:
+    from hivemem.worker import Worker
+
+__all__ = ["Heartbeats", "Hive"]
+
+log = logging.getLogger("hivemem")
+
+#: What "no timeout" means to a wait loop (seconds): each round waits this long.
+_WAIT_FOREVER = 3600.0
+
+
+class Heartbeats:
+    """The registry heartbeats a hive sends for agents it registered: one task per
+    name calling ``heartbeat_agent`` every ttl/3 seconds until stopped."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, hive: Hive, name: str, ttl: float) -> None:
+        """(Re)start the heartbeats of ``name`` through ``hive`` (on the running loop)."""
+        self.stop(name)
+        self._tasks[name] = asyncio.create_task(
+            self._beat(hive, name, ttl), name=f"hivemem-heartbeat-{name}"
+        )
+
+    @staticmethod
+    async def _beat(hive: Hive, name: str, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                await hive.heartbeat_agent(name)
+            except NotFound:
+                log.warning("agent %r is no longer registered; heartbeats stop", name)
+                return
+            except HivememError:
+                log.warning("heartbeat of agent %r failed; retrying", name, exc_info=True)
+
+    def stop(self, name: str) -> None:
+        """Stop the heartbeats of ``name`` (if any)."""
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        """Stop every heartbeat and wait for the tasks to end."""
+        tasks, self._tasks = list(self._tasks.values()), {}
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 class Hive(ABC):
@@ -102,6 +164,7 @@ class Hive(ABC):
         ttl: float | None = None,
         text: str | None = None,
         metadata: dict[str, Any] | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> Item:
         """Create or replace the item at (namespace, key).
 
@@ -113,6 +176,9 @@ class Hive(ABC):
                 Each write sets the expiry anew.
             text: what search indexes; at most ``max_text_bytes``.
             metadata: a JSON object of filterable attributes.
+            fence: ``(lease name, token)`` from :meth:`acquire`: the write is refused
+                once a newer token of that lease was issued (another agent acquired it
+                after this one's lease ran out).
 
         Returns:
             The stored item: version 1 on create, previous version + 1 otherwise,
@@ -120,7 +186,8 @@ class Hive(ABC):
 
         Raises:
             Conflict: ``if_version`` did not match (``current_version`` says what
-                was found, 0 if absent); nothing was written.
+                was found, 0 if absent), or the fence is stale (field ``fence``);
+                nothing was written.
         """
 
     @abstractmethod
@@ -382,3 +449,524 @@ class Hive(ABC):
         Args:
             payload: any JSON value, at most ``max_payload_bytes`` (64 KiB).
         """
+
+    # Tasks -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def submit(
+        self,
+        queue: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+        max_attempts: int = 3,
+        backoff: float = 1.0,
+        priority: int = 0,
+        delay: float = 0,
+    ) -> Task:
+        """Put a task on ``queue`` (a namespace-like name, e.g. ``research/summaries``).
+
+        Args:
+            payload: any JSON value, at most ``max_payload_bytes`` (64 KiB) as JSON.
+            idempotency_key: 1-512 bytes; a submit with a key the queue already holds
+                returns that task and adds nothing (until the task is swept,
+                ``task_retention_seconds`` after it finished).
+            timeout: seconds one attempt may run; a worker fails an attempt that runs
+                longer (``None``: no limit).
+            max_attempts: 1-1000 claims before the task is dead.
+            backoff: seconds before the first retry of a failed attempt; each further
+                retry waits twice as long (capped at one hour).
+            priority: -1000 .. 1000; higher is claimed first, then oldest first.
+            delay: seconds before the task may be claimed.
+
+        Returns:
+            The task (state ``ready`` or ``delayed``), or the queue's task with
+            ``idempotency_key``.
+        """
+
+    @abstractmethod
+    async def claim(
+        self, queue: str, *, lease: float = 30.0, wait: float | None = None
+    ) -> Task | None:
+        """Take the next due task of ``queue`` and hold it for ``lease`` seconds.
+
+        A task whose lease runs out without a heartbeat goes back to ready (the attempt
+        counts) or, after its last attempt, is dead.
+
+        Args:
+            lease: seconds (0.1 .. 86400) before the task returns to the queue unless
+                renewed by :meth:`heartbeat`.
+            wait: seconds to wait for a task when none is due (``None`` or 0: answer at
+                once). Over HTTP each request waits at most ``max_wait_seconds``; the
+                client repeats until ``wait`` ends.
+
+        Returns:
+            The task (state ``running``, ``attempt`` = this claim's number), or None.
+        """
+
+    @abstractmethod
+    async def heartbeat(self, task: Task, *, lease: float | None = None) -> Task:
+        """Extend the lease of a task this agent holds: ``lease`` seconds from now
+        (default: the claim's lease).
+
+        Raises:
+            NotFound: no such task (field ``task_id``).
+            Conflict: this agent no longer holds that attempt: its lease ran out and
+                the task moved on, or it was cancelled (field ``attempt``).
+        """
+
+    @abstractmethod
+    async def complete(self, task: Task, result: Any = None) -> Task:
+        """Finish a task this agent holds with ``result`` (any JSON, at most
+        ``max_payload_bytes``); :meth:`result` waiters get it.
+
+        Raises:
+            NotFound, Conflict: as for :meth:`heartbeat`; nothing is stored.
+        """
+
+    @abstractmethod
+    async def fail(self, task: Task, error: str, *, retryable: bool = True) -> Task:
+        """Fail the attempt this agent holds. ``error`` (at most 4,096 characters) is
+        kept with the attempt's number. A retryable failure before the last attempt
+        makes the task ready again after its backoff; otherwise it is dead.
+
+        Raises:
+            NotFound, Conflict: as for :meth:`heartbeat`.
+        """
+
+    @abstractmethod
+    async def release_task(self, task: Task) -> Task:
+        """Give back a task this agent holds without running it (a worker shutting
+        down): it is ready again at once and the attempt does not count.
+
+        Raises:
+            NotFound, Conflict: as for :meth:`heartbeat`.
+        """
+
+    @abstractmethod
+    async def result(self, task_id: str, *, wait: float | None = None) -> Task:
+        """The task, once it is completed, dead or cancelled, or when ``wait`` seconds
+        have passed (``None`` or 0: at once). Check ``task.done`` / ``task.state``:
+        ``task.result`` is the worker's result, ``task.errors`` each failed attempt's
+        error.
+
+        Raises:
+            NotFound: no such task (field ``task_id``).
+        """
+
+    @abstractmethod
+    async def cancel(self, task_id: str) -> Task:
+        """Cancel a ready, delayed or running task (a running one's worker is refused
+        on its next heartbeat or finish).
+
+        Raises:
+            NotFound: no such task. Conflict: it is already completed, dead or
+                cancelled (field ``task_id``).
+        """
+
+    @abstractmethod
+    async def requeue(self, task_id: str, *, delay: float = 0) -> Task:
+        """Put a dead or cancelled task back on its queue with a fresh set of attempts
+        (its past errors are kept), due after ``delay`` seconds.
+
+        Raises:
+            NotFound: no such task. Conflict: it is not dead or cancelled (field
+                ``task_id``).
+        """
+
+    @abstractmethod
+    async def get_task(self, task_id: str) -> Task | None:
+        """The task, or None if there is none (or it was swept after retention)."""
+
+    @abstractmethod
+    async def list_tasks(
+        self,
+        queue: str,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[Task]:
+        """The tasks of ``queue`` in submission order, one page at a time.
+
+        Args:
+            state: only tasks in this state (``ready`` includes ``delayed`` ones).
+        """
+
+    @abstractmethod
+    async def queue_stats(self, queue: str) -> QueueStats:
+        """How many tasks of ``queue`` are in each state."""
+
+    # Leases and signals -------------------------------------------------------------
+
+    @abstractmethod
+    async def acquire(self, name: str, ttl: float, *, wait: float | None = None) -> Lease:
+        """Acquire the lease ``name`` (a namespace-like name) for ``ttl`` seconds.
+
+        Args:
+            ttl: 0.1 .. 86400 seconds; the lease ends then unless renewed.
+            wait: seconds to wait while another agent holds it (``None``: do not wait).
+
+        Returns:
+            The lease, with a fencing token larger than any issued before for ``name``.
+
+        Raises:
+            Conflict: another agent holds it and ``wait`` ran out (field ``name``).
+        """
+
+    @abstractmethod
+    async def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
+        """Extend a lease this agent holds by ``ttl`` seconds from now (default: its ttl).
+
+        Raises:
+            Conflict: the lease ended or was taken by someone else (field ``lease``).
+        """
+
+    @abstractmethod
+    async def release(self, lease: Lease) -> bool:
+        """End a lease this agent holds. False if it had already ended or moved on."""
+
+    @abstractmethod
+    async def set_signal(self, name: str, value: Any, *, ttl: float | None = None) -> Signal:
+        """Set the signal ``name`` to ``value`` (any JSON, at most ``max_payload_bytes``);
+        it disappears after ``ttl`` seconds if given. Waiters are woken."""
+
+    @abstractmethod
+    async def get_signal(
+        self, name: str, *, changed_from: int | None = None, wait: float | None = None
+    ) -> Signal | None:
+        """The signal ``name`` (None while unset).
+
+        Args:
+            changed_from: a version the caller has seen (0 = unset): wait until the
+                signal is at another version.
+            wait: most seconds to wait for that (over HTTP at most
+                ``max_wait_seconds`` per request).
+        """
+
+    # Idempotent calls ---------------------------------------------------------------
+
+    @abstractmethod
+    async def begin_once(
+        self,
+        key: str,
+        *,
+        shared: bool = False,
+        lease: float = 60.0,
+        wait: float | None = None,
+    ) -> OnceTicket:
+        """Start an idempotent call with ``key`` (most callers want :meth:`once`).
+
+        The first caller gets status ``run`` and a token, and holds the key for
+        ``lease`` seconds (renew with :meth:`renew_once`); concurrent callers wait up
+        to ``wait`` seconds and get ``done`` with its result (or ``failed`` with a kept
+        error). A key whose runner died is free again when its lease ends.
+
+        Args:
+            key: 1-512 bytes, e.g. ``session-42:turn-3:send_email``.
+            shared: one result for every agent; otherwise keys are per agent.
+        """
+
+    @abstractmethod
+    async def renew_once(
+        self, key: str, token: int, *, shared: bool = False, lease: float = 60.0
+    ) -> None:
+        """Keep holding a key begun with :meth:`begin_once` for ``lease`` more seconds.
+
+        Raises:
+            Conflict: the key is no longer held with ``token`` (field ``token``).
+        """
+
+    @abstractmethod
+    async def end_once(
+        self,
+        key: str,
+        token: int,
+        *,
+        shared: bool = False,
+        result: Any = None,
+        error: str | None = None,
+        keep_error: bool = False,
+        ttl: float = 86400.0,
+    ) -> None:
+        """Finish a call begun with :meth:`begin_once`: keep ``result`` for ``ttl``
+        seconds, or on ``error`` free the key (the next caller runs again) unless
+        ``keep_error`` keeps the error for repeats.
+
+        Raises:
+            Conflict: the key is no longer held with ``token`` (field ``token``).
+        """
+
+    # Agent registry -----------------------------------------------------------------
+
+    @abstractmethod
+    async def register(
+        self,
+        name: str,
+        *,
+        capabilities: Sequence[str] = (),
+        endpoint: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        ttl: float = 15.0,
+        heartbeat: bool = True,
+    ) -> AgentRecord:
+        """Enter ``name`` in the agent registry (again: replaces its entry).
+
+        Args:
+            capabilities: up to 64 names others can find it by.
+            endpoint: where to reach it (a URL), if anywhere.
+            ttl: 1 .. 86400 seconds; without a heartbeat for that long it is down and
+                an ``agent.down`` event is written.
+            heartbeat: send heartbeats every ttl/3 seconds from this hive until
+                :meth:`unregister` or :meth:`close`.
+
+        Raises:
+            PermissionDenied: with identities on, ``name`` is another agent's and this
+                one is not an admin (field ``name``).
+        """
+
+    @abstractmethod
+    async def heartbeat_agent(self, name: str) -> AgentRecord:
+        """Record that ``name`` is alive now (the registry's heartbeat).
+
+        Raises:
+            NotFound: ``name`` is not registered (field ``name``).
+        """
+
+    @abstractmethod
+    async def unregister(self, name: str) -> bool:
+        """Remove ``name`` from the registry (and stop its heartbeats). False if absent."""
+
+    @abstractmethod
+    async def agents(
+        self, *, capability: str | None = None, healthy: bool | None = True
+    ) -> builtins.list[AgentRecord]:
+        """Registered agents, by name: with ``capability`` if given; only healthy ones
+        (``True``), only down ones (``False``) or all (``None``)."""
+
+    # Built on the above (the same for every Hive) -----------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, name: str, ttl: float, *, wait: float | None = None
+    ) -> AsyncIterator[Lease]:
+        """``async with hive.lease(name, ttl) as lease:`` — acquire, renew every ttl/3
+        seconds while the block runs, release at its end.
+
+        If a renewal is refused (the lease was lost: the process stalled past the ttl),
+        renewing stops; writes fenced with ``lease.token`` are then refused.
+
+        Raises:
+            Conflict: the lease is held by another agent and ``wait`` ran out.
+        """
+        first = await self.acquire(name, ttl, wait=wait)
+        latest = first
+
+        async def keep() -> None:
+            nonlocal latest
+            while True:
+                await asyncio.sleep(ttl / 3)
+                try:
+                    latest = await self.renew(latest)
+                except Conflict:
+                    log.warning("lease %r was lost; no longer renewing it", name)
+                    return
+                except HivememError:
+                    log.warning("renewing lease %r failed; retrying", name, exc_info=True)
+
+        renewer = asyncio.create_task(keep(), name=f"hivemem-lease-{name}")
+        try:
+            yield first
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            with contextlib.suppress(HivememError):
+                await self.release(latest)
+
+    async def wait_signal(
+        self,
+        name: str,
+        predicate: Callable[[Any], bool] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Signal:
+        """Wait until the signal ``name`` is set (and ``predicate(value)`` holds, if
+        given). Woken by the change feed, not by polling.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        seen: int | None = None
+        while True:
+            remaining = _WAIT_FOREVER if deadline is None else deadline - loop.time()
+            if seen is not None and remaining <= 0:
+                raise TimeoutError(f"signal {name!r} did not meet the condition in {timeout} s")
+            signal = await self.get_signal(
+                name, changed_from=seen, wait=None if seen is None else remaining
+            )
+            if signal is not None and (predicate is None or predicate(signal.value)):
+                return signal
+            seen = 0 if signal is None else signal.version
+
+    async def wait_for(
+        self,
+        namespace: str,
+        key: str,
+        predicate: Callable[[Item], bool] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Item:
+        """Wait until the item at (namespace, key) exists and ``predicate(item)`` holds
+        (if given), following the change feed from before the first read so no change
+        is missed.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+
+        async def follow() -> Item:
+            cursor = await self.head()
+            item = await self.get(namespace, key)
+            if item is not None and (predicate is None or predicate(item)):
+                return item
+            events = self.watch(namespace, after=cursor)
+            try:
+                async for event in events:
+                    if event.namespace != namespace or event.key != key:
+                        continue
+                    item = await self.get(namespace, key)
+                    if item is not None and (predicate is None or predicate(item)):
+                        return item
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
+            raise AssertionError("the feed never ends")
+
+        async with asyncio.timeout(timeout):
+            return await follow()
+
+    async def once(
+        self,
+        key: str,
+        fn: Callable[[], Any],
+        *,
+        ttl: float = 86400.0,
+        shared: bool = False,
+        keep_errors: bool = False,
+        lease: float = 60.0,
+    ) -> Any:
+        """Run ``fn`` once for ``key``: the first caller runs it (sync or async) and its
+        result (any JSON) is kept for ``ttl`` seconds; concurrent callers wait and get
+        that result; later callers get it at once.
+
+        Keys are per agent unless ``shared``. The convention for tool calls is
+        ``<session>:turn-<n>:<tool>`` — a retried turn repeats its keys, a new turn gets
+        new ones. Use it for calls with side effects (sending, paying, writing
+        elsewhere); reads need none.
+
+        A failure (an exception from ``fn``) is raised to its caller and not kept: the
+        next caller runs ``fn`` again; with ``keep_errors`` it is kept and repeats
+        raise :class:`~hivemem.errors.OnceFailed`. While ``fn`` runs its key is held
+        for ``lease`` seconds at a time (renewed every lease/3); if the caller dies,
+        the key is free when the lease ends.
+
+        Raises:
+            OnceFailed: ``keep_errors`` and the first call failed.
+            InvalidInput: ``fn`` returned something that is not JSON (field ``result``;
+                the key is freed).
+        """
+        while True:
+            ticket = await self.begin_once(key, shared=shared, lease=lease, wait=lease)
+            if ticket.status == "done":
+                return ticket.result
+            if ticket.status == "failed":
+                raise OnceFailed(ticket.error or "the first call failed", holder=ticket.holder)
+            if ticket.status == "run":
+                break
+        assert ticket.token is not None
+        token = ticket.token
+
+        async def keep() -> None:
+            while True:
+                await asyncio.sleep(lease / 3)
+                with contextlib.suppress(HivememError):
+                    await self.renew_once(key, token, shared=shared, lease=lease)
+
+        renewer = asyncio.create_task(keep(), name=f"hivemem-once-{key[:40]}")
+        try:
+            try:
+                outcome = fn()
+                if inspect.isawaitable(outcome):
+                    outcome = await outcome
+            finally:
+                renewer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewer
+        except BaseException as exc:
+            with contextlib.suppress(HivememError):
+                await self.end_once(
+                    key,
+                    token,
+                    shared=shared,
+                    error=f"{type(exc).__name__}: {exc}"[:4096],
+                    keep_error=keep_errors,
+                    ttl=ttl,
+                )
+            raise
+        try:
+            await self.end_once(key, token, shared=shared, result=outcome, ttl=ttl)
+        except InvalidInput:
+            with contextlib.suppress(HivememError):
+                await self.end_once(key, token, shared=shared, error="result is not JSON")
+            raise
+        return outcome
+
+    def idempotent(
+        self,
+        key: Callable[..., str],
+        *,
+        ttl: float = 86400.0,
+        shared: bool = False,
+        keep_errors: bool = False,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Awaitable[Any]]]:
+        """Decorate a (sync or async) function so each call runs through :meth:`once`
+        with ``key(*args, **kwargs)`` as its key::
+
+            @hive.idempotent(key=lambda session, turn, to, body: f"{session}:turn-{turn}:email")
+            async def send_email(session, turn, to, body): ...
+        """
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(fn)
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                return await self.once(
+                    key(*args, **kwargs),
+                    lambda: fn(*args, **kwargs),
+                    ttl=ttl,
+                    shared=shared,
+                    keep_errors=keep_errors,
+                )
+
+            return call
+
+        return decorate
+
+    def worker(
+        self,
+        queue: str,
+        *,
+        concurrency: int = 1,
+        lease: float = 30.0,
+    ) -> Callable[[Callable[..., Any]], Worker]:
+        """Decorate a task handler: ``@hive.worker("queue", concurrency=4)`` gives a
+        :class:`~hivemem.worker.Worker`; ``await worker.run()`` claims and runs tasks
+        until stopped (see :mod:`hivemem.worker`)."""
+        from hivemem.worker import Worker
+
+        def decorate(fn: Callable[..., Any]) -> Worker:
+            return Worker(self, queue, fn, concurrency=concurrency, lease=lease)
+
+        return decorate

@@ -12,15 +12,22 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 __all__ = [
+    "AgentRecord",
     "DeleteOp",
     "Event",
     "Item",
+    "Lease",
     "Message",
     "MessageIn",
+    "OnceTicket",
     "Page",
     "PutOp",
+    "QueueStats",
     "SearchHit",
     "Session",
+    "Signal",
+    "Task",
+    "TaskError",
 ]
 
 T = TypeVar("T")
@@ -172,3 +179,134 @@ class SearchHit(_Record):
     vector_rank: int | None = Field(default=None, description="1-based similarity rank.")
     lexical_score: float | None = Field(default=None, description="BM25 score (higher better).")
     vector_score: float | None = Field(default=None, description="Cosine similarity.")
+
+
+class TaskError(_Record):
+    """The error of one failed (or expired) attempt of a task."""
+
+    attempt: int = Field(description="Which attempt failed (1 = the first claim).")
+    error: str = Field(description="What the worker reported, or 'lease expired'.")
+    at: datetime = Field(description="When the attempt failed (UTC).")
+    worker: str = Field(description="The agent that held the attempt.")
+
+
+class Task(_Record):
+    """A unit of work on a queue: submitted by one agent, claimed and run by another.
+
+    States: ``ready`` (waiting to be claimed), ``delayed`` (ready once ``run_at``
+    comes: a ``delay`` or a retry's backoff), ``running`` (claimed; the worker holds a
+    lease until ``lease_expires_at`` and renews it with heartbeats), ``completed``
+    (``result`` holds the return value), ``dead`` (out of attempts or failed without
+    retry; ``errors`` holds each attempt's error; ``requeue`` revives it),
+    ``cancelled``.
+    """
+
+    id: str
+    queue: str
+    state: Literal["ready", "delayed", "running", "completed", "dead", "cancelled"]
+    payload: Any = Field(description="What the submitter passed (any JSON).")
+    result: Any = Field(default=None, description="The worker's result, once completed.")
+    priority: int = Field(description="Higher is claimed first (-1000 .. 1000).")
+    attempt: int = Field(description="Claims so far; while running, the attempt held.")
+    max_attempts: int = Field(description="Attempts before the task is dead.")
+    timeout: float | None = Field(
+        default=None, description="Seconds one attempt may run before the worker fails it."
+    )
+    backoff: float = Field(
+        description="Seconds before the first retry; doubles with each further attempt."
+    )
+    idempotency_key: str | None = Field(
+        default=None, description="Submits with the same key on this queue return this task."
+    )
+    submitted_by: str = Field(description="The agent that submitted it.")
+    claimed_by: str | None = Field(
+        default=None, description="The agent running it (or that completed it)."
+    )
+    lease_seconds: float = Field(description="Length of the current or last lease (seconds).")
+    lease_expires_at: datetime | None = Field(
+        default=None, description="When the running attempt's lease ends unless renewed."
+    )
+    run_at: datetime = Field(description="When it is (or was) due to be claimed.")
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None = None
+    errors: list[TaskError] = Field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        """Whether the task is completed, dead or cancelled (it will not run again
+        unless requeued)."""
+        return self.state in ("completed", "dead", "cancelled")
+
+
+class QueueStats(_Record):
+    """How many tasks of a queue are in each state, and how long the oldest due one waits."""
+
+    queue: str
+    ready: int = Field(description="Due and waiting for a worker.")
+    delayed: int = Field(description="Waiting for their run_at (a delay or a retry's backoff).")
+    running: int
+    completed: int
+    dead: int
+    cancelled: int
+    oldest_ready_seconds: float | None = Field(
+        default=None, description="How long the oldest due task has waited (seconds)."
+    )
+
+
+class Lease(_Record):
+    """A named lease (a lock that ends by itself) held by one agent.
+
+    ``token`` is the fencing token: every acquisition of the name gets a larger one,
+    so a store can refuse a write fenced with an older token (``put(...,
+    fence=(name, token))``) once someone else has acquired the lease.
+    """
+
+    name: str
+    token: int = Field(description="Fencing token: grows with every acquisition of the name.")
+    holder: str = Field(description="The agent holding it.")
+    ttl: float = Field(description="Seconds the lease lasts from its last acquire or renew.")
+    expires_at: datetime = Field(description="When it ends unless renewed (UTC).")
+    version: int = Field(description="Version of the holder record (renew and release check it).")
+
+
+class Signal(_Record):
+    """A named value agents set and wait on (``set_signal`` / ``wait_signal``)."""
+
+    name: str
+    value: Any
+    version: int = Field(description="1 when first set, +1 on every set.")
+    set_by: str
+    updated_at: datetime
+    expires_at: datetime | None = None
+
+
+class OnceTicket(_Record):
+    """What :meth:`Hive.begin_once` found for an idempotency key.
+
+    ``status``: ``run`` (the caller must run the call and then end it with ``token``),
+    ``done`` (``result`` is the first call's result), ``failed`` (the first call
+    failed and its error was kept: ``error``), ``running`` (another caller runs it and
+    did not finish within the wait).
+    """
+
+    key: str
+    status: Literal["run", "done", "failed", "running"]
+    token: int | None = Field(default=None, description="For status run: pass to end_once.")
+    result: Any = None
+    error: str | None = None
+    holder: str | None = Field(default=None, description="Who ran (or runs) the call.")
+
+
+class AgentRecord(_Record):
+    """An agent's entry in the registry."""
+
+    name: str
+    capabilities: list[str] = Field(default_factory=list)
+    endpoint: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    ttl: float = Field(description="Seconds without a heartbeat after which it is down.")
+    registered_by: str = Field(description="The agent identity that registered it.")
+    registered_at: datetime
+    last_seen: datetime = Field(description="Its last heartbeat (UTC).")
+    healthy: bool = Field(description="Whether its last heartbeat is within its ttl.")

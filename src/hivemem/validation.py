@@ -60,6 +60,11 @@ def segment(value: object, field: str, settings: Settings, *, reserved_ok: bool 
     return value
 
 
+#: hivemem's own namespaces whose feed events a prefix may select: sessions' events,
+#: task state changes and the agent registry's events.
+FEEDS = ("_sessions", "_tasks", "_agents")
+
+
 def namespace(
     value: object, settings: Settings, *, field: str = "namespace", allow_empty: bool = False
 ) -> str:
@@ -76,10 +81,10 @@ def namespace(
             f"{field} has {len(parts)} segments; at most {settings.max_namespace_depth} allowed",
             field=field,
         )
-    for part in parts:
+    for i, part in enumerate(parts):
         if part == "":
             raise InvalidInput(f"{field} {value!r} has an empty segment", field=field)
-        segment(part, field, settings, reserved_ok=allow_empty and part == "_sessions")
+        segment(part, field, settings, reserved_ok=allow_empty and i == 0 and part in FEEDS)
     return value
 
 

@@ -23,23 +23,31 @@ from hivemem.errors import InvalidInput
 __all__ = [
     "Backend",
     "ChangeSignal",
+    "CheckWrite",
     "Condition",
     "DeleteWrite",
     "EventRow",
     "IndexEntry",
     "ItemRow",
+    "LEASE_EXPIRED",
     "MessageRow",
     "NewMessage",
     "PutWrite",
     "RequestIdReused",
     "SessionRow",
+    "TASK_FINISHED",
+    "TASK_STATES",
+    "TaskRow",
+    "TaskStats",
     "WriteResult",
+    "add_task_error",
     "decode_result",
     "decode_stored_result",
     "encode_result",
     "encode_stored_result",
     "row_matches",
     "split_request_id",
+    "task_namespace",
 ]
 
 
@@ -79,6 +87,9 @@ class PutWrite:
     index_text: str | None = None
     vector: bytes | None = None
     model: str | None = None
+    #: The type of the write's feed event (None: ``item.put``); the core names its own
+    #: records' changes with it (e.g. ``agent.down`` in ``_agents``).
+    event: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -115,6 +126,20 @@ class DeleteWrite:
     namespace: str
     key: str
     if_version: int | None
+    #: The type of the write's feed event (None: ``item.deleted``).
+    event: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class CheckWrite:
+    """Check, inside a :meth:`Backend.write_items` batch, that (namespace, key) is live
+    at ``if_version`` (0 = absent or expired), writing nothing there: a mismatch is a
+    Conflict like any write's and the whole batch writes nothing. The result is
+    ``True``; no event. (The core fences item writes with it: see core/leases.py.)"""
+
+    namespace: str
+    key: str
+    if_version: int
 
 
 @dataclass(slots=True, frozen=True)
@@ -180,6 +205,78 @@ class EventRow:
     data: bytes | None
 
 
+#: Task states as stored. A ``ready`` task whose ``run_at`` is still ahead is what the
+#: public record calls ``delayed``.
+TASK_STATES = ("ready", "running", "completed", "dead", "cancelled")
+#: States a task never leaves on its own (only :meth:`Backend.requeue_task` revives
+#: ``dead`` and ``cancelled`` ones).
+TASK_FINISHED = ("completed", "dead", "cancelled")
+#: The error recorded for an attempt whose lease ran out.
+LEASE_EXPIRED = "lease expired"
+
+
+@dataclass(slots=True, frozen=True)
+class TaskRow:
+    """A stored task of a queue (times in UNIX seconds).
+
+    ``attempt`` counts claims: 0 until first claimed, n while the n-th claim runs; it
+    is the fencing token of the worker that holds the task (a worker's heartbeat,
+    complete, fail or release names the attempt it holds, and is refused once the
+    task moved on). ``errors`` is a JSON array of ``{"attempt": int, "error": str,
+    "at": float, "worker": str}``, one per failed or expired attempt, oldest first.
+    ``lease`` is the length (seconds) of the current or last claim's lease;
+    ``lease_until`` when it ends (``None`` unless running).
+    """
+
+    id: str
+    queue: str
+    state: str
+    payload: bytes
+    result: bytes | None
+    priority: int
+    run_at: float
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    backoff: float
+    lease: float
+    lease_until: float | None
+    idempotency_key: str | None
+    submitted_by: str
+    claimed_by: str | None
+    errors: bytes
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(slots=True, frozen=True)
+class TaskStats:
+    """Counts of one queue's tasks by state at a time ``now``: ``ready`` are due
+    (``run_at <= now``), ``delayed`` are ready but not yet due; ``oldest_ready_at`` is
+    the smallest ``run_at`` of the due ones (None when there are none)."""
+
+    ready: int
+    delayed: int
+    running: int
+    completed: int
+    dead: int
+    cancelled: int
+    oldest_ready_at: float | None
+
+
+def task_namespace(queue: str) -> str:
+    """The feed namespace of a queue's task events: ``_tasks/<queue>``."""
+    return f"_tasks/{queue}"
+
+
+def add_task_error(errors: bytes, attempt: int, error: str, at: float, worker: str | None) -> bytes:
+    """``errors`` (a TaskRow's JSON array) with one more attempt's error appended."""
+    entries = orjson.loads(errors) if errors else []
+    entries.append({"attempt": attempt, "error": error, "at": at, "worker": worker or ""})
+    return orjson.dumps(entries)
+
+
 #: What a write method returns; what a request id's stored result decodes to.
 WriteResult = Any
 
@@ -188,6 +285,7 @@ _ROW_TYPES: dict[str, type] = {
     "session": SessionRow,
     "message": MessageRow,
     "event": EventRow,
+    "task": TaskRow,
 }
 _ROW_TAGS = {cls: tag for tag, cls in _ROW_TYPES.items()}
 
@@ -447,14 +545,15 @@ class Backend(ABC):
     @abstractmethod
     async def write_items(
         self,
-        writes: Sequence[PutWrite | DeleteWrite],
+        writes: Sequence[PutWrite | DeleteWrite | CheckWrite],
         *,
         author: str,
         now: float,
         history_limit: int,
         request_id: str | None = None,
     ) -> list[ItemRow | bool]:
-        """Apply all writes atomically, checking each ``if_version`` in order.
+        """Apply all writes atomically, checking each ``if_version`` in order
+        (a :class:`CheckWrite` only checks, and gives ``True``).
 
         An item expired at ``now`` counts as absent. A put stores version
         current+1 (1 when absent) and keeps at most ``history_limit`` versions;
@@ -649,3 +748,161 @@ class Backend(ABC):
     async def set_index(self, entries: Sequence[IndexEntry]) -> int:
         """Store index entries of items still at the entry's version (others are
         skipped: a newer write indexed them already). Returns how many were stored."""
+
+    # Tasks
+    #
+    # A queue's tasks, its claims and its leases. Every state change appends one event
+    # in the same atomic step: namespace ``task_namespace(queue)``, key = task id,
+    # version = the task's ``attempt`` after the change, data None. Types:
+    # ``task.submitted`` (author: submitter), ``task.claimed`` (the worker),
+    # ``task.completed`` (the worker), ``task.failed`` (the worker; failed, will be
+    # retried), ``task.dead`` (the worker, or "hivemem" when the last lease expired),
+    # ``task.expired`` (author "hivemem": a lease ran out, the task is ready again),
+    # ``task.released`` (the worker), ``task.cancelled`` and ``task.requeued`` (who
+    # asked). A heartbeat changes no state and writes no event.
+    #
+    # Settling an expired lease (a ``running`` task with ``lease_until <= now``):
+    # append ``LEASE_EXPIRED`` to its errors (attempt, worker = claimed_by); if
+    # ``attempt >= max_attempts`` it becomes ``dead`` (finished_at = now, event
+    # ``task.dead``), else ``ready`` with run_at = now (event ``task.expired``); in both
+    # cases claimed_by and lease_until become None. Settling is conditional on the
+    # task still being running with that lease, so a claim, the sweeper and a late
+    # worker never both act on one expiry.
+    #
+    # Errors: NotFound (field ``task_id``) for an unknown task; Conflict (field
+    # ``attempt``) when a worker names an attempt it no longer holds (the task is not
+    # running, runs another attempt, or was claimed by another worker); Conflict
+    # (field ``task_id``) for cancel/requeue of a task in a state that does not allow it.
+
+    @abstractmethod
+    async def submit_task(
+        self, row: TaskRow, *, request_id: str | None = None
+    ) -> tuple[TaskRow, bool]:
+        """Store a new task (state ``ready``, attempt 0) and its ``task.submitted`` event;
+        returns (row, True). When ``row.idempotency_key`` is set and the queue already
+        holds a task with that key (in any state, until :meth:`sweep_tasks` removes
+        it), stores nothing and returns (that task, False)."""
+
+    @abstractmethod
+    async def claim_task(
+        self,
+        queue: str,
+        *,
+        worker: str,
+        now: float,
+        lease: float,
+        request_id: str | None = None,
+    ) -> TaskRow | None:
+        """In one atomic step: settle up to 100 expired leases of ``queue``, then take
+        the due ready task (``run_at <= now``) with the highest priority, then the
+        earliest ``run_at``, then the smallest id; it becomes ``running`` with attempt
+        + 1, claimed_by = worker, lease = lease, lease_until = now + lease (event
+        ``task.claimed``). None when no task is due. Two concurrent claims never take
+        the same task."""
+
+    @abstractmethod
+    async def heartbeat_task(
+        self,
+        task_id: str,
+        *,
+        worker: str,
+        attempt: int,
+        now: float,
+        lease: float,
+        request_id: str | None = None,
+    ) -> TaskRow:
+        """Extend the lease of a task ``worker`` holds at ``attempt``: lease_until = now
+        + lease (accepted while the task is still running that attempt for that
+        worker, even past lease_until if nothing settled it yet). No event.
+
+        Raises:
+            NotFound: unknown task. Conflict: the attempt is no longer held (``attempt``).
+        """
+
+    @abstractmethod
+    async def finish_task(
+        self,
+        task_id: str,
+        *,
+        worker: str,
+        attempt: int,
+        now: float,
+        outcome: str,
+        result: bytes | None = None,
+        error: str | None = None,
+        retry_at: float | None = None,
+        request_id: str | None = None,
+    ) -> TaskRow:
+        """End the attempt ``worker`` holds (same check as :meth:`heartbeat_task`):
+
+        - ``completed``: state completed, result = ``result``, finished_at = now,
+          lease_until None (event ``task.completed``).
+        - ``failed``: ``error`` appended to errors; when ``retry_at`` is not None and
+          attempt < max_attempts, state ready with run_at = retry_at (``task.failed``);
+          otherwise state dead, finished_at = now (``task.dead``).
+        - ``released``: given back unrun: state ready, attempt - 1, run_at = now
+          (``task.released``).
+
+        claimed_by and lease_until become None except for ``completed`` (claimed_by
+        stays: who completed it).
+
+        Raises:
+            NotFound, Conflict: as for :meth:`heartbeat_task`.
+        """
+
+    @abstractmethod
+    async def cancel_task(
+        self, task_id: str, *, author: str, now: float, request_id: str | None = None
+    ) -> TaskRow:
+        """A ready or running task becomes ``cancelled`` (finished_at = now, claimed_by
+        and lease_until None; event ``task.cancelled``): its worker's next heartbeat or
+        finish is refused.
+
+        Raises:
+            NotFound. Conflict (field ``task_id``): it is completed, dead or cancelled.
+        """
+
+    @abstractmethod
+    async def requeue_task(
+        self,
+        task_id: str,
+        *,
+        author: str,
+        now: float,
+        run_at: float,
+        request_id: str | None = None,
+    ) -> TaskRow:
+        """A dead or cancelled task becomes ``ready`` again with attempt 0, run_at =
+        ``run_at``, finished_at None, result None; its errors are kept (event
+        ``task.requeued``).
+
+        Raises:
+            NotFound. Conflict (field ``task_id``): it is not dead or cancelled.
+        """
+
+    @abstractmethod
+    async def get_task(self, task_id: str) -> TaskRow | None:
+        """The task, or None."""
+
+    @abstractmethod
+    async def list_tasks(
+        self, queue: str, state: str | None, after: str | None, limit: int
+    ) -> list[TaskRow]:
+        """Tasks of ``queue`` (in the stored ``state`` when given) with id > ``after``,
+        by id (ids sort in submission order)."""
+
+    @abstractmethod
+    async def task_stats(self, queue: str, now: float) -> TaskStats:
+        """How many tasks of ``queue`` are in each state (see :class:`TaskStats`)."""
+
+    @abstractmethod
+    async def expire_leases(self, now: float, limit: int) -> int:
+        """Settle up to ``limit`` expired leases in any queue (as a claim does); the
+        core's sweeper calls it so that a dead worker's tasks move on even when no one
+        claims from that queue. Returns how many were settled."""
+
+    @abstractmethod
+    async def sweep_tasks(self, finished_before: float, limit: int) -> int:
+        """Delete up to ``limit`` completed, dead or cancelled tasks with
+        ``finished_at < finished_before`` (their idempotency keys go with them). No
+        events. Returns how many were deleted."""

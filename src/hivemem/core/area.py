@@ -9,10 +9,11 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from hivemem.backends.base import Backend, RequestIdReused
+from hivemem.backends.base import Backend, CheckWrite, RequestIdReused
 from hivemem.config import Settings
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput, PermissionDenied
+from hivemem.hive import Heartbeats
 from hivemem.policy.rules import Access
 
 T = TypeVar("T")
@@ -36,6 +37,8 @@ class Area:
     _request_field: str = "request_id"
     #: What this view's principal may do; None: everything (no policy in force).
     _access: Access | None = None
+    #: The registry heartbeats this hive sends (shared by its views).
+    _heartbeats: Heartbeats
 
     def _scoped_request_id(self, *request: Any) -> str | None:
         """The request id as the backend stores it: scoped by agent, so two agents
@@ -90,6 +93,10 @@ class Area:
 
     async def _ready(self) -> None:
         """Open the backend on first use."""
+        raise NotImplementedError
+
+    def _fence(self, fence: object) -> CheckWrite:
+        """The check of a write fenced by a lease (see core/coordination.py)."""
         raise NotImplementedError
 
 

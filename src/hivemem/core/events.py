@@ -54,14 +54,16 @@ class EventsMixin(Area):
         if self._access is None:
             return prefix
         roots = self._access.roots("watch", prefix)
-        others = self._access.anywhere("sessions") or self._access.anywhere("admin")
+        others = any(self._access.anywhere(a) for a in ("sessions", "tasks", "admin"))
         return roots[0] if len(roots) == 1 and not others else prefix
 
     async def _visible_event(self, row: EventRow) -> bool:
         """Whether this view may see a feed event: ``watch`` on its namespace (or
         channel); for a session's events ``sessions`` on the session's namespace (a
-        session deleted since is known only to principals who may see every one);
-        for hivemem's own ``_auth``/``_admin`` events, ``admin``."""
+        session deleted since is known only to principals who may see every one); for
+        a queue's task events (``_tasks/<queue>``) ``tasks`` on the queue; for the
+        registry's (``_agents``) ``tasks`` anywhere; for hivemem's other own events
+        (``_auth``, ``_admin``, ``_leases``...), ``admin``."""
         access = self._access
         if access is None:
             return True
@@ -82,6 +84,10 @@ class EventsMixin(Area):
             if target is None:
                 return access.allows("admin", ns)
             return access.allows("sessions", target)
+        if ns.startswith("_tasks/"):
+            return access.allows("tasks", ns.removeprefix("_tasks/")) or access.allows("admin", ns)
+        if ns == "_agents":
+            return access.anywhere("tasks") or access.allows("admin", ns)
         if ns.startswith("_"):
             return access.allows("admin", ns)
         return access.allows("watch", ns)

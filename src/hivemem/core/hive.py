@@ -12,16 +12,18 @@ import time
 from hivemem import validation as check
 from hivemem.backends.base import Backend
 from hivemem.config import Settings
+from hivemem.core.coordination import CoordinationMixin, mark_down
 from hivemem.core.events import EventsMixin
 from hivemem.core.items import ItemsMixin
 from hivemem.core.lexical import LexicalIndex
 from hivemem.core.rowcache import RowCache
 from hivemem.core.search import SearchMixin
 from hivemem.core.sessions import SessionsMixin
+from hivemem.core.tasks import EXPIRE_PER_ROUND, TasksMixin
 from hivemem.core.vectors import VectorIndex
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput
-from hivemem.hive import Hive
+from hivemem.hive import Heartbeats, Hive
 from hivemem.policy.principal import Principal
 from hivemem.policy.rules import Access, PolicyHolder
 
@@ -47,6 +49,8 @@ class _Shared:
         self.lock = asyncio.Lock()
         self.opened = False
         self.sweeper: asyncio.Task[None] | None = None
+        self.coordinator: asyncio.Task[None] | None = None
+        self.heartbeats = Heartbeats()
         #: The permission rules in force, or None: no policy, every view may do anything.
         self.policy: PolicyHolder | None = (
             PolicyHolder(settings.policy_file) if settings.policy_file else None
@@ -115,15 +119,20 @@ class _Shared:
                 return
             await self.backend.open()
             self.sweeper = asyncio.create_task(self._sweep_forever(), name="hivemem-sweeper")
+            self.coordinator = asyncio.create_task(
+                self._coordinate_forever(), name="hivemem-coordinator"
+            )
             self.opened = True
 
     async def close(self) -> None:
         async with self.lock:
-            if self.sweeper is not None:
-                self.sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self.sweeper
-                self.sweeper = None
+            await self.heartbeats.close()
+            for task in (self.sweeper, self.coordinator):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            self.sweeper = self.coordinator = None
             if self.opened:
                 await self.backend.close()
                 self.opened = False
@@ -144,11 +153,28 @@ class _Shared:
 
     async def sweep(self) -> tuple[int, int]:
         now = time.time()
-        return await self.backend.sweep(
+        swept = await self.backend.sweep(
             now,
             now - self.settings.event_retention_seconds,
             now - self.settings.request_retention_seconds,
         )
+        await self.backend.sweep_tasks(now - self.settings.task_retention_seconds, 1000)
+        return swept
+
+    async def coordinate(self) -> tuple[int, int]:
+        """One coordination round: settle expired task leases of every queue and mark
+        silent agents down. Returns (leases settled, agents marked down)."""
+        now = time.time()
+        settled = await self.backend.expire_leases(now, EXPIRE_PER_ROUND)
+        return settled, await mark_down(self.backend, now)
+
+    async def _coordinate_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.coordination_interval_seconds)
+            try:
+                await self.coordinate()
+            except Exception:  # keep going; the next round retries
+                log.exception("coordination round failed")
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -161,7 +187,9 @@ class _Shared:
                 log.exception("sweep failed")
 
 
-class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
+class LocalHive(
+    ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, TasksMixin, CoordinationMixin, Hive
+):
     """The embedded Hive over a storage backend (SQLite today).
 
     Validation, identities, TTL arithmetic and record building happen here; the
@@ -202,6 +230,7 @@ class LocalHive(ItemsMixin, SessionsMixin, EventsMixin, SearchMixin, Hive):
         self._backend = backend
         self._shared = _shared or _Shared(backend, self._settings, embedder)
         self._embedder = self._shared.embedder
+        self._heartbeats = self._shared.heartbeats
         holder = self._shared.policy
         if holder is not None:
             self._access = Access(principal or Principal(self.agent), holder)

@@ -13,11 +13,11 @@ import orjson
 from pydantic import ValidationError
 
 from hivemem import validation as check
-from hivemem.backends.base import DeleteWrite, ItemRow, PutWrite
+from hivemem.backends.base import CheckWrite, DeleteWrite, ItemRow, PutWrite
 from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
 from hivemem.core.lexical import check_terms
-from hivemem.errors import InvalidInput
+from hivemem.errors import Conflict, InvalidInput
 from hivemem.models import DeleteOp, Item, Page, PutOp
 
 #: A listing scans at most this many pages of rows it may not show before it returns a
@@ -150,23 +150,40 @@ class ItemsMixin(Area):
         ttl: float | None = None,
         text: str | None = None,
         metadata: dict[str, Any] | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> Item:
         write = self._put_write(namespace, key, value, if_version, ttl, text, metadata)
+        guard = None if fence is None else self._fence(fence)
         self._must("write", write.namespace, "namespace")
         indexed = searchable_text(text, value)
         await self._check_terms([(indexed, "text" if text is not None else "value")])
-        request_id = self._scoped_request_id("put", write)
+        request_id = self._scoped_request_id("put", write, guard)
         await self._ready()
         (write,), now = await self._index([write], [indexed], self._now)
-        (row,) = await self._once(
-            self._backend.write_items(
-                [write],
-                author=self.agent,
-                now=now,
-                history_limit=self._settings.history_limit,
-                request_id=request_id,
+        writes: builtins.list[PutWrite | CheckWrite] = [write] if guard is None else [guard, write]
+        try:
+            *_, row = await self._once(
+                self._backend.write_items(
+                    writes,
+                    author=self.agent,
+                    now=now,
+                    history_limit=self._settings.history_limit,
+                    request_id=request_id,
+                )
             )
-        )
+        except Conflict as exc:
+            if guard is None:
+                raise
+            if exc.field == "ops.0.if_version":
+                raise Conflict(
+                    f"fence {fence!r} is stale: a newer token of that lease was issued "
+                    f"(the newest is {exc.current_version}); nothing was written",
+                    field="fence",
+                    current_version=exc.current_version,
+                ) from None
+            raise Conflict(
+                exc.message, field="if_version", current_version=exc.current_version
+            ) from None
         assert isinstance(row, ItemRow)
         return to_item(row)
 

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from hivemem.backends.base import (
     Backend,
     ChangeSignal,
+    CheckWrite,
     DeleteWrite,
     EventRow,
     ItemRow,
@@ -37,6 +38,7 @@ from hivemem.backends.sqlite.schema import (
     under,
 )
 from hivemem.backends.sqlite.search import SearchMixin, index_put, index_remove
+from hivemem.backends.sqlite.tasks import TasksMixin
 from hivemem.config import Settings
 from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound
 
@@ -75,7 +77,7 @@ def once(
     return wrapped
 
 
-class SqliteBackend(SearchMixin, Backend):
+class SqliteBackend(SearchMixin, TasksMixin, Backend):
     """Items, sessions and the feed in one SQLite database (a file or private memory).
 
     Args:
@@ -112,6 +114,11 @@ class SqliteBackend(SearchMixin, Backend):
             )
         return cls(rest[3:], settings)
 
+    def _job(
+        self, request_id: str | None, now: float, run: Callable[[sqlite3.Connection], T]
+    ) -> Callable[[sqlite3.Connection], T]:
+        return once(request_id, now, run)
+
     async def open(self) -> None:
         await self._engine.open()
 
@@ -135,7 +142,7 @@ class SqliteBackend(SearchMixin, Backend):
 
     async def write_items(
         self,
-        writes: Sequence[PutWrite | DeleteWrite],
+        writes: Sequence[PutWrite | DeleteWrite | CheckWrite],
         *,
         author: str,
         now: float,
@@ -166,10 +173,15 @@ class SqliteBackend(SearchMixin, Backend):
                         field=f"ops.{i}.if_version" if len(writes) > 1 else "if_version",
                         current_version=current,
                     )
+                if isinstance(w, CheckWrite):
+                    results.append(True)
+                    continue
                 if isinstance(w, DeleteWrite):
                     if found is not None:
                         self._delete_item(c, w.namespace, w.key)
-                        self._event(c, "item.deleted", w.namespace, w.key, current, author, now)
+                        self._event(
+                            c, w.event or "item.deleted", w.namespace, w.key, current, author, now
+                        )
                     results.append(found is not None)
                     continue
                 row = ItemRow(
@@ -210,7 +222,7 @@ class SqliteBackend(SearchMixin, Backend):
                         (w.namespace, w.key, row.version - history_limit),
                     )
                 index_put(c, w.namespace, w.key, row.version, w.index_text, w.vector, w.model)
-                self._event(c, "item.put", w.namespace, w.key, row.version, author, now)
+                self._event(c, w.event or "item.put", w.namespace, w.key, row.version, author, now)
                 results.append(row)
             return results
 

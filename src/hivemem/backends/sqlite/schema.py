@@ -63,8 +63,31 @@ MIGRATIONS: list[str] = [
     CREATE TABLE requests (id TEXT PRIMARY KEY, result BLOB NOT NULL, at REAL NOT NULL);
     CREATE INDEX requests_at ON requests (at);
     """,
+    # 4: the task queue. ``due`` orders a queue's ready tasks for claims; ``leases``
+    # finds expired leases; ``finished`` serves retention; ``idem`` dedupes submits.
+    """
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY, queue TEXT NOT NULL, state TEXT NOT NULL, payload BLOB NOT NULL,
+        result BLOB, priority INTEGER NOT NULL, run_at REAL NOT NULL, attempt INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL, timeout REAL, backoff REAL NOT NULL, lease REAL NOT NULL,
+        lease_until REAL, idempotency_key TEXT, submitted_by TEXT NOT NULL, claimed_by TEXT,
+        errors BLOB NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+        finished_at REAL
+    );
+    CREATE INDEX tasks_due ON tasks (queue, priority DESC, run_at, id) WHERE state = 'ready';
+    CREATE INDEX tasks_leases ON tasks (lease_until) WHERE state = 'running';
+    CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
+    CREATE INDEX tasks_queue ON tasks (queue, id);
+    CREATE UNIQUE INDEX tasks_idem ON tasks (queue, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 ]
 
+TASK_COLS = (
+    "id, queue, state, payload, result, priority, run_at, attempt, max_attempts, timeout, "
+    "backoff, lease, lease_until, idempotency_key, submitted_by, claimed_by, errors, "
+    "created_at, updated_at, finished_at"
+)
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"
 SESSION_COLS = (
     "id, app, user, agent, created_by, metadata, state, state_version, messages, turns, "
