@@ -465,3 +465,88 @@ def test_eval_locomo_without_a_file_reads_hivemem_locomo_or_says_how_to_name_one
     assert result.exit_code == 2
     assert f"no LoCoMo file at {missing}" in result.stderr
     assert "HIVEMEM_LOCOMO" in result.stderr and "field: file" in result.stderr
+
+
+def test_tasks_ls_show_stats_cancel_and_requeue(cli: Cli, url: str) -> None:
+    import hivemem
+
+    with hivemem.connect_sync(url, agent="boss") as hive:
+        first = hive.submit("jobs/mail", {"to": "bob"})
+        second = hive.submit("jobs/mail", {"to": "eve"}, max_attempts=1)
+        claimed = hive.claim("jobs/mail")
+        assert claimed is not None and claimed.id == first.id
+        hive.complete(claimed, "sent")
+        claimed = hive.claim("jobs/mail")
+        assert claimed is not None
+        hive.fail(claimed, "mailbox full")
+    listing = ok(cli("tasks", "ls", "jobs/mail")).stdout
+    assert first.id in listing and second.id in listing and "dead" in listing
+    assert [
+        t["id"]
+        for t in as_json(cli("tasks", "ls", "jobs/mail", "--state", "dead", "--json"))["items"]
+    ] == [second.id]
+    shown = ok(cli("tasks", "show", second.id)).stdout
+    assert "mailbox full" in shown and "dead" in shown
+    stats = as_json(cli("tasks", "stats", "jobs/mail", "--json"))
+    assert (stats["completed"], stats["dead"], stats["ready"]) == (1, 1, 0)
+    assert "ready" in ok(cli("tasks", "requeue", second.id)).stderr
+    assert "cancelled" in ok(cli("tasks", "cancel", second.id)).stderr
+    refused = cli("tasks", "cancel", second.id)
+    assert refused.exit_code == 2 and "task_id" in refused.stderr
+    missing = cli("tasks", "show", "0123456789abcdef")
+    assert missing.exit_code == 1 and "task_id" in missing.stderr
+
+
+def test_agents_status_lists_registered_agents(cli: Cli, url: str) -> None:
+    import hivemem
+
+    with hivemem.connect_sync(url, agent="summariser") as hive:
+        hive.register("summariser", capabilities=["summarise"], ttl=30, heartbeat=False)
+    table = ok(cli("agents", "status")).stdout
+    assert "summariser" in table and "up" in table
+    (record,) = as_json(cli("agents", "status", "--capability", "summarise", "--json"))
+    assert (record["name"], record["healthy"]) == ("summariser", True)
+    assert as_json(cli("agents", "status", "--capability", "nothing", "--json")) == []
+
+
+def test_worker_runs_a_module_function_until_sigterm(url: str, tmp_path: Path) -> None:
+    import hivemem
+
+    (tmp_path / "jobs_mod.py").write_text("def double(task):\n    return task.payload * 2\n")
+    with hivemem.connect_sync(url, agent="boss") as hive:
+        tasks = [hive.submit("math", n) for n in range(3)]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hivemem",
+            "worker",
+            "jobs_mod:double",
+            "--queue",
+            "math",
+            "--url",
+            url,
+            "--agent",
+            "w1",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with hivemem.connect_sync(url, agent="boss") as hive:
+            done = [hive.result(t.id, wait=30) for t in tasks]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert [t.result for t in done] == [0, 2, 4] and {t.claimed_by for t in done} == {"w1"}
+    assert proc.returncode == 0
+    assert err.count(" completed in ") == 3 and "stopped: 3 completed" in err
+    bad = subprocess.run(
+        [sys.executable, "-m", "hivemem", "worker", "nowhere:fn", "--queue", "math", "--url", url],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "target" in bad.stderr

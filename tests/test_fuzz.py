@@ -6,6 +6,8 @@ number of examples with a fixed seed.
 ``HIVEMEM_FUZZ_EXAMPLES`` sets the examples per operation (default 4 here; ``.ci/run``
 runs a larger pass). The SSE route ``/v1/watch`` is left out: a generated request to it
 is a stream that never ends (its statuses are covered by tests/test_permissions.py).
+The service's ``max_wait_seconds`` is cut to 0.2 s so that generated long polls (claim,
+result, signals, acquire, once) answer at once.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServicePr
             "HIVEMEM_AUTH": "true",
             "HIVEMEM_EMBEDDER": "none",
             "HIVEMEM_RATE_LIMIT_WRITE": "100000/second",
+            # Long polls (claim, result, signals, acquire, once) answer within this.
+            "HIVEMEM_MAX_WAIT_SECONDS": "0.2",
         },
     )
     svc.start()

@@ -50,6 +50,20 @@ log = logging.getLogger("hivemem")
 _WAIT_FOREVER = 3600.0
 
 
+async def _repeat(
+    period: float, stop: asyncio.Event, action: Callable[[], Awaitable[bool]]
+) -> None:
+    """Await ``action()`` every ``period`` seconds until ``stop`` is set or it returns
+    False. Setting ``stop`` ends the loop between calls, never inside one (so the
+    caller can rely on the last call's effect being known)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(period):
+                await stop.wait()
+        if stop.is_set() or not await action():
+            return
+
+
 class Heartbeats:
     """The registry heartbeats a hive sends for agents it registered: one task per
     name calling ``heartbeat_agent`` every ttl/3 seconds until stopped."""
@@ -763,25 +777,24 @@ class Hive(ABC):
         first = await self.acquire(name, ttl, wait=wait)
         latest = first
 
-        async def keep() -> None:
+        async def renew() -> bool:
             nonlocal latest
-            while True:
-                await asyncio.sleep(ttl / 3)
-                try:
-                    latest = await self.renew(latest)
-                except Conflict:
-                    log.warning("lease %r was lost; no longer renewing it", name)
-                    return
-                except HivememError:
-                    log.warning("renewing lease %r failed; retrying", name, exc_info=True)
+            try:
+                latest = await self.renew(latest)
+            except Conflict:
+                log.warning("lease %r was lost; no longer renewing it", name)
+                return False
+            except HivememError:
+                log.warning("renewing lease %r failed; retrying", name, exc_info=True)
+            return True
 
-        renewer = asyncio.create_task(keep(), name=f"hivemem-lease-{name}")
+        stop = asyncio.Event()
+        renewer = asyncio.create_task(_repeat(ttl / 3, stop, renew), name=f"hivemem-lease-{name}")
         try:
             yield first
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            stop.set()  # never cancelled mid-renewal: release needs the renewed version
+            await renewer
             with contextlib.suppress(HivememError):
                 await self.release(latest)
 
@@ -889,22 +902,21 @@ class Hive(ABC):
         assert ticket.token is not None
         token = ticket.token
 
-        async def keep() -> None:
-            while True:
-                await asyncio.sleep(lease / 3)
-                with contextlib.suppress(HivememError):
-                    await self.renew_once(key, token, shared=shared, lease=lease)
+        async def renew() -> bool:
+            with contextlib.suppress(HivememError):
+                await self.renew_once(key, token, shared=shared, lease=lease)
+            return True
 
-        renewer = asyncio.create_task(keep(), name=f"hivemem-once-{key[:40]}")
+        stop = asyncio.Event()
+        renewer = asyncio.create_task(_repeat(lease / 3, stop, renew), name="hivemem-once")
         try:
             try:
                 outcome = fn()
                 if inspect.isawaitable(outcome):
                     outcome = await outcome
             finally:
-                renewer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await renewer
+                stop.set()  # never cancelled mid-renewal: end_once must see its write
+                await renewer
         except BaseException as exc:
             with contextlib.suppress(HivememError):
                 await self.end_once(

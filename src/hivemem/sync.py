@@ -9,30 +9,43 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import functools
+import inspect
 import queue
 import threading
-from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Literal, Self, cast
+from typing import Any, Literal, Self, TypeVar, cast
 
 import anyio
 from anyio.from_thread import BlockingPortal
 
+from hivemem.errors import HivememError, InvalidInput, OnceFailed
 from hivemem.hive import Hive
 from hivemem.models import (
+    AgentRecord,
     DeleteOp,
     Event,
     Item,
+    Lease,
     Message,
     MessageIn,
+    OnceTicket,
     Page,
     PutOp,
+    QueueStats,
     SearchHit,
     Session,
+    Signal,
+    Task,
 )
 
 __all__ = ["SyncHive"]
+
+T = TypeVar("T")
 
 
 class _LoopThread:
@@ -63,10 +76,68 @@ class _LoopThread:
         if isinstance(started, BaseException):
             raise started
         self.portal = started
+        #: ``with hive.lease()`` blocks still open, of this hive and its views.
+        self.blocks: set[_LeaseBlock] = set()
+        self.closing = False
+        self.lock = threading.Lock()
+
+    def end_blocks(self) -> None:
+        """End the lease blocks still open (their tasks would keep the portal from
+        stopping: only their own ``__exit__`` ends them)."""
+        with self.lock:
+            self.closing = True
+            blocks, self.blocks = list(self.blocks), set()
+        for block in blocks:
+            with contextlib.suppress(Exception):
+                block.end()
 
     def stop(self) -> None:
         self.portal.call(self.portal.stop)
         self.thread.join()
+
+
+class _LeaseBlock(AbstractContextManager[Lease]):
+    """``with hive.lease(...)``: :meth:`Hive.lease` entered and exited in one task on
+    the loop (anyio's ``wrap_async_context_manager``), so its renewals run there while
+    the block runs; ended early, once, if the hive is closed meanwhile."""
+
+    def __init__(self, loop: _LoopThread, cm: AbstractAsyncContextManager[Lease]) -> None:
+        self._loop = loop
+        self._inner = loop.portal.wrap_async_context_manager(cm)
+        self._open = False
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Lease:
+        lease = self._inner.__enter__()
+        with self._lock, self._loop.lock:
+            if not self._loop.closing:
+                self._open = True
+                self._loop.blocks.add(self)
+                return lease
+        self._inner.__exit__(None, None, None)  # closed while acquiring
+        raise RuntimeError("SyncHive is closed")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        with self._lock:
+            if not self._open:
+                return None  # ended by close()
+            self._open = False
+            with self._loop.lock:
+                self._loop.blocks.discard(self)
+            return self._inner.__exit__(exc_type, exc, tb)
+
+    def end(self) -> None:
+        """Leave the async context manager now (the hive is closing)."""
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+            self._inner.__exit__(None, None, None)
 
 
 class SyncHive:
@@ -81,6 +152,19 @@ class SyncHive:
     :class:`~hivemem.errors.TooLarge` for a bad argument (nothing is written; ``field``
     names it) and :class:`~hivemem.errors.Unavailable` when the store or service cannot
     be reached. Methods of a closed hive raise ``RuntimeError``.
+
+    One SyncHive may be shared by threads: their calls run concurrently on its loop.
+    A call that waits (``wait=`` or ``timeout=``, :meth:`wait_signal`, :meth:`wait_for`)
+    is cancelled on the loop if the calling thread gets an exception (Ctrl-C) meanwhile.
+
+    The coordination helpers keep their background work on the loop while the calling
+    thread runs: :meth:`lease` is a ``with`` block whose renewals run on the loop;
+    :meth:`once` and :meth:`idempotent` call a plain function in the calling thread while
+    the loop renews its key; :meth:`register` heartbeats from the loop until
+    :meth:`unregister` or :meth:`close`. Predicates given to :meth:`wait_signal` and
+    :meth:`wait_for` run on the loop's thread: they must be quick and must not call the
+    hive. :meth:`Hive.worker` has no blocking form: run workers on an async Hive (or with
+    ``hivemem worker``); their handlers may be plain functions.
     """
 
     def __init__(self, hive: Hive, *, _loop: _LoopThread | None = None) -> None:
@@ -130,6 +214,7 @@ class SyncHive:
             return
         loop, self._loop = self._loop, None
         try:
+            loop.end_blocks()
             self._portal.call(self._hive.close)
         finally:
             loop.stop()
@@ -170,6 +255,7 @@ class SyncHive:
         ttl: float | None = None,
         text: str | None = None,
         metadata: dict[str, Any] | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> Item:
         """Create or replace the item at (``namespace``, ``key``).
 
@@ -184,20 +270,30 @@ class SyncHive:
             text: what search indexes (at most ``max_text_bytes``, 256 KiB); by default a
                 string value, or the value's ``text`` or ``content`` field.
             metadata: a JSON object of attributes that search can filter on (16 KiB).
+            fence: ``(lease name, token)`` from :meth:`acquire` or :meth:`lease`: the write
+                is refused once a newer token of that lease was issued (another agent
+                acquired it after this one's lease ran out).
 
         Returns:
             The stored :class:`Item`: version 1 on create, previous version + 1 otherwise,
             ``author`` set to this hive's agent.
 
         Raises:
-            Conflict: ``if_version`` did not match; ``current_version`` is the version found
-                (0: absent). Nothing was written.
+            Conflict: ``if_version`` did not match (``current_version`` is the version found,
+                0: absent), or the fence is stale (field ``fence``). Nothing was written.
             InvalidInput, TooLarge: a bad or oversized argument (``field`` names it).
         """
 
         async def run() -> Item:
             return await self._hive.put(
-                namespace, key, value, if_version=if_version, ttl=ttl, text=text, metadata=metadata
+                namespace,
+                key,
+                value,
+                if_version=if_version,
+                ttl=ttl,
+                text=text,
+                metadata=metadata,
+                fence=fence,
             )
 
         return self._portal.call(run)
@@ -633,6 +729,641 @@ class SyncHive:
         """
         event: Event = self._portal.call(self._hive.publish, channel, payload)
         return event
+
+    # Tasks
+
+    def submit(
+        self,
+        queue: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        backoff: float = 1.0,
+        priority: int = 0,
+        delay: float = 0,
+    ) -> Task:
+        """Put a task on ``queue`` (a namespace-like name, e.g. ``research/summaries``).
+
+        Args:
+            payload: any JSON value, at most ``max_payload_bytes`` (64 KiB) as JSON.
+            idempotency_key: 1-512 bytes; a submit with a key the queue already holds
+                returns that task and adds nothing (until the task is swept,
+                ``task_retention_seconds`` after it finished).
+            timeout: seconds one attempt may run; a worker fails an attempt that runs
+                longer (``None``: no limit).
+            max_attempts: 1-1000 claims before the task is dead.
+            backoff: seconds before the first retry of a failed attempt; each further
+                retry waits twice as long (capped at one hour).
+            priority: -1000 .. 1000; higher is claimed first, then oldest first.
+            delay: seconds before the task may be claimed.
+
+        Returns:
+            The :class:`Task` (state ``ready`` or ``delayed``), or the queue's task with
+            ``idempotency_key``.
+        """
+
+        async def run() -> Task:
+            return await self._hive.submit(
+                queue,
+                payload,
+                idempotency_key=idempotency_key,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                backoff=backoff,
+                priority=priority,
+                delay=delay,
+            )
+
+        return self._portal.call(run)
+
+    def claim(self, queue: str, *, lease: float = 30.0, wait: float | None = None) -> Task | None:
+        """Take the next due task of ``queue`` and hold it for ``lease`` seconds.
+
+        A task whose lease runs out without a :meth:`heartbeat` goes back to ready (the
+        attempt counts) or, after its last attempt, is dead.
+
+        Args:
+            lease: seconds (0.1 .. 86400) before the task returns to the queue unless
+                renewed by :meth:`heartbeat`.
+            wait: seconds to wait for a task when none is due (``None`` or 0: answer at
+                once).
+
+        Returns:
+            The :class:`Task` (state ``running``, ``attempt`` = this claim's number), or
+            ``None``.
+        """
+
+        async def run() -> Task | None:
+            return await self._hive.claim(queue, lease=lease, wait=wait)
+
+        return self._wait(run)
+
+    def heartbeat(self, task: Task, *, lease: float | None = None) -> Task:
+        """Extend the lease of a task this agent holds: ``lease`` seconds from now
+        (default: the claim's lease).
+
+        Raises:
+            NotFound: no such task (field ``task_id``).
+            Conflict: this agent no longer holds that attempt: its lease ran out and the
+                task moved on, or it was cancelled (field ``attempt``).
+        """
+
+        async def run() -> Task:
+            return await self._hive.heartbeat(task, lease=lease)
+
+        return self._portal.call(run)
+
+    def complete(self, task: Task, result: Any = None) -> Task:
+        """Finish a task this agent holds with ``result`` (any JSON, at most
+        ``max_payload_bytes``); :meth:`result` waiters get it.
+
+        Raises:
+            NotFound, Conflict: as for :meth:`heartbeat`; nothing is stored.
+        """
+        done: Task = self._portal.call(self._hive.complete, task, result)
+        return done
+
+    def fail(self, task: Task, error: str, *, retryable: bool = True) -> Task:
+        """Fail the attempt this agent holds.
+
+        ``error`` (at most 4,096 characters) is kept with the attempt's number. A
+        retryable failure before the last attempt makes the task ready again after its
+        backoff; otherwise it is dead.
+
+        Raises:
+            NotFound, Conflict: as for :meth:`heartbeat`.
+        """
+
+        async def run() -> Task:
+            return await self._hive.fail(task, error, retryable=retryable)
+
+        return self._portal.call(run)
+
+    def release_task(self, task: Task) -> Task:
+        """Give back a task this agent holds without running it (a worker shutting
+        down): it is ready again at once and the attempt does not count.
+
+        Raises:
+            NotFound, Conflict: as for :meth:`heartbeat`.
+        """
+        return self._portal.call(self._hive.release_task, task)
+
+    def result(self, task_id: str, *, wait: float | None = None) -> Task:
+        """The task, once it is completed, dead or cancelled, or when ``wait`` seconds
+        have passed (``None`` or 0: at once).
+
+        Check ``task.done`` / ``task.state``: ``task.result`` is the worker's result,
+        ``task.errors`` each failed attempt's error.
+
+        Raises:
+            NotFound: no such task (field ``task_id``).
+        """
+
+        async def run() -> Task:
+            return await self._hive.result(task_id, wait=wait)
+
+        return self._wait(run)
+
+    def cancel(self, task_id: str) -> Task:
+        """Cancel a ready, delayed or running task (a running one's worker is refused on
+        its next heartbeat or finish).
+
+        Raises:
+            NotFound: no such task.
+            Conflict: it is already completed, dead or cancelled (field ``task_id``).
+        """
+        return self._portal.call(self._hive.cancel, task_id)
+
+    def requeue(self, task_id: str, *, delay: float = 0) -> Task:
+        """Put a dead or cancelled task back on its queue with a fresh set of attempts
+        (its past errors are kept), due after ``delay`` seconds.
+
+        Raises:
+            NotFound: no such task.
+            Conflict: it is not dead or cancelled (field ``task_id``).
+        """
+
+        async def run() -> Task:
+            return await self._hive.requeue(task_id, delay=delay)
+
+        return self._portal.call(run)
+
+    def get_task(self, task_id: str) -> Task | None:
+        """The task, or ``None`` if there is none (or it was swept after retention)."""
+        return self._portal.call(self._hive.get_task, task_id)
+
+    def list_tasks(
+        self,
+        queue: str,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[Task]:
+        """The tasks of ``queue`` in submission order, one page at a time.
+
+        Args:
+            state: only tasks in this state (``ready`` includes ``delayed`` ones).
+            limit: page size, 1..``max_page_size`` (1000).
+            cursor: ``next_cursor`` of the previous page.
+
+        Returns:
+            A :class:`Page` of :class:`Task`.
+        """
+
+        async def run() -> Page[Task]:
+            return await self._hive.list_tasks(queue, state=state, limit=limit, cursor=cursor)
+
+        return self._portal.call(run)
+
+    def queue_stats(self, queue: str) -> QueueStats:
+        """How many tasks of ``queue`` are in each state."""
+        return self._portal.call(self._hive.queue_stats, queue)
+
+    # Leases and signals
+
+    def acquire(self, name: str, ttl: float, *, wait: float | None = None) -> Lease:
+        """Acquire the lease ``name`` (a namespace-like name) for ``ttl`` seconds.
+
+        Nothing renews it: call :meth:`renew`, or use :meth:`lease`, which does.
+
+        Args:
+            ttl: 0.1 .. 86400 seconds; the lease ends then unless renewed.
+            wait: seconds to wait while another agent holds it (``None``: do not wait).
+
+        Returns:
+            The :class:`Lease`, with a fencing token larger than any issued before for
+            ``name`` (pass ``fence=(name, token)`` to :meth:`put`).
+
+        Raises:
+            Conflict: another agent holds it and ``wait`` ran out (field ``name``).
+        """
+
+        async def run() -> Lease:
+            return await self._hive.acquire(name, ttl, wait=wait)
+
+        return self._wait(run)
+
+    def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
+        """Extend a lease this agent holds by ``ttl`` seconds from now (default: its ttl).
+
+        Returns:
+            The renewed :class:`Lease` (pass it to the next renew or release).
+
+        Raises:
+            Conflict: the lease ended or was taken by someone else (field ``lease``).
+        """
+
+        async def run() -> Lease:
+            return await self._hive.renew(lease, ttl=ttl)
+
+        return self._portal.call(run)
+
+    def release(self, lease: Lease) -> bool:
+        """End a lease this agent holds. False if it had already ended or moved on."""
+        return self._portal.call(self._hive.release, lease)
+
+    def set_signal(self, name: str, value: Any, *, ttl: float | None = None) -> Signal:
+        """Set the signal ``name`` to ``value`` (any JSON, at most ``max_payload_bytes``);
+        it disappears after ``ttl`` seconds if given. Waiters are woken.
+
+        Returns:
+            The :class:`Signal`, its ``version`` one more than before (1 when first set).
+        """
+
+        async def run() -> Signal:
+            return await self._hive.set_signal(name, value, ttl=ttl)
+
+        return self._portal.call(run)
+
+    def get_signal(
+        self, name: str, *, changed_from: int | None = None, wait: float | None = None
+    ) -> Signal | None:
+        """The signal ``name`` (``None`` while unset).
+
+        Args:
+            changed_from: a version the caller has seen (0 = unset): wait until the
+                signal is at another version.
+            wait: most seconds to wait for that.
+        """
+
+        async def run() -> Signal | None:
+            return await self._hive.get_signal(name, changed_from=changed_from, wait=wait)
+
+        return self._wait(run)
+
+    # Idempotent calls
+
+    def begin_once(
+        self,
+        key: str,
+        *,
+        shared: bool = False,
+        lease: float = 60.0,
+        wait: float | None = None,
+    ) -> OnceTicket:
+        """Start an idempotent call with ``key`` (most callers want :meth:`once`).
+
+        The first caller gets status ``run`` and a token, and holds the key for
+        ``lease`` seconds (renew with :meth:`renew_once`); concurrent callers wait up to
+        ``wait`` seconds and get ``done`` with its result (or ``failed`` with a kept
+        error, or ``running`` if it did not finish in time). A key whose runner died is
+        free again when its lease ends.
+
+        Args:
+            key: 1-512 bytes, e.g. ``session-42:turn-3:send_email``.
+            shared: one result for every agent; otherwise keys are per agent.
+        """
+
+        async def run() -> OnceTicket:
+            return await self._hive.begin_once(key, shared=shared, lease=lease, wait=wait)
+
+        return self._wait(run)
+
+    def renew_once(
+        self, key: str, token: int, *, shared: bool = False, lease: float = 60.0
+    ) -> None:
+        """Keep holding a key begun with :meth:`begin_once` for ``lease`` more seconds.
+
+        Raises:
+            Conflict: the key is no longer held with ``token`` (field ``token``).
+        """
+
+        async def run() -> None:
+            await self._hive.renew_once(key, token, shared=shared, lease=lease)
+
+        self._portal.call(run)
+
+    def end_once(
+        self,
+        key: str,
+        token: int,
+        *,
+        shared: bool = False,
+        result: Any = None,
+        error: str | None = None,
+        keep_error: bool = False,
+        ttl: float = 86400.0,
+    ) -> None:
+        """Finish a call begun with :meth:`begin_once`: keep ``result`` for ``ttl``
+        seconds, or on ``error`` free the key (the next caller runs again) unless
+        ``keep_error`` keeps the error for repeats.
+
+        Raises:
+            Conflict: the key is no longer held with ``token`` (field ``token``).
+            InvalidInput: ``result`` is not JSON (field ``result``); nothing changed.
+        """
+
+        async def run() -> None:
+            await self._hive.end_once(
+                key,
+                token,
+                shared=shared,
+                result=result,
+                error=error,
+                keep_error=keep_error,
+                ttl=ttl,
+            )
+
+        self._portal.call(run)
+
+    # Agent registry
+
+    def register(
+        self,
+        name: str,
+        *,
+        capabilities: Sequence[str] = (),
+        endpoint: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        ttl: float = 15.0,
+        heartbeat: bool = True,
+    ) -> AgentRecord:
+        """Enter ``name`` in the agent registry (again: replaces its entry).
+
+        Args:
+            capabilities: up to 64 names others can find it by.
+            endpoint: where to reach it (a URL), if anywhere.
+            metadata: a JSON object stored with the entry.
+            ttl: 1 .. 86400 seconds; without a heartbeat for that long it is down and an
+                ``agent.down`` event is written.
+            heartbeat: send heartbeats every ttl/3 seconds, from this hive's background
+                loop (the calling thread is free), until :meth:`unregister` or
+                :meth:`close`.
+
+        Returns:
+            The :class:`AgentRecord`.
+
+        Raises:
+            PermissionDenied: with identities on, ``name`` is another agent's and this
+                one is not an admin (field ``name``).
+        """
+
+        async def run() -> AgentRecord:
+            # Run on the background loop, so the heartbeat task is created there.
+            return await self._hive.register(
+                name,
+                capabilities=capabilities,
+                endpoint=endpoint,
+                metadata=metadata,
+                ttl=ttl,
+                heartbeat=heartbeat,
+            )
+
+        return self._portal.call(run)
+
+    def heartbeat_agent(self, name: str) -> AgentRecord:
+        """Record that ``name`` is alive now (the registry's heartbeat).
+
+        Raises:
+            NotFound: ``name`` is not registered (field ``name``).
+        """
+        return self._portal.call(self._hive.heartbeat_agent, name)
+
+    def unregister(self, name: str) -> bool:
+        """Remove ``name`` from the registry (and stop its heartbeats). False if absent."""
+        return self._portal.call(self._hive.unregister, name)
+
+    def agents(
+        self, *, capability: str | None = None, healthy: bool | None = True
+    ) -> builtins.list[AgentRecord]:
+        """Registered agents, by name.
+
+        Args:
+            capability: only agents listing it.
+            healthy: only healthy ones (``True``), only down ones (``False``) or all
+                (``None``).
+
+        Returns:
+            A list of :class:`AgentRecord`.
+        """
+
+        async def run() -> builtins.list[AgentRecord]:
+            return await self._hive.agents(capability=capability, healthy=healthy)
+
+        return self._portal.call(run)
+
+    # Built on the above
+
+    def lease(
+        self, name: str, ttl: float, *, wait: float | None = None
+    ) -> AbstractContextManager[Lease]:
+        """``with hive.lease(name, ttl) as lease:`` — acquire, renew every ttl/3 seconds
+        while the block runs, release at its end.
+
+        It enters :meth:`Hive.lease` on the background loop, so the renewals go on
+        there while the block runs in the calling thread (which may block). If a renewal
+        is refused (the lease was lost: the process stalled past the ttl), renewing
+        stops; writes fenced with ``lease.token`` (``put(..., fence=(name,
+        lease.token))``) are then refused.
+
+        Args:
+            ttl: 0.1 .. 86400 seconds.
+            wait: seconds to wait while another agent holds it (``None``: do not wait).
+
+        Raises:
+            Conflict: the lease is held by another agent and ``wait`` ran out (field
+                ``name``), on entering the block.
+
+        Closing the hive while a block runs (in another thread) ends the lease then:
+        renewals stop and it is released; the block's end does nothing more.
+        """
+        assert self._loop is not None, "SyncHive is closed"
+        return _LeaseBlock(self._loop, self._hive.lease(name, ttl, wait=wait))
+
+    def wait_signal(
+        self,
+        name: str,
+        predicate: Callable[[Any], bool] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Signal:
+        """Wait until the signal ``name`` is set (and ``predicate(value)`` holds, if
+        given). Woken by the change feed, not by polling.
+
+        Args:
+            predicate: a plain function of the signal's value. It runs on the background
+                loop's thread: it must be quick and must not call this hive.
+            timeout: most seconds to wait; ``None``: no limit.
+
+        Returns:
+            The :class:`Signal` that met the condition.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+
+        async def run() -> Signal:
+            return await self._hive.wait_signal(name, predicate, timeout=timeout)
+
+        return self._wait(run)
+
+    def wait_for(
+        self,
+        namespace: str,
+        key: str,
+        predicate: Callable[[Item], bool] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Item:
+        """Wait until the item at (``namespace``, ``key``) exists and ``predicate(item)``
+        holds (if given), following the change feed from before the first read so no
+        change is missed.
+
+        Args:
+            predicate: a plain function of the :class:`Item`. It runs on the background
+                loop's thread: it must be quick and must not call this hive.
+            timeout: most seconds to wait; ``None``: no limit.
+
+        Returns:
+            The :class:`Item` that met the condition.
+
+        Raises:
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+
+        async def run() -> Item:
+            return await self._hive.wait_for(namespace, key, predicate, timeout=timeout)
+
+        return self._wait(run)
+
+    def once(
+        self,
+        key: str,
+        fn: Callable[[], Any],
+        *,
+        ttl: float = 86400.0,
+        shared: bool = False,
+        keep_errors: bool = False,
+        lease: float = 60.0,
+    ) -> Any:
+        """Run ``fn`` once for ``key``: the first caller runs it and its result (any
+        JSON) is kept for ``ttl`` seconds; concurrent callers (other threads, processes
+        or agents with ``shared``) wait and get that result; later callers get it at
+        once.
+
+        ``fn`` is a plain function, called in the calling thread (it may block as long
+        as it needs); one returning an awaitable (an ``async def``) is awaited on the
+        background loop. Keys are per agent unless ``shared``. The convention for tool
+        calls is ``<session>:turn-<n>:<tool>``. Use it for calls with side effects;
+        reads need none.
+
+        A failure (an exception from ``fn``) is raised to its caller and not kept: the
+        next caller runs ``fn`` again; with ``keep_errors`` it is kept and repeats raise
+        :class:`~hivemem.errors.OnceFailed`. While ``fn`` runs its key is held for
+        ``lease`` seconds at a time, renewed every lease/3 from the background loop; if
+        the caller dies, the key is free when the lease ends.
+
+        Returns:
+            What ``fn`` returned, or for a repeat the first call's result as stored (JSON:
+            a tuple comes back as a list).
+
+        Raises:
+            OnceFailed: ``keep_errors`` and the first call failed.
+            InvalidInput: ``fn`` returned something that is not JSON (field ``result``;
+                the key is freed).
+        """
+        while True:
+            ticket = self.begin_once(key, shared=shared, lease=lease, wait=lease)
+            if ticket.status == "done":
+                return ticket.result
+            if ticket.status == "failed":
+                raise OnceFailed(ticket.error or "the first call failed", holder=ticket.holder)
+            if ticket.status == "run":
+                break
+        assert ticket.token is not None
+        token = ticket.token
+        stop = asyncio.Event()  # bound to the background loop on first use there
+
+        async def keep() -> None:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(lease / 3):
+                        await stop.wait()
+                    return  # stopped; never in the middle of a renewal
+                with contextlib.suppress(HivememError):
+                    await self._hive.renew_once(key, token, shared=shared, lease=lease)
+
+        async def start() -> asyncio.Task[None]:
+            # A task of the loop, not of the portal: close() does not wait for it.
+            return asyncio.create_task(keep(), name=f"hivemem-once-{key[:40]}")
+
+        async def finish(renewer: asyncio.Task[None]) -> None:
+            stop.set()
+            await renewer
+
+        renewer = self._portal.call(start)
+        try:
+            try:
+                outcome = fn()
+                if inspect.isawaitable(outcome):
+                    outcome = self._portal.call(_awaited, outcome)
+            finally:
+                self._portal.call(finish, renewer)
+        except BaseException as exc:
+            with contextlib.suppress(HivememError):
+                self.end_once(
+                    key,
+                    token,
+                    shared=shared,
+                    error=f"{type(exc).__name__}: {exc}"[:4096],
+                    keep_error=keep_errors,
+                    ttl=ttl,
+                )
+            raise
+        try:
+            self.end_once(key, token, shared=shared, result=outcome, ttl=ttl)
+        except InvalidInput:
+            with contextlib.suppress(HivememError):
+                self.end_once(key, token, shared=shared, error="result is not JSON")
+            raise
+        return outcome
+
+    def idempotent(
+        self,
+        key: Callable[..., str],
+        *,
+        ttl: float = 86400.0,
+        shared: bool = False,
+        keep_errors: bool = False,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorate a plain function so each call runs through :meth:`once` with
+        ``key(*args, **kwargs)`` as its key::
+
+            @hive.idempotent(key=lambda session, turn, to, body: f"{session}:turn-{turn}:email")
+            def send_email(session, turn, to, body): ...
+        """
+
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                return self.once(
+                    key(*args, **kwargs),
+                    lambda: fn(*args, **kwargs),
+                    ttl=ttl,
+                    shared=shared,
+                    keep_errors=keep_errors,
+                )
+
+            return call
+
+        return decorate
+
+    def _wait(self, func: Callable[[], Awaitable[T]]) -> T:
+        """Run ``func()`` on the background loop and wait for its result; an exception in
+        the calling thread while it waits (Ctrl-C) cancels it there."""
+        pending = self._portal.start_task_soon(func)
+        try:
+            return pending.result()
+        except BaseException:
+            pending.cancel()
+            raise
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
 
 
 async def _close_when_idle(agen: AsyncGenerator[Event, None]) -> None:

@@ -27,6 +27,7 @@ from hivemem.client.endpoints import Endpoint, Endpoints
 from hivemem.client.sse import read_sse
 from hivemem.config import Settings
 from hivemem.errors import (
+    Conflict,
     HivememError,
     InvalidInput,
     NotFound,
@@ -34,17 +35,23 @@ from hivemem.errors import (
     Unavailable,
     error_from_problem,
 )
-from hivemem.hive import Hive
+from hivemem.hive import Heartbeats, Hive
 from hivemem.models import (
+    AgentRecord,
     DeleteOp,
     Event,
     Item,
+    Lease,
     Message,
     MessageIn,
+    OnceTicket,
     Page,
     PutOp,
+    QueueStats,
     SearchHit,
     Session,
+    Signal,
+    Task,
 )
 
 __all__ = ["RemoteHive"]
@@ -65,6 +72,10 @@ _ItemPage = Page[Item]
 _SessionPage = Page[Session]
 _EventPage = Page[Event]
 _StrPage = Page[str]
+_TaskPage = Page[Task]
+#: What "no timeout" means to a client wait loop: the deadline of a wait of None is
+#: this far away (seconds); each request waits at most max_wait_seconds of it.
+_FOREVER = 10 * 365 * 86400.0
 
 
 class _Shared:
@@ -93,6 +104,8 @@ class _Shared:
         self.authorization = authorization
         self.ssl_context = _ssl_context(settings.client_ca_file, endpoints)
         self.session: aiohttp.ClientSession | None = None
+        #: The registry heartbeats the views of this hive send (register(heartbeat=True)).
+        self.heartbeats = Heartbeats()
 
     def __repr__(self) -> str:  # never shows the credentials
         return f"<_Shared {[ep.url for ep in self.endpoints.all]}>"
@@ -111,6 +124,7 @@ class _Shared:
         return self.session
 
     async def close(self) -> None:
+        await self.heartbeats.close()
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -345,8 +359,12 @@ class RemoteHive(Hive):
         params: Mapping[str, Any] | None = None,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        seconds: float | None = None,
     ) -> tuple[int, bytes]:
         """Send a request; return (status, body) for 2xx, raise the mapped error otherwise.
+
+        ``seconds`` (a timeout) replaces ``request_timeout_seconds`` for this request: a
+        long poll asking the service to wait ``w`` seconds passes more than ``w``.
 
         A write (any method but GET) carries a fresh request id (``X-Hivemem-Request-Id``),
         the same on every try, so the service applies it once however often it is sent.
@@ -374,7 +392,7 @@ class RemoteHive(Hive):
         limited_since: float | None = None
         while True:
             try:
-                return await self._send(method, path, query, body, all_headers)
+                return await self._send(method, path, query, body, all_headers, seconds)
             except RateLimited as exc:
                 if method != "GET":
                     raise
@@ -400,10 +418,12 @@ class RemoteHive(Hive):
         query: Mapping[str, str],
         body: bytes | None,
         headers: Mapping[str, str],
+        seconds: float | None = None,
     ) -> tuple[int, bytes]:
         """One request, tried on up to ``client_attempts`` replicas (see :meth:`_request`);
         a 429 raises RateLimited whose ``retry_after`` comes from ``Retry-After``."""
         session = self._shared.open()
+        per_request = session.timeout if seconds is None else aiohttp.ClientTimeout(total=seconds)
         settings = self._settings
         endpoints = self._shared.endpoints
         last_error: Exception | None = None
@@ -423,6 +443,7 @@ class RemoteHive(Hive):
                     data=body,
                     headers=headers,
                     allow_redirects=False,
+                    timeout=per_request,
                 ) as resp:
                     data = await resp.read()
                     status = resp.status
@@ -469,6 +490,7 @@ class RemoteHive(Hive):
         self._shared.open()
 
     async def close(self) -> None:
+        """Stop the registry heartbeats and close the connections (shared by the views)."""
         await self._shared.close()
 
     def as_agent(self, agent: str) -> RemoteHive:
@@ -490,6 +512,7 @@ class RemoteHive(Hive):
         ttl: float | None = None,
         text: str | None = None,
         metadata: dict[str, Any] | None = None,
+        fence: tuple[str, int] | None = None,
     ) -> Item:
         payload: dict[str, Any] = {"value": value}
         for name, arg in (
@@ -500,6 +523,10 @@ class RemoteHive(Hive):
         ):
             if arg is not None:
                 payload[name] = arg
+        if fence is not None:
+            if not isinstance(fence, tuple | builtins.list) or len(fence) != 2:
+                raise InvalidInput("fence must be a (lease name, token) pair", field="fence")
+            payload["fence"] = {"lease": fence[0], "token": fence[1]}
         return await self._model(
             Item, "PUT", f"/v1/items/{_item_path(namespace, key)}", body=_body(payload, "value")
         )
@@ -799,6 +826,403 @@ class RemoteHive(Hive):
             f"/v1/publish/{quote(channel, safe='/')}",
             body=_body({"payload": payload}, "payload"),
         )
+
+    # Waits -----------------------------------------------------------------------
+
+    def _deadline(self, wait: Any) -> float | None:
+        """The monotonic time a client-side wait of ``wait`` seconds ends, or None when
+        ``wait`` asks for no waiting (None, 0) or is not a usable number (it is then
+        sent as given, once, and the service names it)."""
+        if wait is None or isinstance(wait, bool) or not isinstance(wait, int | float):
+            return None
+        if not math.isfinite(wait) or wait <= 0:
+            return None
+        return time.monotonic() + min(float(wait), _FOREVER)
+
+    def _ask(self, wait: Any, deadline: float | None) -> Any:
+        """What one request asks the service to wait: the time left (at most
+        ``max_wait_seconds``), or ``wait`` as given when there is no deadline."""
+        if deadline is None:
+            return wait
+        return max(0.0, min(deadline - time.monotonic(), self._settings.max_wait_seconds))
+
+    def _timeout(self, ask: Any) -> float | None:
+        """The per-request timeout of a request asking the service to wait ``ask``
+        seconds: that wait plus ``request_timeout_seconds`` (None: the default)."""
+        if isinstance(ask, bool) or not isinstance(ask, int | float) or not ask > 0:
+            return None
+        return min(float(ask), _FOREVER) + self._settings.request_timeout_seconds
+
+    @staticmethod
+    def _left(deadline: float | None) -> bool:
+        """Whether a client-side wait has time left."""
+        return deadline is not None and deadline - time.monotonic() > 0.001
+
+    @staticmethod
+    def _segment_path(value: Any, field: str, *, slashes: bool) -> str:
+        """``value`` quoted for a URL path (``/`` kept when ``slashes``; otherwise the
+        value is one path segment, so it may not hold a ``/`` or be empty: the service
+        would find no route for it).
+
+        Raises:
+            InvalidInput: not a string, or an empty one or one with ``/`` where one
+                segment is expected (naming ``field``).
+        """
+        if not isinstance(value, str):
+            raise InvalidInput(f"{field} must be a string", field=field)
+        if not slashes and (not value or "/" in value):
+            raise InvalidInput(f"{field} {value!r} is not one path segment", field=field)
+        return quote(value, safe="/" if slashes else "")
+
+    # Tasks -----------------------------------------------------------------------
+
+    def _queue_path(self, queue: Any) -> str:
+        return f"/v1/queues/{self._segment_path(queue, 'queue', slashes=True)}"
+
+    def _task_path(self, task_id: Any) -> str:
+        return f"/v1/tasks/{self._segment_path(task_id, 'task_id', slashes=False)}"
+
+    @staticmethod
+    def _held(task: Any) -> tuple[str, Any]:
+        """(id, attempt) of a task this agent holds.
+
+        Raises:
+            InvalidInput: ``task`` has no id or attempt (field ``task``).
+        """
+        tid, attempt = getattr(task, "id", None), getattr(task, "attempt", None)
+        if tid is None or attempt is None:
+            raise InvalidInput("task must be a Task (from claim)", field="task")
+        if not isinstance(tid, str):
+            raise InvalidInput("task_id is not a task id (1-64 hex digits)", field="task_id")
+        return tid, attempt
+
+    async def submit(
+        self,
+        queue: str,
+        payload: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (the per-attempt limit)
+        max_attempts: int = 3,
+        backoff: float = 1.0,
+        priority: int = 0,
+        delay: float = 0,
+    ) -> Task:
+        body: dict[str, Any] = {
+            "payload": payload,
+            "max_attempts": max_attempts,
+            "backoff": backoff,
+            "priority": priority,
+            "delay": delay,
+        }
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        if timeout is not None:
+            body["timeout"] = timeout
+        return await self._model(
+            Task, "POST", f"{self._queue_path(queue)}/tasks", body=_body(body, "payload")
+        )
+
+    async def claim(
+        self, queue: str, *, lease: float = 30.0, wait: float | None = None
+    ) -> Task | None:
+        """See :meth:`Hive.claim`: repeats the request (each waiting at most
+        ``max_wait_seconds`` at the service) until a task comes or ``wait`` ends."""
+        path = f"{self._queue_path(queue)}/claim"
+        deadline = self._deadline(wait)
+        while True:
+            ask = self._ask(wait, deadline)
+            body: dict[str, Any] = {"lease": lease}
+            if ask is not None:
+                body["wait"] = ask
+            status, data = await self._request(
+                "POST", path, body=_body(body, "lease"), seconds=self._timeout(ask)
+            )
+            if status != 204 and data:
+                return Task.model_validate_json(data)
+            if not self._left(deadline):
+                return None
+
+    async def heartbeat(self, task: Task, *, lease: float | None = None) -> Task:
+        tid, attempt = self._held(task)
+        hold = getattr(task, "lease_seconds", None) if lease is None else lease
+        body: dict[str, Any] = {"attempt": attempt}
+        if hold is not None:
+            body["lease"] = hold
+        return await self._model(
+            Task, "POST", f"{self._task_path(tid)}/heartbeat", body=_body(body, "lease")
+        )
+
+    async def complete(self, task: Task, result: Any = None) -> Task:
+        tid, attempt = self._held(task)
+        return await self._model(
+            Task,
+            "POST",
+            f"{self._task_path(tid)}/complete",
+            body=_body({"attempt": attempt, "result": result}, "result"),
+        )
+
+    async def fail(self, task: Task, error: str, *, retryable: bool = True) -> Task:
+        tid, attempt = self._held(task)
+        return await self._model(
+            Task,
+            "POST",
+            f"{self._task_path(tid)}/fail",
+            body=_body({"attempt": attempt, "error": error, "retryable": retryable}, "error"),
+        )
+
+    async def release_task(self, task: Task) -> Task:
+        tid, attempt = self._held(task)
+        return await self._model(
+            Task,
+            "POST",
+            f"{self._task_path(tid)}/release",
+            body=_body({"attempt": attempt}, "attempt"),
+        )
+
+    async def result(self, task_id: str, *, wait: float | None = None) -> Task:
+        """See :meth:`Hive.result`: repeats the long poll until the task is done or
+        ``wait`` ends."""
+        path = f"{self._task_path(task_id)}/result"
+        deadline = self._deadline(wait)
+        while True:
+            ask = self._ask(wait, deadline)
+            task = await self._model(
+                Task, "GET", path, params={"wait": ask}, seconds=self._timeout(ask)
+            )
+            if task.done or not self._left(deadline):
+                return task
+
+    async def cancel(self, task_id: str) -> Task:
+        return await self._model(Task, "POST", f"{self._task_path(task_id)}/cancel", body=b"{}")
+
+    async def requeue(self, task_id: str, *, delay: float = 0) -> Task:
+        return await self._model(
+            Task,
+            "POST",
+            f"{self._task_path(task_id)}/requeue",
+            body=_body({"delay": delay}, "delay"),
+        )
+
+    async def get_task(self, task_id: str) -> Task | None:
+        try:
+            return await self._model(Task, "GET", self._task_path(task_id))
+        except NotFound as exc:
+            if exc.field == "task_id":
+                return None
+            raise
+
+    async def list_tasks(
+        self,
+        queue: str,
+        *,
+        state: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[Task]:
+        return await self._model(
+            _TaskPage,
+            "GET",
+            f"{self._queue_path(queue)}/tasks",
+            params={"state": state, "limit": limit, "cursor": cursor},
+        )
+
+    async def queue_stats(self, queue: str) -> QueueStats:
+        return await self._model(QueueStats, "GET", f"{self._queue_path(queue)}/stats")
+
+    # Leases and signals ------------------------------------------------------------
+
+    def _lease_path(self, name: Any, field: str = "name") -> str:
+        return f"/v1/leases/{self._segment_path(name, field, slashes=True)}"
+
+    @staticmethod
+    def _lease_parts(lease: Any) -> tuple[str, Any, Any]:
+        name, token, version = (getattr(lease, f, None) for f in ("name", "token", "version"))
+        if not isinstance(name, str) or not isinstance(token, int) or not isinstance(version, int):
+            raise InvalidInput("lease must be a Lease (from acquire)", field="lease")
+        return name, token, version
+
+    async def acquire(self, name: str, ttl: float, *, wait: float | None = None) -> Lease:
+        """See :meth:`Hive.acquire`: repeats the request (each waiting at most
+        ``max_wait_seconds`` at the service) until the lease is free or ``wait`` ends."""
+        path = f"{self._lease_path(name)}/acquire"
+        deadline = self._deadline(wait)
+        while True:
+            ask = self._ask(wait, deadline)
+            body: dict[str, Any] = {"ttl": ttl}
+            if ask is not None:
+                body["wait"] = ask
+            try:
+                return await self._model(
+                    Lease, "POST", path, body=_body(body, "ttl"), seconds=self._timeout(ask)
+                )
+            except Conflict as exc:
+                if exc.field != "name" or not self._left(deadline):
+                    raise
+
+    async def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
+        name, token, version = self._lease_parts(lease)
+        hold = getattr(lease, "ttl", None) if ttl is None else ttl
+        body: dict[str, Any] = {"token": token, "version": version}
+        if hold is not None:
+            body["ttl"] = hold
+        return await self._model(
+            Lease, "POST", f"{self._lease_path(name, 'lease')}/renew", body=_body(body, "ttl")
+        )
+
+    async def release(self, lease: Lease) -> bool:
+        name, token, version = self._lease_parts(lease)
+        _, data = await self._request(
+            "POST",
+            f"{self._lease_path(name, 'lease')}/release",
+            body=_body({"token": token, "version": version}, "lease"),
+        )
+        return bool(orjson.loads(data)["released"])
+
+    def _signal_path(self, name: Any) -> str:
+        return f"/v1/signals/{self._segment_path(name, 'name', slashes=True)}"
+
+    async def set_signal(self, name: str, value: Any, *, ttl: float | None = None) -> Signal:
+        body: dict[str, Any] = {"value": value}
+        if ttl is not None:
+            body["ttl"] = ttl
+        return await self._model(Signal, "PUT", self._signal_path(name), body=_body(body, "value"))
+
+    async def get_signal(
+        self, name: str, *, changed_from: int | None = None, wait: float | None = None
+    ) -> Signal | None:
+        """See :meth:`Hive.get_signal`: repeats the long poll until the signal is at a
+        version other than ``changed_from`` or ``wait`` ends."""
+        path = self._signal_path(name)
+        deadline = self._deadline(wait) if changed_from is not None else None
+        while True:
+            ask = self._ask(wait, deadline)
+            try:
+                signal: Signal | None = await self._model(
+                    Signal,
+                    "GET",
+                    path,
+                    params={"changed_from": changed_from, "wait": ask},
+                    seconds=self._timeout(ask),
+                )
+            except NotFound as exc:
+                if exc.field != "name":
+                    raise
+                signal = None
+            version = 0 if signal is None else signal.version
+            if version != changed_from or not self._left(deadline):
+                return signal
+
+    # Idempotent calls ----------------------------------------------------------------
+
+    async def begin_once(
+        self,
+        key: str,
+        *,
+        shared: bool = False,
+        lease: float = 60.0,
+        wait: float | None = None,
+    ) -> OnceTicket:
+        """See :meth:`Hive.begin_once`: while another caller runs the call, repeats the
+        request (each waiting at most ``max_wait_seconds``) until ``wait`` ends."""
+        deadline = self._deadline(wait)
+        while True:
+            ask = self._ask(wait, deadline)
+            body: dict[str, Any] = {"key": key, "shared": shared, "lease": lease}
+            if ask is not None:
+                body["wait"] = ask
+            ticket = await self._model(
+                OnceTicket,
+                "POST",
+                "/v1/once/begin",
+                body=_body(body, "key"),
+                seconds=self._timeout(ask),
+            )
+            if ticket.status != "running" or not self._left(deadline):
+                return ticket
+
+    async def renew_once(
+        self, key: str, token: int, *, shared: bool = False, lease: float = 60.0
+    ) -> None:
+        body = {"key": key, "token": token, "shared": shared, "lease": lease}
+        await self._request("POST", "/v1/once/renew", body=_body(body, "lease"))
+
+    async def end_once(
+        self,
+        key: str,
+        token: int,
+        *,
+        shared: bool = False,
+        result: Any = None,
+        error: str | None = None,
+        keep_error: bool = False,
+        ttl: float = 86400.0,
+    ) -> None:
+        body: dict[str, Any] = {
+            "key": key,
+            "token": token,
+            "shared": shared,
+            "result": result,
+            "keep_error": keep_error,
+            "ttl": ttl,
+        }
+        if error is not None:
+            body["error"] = error
+        await self._request("POST", "/v1/once/end", body=_body(body, "result"))
+
+    # Agent registry -----------------------------------------------------------------
+
+    def _registry_path(self, name: Any) -> str:
+        return f"/v1/registry/{self._segment_path(name, 'name', slashes=False)}"
+
+    async def register(
+        self,
+        name: str,
+        *,
+        capabilities: Sequence[str] = (),
+        endpoint: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        ttl: float = 15.0,
+        heartbeat: bool = True,
+    ) -> AgentRecord:
+        """See :meth:`Hive.register`. With ``heartbeat``, this client sends the
+        heartbeats (every ttl/3 seconds) until :meth:`unregister` or :meth:`close`."""
+        if not isinstance(heartbeat, bool):
+            raise InvalidInput("heartbeat must be true or false", field="heartbeat")
+        if isinstance(capabilities, str) or not isinstance(capabilities, Sequence):
+            raise InvalidInput("capabilities must be a list of names", field="capabilities")
+        body: dict[str, Any] = {"capabilities": builtins.list(capabilities), "ttl": ttl}
+        if endpoint is not None:
+            body["endpoint"] = endpoint
+        if metadata is not None:
+            body["metadata"] = metadata
+        record = await self._model(
+            AgentRecord, "PUT", self._registry_path(name), body=_body(body, "metadata")
+        )
+        if heartbeat:
+            self._shared.heartbeats.start(self, record.name, record.ttl)
+        return record
+
+    async def heartbeat_agent(self, name: str) -> AgentRecord:
+        return await self._model(AgentRecord, "POST", f"{self._registry_path(name)}/heartbeat")
+
+    async def unregister(self, name: str) -> bool:
+        path = self._registry_path(name)
+        if isinstance(name, str):
+            self._shared.heartbeats.stop(name)
+        _, data = await self._request("DELETE", path)
+        return bool(orjson.loads(data)["deleted"])
+
+    async def agents(
+        self, *, capability: str | None = None, healthy: bool | None = True
+    ) -> builtins.list[AgentRecord]:
+        if healthy is not None and not isinstance(healthy, bool):
+            raise InvalidInput("healthy must be true, false or null", field="healthy")
+        which = "all" if healthy is None else ("true" if healthy else "false")
+        _, data = await self._request(
+            "GET", "/v1/registry", params={"capability": capability, "healthy": which}
+        )
+        return [AgentRecord.model_validate(r) for r in orjson.loads(data)]
 
 
 def _problem(status: int, data: bytes) -> HivememError:

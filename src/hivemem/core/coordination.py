@@ -133,6 +133,16 @@ class CoordinationMixin(Area):
                 )
             await self._until_change(generation, left, holder.expires_at)
 
+    async def _holding(self, ns: str, name: str, token: int, version: int) -> bool:
+        """Whether this agent holds lease ``name`` at ``token`` / holder ``version`` (a
+        lease's token and version are small numbers: another agent could guess them,
+        so the holder is checked too; the write that follows is a compare-and-set)."""
+        row = await self._backend.get_item(ns, "holder", self._now())
+        if row is None or row.version != version:
+            return False
+        record = orjson.loads(row.value)
+        return bool(record.get("holder") == self.agent and record.get("token") == token)
+
     async def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         n, token, version = _lease_parts(lease)
         self._name(n, "lease")
@@ -142,6 +152,12 @@ class CoordinationMixin(Area):
         ns = f"_leases/{n}"
         await self._ready()
         now = self._now()
+        lost = Conflict(
+            f"lease {n!r} with token {token} was lost (it ran out or another agent acquired it)",
+            field="lease",
+        )
+        if not await self._holding(ns, n, token, version):
+            raise lost
         try:
             _, row = await self._write(
                 [
@@ -157,11 +173,7 @@ class CoordinationMixin(Area):
                 now,
             )
         except Conflict:
-            raise Conflict(
-                f"lease {n!r} with token {token} was lost (it ran out or another agent "
-                "acquired it)",
-                field="lease",
-            ) from None
+            raise lost from None
         assert isinstance(row, ItemRow)
         return _lease(n, row)
 
@@ -170,6 +182,8 @@ class CoordinationMixin(Area):
         self._name(n, "lease")
         ns = f"_leases/{n}"
         await self._ready()
+        if not await self._holding(ns, n, token, version):
+            return False
         try:
             await self._write(
                 [CheckWrite(ns, "token", token), DeleteWrite(ns, "holder", version)], self._now()

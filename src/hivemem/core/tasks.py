@@ -283,6 +283,16 @@ class TasksMixin(Area):
                 return None
             await self._wait_change(generation, left)
 
+    async def _may_hold(self, tid: str) -> None:
+        """With a policy in force, refuse (as absent) a task of a queue this principal
+        may not use, so a worker's call says nothing about tasks it cannot see.
+
+        Raises:
+            NotFound: no such task, or one this principal may not see.
+        """
+        if self._access is not None:
+            await self._visible_task(tid)
+
     async def heartbeat(self, task: Task, *, lease: float | None = None) -> Task:
         tid, attempt = held(task)
         hold = seconds(
@@ -293,6 +303,7 @@ class TasksMixin(Area):
         )
         request_id = self._scoped_request_id("heartbeat", tid, attempt, hold)
         await self._ready()
+        await self._may_hold(tid)
         row = await self._once(
             self._backend.heartbeat_task(
                 tid,
@@ -310,6 +321,7 @@ class TasksMixin(Area):
         data = check.to_json(result, "result", self._settings.max_payload_bytes)
         request_id = self._scoped_request_id("complete", tid, attempt, data)
         await self._ready()
+        await self._may_hold(tid)
         row = await self._once(
             self._backend.finish_task(
                 tid,
@@ -333,6 +345,7 @@ class TasksMixin(Area):
             raise InvalidInput("retryable must be true or false", field="retryable")
         request_id = self._scoped_request_id("fail", tid, attempt, error, retryable)
         await self._ready()
+        await self._may_hold(tid)
         now = self._now()
         retry_at = None
         if retryable:
@@ -357,6 +370,7 @@ class TasksMixin(Area):
         tid, attempt = held(task)
         request_id = self._scoped_request_id("release_task", tid, attempt)
         await self._ready()
+        await self._may_hold(tid)
         row = await self._once(
             self._backend.finish_task(
                 tid,

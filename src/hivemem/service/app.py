@@ -100,12 +100,23 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     app.state.hivemem = state
     problems.install(app)
 
-    from hivemem.service import events, guards, items, openapi, search, sessions
+    from hivemem.service import (
+        coordination,
+        events,
+        guards,
+        items,
+        openapi,
+        search,
+        sessions,
+        tasks,
+    )
 
     app.include_router(items.router)
     app.include_router(search.router)
     app.include_router(sessions.router)
     app.include_router(events.router)
+    app.include_router(tasks.router)
+    app.include_router(coordination.router)
     openapi.install(app, settings)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive.")

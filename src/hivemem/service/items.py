@@ -19,6 +19,15 @@ from hivemem.service.routing import JSONRoute
 router = APIRouter(tags=["items"], route_class=JSONRoute)
 
 
+class FenceBody(BaseModel):
+    """A write's fence: the lease it is made under and the fencing token held."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lease: str = Field(description="The lease's name (from acquire).")
+    token: JsonInt = Field(description="The lease's fencing token (1 .. 2**63-1).")
+
+
 class PutBody(BaseModel):
     """Body of PUT /v1/items/{namespace}/{key}."""
 
@@ -36,6 +45,11 @@ class PutBody(BaseModel):
     )
     text: str | None = Field(default=None, description="Text that search indexes.")
     metadata: dict[str, Any] | None = Field(default=None, description="Filterable attributes.")
+    fence: FenceBody | None = Field(
+        default=None,
+        description="Write only while no newer token of this lease was issued (409 naming "
+        "fence otherwise).",
+    )
 
 
 class BatchBody(BaseModel):
@@ -98,7 +112,10 @@ def item_response(item: Item, status: int = 200) -> Response:
     "/v1/items/{path:anypath}",
     response_model=Item,
     summary="Create or replace an item (compare-and-set with if_version or If-Match).",
-    responses={409: {"description": "Version mismatch"}, 412: {"description": "If-Match failed"}},
+    responses={
+        409: {"description": "Version mismatch, or a stale fence"},
+        412: {"description": "If-Match failed"},
+    },
 )
 async def put_item(
     path: str,
@@ -132,9 +149,10 @@ async def put_item(
             ttl=body.ttl,
             text=body.text,
             metadata=body.metadata,
+            fence=None if body.fence is None else (body.fence.lease, body.fence.token),
         )
     except Conflict as exc:
-        if from_header:
+        if from_header and exc.field != "fence":  # a stale fence is no failed precondition
             raise PreconditionFailed(
                 exc.message, field=exc.field, current_version=exc.current_version
             ) from None

@@ -18,6 +18,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from hivemem.config import Settings
+from hivemem.core.coordination import MAX_CAPABILITIES
+from hivemem.core.tasks import MAX_ERROR_CHARS
+from hivemem.validation import FEEDS
 
 __all__ = ["install"]
 
@@ -46,13 +49,17 @@ def _namespace(depth: int) -> str:
 
 def _patterns(s: Settings) -> dict[str, str]:
     ns = _namespace(s.max_namespace_depth)
-    prefix_seg = rf"(?:{_SEG}|_sessions)"
-    prefix = rf"{prefix_seg}(?:/{prefix_seg}){{0,{s.max_namespace_depth - 1}}}"
+    # A prefix may start with one of hivemem's own feeds (_sessions, _tasks, _agents);
+    # its further segments are ordinary ones.
+    prefix_seg = rf"(?:{_SEG}|{'|'.join(FEEDS)})"
+    prefix = rf"{prefix_seg}(?:/{_SEG}){{0,{s.max_namespace_depth - 1}}}"
     return {
         "segment": rf"^{_SEG}$",
         "namespace": rf"^{ns}$",
         "prefix": rf"^(?:{prefix})?$",
         "item_path": rf"^{ns}/{_key(s.max_key_bytes)}$",
+        "key": rf"^{_key(s.max_key_bytes)}$",
+        "task_id": r"^[0-9a-f]{1,64}$",
         "etag": r'^(?:W/)?(?:"[0-9]{1,18}"|[0-9]{1,18})$',
         "request_id": r"^[A-Za-z0-9_.:\-]{1,128}$",
         "idempotency_key": r'^(?:"[A-Za-z0-9_.:\-]{1,128}"|[A-Za-z0-9_.:\-]{1,128})$',
@@ -82,7 +89,8 @@ _WHY = {
     404: "Absent, expired, or not visible to this principal; or a path that names no "
     "resource (e.g. a session id with '/').",
     408: "The request body did not arrive within body_timeout_seconds.",
-    409: "The expected version (if_version) did not match; nothing was written.",
+    409: "The expected version (if_version) did not match, a fence is stale, or a task, "
+    "lease or once key is not (or no longer) held as the request says; nothing was written.",
     410: "The cursor points before the feed's retention window.",
     412: "If-Match / If-None-Match failed; nothing was written.",
     413: "A value, text, metadata or the body is over its size limit.",
@@ -112,6 +120,32 @@ _EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/sessions/{session_id}/messages"): (404,),
     ("get", "/v1/sessions/{session_id}/messages"): (404,),
     ("put", "/v1/sessions/{session_id}/state"): (404, 409),
+    # Tasks (a queue the principal may not use: 403; a task id it may not see: 404).
+    ("post", "/v1/queues/{queue}/tasks"): (403,),
+    ("post", "/v1/queues/{queue}/claim"): (403,),
+    ("get", "/v1/queues/{queue}/tasks"): (403,),
+    ("get", "/v1/queues/{queue}/stats"): (403,),
+    ("get", "/v1/tasks/{task_id}"): (404,),
+    ("get", "/v1/tasks/{task_id}/result"): (404,),
+    ("post", "/v1/tasks/{task_id}/heartbeat"): (404, 409),
+    ("post", "/v1/tasks/{task_id}/complete"): (404, 409),
+    ("post", "/v1/tasks/{task_id}/fail"): (404, 409),
+    ("post", "/v1/tasks/{task_id}/release"): (404, 409),
+    ("post", "/v1/tasks/{task_id}/cancel"): (404, 409),
+    ("post", "/v1/tasks/{task_id}/requeue"): (404, 409),
+    # Leases, signals, idempotent calls, the registry.
+    ("post", "/v1/leases/{name}/acquire"): (403, 409),
+    ("post", "/v1/leases/{name}/renew"): (403, 409),
+    ("post", "/v1/leases/{name}/release"): (403,),
+    ("put", "/v1/signals/{name}"): (403,),
+    ("get", "/v1/signals/{name}"): (403, 404),
+    ("post", "/v1/once/begin"): (403,),
+    ("post", "/v1/once/renew"): (403, 409),
+    ("post", "/v1/once/end"): (403, 409),
+    ("put", "/v1/registry/{name}"): (403,),
+    ("post", "/v1/registry/{name}/heartbeat"): (403, 404),
+    ("delete", "/v1/registry/{name}"): (403,),
+    ("get", "/v1/registry"): (403,),
 }
 _PUBLIC = {"/healthz": (431,), "/readyz": (431, 503)}
 
@@ -151,6 +185,37 @@ _EXAMPLES: dict[tuple[str, str], Any] = {
     },
     ("put", "/v1/sessions/{session_id}/state"): {"state": {"step": 2}, "if_version": 1},
     ("post", "/v1/publish/{channel}"): {"payload": {"done": "summary", "by": "writer"}},
+    ("post", "/v1/queues/{queue}/tasks"): {
+        "payload": {"url": "https://example.org/paper.pdf"},
+        "idempotency_key": "paper-17",
+        "timeout": 300,
+        "max_attempts": 3,
+        "backoff": 5,
+        "priority": 1,
+    },
+    ("post", "/v1/queues/{queue}/claim"): {"lease": 30, "wait": 10},
+    ("post", "/v1/tasks/{task_id}/heartbeat"): {"attempt": 1, "lease": 30},
+    ("post", "/v1/tasks/{task_id}/complete"): {"attempt": 1, "result": {"words": 420}},
+    ("post", "/v1/tasks/{task_id}/fail"): {"attempt": 1, "error": "timeout", "retryable": True},
+    ("post", "/v1/tasks/{task_id}/release"): {"attempt": 1},
+    ("post", "/v1/tasks/{task_id}/requeue"): {"delay": 0},
+    ("post", "/v1/leases/{name}/acquire"): {"ttl": 30, "wait": 5},
+    ("post", "/v1/leases/{name}/renew"): {"token": 7, "version": 1, "ttl": 30},
+    ("post", "/v1/leases/{name}/release"): {"token": 7, "version": 1},
+    ("put", "/v1/signals/{name}"): {"value": {"phase": "review"}, "ttl": 3600},
+    ("post", "/v1/once/begin"): {"key": "s42:turn-3:send_email", "lease": 60, "wait": 30},
+    ("post", "/v1/once/renew"): {"key": "s42:turn-3:send_email", "token": 12345, "lease": 60},
+    ("post", "/v1/once/end"): {
+        "key": "s42:turn-3:send_email",
+        "token": 12345,
+        "result": {"sent": True},
+    },
+    ("put", "/v1/registry/{name}"): {
+        "capabilities": ["summarize", "translate"],
+        "endpoint": "https://agents.example.org/writer",
+        "metadata": {"model": "small"},
+        "ttl": 15,
+    },
 }
 
 _HEADERS = {
@@ -195,8 +260,15 @@ def _set(schema: dict[str, Any], **constraints: Any) -> None:
             option.update(constraints)
 
 
-def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
-    examples = {"path": "team/research/q4-plan", "session_id": "s42", "channel": "team/alerts"}
+def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str], path: str = "") -> None:
+    examples = {
+        "path": "team/research/q4-plan",
+        "session_id": "s42",
+        "channel": "team/alerts",
+        "queue": "research/summaries",
+        "task_id": "0640a1b2c3d4e5f60718293a",
+        "name": "writer" if path.startswith("/v1/registry") else "team/research/index",
+    }
     rules: dict[str, dict[str, Any]] = {
         "path": {"pattern": pattern["item_path"]},
         "session_id": {"pattern": pattern["segment"]},
@@ -213,6 +285,13 @@ def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str]) -> Non
         "app": {"pattern": pattern["segment"]},
         "user": {"pattern": pattern["segment"]},
         "agent": {"pattern": pattern["segment"]},
+        "queue": {"pattern": pattern["namespace"]},
+        "task_id": {"pattern": pattern["task_id"]},
+        # Registry names are agent names (a segment); lease and signal names namespaces.
+        "name": {"pattern": pattern["segment" if path.startswith("/v1/registry") else "namespace"]},
+        "capability": {"pattern": pattern["segment"]},
+        "changed_from": {"minimum": 0, "maximum": INT64_MAX},
+        "wait": {"minimum": 0},
         "x-hivemem-request-id": {"pattern": pattern["request_id"]},
         "idempotency-key": {"pattern": pattern["idempotency_key"]},
     }
@@ -253,6 +332,22 @@ def _bodies(doc: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
     for name in ("app", "user", "agent", "session_id"):
         field("CreateBody", name, pattern=pattern["segment"])
     field("SearchBody", "prefix", pattern=pattern["prefix"])
+    field("FenceBody", "lease", pattern=pattern["namespace"])
+    field("FenceBody", "token", minimum=1, maximum=INT64_MAX)
+    field("SubmitBody", "idempotency_key", pattern=pattern["key"])
+    field("SubmitBody", "delay", maximum=s.max_ttl_seconds)
+    field("RequeueBody", "delay", maximum=s.max_ttl_seconds)
+    field("FailBody", "error", maxLength=MAX_ERROR_CHARS)
+    field("SignalBody", "ttl", maximum=s.max_ttl_seconds)
+    for model in ("BeginOnceBody", "RenewOnceBody", "EndOnceBody"):
+        field(model, "key", pattern=pattern["key"])
+    field("EndOnceBody", "ttl", maximum=s.max_ttl_seconds)
+    register = schemas.get("RegisterBody", {}).get("properties", {})
+    if "capabilities" in register:
+        _set(register["capabilities"], maxItems=MAX_CAPABILITIES)
+        for option in register["capabilities"].get("anyOf", [register["capabilities"]]):
+            if option.get("type") == "array":
+                option["items"] = {"type": "string", "pattern": pattern["segment"]}
     field("SearchBody", "limit", minimum=1, maximum=s.max_search_limit)
     field("SearchBody", "query", minLength=1, maxLength=4096, pattern=r"\S")
     field("SearchBody", "author", minLength=1)
@@ -365,7 +460,7 @@ def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 for code in ("200", "201"):
                     if code in responses:
                         responses[code]["headers"] = {"ETag": _HEADERS["ETag"]}
-            _parameters(op, settings, pattern)
+            _parameters(op, settings, pattern, path)
             example = _EXAMPLES.get((method, path))
             body = op.get("requestBody", {}).get("content", {}).get("application/json")
             if example is not None and body is not None:

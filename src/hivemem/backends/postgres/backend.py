@@ -55,8 +55,12 @@ result) or roll back (then runs itself). The request's fingerprint (``<id>#<fp>`
 is stored in front of the result (``#<fp>\\n``), so a repeat with another one is
 refused (RequestIdReused) before anything is written.
 
-Primitive for the future task queue: claim work with ``SELECT ... FOR UPDATE SKIP
-LOCKED`` in the same kind of transaction; no task table exists yet.
+Task queues (:mod:`hivemem.backends.postgres.tasks`): a claim settles expired
+leases and takes a task with ``SELECT ... FOR UPDATE SKIP LOCKED`` (concurrent
+claims skip each other's rows instead of waiting), and every task change appends its
+event under the same head lock. Their hot operations run as one autocommit statement
+that writes the task, moves the head and inserts the event (the head still the last
+lock before the commit); the others as transactions of :meth:`PostgresBackend._write`.
 
 Durability
 ----------
@@ -82,6 +86,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from hivemem.backends.base import (
     Backend,
     ChangeSignal,
+    CheckWrite,
     DeleteWrite,
     EventRow,
     ItemRow,
@@ -115,6 +120,7 @@ from hivemem.backends.postgres.schema import (
     under,
 )
 from hivemem.backends.postgres.search import SearchMixin, configure_vectors, index_put
+from hivemem.backends.postgres.tasks import TaskMixin
 from hivemem.config import Settings
 from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound, Unavailable
 
@@ -165,6 +171,20 @@ SELECT value, pg_notify('{CHANNEL}', value::text) FROM h
 """
 
 
+#: :data:`_APPEND` for one event, with scalar parameters (most writes append one
+#: event, and arrays cost the client more to encode).
+_APPEND_ONE = f"""
+WITH h AS (
+    UPDATE hivemem_feed SET value = value + 1 WHERE name = 'head' RETURNING value
+), ins AS (
+    INSERT INTO hivemem_events ({EVENT_COLS})
+    SELECT h.value, %s::text, %s::text, %s::text, %s::bigint, %s::text, %s::float8, %s::bytea
+    FROM h
+)
+SELECT value, pg_notify('{CHANNEL}', value::text) FROM h
+"""
+
+
 async def append_events(conn: Conn, events: Events, *, fetch: bool = False) -> int | None:
     """Append ``events`` (ids head+1..head+n) and NOTIFY; returns the new head when
     ``fetch`` (otherwise the statement goes out with the COMMIT, in pipeline mode).
@@ -172,19 +192,22 @@ async def append_events(conn: Conn, events: Events, *, fetch: bool = False) -> i
     Must be the transaction's last write: it holds the feed's head lock to commit.
     """
     rows = events.rows
-    cur = await conn.execute(
-        _APPEND,
-        {
-            "n": len(rows),
-            "types": [r[0] for r in rows],
-            "nss": [r[1] for r in rows],
-            "keys": [r[2] for r in rows],
-            "versions": [r[3] for r in rows],
-            "authors": [r[4] for r in rows],
-            "ats": [r[5] for r in rows],
-            "datas": [r[6] for r in rows],
-        },
-    )
+    if len(rows) == 1:
+        cur = await conn.execute(_APPEND_ONE, rows[0])
+    else:
+        cur = await conn.execute(
+            _APPEND,
+            {
+                "n": len(rows),
+                "types": [r[0] for r in rows],
+                "nss": [r[1] for r in rows],
+                "keys": [r[2] for r in rows],
+                "versions": [r[3] for r in rows],
+                "authors": [r[4] for r in rows],
+                "ats": [r[5] for r in rows],
+                "datas": [r[6] for r in rows],
+            },
+        )
     if not fetch:
         return None
     found = await cur.fetchone()
@@ -199,8 +222,8 @@ def _label(url: str) -> str:
     return f"{host}:{port}/{params.get('dbname') or params.get('user') or ''}"
 
 
-class PostgresBackend(SearchMixin, Backend):
-    """Items, sessions and the feed in one PostgreSQL database (with pgvector).
+class PostgresBackend(SearchMixin, TaskMixin, Backend):
+    """Items, sessions, the feed and task queues in one PostgreSQL database (with pgvector).
 
     Args:
         url: a libpq URL, ``postgresql://user:password@host:port/database``.
@@ -327,8 +350,11 @@ class PostgresBackend(SearchMixin, Backend):
         the fingerprint is stored in front of the result bytes; a repeat with another
         fingerprint raises RequestIdReused before anything is written."""
         rid, fingerprint = split_request_id(request_id)
+        appended = False
 
         async def job(conn: Conn) -> T:
+            nonlocal appended
+            appended = False
             if rid is not None:
                 cur = await conn.execute(
                     "INSERT INTO hivemem_requests (id, at) VALUES (%s, %s) "
@@ -349,6 +375,7 @@ class PostgresBackend(SearchMixin, Backend):
             if rid is not None and finish is None:
                 await self._store_result(conn, rid, result, fingerprint)
             if events.rows:
+                appended = True
                 head = await append_events(conn, events, fetch=finish is not None)
                 if finish is not None:
                     assert head is not None
@@ -357,7 +384,10 @@ class PostgresBackend(SearchMixin, Backend):
                 await self._store_result(conn, rid, result, fingerprint)
             return result
 
-        return await self._engine.write(job)
+        result = await self._engine.write(job, notify=False)
+        if appended:  # the feed grew: wake this process's watchers
+            self.changes.notify()
+        return result
 
     @staticmethod
     async def _store_result(
@@ -388,7 +418,7 @@ class PostgresBackend(SearchMixin, Backend):
 
     async def write_items(
         self,
-        writes: Sequence[PutWrite | DeleteWrite],
+        writes: Sequence[PutWrite | DeleteWrite | CheckWrite],
         *,
         author: str,
         now: float,
@@ -411,6 +441,16 @@ class PostgresBackend(SearchMixin, Backend):
             results: list[ItemRow | bool] = []
             for i, w in enumerate(writes):
                 found = state.get((w.namespace, w.key))
+                if isinstance(w, CheckWrite):
+                    # Only checks: an expired item counts as absent but is left for a
+                    # write (or the sweeper) to remove; the key lock serialises the check
+                    # with concurrent writes of the key.
+                    live = found is not None and (found[2] is None or found[2] > now)
+                    current = int(found[0]) if live and found is not None else 0
+                    if w.if_version != current:
+                        raise self._mismatch(w, current, i, len(writes))
+                    results.append(True)
+                    continue
                 if found is not None and found[2] is not None and found[2] <= now:
                     await self._delete_item(c, w.namespace, w.key)
                     events.add("item.expired", w.namespace, w.key, found[0], "hivemem", now)
@@ -421,18 +461,12 @@ class PostgresBackend(SearchMixin, Backend):
                     w.if_version != current or (found is None and isinstance(w, DeleteWrite))
                 )
                 if mismatch:
-                    raise Conflict(
-                        f"{w.namespace}/{w.key} is at version {current}, not {w.if_version}"
-                        if current
-                        else f"{w.namespace}/{w.key} does not exist (version 0); if_version was "
-                        f"{w.if_version}",
-                        field=f"ops.{i}.if_version" if len(writes) > 1 else "if_version",
-                        current_version=current,
-                    )
+                    raise self._mismatch(w, current, i, len(writes))
                 if isinstance(w, DeleteWrite):
                     if found is not None:
                         await self._delete_item(c, w.namespace, w.key)
-                        events.add("item.deleted", w.namespace, w.key, current, author, now)
+                        kind = w.event or "item.deleted"
+                        events.add(kind, w.namespace, w.key, current, author, now)
                         state[(w.namespace, w.key)] = None
                     results.append(found is not None)
                     continue
@@ -450,11 +484,22 @@ class PostgresBackend(SearchMixin, Backend):
                 )
                 await self._put_item(c, row, w, history_limit)
                 state[(w.namespace, w.key)] = (row.version, row.created_at, row.expires_at)
-                events.add("item.put", w.namespace, w.key, row.version, author, now)
+                events.add(w.event or "item.put", w.namespace, w.key, row.version, author, now)
                 results.append(row)
             return results
 
         return await self._write(request_id, now, run)
+
+    @staticmethod
+    def _mismatch(w: PutWrite | DeleteWrite | CheckWrite, current: int, i: int, n: int) -> Conflict:
+        """The Conflict of write ``i`` (of ``n``) whose ``if_version`` is not ``current``."""
+        return Conflict(
+            f"{w.namespace}/{w.key} is at version {current}, not {w.if_version}"
+            if current
+            else f"{w.namespace}/{w.key} does not exist (version 0); if_version was {w.if_version}",
+            field=f"ops.{i}.if_version" if n > 1 else "if_version",
+            current_version=current,
+        )
 
     @staticmethod
     async def _put_item(c: Conn, row: ItemRow, w: PutWrite, history_limit: int) -> None:

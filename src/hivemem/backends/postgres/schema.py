@@ -23,6 +23,10 @@ Column choices:
   beside it). An HNSW index needs a fixed dimension; when one is wanted, make it a
   partial expression index per model, e.g. ``CREATE INDEX ... USING hnsw
   ((vec::vector(384)) vector_cosine_ops) WHERE model = 'all-MiniLM-L6-v2'``.
+- Tasks: ``hivemem_tasks``, one row per task (see
+  :mod:`hivemem.backends.postgres.tasks`), with a partial index per claim order
+  (``state = 'ready'``), one for leases (``state = 'running'``) and a partial unique
+  index on ``(queue, idempotency_key)``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from hivemem.backends.base import ItemRow, SessionRow
+from hivemem.backends.base import ItemRow, SessionRow, TaskRow
 
 #: Advisory lock (class id, object id) serialising schema migrations across
 #: processes: the two-int form, a lock space apart from the one-bigint item locks.
@@ -147,6 +151,44 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX hivemem_search_tsv ON hivemem_search USING gin (tsv);
     """,
+    # 2: task queues.
+    """
+    CREATE TABLE hivemem_tasks (
+        id text COLLATE "C" PRIMARY KEY,
+        queue text COLLATE "C" NOT NULL,
+        state text COLLATE "C" NOT NULL,
+        payload bytea NOT NULL,
+        result bytea,
+        priority bigint NOT NULL,
+        run_at double precision NOT NULL,
+        attempt bigint NOT NULL,
+        max_attempts bigint NOT NULL,
+        timeout double precision,
+        backoff double precision NOT NULL,
+        lease double precision NOT NULL,
+        lease_until double precision,
+        idempotency_key text COLLATE "C",
+        submitted_by text COLLATE "C" NOT NULL,
+        claimed_by text COLLATE "C",
+        errors bytea NOT NULL,
+        created_at double precision NOT NULL,
+        updated_at double precision NOT NULL,
+        finished_at double precision
+    );
+    -- A claim: the best due ready task of one queue, in claim order.
+    CREATE INDEX hivemem_tasks_ready ON hivemem_tasks (queue, priority DESC, run_at, id)
+        WHERE state = 'ready';
+    -- Settling expired leases (per queue, and across queues: running tasks are few).
+    CREATE INDEX hivemem_tasks_running ON hivemem_tasks (queue, lease_until)
+        WHERE state = 'running';
+    -- list_tasks and task_stats.
+    CREATE INDEX hivemem_tasks_queue ON hivemem_tasks (queue, state, id);
+    -- sweep_tasks.
+    CREATE INDEX hivemem_tasks_finished ON hivemem_tasks (finished_at)
+        WHERE finished_at IS NOT NULL;
+    CREATE UNIQUE INDEX hivemem_tasks_idempotency ON hivemem_tasks (queue, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 ]
 
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"
@@ -158,6 +200,12 @@ MESSAGE_COLS = (
     "session_id, seq, role, content, author, created_at, tokens_in, tokens_out, cost, metadata"
 )
 EVENT_COLS = "id, type, ns, key, version, author, at, data"
+#: The columns of ``hivemem_tasks`` in :class:`TaskRow` field order.
+TASK_COLS = (
+    "id, queue, state, payload, result, priority, run_at, attempt, max_attempts, timeout, "
+    "backoff, lease, lease_until, idempotency_key, submitted_by, claimed_by, errors, "
+    "created_at, updated_at, finished_at"
+)
 #: Rows not expired at the bound time (``%(now)s``).
 LIVE = "(expires_at IS NULL OR expires_at > %(now)s)"
 #: Segment-aware prefix match: ns = p, or p/ <= ns < p0 ('0' follows '/' in ASCII).
@@ -202,6 +250,32 @@ def session_row(row: Sequence[Any]) -> SessionRow:
         bytes(row[5]),
         bytes(row[6]),
         *row[7:],
+    )
+
+
+def task_row(row: Sequence[Any]) -> TaskRow:
+    """A :class:`TaskRow` from the columns of :data:`TASK_COLS`."""
+    return TaskRow(
+        row[0],
+        row[1],
+        row[2],
+        bytes(row[3]),
+        None if row[4] is None else bytes(row[4]),
+        int(row[5]),
+        row[6],
+        int(row[7]),
+        int(row[8]),
+        row[9],
+        row[10],
+        row[11],
+        row[12],
+        row[13],
+        row[14],
+        row[15],
+        bytes(row[16]),
+        row[17],
+        row[18],
+        row[19],
     )
 
 

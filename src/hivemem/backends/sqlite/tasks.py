@@ -32,6 +32,12 @@ T = TypeVar("T")
 SETTLE_PER_CLAIM = 100
 
 _INSERT = f"INSERT INTO tasks ({TASK_COLS}) VALUES ({', '.join('?' * 20)})"
+#: Whether a claim of a queue could take or settle anything at a time.
+_CLAIMABLE = (
+    "SELECT 1 FROM tasks WHERE queue = ? AND state = 'ready' AND run_at <= ? "
+    "UNION ALL SELECT 1 FROM tasks WHERE state = 'running' AND lease_until <= ? AND queue = ? "
+    "LIMIT 1"
+)
 _UPSERT = f"INSERT OR REPLACE INTO tasks ({TASK_COLS}) VALUES ({', '.join('?' * 20)})"
 _SELECT = f"SELECT {TASK_COLS} FROM tasks"
 
@@ -214,6 +220,13 @@ class TasksMixin:
             self._task_event(c, "task.claimed", new, worker)
             return new
 
+        if request_id is None and not await self._engine.read_point(
+            lambda c: c.execute(_CLAIMABLE, (queue, now, now, queue)).fetchone() is not None
+        ):
+            # Nothing to take: answer from a read. Waiting workers claim again on every
+            # commit they hear of, and a write transaction (an fsync) each time would
+            # cost the whole store.
+            return None
         return await self._engine.write(self._job(request_id, now, run))
 
     async def heartbeat_task(
