@@ -812,7 +812,7 @@ class Backend(ABC):
         request_id: str | None = None,
     ) -> TaskRow:
         """Extend the lease of a task ``worker`` holds at ``attempt``: lease_until = now
-        + lease (accepted while the task is still running that attempt for that
+        + lease, lease = ``lease``, updated_at = now (accepted while the task is still running that attempt for that
         worker, even past lease_until if nothing settled it yet). No event.
 
         Raises:

@@ -244,6 +244,34 @@ class PostgresEngine:
                     raise error from exc
         raise AssertionError("unreachable")
 
+    async def write_one(self, sql: str, args: dict[str, Any]) -> tuple[Any, ...] | None:
+        """Run one statement as its own transaction on an autocommit connection (one
+        round trip, no BEGIN/COMMIT, no pipeline: about half the client CPU of
+        :meth:`write` for a single statement) and return its first row,
+        or None. Wakes no watchers.
+
+        Retried on a deadlock or serialisation failure (nothing was committed).
+
+        Raises:
+            Unavailable: no free connection, or the connection failed; not retried, as
+                the statement may have committed (the outcome is unknown).
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with self._connection() as conn:
+                    cur = await conn.execute(sql, args, binary=True)
+                    return await cur.fetchone()
+            except pgerrors.TransactionRollback as exc:
+                if attempt > WRITE_RETRIES:
+                    raise self.unavailable(exc, f"aborted {attempt} times") from exc
+                await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
+            except PoolTimeout as exc:
+                raise self._failed(exc, "no free connection") from exc
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                raise self._failed(exc) from exc
+
     async def write(self, fn: Callable[[Conn], Awaitable[T]], *, notify: bool = True) -> T:
         """Run ``fn`` in a transaction, in pipeline mode, and return its result once
         committed.

@@ -55,15 +55,11 @@ longer held (nothing was written), and only then a read tells NotFound from Conf
 
 from __future__ import annotations
 
-import asyncio
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
-import psycopg
 from psycopg import errors as pgerrors
-from psycopg_pool import PoolTimeout
 
 from hivemem.backends.base import (
     LEASE_EXPIRED,
@@ -74,7 +70,7 @@ from hivemem.backends.base import (
     TaskStats,
     task_namespace,
 )
-from hivemem.backends.postgres.engine import CHANNEL, WRITE_RETRIES, Conn, PostgresEngine
+from hivemem.backends.postgres.engine import CHANNEL, Conn, PostgresEngine
 from hivemem.backends.postgres.schema import EVENT_COLS, TASK_COLS, task_row
 from hivemem.errors import Conflict, HivememError, InvalidInput, NotFound
 
@@ -342,33 +338,8 @@ class TaskMixin:
         ) -> T: ...
 
     async def _commit_one(self, sql: str, args: dict[str, Any]) -> tuple[Any, ...] | None:
-        """Run one statement as its own transaction on an autocommit connection (one
-        round trip, no BEGIN/COMMIT, no pipeline: about half the client CPU of
-        :meth:`PostgresEngine.write` for a single statement) and return its first row,
-        or None. Wakes no watchers.
-
-        Retried on a deadlock or serialisation failure (nothing was committed).
-
-        Raises:
-            Unavailable: no free connection, or the connection failed; not retried, as
-                the statement may have committed (the outcome is unknown).
-        """
-        engine = self._engine
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                async with engine._connection() as conn:
-                    cur = await conn.execute(sql, args, binary=True)
-                    return await cur.fetchone()
-            except pgerrors.TransactionRollback as exc:
-                if attempt > WRITE_RETRIES:
-                    raise engine.unavailable(exc, f"aborted {attempt} times") from exc
-                await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
-            except PoolTimeout as exc:
-                raise engine._failed(exc, "no free connection") from exc
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                raise engine._failed(exc) from exc
+        """See :meth:`PostgresEngine.write_one`."""
+        return await self._engine.write_one(sql, args)
 
     async def _one_with_event(self, sql: str, args: dict[str, Any]) -> tuple[bool, TaskRow | None]:
         """Run a statement of :func:`_with_event`: (expired flag, changed task or None);
