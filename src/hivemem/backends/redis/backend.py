@@ -1,9 +1,11 @@
-"""The Redis backend: items, sessions and the feed as Lua scripts over partitions.
+"""The Redis backend: items, sessions, task queues and the feed as Lua scripts over
+partitions.
 
 See the package docstring for durability and :mod:`.layout` for the keys. Every
-change is one script (see :mod:`.scripts`) that checks, writes, appends its feed
-event and stores its request-id result in one atomic step, within one partition
-(one hash slot in a cluster).
+change is one script (see :mod:`.scripts`; the task queues' in :mod:`.task_scripts`,
+their methods in :mod:`.tasks`) that checks, writes, appends its feed event and stores
+its request-id result in one atomic step, within one partition (one hash slot in a
+cluster).
 
 The feed and its cursors
 ------------------------
@@ -59,6 +61,7 @@ from redis.retry import Retry
 from hivemem.backends.base import (
     Backend,
     ChangeSignal,
+    CheckWrite,
     Condition,
     DeleteWrite,
     EventRow,
@@ -102,6 +105,7 @@ from hivemem.backends.redis.layout import (
     unpack,
     watermark,
 )
+from hivemem.backends.redis.tasks import RedisTasks
 from hivemem.config import Settings
 from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound, Unavailable
 
@@ -183,8 +187,8 @@ def _part_read(raw: Sequence[Any]) -> _PartRead:
     return _PartRead(int(raw[0]), raw[1], raw[2], raw[3], int(raw[4]), list(raw[5]))
 
 
-class RedisBackend(Backend):
-    """Items, sessions and the feed in Redis 7 (standalone or Redis Cluster).
+class RedisBackend(RedisTasks, Backend):
+    """Items, sessions, task queues and the feed in Redis 7 (standalone or Redis Cluster).
 
     Args:
         url: the store URL (see :meth:`from_url`).
@@ -544,7 +548,7 @@ class RedisBackend(Backend):
 
     async def write_items(
         self,
-        writes: Sequence[PutWrite | DeleteWrite],
+        writes: Sequence[PutWrite | DeleteWrite | CheckWrite],
         *,
         author: str,
         now: float,
@@ -564,8 +568,11 @@ class RedisBackend(Backend):
         args: list[Any] = [num(now), author, str(history_limit), "", "", str(len(writes))]
         for w, p in zip(writes, parts, strict=True):
             if_version = "" if w.if_version is None else str(w.if_version)
+            if isinstance(w, CheckWrite):
+                args += ["C", tag(p), w.namespace, w.key, if_version, *[""] * 8]
+                continue
             if isinstance(w, DeleteWrite):
-                args += ["D", tag(p), w.namespace, w.key, if_version, "", "", "", "", "", "", ""]
+                args += ["D", tag(p), w.namespace, w.key, if_version, *[""] * 7, w.event or ""]
                 continue
             args += [
                 "P",
@@ -580,6 +587,7 @@ class RedisBackend(Backend):
                 opt(w.index_text),
                 opt(w.vector),
                 opt(w.model),
+                w.event or "",
             ]
         keys = [meta_key(p) for p in involved]
 

@@ -4,9 +4,10 @@ Partitions: the store is split into :data:`PARTITIONS` partitions, each with its
 hash tag ``{hm:p<N>}`` (so, in a cluster, each partition is one hash slot). A
 namespace belongs to the partition of its first segment (``crc32 % PARTITIONS``);
 a session (and its events, namespace ``_sessions/<id>``) to the partition of
-``_sessions/<id>``. So a namespace tree — its items, their versions and index
-entries, the events of its writes — lives in one slot, and one script can write it
-atomically.
+``_sessions/<id>``; a lease's namespace ``_leases/<a>/...`` to the partition of ``<a>``
+(so a write to the tree ``<a>`` fenced by a lease named ``<a>/...`` is one partition).
+So a namespace tree — its items, their versions and index entries, the events of its
+writes — lives in one slot, and one script can write it atomically.
 
 Keys of partition ``T = {hm:p<N>}`` (``m`` = ``namespace + "\\0" + key``):
 
@@ -27,6 +28,29 @@ Keys of partition ``T = {hm:p<N>}`` (``m`` = ``namespace + "\\0" + key``):
                             ``user:<u>``, ``agent:<a>``; and ``config`` (hash)
 ==========================  ========================================================
 
+Task queues: every task key lives in :data:`TASK_PARTITION`, the partition of
+``_tasks`` — where every task event (namespace ``_tasks/<queue>``) lands — so one
+script changes a task, its queue's sets and the feed atomically, in one hash slot.
+Keys of that partition ``T`` (``q`` = a queue name, ``<id>`` = a task id):
+
+==========================  ========================================================
+``T:t:<id>``                hash: the task, fields of :data:`TASK_FIELDS` (absent =
+                            None); ``errors`` is the JSON array of the TaskRow
+``T:tr:<q>``                sorted set: due ready tasks in claim order: score
+                            ``-priority``, member ``<run_at µs, 17 digits><id>``
+``T:td:<q>``                sorted set: delayed ready tasks, by run_at (a claim moves
+                            the ones that came due into ``tr``/``ta``)
+``T:tl:<q>``                sorted set: running tasks, by lease_until
+``T:tn:<q>``                sorted set (lex): every task id of the queue
+``T:ts:<state>:<q>``        sorted set (lex): the queue's task ids in that state
+                            (ready, completed, dead, cancelled; running ones are
+                            those of ``tl``)
+``T:tk:<q>``                hash: idempotency key -> task id
+``T:tlease``                sorted set: running tasks of every queue, by lease_until
+``T:tfin``                  sorted set: completed, dead and cancelled tasks of every
+                            queue, by finished_at
+==========================  ========================================================
+
 Feed cursors are ``e<ts>.<seq>.<p>`` for an event (its stream id and partition) and
 ``w<ts>`` for a watermark (every event with ts <= the watermark), or ``"0"``. They
 are ordered by (ts, seq, partition), the feed's order (see ``backend.read_events``).
@@ -38,7 +62,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from hivemem.backends.base import EventRow, ItemRow, MessageRow, SessionRow
+from hivemem.backends.base import EventRow, ItemRow, MessageRow, SessionRow, TaskRow
 from hivemem.errors import InvalidInput
 
 #: Number of feed partitions (hash slots used by items, sessions and events). Fixed for
@@ -50,6 +74,9 @@ SESSIONS_TAG = "{hm:sessions}"
 CHANNEL = "hivemem:changes"
 #: Layout version, recorded at open.
 SCHEMA = "1"
+
+#: The partition holding every task queue (that of ``_tasks``, task events' namespace).
+TASK_PARTITION = zlib.crc32(b"_tasks") % PARTITIONS
 
 _MAX_SEQ = 2**64 - 1
 _EVENT = re.compile(r"e([0-9]{1,19})\.([0-9]{1,20})\.([0-9]{1,4})")
@@ -65,11 +92,23 @@ def meta_key(p: int) -> str:
     return f"{tag(p)}:meta"
 
 
+#: Reserved first segments whose namespaces live in the partition of what follows:
+#: ``_sessions/<id>`` in that of ``_sessions/<id>`` itself, ``_leases/<a>/...`` (a lease
+#: named ``<a>/...``) in that of ``<a>``, so that a write to the tree ``<a>`` fenced by
+#: such a lease (a CheckWrite of it in the same batch) stays within one partition.
+_ANCHORED = ("_sessions", "_leases")
+
+
 def partition_of(namespace: str) -> int:
-    """The partition holding ``namespace`` (an item namespace, a channel, or
-    ``_sessions/<id>``)."""
+    """The partition holding ``namespace`` (an item namespace, a channel,
+    ``_sessions/<id>`` or ``_leases/<name>``)."""
     parts = namespace.split("/", 2)
-    anchor = parts[0] if parts[0] != "_sessions" else "/".join(parts[:2])
+    if parts[0] == "_sessions":
+        anchor = "/".join(parts[:2])
+    elif parts[0] == "_leases" and len(parts) > 1:
+        anchor = parts[1]
+    else:
+        anchor = parts[0]
     return zlib.crc32(anchor.encode("utf-8")) % PARTITIONS
 
 
@@ -80,7 +119,7 @@ def session_partition(session_id: str) -> int:
 def partitions_under(prefix: str) -> list[int]:
     """The partitions that can hold namespaces at or under ``prefix`` ("" = all)."""
     parts = prefix.split("/") if prefix else []
-    if not parts or (parts[0] == "_sessions" and len(parts) < 2):
+    if not parts or (parts[0] in _ANCHORED and len(parts) < 2):
         return list(range(PARTITIONS))
     return [partition_of(prefix)]
 
@@ -254,6 +293,101 @@ def message_from(fields: list[bytes | None]) -> MessageRow:
         _f(cost),
         meta,
     )
+
+
+#: Task hash fields, in TaskRow order (the order of a task record).
+TASK_FIELDS = (
+    "id",
+    "queue",
+    "state",
+    "payload",
+    "result",
+    "priority",
+    "run_at",
+    "attempt",
+    "max_attempts",
+    "timeout",
+    "backoff",
+    "lease",
+    "lease_until",
+    "idempotency_key",
+    "submitted_by",
+    "claimed_by",
+    "errors",
+    "created_at",
+    "updated_at",
+    "finished_at",
+)
+
+
+def _opt_f(b: bytes | None) -> float | None:
+    return None if b is None else float(b)
+
+
+def task_from(fields: list[bytes | None]) -> TaskRow:
+    """A task from a record: the values of :data:`TASK_FIELDS`, in order."""
+    (
+        tid,
+        queue,
+        state,
+        payload,
+        result,
+        priority,
+        run_at,
+        attempt,
+        max_attempts,
+        timeout,
+        backoff,
+        lease,
+        lease_until,
+        idempotency_key,
+        submitted_by,
+        claimed_by,
+        errors,
+        created_at,
+        updated_at,
+        finished_at,
+    ) = fields
+    assert payload is not None
+    return TaskRow(
+        _s(tid),
+        _s(queue),
+        _s(state),
+        payload,
+        result,
+        _i(priority),
+        _f(run_at),
+        _i(attempt),
+        _i(max_attempts),
+        _opt_f(timeout),
+        _f(backoff),
+        _f(lease),
+        _opt_f(lease_until),
+        _opt_s(idempotency_key),
+        _s(submitted_by),
+        _opt_s(claimed_by),
+        errors if errors is not None else b"[]",
+        _f(created_at),
+        _f(updated_at),
+        _opt_f(finished_at),
+    )
+
+
+def task_args(row: TaskRow) -> list[str | bytes]:
+    """The fields of ``row`` as script arguments (:data:`TASK_FIELDS` order), each
+    ``""`` (None) or ``"=" + value`` (see :func:`opt`)."""
+    out: list[str | bytes] = []
+    for name in TASK_FIELDS:
+        value = getattr(row, name)
+        if value is None:
+            out.append("")
+        elif isinstance(value, bytes | str):
+            out.append(opt(value))
+        elif isinstance(value, float):
+            out.append("=" + num(value))
+        else:
+            out.append(f"={int(value)}")
+    return out
 
 
 def num(x: float) -> str:

@@ -37,6 +37,13 @@ Conventions:
 
 from __future__ import annotations
 
+from hivemem.backends.redis.task_scripts import (
+    TASK_READ_HELPERS,
+    TASK_READ_SCRIPTS,
+    TASK_WRITE_HELPERS,
+    TASK_WRITE_SCRIPTS,
+)
+
 __all__ = ["READ_SCRIPTS", "WRITE_SCRIPTS"]
 
 #: Helpers every script starts with.
@@ -161,17 +168,20 @@ end
 # --- writes ----------------------------------------------------------------------------
 
 #: KEYS: meta key of every partition written (the first one holds the request id).
-#: ARGV: now, author, history_limit, request key, request ttl ms, n, then 12 per write:
-#: op (P/D), tag, ns, key, if_version (""), value, text?, metadata?, expires_at (""),
-#: index_text?, vector?, model?.
-#: Returns {'ok'|'dup', record of results} or {'conflict', index, current version}.
+#: ARGV: now, author, history_limit, request key, request ttl ms, n, then 13 per write:
+#: op (P put, D delete, C check only), tag, ns, key, if_version (""), value, text?,
+#: metadata?, expires_at (""), index_text?, vector?, model?, event type ("": the
+#: default, item.put or item.deleted).
+#: Returns {'ok'|'dup', record of results ('1' for a check)} or {'conflict', index,
+#: current version}.
 WRITE_ITEMS = r"""
 local now_s, author, hl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rk, ttl, n = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local now = tonumber(now_s)
 local stored = req_get(rk)
 if stored then return {'dup', stored, REQ_FP} end
-local function arg(i, j) return ARGV[6 + (i - 1) * 12 + j] end
+local function arg(i, j) return ARGV[6 + (i - 1) * 13 + j] end
+local function opt_event(e, default) if e == '' then return default end return e end
 local sim = {}
 for i = 1, n do
   local op, ik, ifv = arg(i, 1), arg(i, 2) .. ':i:' .. arg(i, 3) .. NUL .. arg(i, 4), arg(i, 5)
@@ -184,65 +194,69 @@ for i = 1, n do
   if ifv ~= '' and (tonumber(ifv) ~= cur or (cur == 0 and op == 'D')) then
     return {'conflict', tostring(i - 1), int(cur)}
   end
-  if op == 'D' then sim[ik] = 0 else sim[ik] = cur + 1 end
+  if op == 'D' then sim[ik] = 0 elseif op == 'P' then sim[ik] = cur + 1 else sim[ik] = cur end
 end
 local results = {}
 for i = 1, n do
   local op, tag, ns, key = arg(i, 1), arg(i, 2), arg(i, 3), arg(i, 4)
-  local m = ns .. NUL .. key
-  local ik = tag .. ':i:' .. m
-  local h = redis.call('HMGET', ik, 'ver', 'c', 'e')
-  local cur, created = 0, false
-  if h[1] then
-    if h[3] and tonumber(h[3]) <= now then
-      drop_item(tag, m)
-      emit(tag, 'item.expired', ns, key, h[1], 'hivemem', now_s)
-    else
-      cur, created = tonumber(h[1]), h[2]
-    end
-  end
-  if op == 'D' then
-    if cur > 0 then
-      drop_item(tag, m)
-      emit(tag, 'item.deleted', ns, key, int(cur), author, now_s)
-      results[i] = '1'
-    else
-      results[i] = '0'
-    end
+  if op == 'C' then
+    results[i] = '1'
   else
-    local value, text, meta, exp = arg(i, 6), opt(arg(i, 7)), opt(arg(i, 8)), arg(i, 9)
-    local itext, vec, model = opt(arg(i, 10)), opt(arg(i, 11)), opt(arg(i, 12))
-    local ver = int(cur + 1)
-    created = created or now_s
-    if exp == '' then exp = false end
-    redis.call('DEL', ik)
-    local f = {'v', value, 'ver', ver, 'a', author, 'c', created, 'u', now_s}
-    if exp then
-      f[#f + 1] = 'e'; f[#f + 1] = exp
-      redis.call('ZADD', tag .. ':exp', exp, m)
+    local m = ns .. NUL .. key
+    local ik = tag .. ':i:' .. m
+    local h = redis.call('HMGET', ik, 'ver', 'c', 'e')
+    local cur, created = 0, false
+    if h[1] then
+      if h[3] and tonumber(h[3]) <= now then
+        drop_item(tag, m)
+        emit(tag, 'item.expired', ns, key, h[1], 'hivemem', now_s)
+      else
+        cur, created = tonumber(h[1]), h[2]
+      end
+    end
+    if op == 'D' then
+      if cur > 0 then
+        drop_item(tag, m)
+        emit(tag, opt_event(arg(i, 13), 'item.deleted'), ns, key, int(cur), author, now_s)
+        results[i] = '1'
+      else
+        results[i] = '0'
+      end
     else
-      redis.call('ZREM', tag .. ':exp', m)
+      local value, text, meta, exp = arg(i, 6), opt(arg(i, 7)), opt(arg(i, 8)), arg(i, 9)
+      local itext, vec, model = opt(arg(i, 10)), opt(arg(i, 11)), opt(arg(i, 12))
+      local ver = int(cur + 1)
+      created = created or now_s
+      if exp == '' then exp = false end
+      redis.call('DEL', ik)
+      local f = {'v', value, 'ver', ver, 'a', author, 'c', created, 'u', now_s}
+      if exp then
+        f[#f + 1] = 'e'; f[#f + 1] = exp
+        redis.call('ZADD', tag .. ':exp', exp, m)
+      else
+        redis.call('ZREM', tag .. ':exp', m)
+      end
+      if text then f[#f + 1] = 't'; f[#f + 1] = text end
+      if meta then f[#f + 1] = 'm'; f[#f + 1] = meta end
+      if itext then
+        f[#f + 1] = 'xv'; f[#f + 1] = ver; f[#f + 1] = 'xt'; f[#f + 1] = itext
+        if vec then f[#f + 1] = 'xe'; f[#f + 1] = vec end
+        if model then f[#f + 1] = 'xm'; f[#f + 1] = model end
+        redis.call('ZADD', tag .. ':idx', 0, m)
+      else
+        redis.call('ZREM', tag .. ':idx', m)
+      end
+      redis.call('HSET', ik, unpack(f))
+      redis.call('ZADD', tag .. ':keys', 0, m)
+      local rec = enc({ns, key, value, ver, author, created, now_s, exp, text, meta}, 10)
+      if hl > 0 then
+        local hk = tag .. ':h:' .. m
+        redis.call('ZADD', hk, cur + 1, rec)
+        redis.call('ZREMRANGEBYSCORE', hk, '-inf', cur + 1 - hl)
+      end
+      emit(tag, opt_event(arg(i, 13), 'item.put'), ns, key, ver, author, now_s)
+      results[i] = rec
     end
-    if text then f[#f + 1] = 't'; f[#f + 1] = text end
-    if meta then f[#f + 1] = 'm'; f[#f + 1] = meta end
-    if itext then
-      f[#f + 1] = 'xv'; f[#f + 1] = ver; f[#f + 1] = 'xt'; f[#f + 1] = itext
-      if vec then f[#f + 1] = 'xe'; f[#f + 1] = vec end
-      if model then f[#f + 1] = 'xm'; f[#f + 1] = model end
-      redis.call('ZADD', tag .. ':idx', 0, m)
-    else
-      redis.call('ZREM', tag .. ':idx', m)
-    end
-    redis.call('HSET', ik, unpack(f))
-    redis.call('ZADD', tag .. ':keys', 0, m)
-    local rec = enc({ns, key, value, ver, author, created, now_s, exp, text, meta}, 10)
-    if hl > 0 then
-      local hk = tag .. ':h:' .. m
-      redis.call('ZADD', hk, cur + 1, rec)
-      redis.call('ZREMRANGEBYSCORE', hk, '-inf', cur + 1 - hl)
-    end
-    emit(tag, 'item.put', ns, key, ver, author, now_s)
-    results[i] = rec
   end
 end
 local payload = enc(results, n)
@@ -634,6 +648,7 @@ WRITE_SCRIPTS = {
     "sweep": SWEEP,
     "set_index": SET_INDEX,
     "session_index": SESSION_INDEX,
+    **TASK_WRITE_SCRIPTS,
 }
 READ_SCRIPTS = {
     "read_feed": READ_FEED,
@@ -645,13 +660,20 @@ READ_SCRIPTS = {
     "unindexed": UNINDEXED,
     "count": COUNT,
     "read_messages": READ_MESSAGES,
+    **TASK_READ_SCRIPTS,
 }
 
 
 def source(name: str) -> str:
     """The full Lua source of script ``name``: shebang, helpers, body. Write scripts are
     plain ``#!lua`` (refused up front when the server is out of memory, so they never
-    stop half way); read scripts are ``flags=no-writes``."""
+    stop half way); read scripts are ``flags=no-writes``. Task scripts (see
+    :mod:`.task_scripts`) also get the task helpers."""
+    if name in TASK_WRITE_SCRIPTS:
+        helpers = _COMMON + _WRITE + TASK_READ_HELPERS + TASK_WRITE_HELPERS
+        return "#!lua\n" + helpers + TASK_WRITE_SCRIPTS[name]
+    if name in TASK_READ_SCRIPTS:
+        return "#!lua flags=no-writes\n" + _COMMON + TASK_READ_HELPERS + TASK_READ_SCRIPTS[name]
     if name in WRITE_SCRIPTS:
         return "#!lua\n" + _COMMON + _WRITE + WRITE_SCRIPTS[name]
     return "#!lua flags=no-writes\n" + _COMMON + READ_SCRIPTS[name]
