@@ -133,31 +133,38 @@ class CoordinationMixin(Area):
                 )
             await self._until_change(generation, left, holder.expires_at)
 
-    async def _holding(self, ns: str, name: str, token: int, version: int) -> bool:
-        """Whether this agent holds lease ``name`` at ``token`` / holder ``version`` (a
-        lease's token and version are small numbers: another agent could guess them,
-        so the holder is checked too; the write that follows is a compare-and-set)."""
+    async def _holding(self, ns: str, token: int, version: int) -> dict[str, Any] | None:
+        """The holder record of the lease in ``ns`` if this agent holds it at ``token``
+        and holder ``version``, else None. A lease's token and version are small
+        numbers another agent could guess, so the holder is checked too (the write that
+        follows is a compare-and-set on the version)."""
         row = await self._backend.get_item(ns, "holder", self._now())
         if row is None or row.version != version:
-            return False
+            return None
         record = orjson.loads(row.value)
-        return bool(record.get("holder") == self.agent and record.get("token") == token)
+        if record.get("holder") != self.agent or record.get("token") != token:
+            return None
+        return dict(record)
 
     async def renew(self, lease: Lease, *, ttl: float | None = None) -> Lease:
         n, token, version = _lease_parts(lease)
         self._name(n, "lease")
-        hold = seconds(
-            lease.ttl if ttl is None else ttl, "ttl", low=MIN_LEASE_SECONDS, high=MAX_LEASE_SECONDS
-        )
+        if ttl is not None:
+            seconds(ttl, "ttl", low=MIN_LEASE_SECONDS, high=MAX_LEASE_SECONDS)
         ns = f"_leases/{n}"
         await self._ready()
         now = self._now()
         lost = Conflict(
-            f"lease {n!r} with token {token} was lost (it ran out or another agent acquired it)",
+            f"lease {n!r} with token {token} is not held by {self.agent!r} (it ran out, "
+            "another agent acquired it, or it is not this agent's)",
             field="lease",
         )
-        if not await self._holding(ns, n, token, version):
+        record = await self._holding(ns, token, version)
+        if record is None:
             raise lost
+        if ttl is None:  # the lease's own ttl: the record's (the caller's copy may lack it)
+            ttl = getattr(lease, "ttl", None) or record["ttl"]
+        hold = seconds(ttl, "ttl", low=MIN_LEASE_SECONDS, high=MAX_LEASE_SECONDS)
         try:
             _, row = await self._write(
                 [
@@ -182,7 +189,7 @@ class CoordinationMixin(Area):
         self._name(n, "lease")
         ns = f"_leases/{n}"
         await self._ready()
-        if not await self._holding(ns, n, token, version):
+        if await self._holding(ns, token, version) is None:
             return False
         try:
             await self._write(

@@ -295,12 +295,13 @@ class TasksMixin(Area):
 
     async def heartbeat(self, task: Task, *, lease: float | None = None) -> Task:
         tid, attempt = held(task)
-        hold = seconds(
-            getattr(task, "lease_seconds", 30.0) if lease is None else lease,
-            "lease",
-            low=MIN_LEASE_SECONDS,
-            high=MAX_LEASE_SECONDS,
-        )
+        if lease is None:  # the claim's lease: the task's (read it if the caller lacks it)
+            lease = getattr(task, "lease_seconds", None)
+            if lease is None:
+                await self._ready()
+                current = await self._backend.get_task(tid)
+                lease = current.lease if current is not None and current.lease > 0 else 30.0
+        hold = seconds(lease, "lease", low=MIN_LEASE_SECONDS, high=MAX_LEASE_SECONDS)
         request_id = self._scoped_request_id("heartbeat", tid, attempt, hold)
         await self._ready()
         await self._may_hold(tid)

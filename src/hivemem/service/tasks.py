@@ -5,7 +5,8 @@ A request's ``wait`` is cut to ``max_wait_seconds`` (a longer one is not an erro
 client repeats the request until its own wait ends. Each route acts through the calling
 principal's view (action ``tasks``): a claimed task belongs to the authenticated agent,
 and only that agent's heartbeat, complete, fail or release of the attempt it holds is
-accepted.
+accepted (with a policy in force, a task of a queue the caller may not use is 404, as an
+absent one: the hive checks).
 
 A task id is one path segment (ids are hex digits): a path with more segments is no
 task route (404, or 405 for a route of another method), so the client refuses an id
@@ -55,32 +56,13 @@ def model_response(model: BaseModel, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status, media_type="application/json")
 
 
-async def visible(hive: LocalHive, task_id: str) -> Task:
-    """The task if the caller may see its queue.
-
-    A worker's heartbeat, complete, fail and release are refused by the hive when the
-    caller does not hold the attempt (409); a task of a queue the caller may not see
-    answers 404 first, as an absent one does, so that a task id tells nothing of
-    another agent's queue.
-
-    Raises:
-        InvalidInput: not a task id (field ``task_id``).
-        NotFound: no such task, or one the caller may not see (field ``task_id``).
-    """
-    task = await hive.get_task(task_id)
-    if task is None:
-        raise NotFound(f"task {task_id!r} does not exist", field="task_id")
-    return task
-
-
 @dataclass(frozen=True, slots=True)
 class Held:
-    """What a worker names of a task it holds (the hive reads ``id``, ``attempt`` and,
-    for a heartbeat without a lease, ``lease_seconds``)."""
+    """What a worker names of a task it holds: its ``id`` and ``attempt`` (a heartbeat
+    without a lease renews for the claim's lease, which the hive reads)."""
 
     id: str
     attempt: int
-    lease_seconds: float = 30.0
 
 
 class SubmitBody(BaseModel):
@@ -303,11 +285,7 @@ async def get_task(task_id: str, hive: TasksHive) -> Response:
 )
 async def heartbeat(task_id: str, body: HeartbeatBody, hive: TasksHive) -> Response:
     """Renew the lease of attempt ``body.attempt`` (default: the claim's lease)."""
-    current = await visible(hive, task_id)
-    lease = body.lease
-    if lease is None and current.lease_seconds >= MIN_LEASE_SECONDS:
-        lease = current.lease_seconds
-    task = await hive.heartbeat(Held(task_id, body.attempt), lease=lease)  # type: ignore[arg-type]
+    task = await hive.heartbeat(Held(task_id, body.attempt), lease=body.lease)  # type: ignore[arg-type]
     return model_response(task)
 
 
@@ -318,7 +296,6 @@ async def heartbeat(task_id: str, body: HeartbeatBody, hive: TasksHive) -> Respo
 )
 async def complete(task_id: str, body: CompleteBody, hive: TasksHive) -> Response:
     """Complete the task; result waiters get it."""
-    await visible(hive, task_id)
     task = await hive.complete(Held(task_id, body.attempt), body.result)  # type: ignore[arg-type]
     return model_response(task)
 
@@ -330,7 +307,6 @@ async def complete(task_id: str, body: CompleteBody, hive: TasksHive) -> Respons
 )
 async def fail(task_id: str, body: FailBody, hive: TasksHive) -> Response:
     """Fail the attempt with ``body.error``."""
-    await visible(hive, task_id)
     task = await hive.fail(
         Held(task_id, body.attempt),  # type: ignore[arg-type]
         body.error,
@@ -346,7 +322,6 @@ async def fail(task_id: str, body: FailBody, hive: TasksHive) -> Response:
 )
 async def release_task(task_id: str, body: ReleaseBody, hive: TasksHive) -> Response:
     """Release the task: ready again at once; the attempt does not count."""
-    await visible(hive, task_id)
     task = await hive.release_task(Held(task_id, body.attempt))  # type: ignore[arg-type]
     return model_response(task)
 
