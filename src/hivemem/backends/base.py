@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, overload
 
@@ -21,6 +22,9 @@ import orjson
 from hivemem.errors import InvalidInput
 
 __all__ = [
+    "LEASE_EXPIRED",
+    "TASK_FINISHED",
+    "TASK_STATES",
     "Backend",
     "ChangeSignal",
     "CheckWrite",
@@ -29,14 +33,12 @@ __all__ = [
     "EventRow",
     "IndexEntry",
     "ItemRow",
-    "LEASE_EXPIRED",
     "MessageRow",
     "NewMessage",
     "PutWrite",
     "RequestIdReused",
     "SessionRow",
-    "TASK_FINISHED",
-    "TASK_STATES",
+    "TaskHint",
     "TaskRow",
     "TaskStats",
     "WriteResult",
@@ -45,8 +47,10 @@ __all__ = [
     "decode_stored_result",
     "encode_result",
     "encode_stored_result",
+    "parse_task_hints",
     "row_matches",
     "split_request_id",
+    "task_hints",
     "task_namespace",
 ]
 
@@ -448,6 +452,38 @@ def row_matches(row: ItemRow, conditions: Sequence[Condition]) -> bool:
     return True
 
 
+@dataclass(slots=True, frozen=True)
+class TaskHint:
+    """What a change notification says of one task event: its type, queue and task id."""
+
+    type: str
+    queue: str
+    task_id: str
+
+
+def task_hints(events: Sequence[tuple[str, str, str | None]], limit: int) -> str:
+    """The notification payload suffix naming the task events among ``events`` ((type,
+    namespace, key) each): `` <type> <queue> <id>`` per task event, or `` *`` when it
+    would be longer than ``limit`` bytes (the listener then wakes every waiter).
+    Names and ids have no spaces (namespace segments and task ids cannot)."""
+    parts = [
+        f" {t} {ns.removeprefix('_tasks/')} {k}"
+        for t, ns, k in events
+        if ns.startswith("_tasks/") and k is not None
+    ]
+    text = "".join(parts)
+    return " *" if len(text) > limit else text
+
+
+def parse_task_hints(payload: str) -> list[TaskHint] | None:
+    """The task hints of a payload made by :func:`task_hints` after a first word (the
+    rest of the payload; None when it says ``*``: hints were left out)."""
+    words = payload.split(" ")[1:]
+    if words[:1] == ["*"]:
+        return None
+    return [TaskHint(*words[i : i + 3]) for i in range(0, len(words) - 2, 3)]
+
+
 class ChangeSignal:
     """Wakes feed watchers of this process when the feed may have grown.
 
@@ -460,6 +496,24 @@ class ChangeSignal:
     def __init__(self) -> None:
         self.generation = 0
         self._waiters: set[asyncio.Future[None]] = set()
+        self._hint_listeners: list[Callable[[TaskHint | None], None]] = []
+
+    def listen_hints(self, listener: Callable[[TaskHint | None], None]) -> None:
+        """Call ``listener`` with each task hint a notification carries (see
+        :meth:`hint`); on the event loop's thread."""
+        self._hint_listeners.append(listener)
+
+    def unlisten_hints(self, listener: Callable[[TaskHint | None], None]) -> None:
+        """Stop calling ``listener``."""
+        with contextlib.suppress(ValueError):
+            self._hint_listeners.remove(listener)
+
+    def hint(self, hint: TaskHint | None) -> None:
+        """Pass on what a change notification said of a task event (event type, queue,
+        task id), or ``None`` when notifications may have been missed (the listener
+        reconnected, or one notification held too many events to list)."""
+        for listener in list(self._hint_listeners):
+            listener(hint)
 
     def notify(self) -> None:
         """Signal a change; must be called on the event loop's thread."""
@@ -518,6 +572,10 @@ class Backend(ABC):
     #: keeps an in-process BM25 index built from :meth:`load_texts` and kept
     #: current through the feed with :meth:`texts_of`.
     native_lexical: ClassVar[bool] = True
+
+    #: Whether change notifications carry task hints (:meth:`ChangeSignal.hint`) for
+    #: every task event, so task waiters need not read the feed to know what changed.
+    task_hints: ClassVar[bool] = False
 
     #: Whether :meth:`search_vectors` searches vectors in the engine (PostgreSQL:
     #: pgvector HNSW). When False, or with ``vector_index`` ``exact``/``hnsw``, the
@@ -812,8 +870,9 @@ class Backend(ABC):
         request_id: str | None = None,
     ) -> TaskRow:
         """Extend the lease of a task ``worker`` holds at ``attempt``: lease_until = now
-        + lease, lease = ``lease``, updated_at = now (accepted while the task is still running that attempt for that
-        worker, even past lease_until if nothing settled it yet). No event.
+        + lease, lease = ``lease``, updated_at = now (accepted while the task is still
+        running that attempt for that worker, even past lease_until if nothing settled
+        it yet). No event.
 
         Raises:
             NotFound: unknown task. Conflict: the attempt is no longer held (``attempt``).

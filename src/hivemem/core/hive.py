@@ -20,6 +20,7 @@ from hivemem.core.rowcache import RowCache
 from hivemem.core.search import SearchMixin
 from hivemem.core.sessions import SessionsMixin
 from hivemem.core.tasks import EXPIRE_PER_ROUND, TasksMixin
+from hivemem.core.taskwaits import TaskWaits
 from hivemem.core.vectors import VectorIndex
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput
@@ -51,6 +52,7 @@ class _Shared:
         self.sweeper: asyncio.Task[None] | None = None
         self.coordinator: asyncio.Task[None] | None = None
         self.heartbeats = Heartbeats()
+        self.task_waits: TaskWaits | None = None
         #: The permission rules in force, or None: no policy, every view may do anything.
         self.policy: PolicyHolder | None = (
             PolicyHolder(settings.policy_file) if settings.policy_file else None
@@ -127,6 +129,9 @@ class _Shared:
     async def close(self) -> None:
         async with self.lock:
             await self.heartbeats.close()
+            if self.task_waits is not None:
+                await self.task_waits.close()
+                self.task_waits = None
             for task in (self.sweeper, self.coordinator):
                 if task is not None:
                     task.cancel()
@@ -322,6 +327,12 @@ class LocalHive(
 
     def _row_cache(self) -> RowCache:
         return self._shared.row_cache()
+
+    def _task_waits(self) -> TaskWaits:
+        shared = self._shared
+        if shared.task_waits is None:
+            shared.task_waits = TaskWaits(self._backend, self._settings.feed_poll_seconds)
+        return shared.task_waits
 
     @property
     def embedder(self) -> Embedder | None:

@@ -10,6 +10,7 @@ refused with Conflict, so a task's outcome is written by the attempt that holds 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import re
@@ -21,6 +22,7 @@ from hivemem import validation as check
 from hivemem.backends.base import TASK_STATES, TaskRow, TaskStats
 from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
+from hivemem.core.taskwaits import TaskWaits
 from hivemem.errors import InvalidInput, NotFound, TooLarge
 from hivemem.models import Page, QueueStats, Task, TaskError
 
@@ -184,12 +186,9 @@ class TasksMixin(Area):
     def _queue(self, queue: object) -> str:
         return check.namespace(queue, self._settings, field="queue")
 
-    async def _wait_change(self, generation: int, remaining: float) -> None:
-        """Sleep until the feed may have changed (a local commit or another process's
-        notification) or ``remaining`` seconds (at most the feed's safety poll)."""
-        await self._backend.changes.wait(
-            generation, min(remaining, self._settings.feed_poll_seconds)
-        )
+    def _task_waits(self) -> TaskWaits:
+        """The follower of task events that wakes this process's waiters."""
+        raise NotImplementedError  # LocalHive shares one per process
 
     async def _visible_task(self, tid: str) -> TaskRow:
         """The task if this view may see its queue.
@@ -273,15 +272,26 @@ class TasksMixin(Area):
         # Claims carry no request id: a claim whose answer was lost is not repeated,
         # its task returns to the queue when the lease ends.
         deadline = self._now() + remaining
+        waits = self._task_waits()
+        # The first look goes without registering: a busy worker finds a task at once
+        # and never makes this process follow the feed.
+        woken: asyncio.Future[None] | None = None
         while True:
-            generation = self._backend.changes.generation
-            row = await self._backend.claim_task(q, worker=self.agent, now=self._now(), lease=hold)
-            if row is not None:
-                return to_task(row, self._now())
-            left = deadline - self._now()
-            if left <= 0:
-                return None
-            await self._wait_change(generation, left)
+            try:
+                row = await self._backend.claim_task(
+                    q, worker=self.agent, now=self._now(), lease=hold
+                )
+                if row is not None:
+                    return to_task(row, self._now())
+                left = deadline - self._now()
+                if left <= 0:
+                    return None
+                if woken is not None:
+                    await waits.sleep(woken, left)
+            finally:
+                if woken is not None:
+                    waits.done(woken)
+            woken = await waits.queue(q)  # registered before the next look
 
     async def _may_hold(self, tid: str) -> None:
         """With a policy in force, refuse (as absent) a task of a queue this principal
@@ -389,13 +399,20 @@ class TasksMixin(Area):
         remaining = optional_wait(wait)
         await self._ready()
         deadline = self._now() + remaining
+        waits = self._task_waits()
         while True:
-            generation = self._backend.changes.generation
-            row = await self._visible_task(tid)
-            left = deadline - self._now()
-            if row.finished_at is not None or left <= 0:
-                return to_task(row, self._now())
-            await self._wait_change(generation, left)
+            # Registered before the look (a submitter awaiting many results keeps the
+            # follower running, so registering costs nothing).
+            woken = await waits.task(tid) if remaining > 0 else None
+            try:
+                row = await self._visible_task(tid)
+                left = deadline - self._now()
+                if woken is None or row.finished_at is not None or left <= 0:
+                    return to_task(row, self._now())
+                await waits.sleep(woken, left)
+            finally:
+                if woken is not None:
+                    waits.done(woken)
 
     async def cancel(self, task_id: str) -> Task:
         tid = check_task_id(task_id)

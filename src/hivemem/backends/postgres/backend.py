@@ -97,6 +97,7 @@ from hivemem.backends.base import (
     decode_stored_result,
     encode_stored_result,
     split_request_id,
+    task_hints,
 )
 from hivemem.backends.postgres.engine import (
     CHANNEL,
@@ -167,7 +168,7 @@ WITH h AS (
                    %(datas)s::bytea[])
             WITH ORDINALITY AS e(type, ns, key, version, author, at, data, ord)
 )
-SELECT value, pg_notify('{CHANNEL}', value::text) FROM h
+SELECT value, pg_notify('{CHANNEL}', value::text || %(note)s) FROM h
 """
 
 
@@ -181,8 +182,12 @@ WITH h AS (
     SELECT h.value, %s::text, %s::text, %s::text, %s::bigint, %s::text, %s::float8, %s::bytea
     FROM h
 )
-SELECT value, pg_notify('{CHANNEL}', value::text) FROM h
+SELECT value, pg_notify('{CHANNEL}', value::text || %s) FROM h
 """
+
+
+#: Most bytes of task hints in one NOTIFY payload (PostgreSQL allows 8000).
+NOTE_LIMIT = 7000
 
 
 async def append_events(conn: Conn, events: Events, *, fetch: bool = False) -> int | None:
@@ -192,12 +197,16 @@ async def append_events(conn: Conn, events: Events, *, fetch: bool = False) -> i
     Must be the transaction's last write: it holds the feed's head lock to commit.
     """
     rows = events.rows
+    # The payload: the new head, then the task events it holds (task waiters of other
+    # processes learn what changed without reading the feed).
+    note = task_hints([(r[0], r[1], r[2]) for r in rows], NOTE_LIMIT)
     if len(rows) == 1:
-        cur = await conn.execute(_APPEND_ONE, rows[0])
+        cur = await conn.execute(_APPEND_ONE, (*rows[0], note))
     else:
         cur = await conn.execute(
             _APPEND,
             {
+                "note": note,
                 "n": len(rows),
                 "types": [r[0] for r in rows],
                 "nss": [r[1] for r in rows],
@@ -230,6 +239,8 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
         settings: ``feed_poll_seconds`` applies (watchers); pool sizes are the
             constants of :mod:`hivemem.backends.postgres.engine`.
     """
+
+    task_hints = True
 
     def __init__(self, url: str, settings: Settings) -> None:
         self.url = url

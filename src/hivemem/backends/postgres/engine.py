@@ -32,7 +32,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from hivemem.backends.base import ChangeSignal
+from hivemem.backends.base import ChangeSignal, parse_task_hints
 from hivemem.errors import Unavailable
 
 __all__ = ["CHANNEL", "Conn", "PostgresEngine", "key_lock", "lock_keys"]
@@ -171,10 +171,16 @@ class PostgresEngine:
                     conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.changes.notify()  # notifications may have been missed meanwhile
+                    self.changes.hint(None)
                     backoff = 0.1
                 while True:
-                    async for _ in conn.notifies(timeout=LISTEN_CHECK_SECONDS):
+                    async for note in conn.notifies(timeout=LISTEN_CHECK_SECONDS):
                         self.changes.notify()
+                        hints = parse_task_hints(note.payload)
+                        if hints is None:
+                            self.changes.hint(None)
+                        for hint in hints or ():
+                            self.changes.hint(hint)
                     await conn.execute("SELECT 1")  # a dead connection raises here
             except asyncio.CancelledError:
                 if conn is not None:

@@ -221,7 +221,8 @@ def _with_event(
         f"e AS (INSERT INTO hivemem_events ({EVENT_COLS}) "
         f"SELECT h.value, {event_type}, %(ns_prefix)s || u.queue, u.id, u.attempt, "
         f"{author}, {at}, NULL FROM h, u) "
-        f"SELECT {expired}, h.value, (SELECT pg_notify('{CHANNEL}', value::text) FROM h)::text, "
+        f"SELECT {expired}, h.value, (SELECT pg_notify('{CHANNEL}', hh.value::text || ' ' || "
+        f"{event_type} || ' ' || u.queue || ' ' || u.id) FROM h AS hh)::text, "
         "u.* FROM (SELECT 1) AS one LEFT JOIN u ON true LEFT JOIN h ON true"
     )
 
