@@ -22,7 +22,6 @@ from hivemem.backends.base import (
     DeleteWrite,
     PutWrite,
     RequestIdReused,
-    TaskRow,
     add_task_error,
     task_namespace,
 )
@@ -31,6 +30,8 @@ from hivemem.backends.postgres.engine import key_lock
 from hivemem.backends.postgres.tasks import SETTLE_BATCH
 from hivemem.config import Settings
 from hivemem.errors import Conflict, NotFound, Unavailable
+
+from .test_task_store import events, task
 
 SETTINGS = Settings(embedder="none")
 
@@ -56,43 +57,6 @@ async def pg(postgres_url: str) -> AsyncIterator[PostgresBackend]:
 @pytest.fixture
 def queue() -> str:
     return f"q{uuid.uuid4().hex[:12]}"
-
-
-_seq = 0
-
-
-def task(queue: str, now: float, **changes: object) -> TaskRow:
-    """A new ready task (ids sort in submission order)."""
-    global _seq
-    _seq += 1
-    row = TaskRow(
-        id=f"{int(now * 1e6):014x}{_seq:06x}{uuid.uuid4().hex[:6]}",
-        queue=queue,
-        state="ready",
-        payload=b'{"n":1}',
-        result=None,
-        priority=0,
-        run_at=now,
-        attempt=0,
-        max_attempts=3,
-        timeout=None,
-        backoff=1.0,
-        lease=30.0,
-        lease_until=None,
-        idempotency_key=None,
-        submitted_by="boss",
-        claimed_by=None,
-        errors=b"[]",
-        created_at=now,
-        updated_at=now,
-        finished_at=None,
-    )
-    return replace(row, **changes)  # type: ignore[arg-type]
-
-
-async def events(pg: PostgresBackend, queue: str) -> list[tuple[str, str | None, int | None, str]]:
-    rows, _ = await pg.read_events(task_namespace(queue), None, 1000)
-    return [(r.type, r.key, r.version, r.author) for r in rows]
 
 
 # Round trip and events ------------------------------------------------------------------

@@ -23,6 +23,8 @@ from hivemem.backends.redis.layout import TASK_PARTITION, partition_of
 from hivemem.config import Settings
 from hivemem.errors import Conflict, NotFound
 
+from .test_task_store import task as new_task
+
 NOW = 1_700_000_000.0
 
 
@@ -42,9 +44,6 @@ def queue() -> str:
     return f"q{uuid.uuid4().hex[:12]}"
 
 
-_seq = 0
-
-
 def task(
     queue: str,
     *,
@@ -54,30 +53,16 @@ def task(
     key: str | None = None,
     at: float = NOW,
 ) -> TaskRow:
-    """A new task as the core would submit it; ids sort in submission order."""
-    global _seq
-    _seq += 1
-    return TaskRow(
-        id=f"t{_seq:08d}{uuid.uuid4().hex[:6]}",
-        queue=queue,
-        state="ready",
-        payload=b'{"n":1}',
-        result=None,
+    """A new task as the core would submit it (:func:`tests.test_task_store.task`)."""
+    return new_task(
+        queue,
+        at,
         priority=priority,
         run_at=run_at,
-        attempt=0,
         max_attempts=max_attempts,
-        timeout=None,
-        backoff=1.0,
-        lease=0.0,
-        lease_until=None,
         idempotency_key=key,
         submitted_by="alice",
-        claimed_by=None,
-        errors=b"[]",
-        created_at=at,
-        updated_at=at,
-        finished_at=None,
+        lease=0.0,
     )
 
 
