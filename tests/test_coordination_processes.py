@@ -165,7 +165,7 @@ async def test_an_agent_killed_with_kill_9_is_down_within_its_ttl_plus_5_s_with_
     name = f"agent-{uuid.uuid4().hex[:8]}"
     ttl = 1.0
     head = await hive.head()
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once; the agent runs apart)
         [sys.executable, str(JOBS), "agent", url, name, str(ttl)],
         cwd=ROOT,
         stdout=subprocess.PIPE,

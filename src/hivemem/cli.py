@@ -1141,16 +1141,16 @@ def tasks_list(
 ) -> None:
     """List a queue's tasks in submission order (one page; --cursor continues)."""
     page = run.hive.list_tasks(queue, state=state, limit=limit, cursor=cursor)
-    run.emit(
-        page.model_dump(mode="json"),
-        lambda: (
-            _table(
-                ["id", "state", "attempt", "max", "priority", "worker", "submitted", "payload"],
-                _task_rows(list(page.items)),
-            ),
-            page.next_cursor and _err.print(f"more: --cursor {page.next_cursor}"),
-        ),
-    )
+
+    def human() -> None:
+        _table(
+            ["id", "state", "attempt", "max", "priority", "worker", "submitted", "payload"],
+            _task_rows(list(page.items)),
+        )
+        if page.next_cursor:
+            _err.print(f"more: --cursor {page.next_cursor}")
+
+    run.emit(page.model_dump(mode="json"), human)
 
 
 @_client(tasks_app, "show")

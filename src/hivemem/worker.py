@@ -106,7 +106,7 @@ class Worker:
         self.grace = grace
         self.completed = self.failed = self.lost = self.released = 0
         self._stopping: asyncio.Event | None = None
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, task: Task) -> Any:
         """Call the handler directly (e.g. in a test)."""
@@ -122,7 +122,7 @@ class Worker:
         ``handle_signals`` and on the main thread), or until ``max_tasks`` tasks ended."""
         self._stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
+        installed: list[signal.Signals] = []
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):

@@ -74,9 +74,7 @@ async def test_the_lease_context_manager_renews_and_releases(hive: hivemem.Hive,
 
 async def test_signals_wake_waiters_with_a_predicate(hive: hivemem.Hive, ns: str) -> None:
     assert await hive.get_signal(f"{ns}/phase") is None
-    waiter = asyncio.create_task(
-        hive.wait_signal(f"{ns}/phase", lambda v: v == "done", timeout=10)
-    )
+    waiter = asyncio.create_task(hive.wait_signal(f"{ns}/phase", lambda v: v == "done", timeout=10))
     await asyncio.sleep(0.2)
     await hive.as_agent("planner").set_signal(f"{ns}/phase", "running")
     await asyncio.sleep(0.2)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import builtins
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -39,6 +39,7 @@ from hivemem.backends.base import Backend, CheckWrite, DeleteWrite, ItemRow, Put
 from hivemem.core.area import Area, timestamp
 from hivemem.core.tasks import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS, optional_wait, seconds
 from hivemem.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from hivemem.hive import Hive
 from hivemem.models import AgentRecord, Lease, OnceTicket, Signal
 
 AGENTS = "_agents"
@@ -293,7 +294,7 @@ class CoordinationMixin(Area):
         if isinstance(token, bool) or not isinstance(token, int):
             raise InvalidInput("token must be an integer", field="token")
         row = await self._backend.get_item(ns, key, now)
-        record = None if row is None else orjson.loads(row.value)
+        record = {} if row is None else orjson.loads(row.value)
         if row is None or record.get("state") != "running" or record.get("token") != token:
             raise Conflict(
                 f"key {key!r} is no longer held with token {token} (its lease ran out)",
@@ -347,7 +348,7 @@ class CoordinationMixin(Area):
         if data is not None:
             write = PutWrite(ns, k, data, None, None, now + life, row.version)
         elif keep_error:
-            record = {"state": "failed", "error": error[:4096], "holder": self.agent}
+            record = {"state": "failed", "error": (error or "")[:4096], "holder": self.agent}
             write = _put(ns, k, record, if_version=row.version, expires_at=now + life)
         else:
             write = DeleteWrite(ns, k, row.version)
@@ -450,7 +451,7 @@ class CoordinationMixin(Area):
         )
         assert isinstance(row, ItemRow)
         if heartbeat:
-            self._heartbeats.start(self, n, life)
+            self._heartbeats.start(cast(Hive, self), n, life)  # a LocalHive
         return _agent(row, now)
 
     async def heartbeat_agent(self, name: str) -> AgentRecord:

@@ -138,7 +138,7 @@ class TasksMixin:
     def _settle_expired(
         self, c: sqlite3.Connection, queue: str | None, now: float, limit: int
     ) -> int:
-        where, args = "state = 'running' AND lease_until <= ?", [now]
+        where, args = "state = 'running' AND lease_until <= ?", list[Any]([now])
         if queue is not None:
             where += " AND queue = ?"
             args.append(queue)
