@@ -18,6 +18,7 @@ from hivemem.backends.base import (
     Backend,
     CheckWrite,
     PutWrite,
+    TaskHint,
     TaskRow,
     task_namespace,
 )
@@ -403,3 +404,43 @@ async def test_check_write_guards_a_batch(store: Backend, queue: str) -> None:
         [CheckWrite(ns, "nothing", 0)], author="a", now=now, history_limit=0
     )
     assert absent == [True]
+
+
+async def test_change_notifications_name_the_task_events_where_the_engine_can(
+    store: Backend, queue: str
+) -> None:
+    """PostgreSQL (NOTIFY payload) and Redis (pub/sub payload) name each task event, so
+    task waiters need not read the feed; SQLite's notification (a file write) cannot."""
+    if "sqlite" in type(store).__name__.lower():
+        assert store.task_hints is False
+        return
+    assert store.task_hints is True
+    heard: list[TaskHint | None] = []
+    store.changes.listen_hints(heard.append)
+    try:
+        now = time.time()
+        # The backend's listener subscribes in the background: wait until it hears.
+        probes: set[str] = set()
+        for _ in range(50):
+            probe = task(f"{queue}-probe", time.time())
+            probes.add(probe.id)
+            await store.submit_task(probe)
+            await asyncio.sleep(0.1)
+            if any(h is not None and h.task_id in probes for h in heard):
+                break
+        row = task(queue, now)
+        await store.submit_task(row)
+        await store.claim_task(queue, worker="w", now=now, lease=30)
+        await store.finish_task(row.id, worker="w", attempt=1, now=now, outcome="completed")
+        wanted = [
+            TaskHint("task.submitted", queue, row.id),
+            TaskHint("task.claimed", queue, row.id),
+            TaskHint("task.completed", queue, row.id),
+        ]
+        for _ in range(100):
+            if all(h in heard for h in wanted):
+                break
+            await asyncio.sleep(0.05)
+        assert [h for h in heard if h is not None and h.task_id == row.id] == wanted
+    finally:
+        store.changes.unlisten_hints(heard.append)

@@ -72,6 +72,7 @@ from hivemem.backends.base import (
     PutWrite,
     RequestIdReused,
     SessionRow,
+    parse_task_hints,
     row_matches,
     split_request_id,
 )
@@ -198,6 +199,20 @@ class RedisBackend(RedisTasks, Backend):
             server at ``url``.
         cluster_options: username, password and ssl of a cluster URL.
     """
+
+    task_hints = True
+
+    def _pass_hints(self, payload: bytes | str | None) -> None:
+        """Pass on the task hints of a change notification (its payload: ``1`` and the
+        task events the script appended, see ``feed_done`` in scripts.py)."""
+        if payload is None:
+            return
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
+        hints = parse_task_hints(text)
+        if hints is None:
+            self.changes.hint(None)
+        for hint in hints or ():
+            self.changes.hint(hint)
 
     #: No full-text search on stock Redis 7: the core ranks in process.
     native_lexical: ClassVar[bool] = False
@@ -490,11 +505,13 @@ class RedisBackend(RedisTasks, Backend):
                 try:
                     await pubsub.subscribe(CHANNEL)
                     self.changes.notify()  # something may have changed while away
+                    self.changes.hint(None)
                     delay = 0.1
                     while not self._closing:
                         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                         if msg is not None:
                             self.changes.notify()
+                            self._pass_hints(msg.get("data"))
                 finally:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]

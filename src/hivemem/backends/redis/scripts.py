@@ -79,6 +79,8 @@ _WRITE = r"""
 local FEED_T = false
 local FEED_SEQ = 0
 local FEED_LAST = {}
+local HINTS = {}
+local HINTS_LEN = 0
 local function feed_ts()
   if not FEED_T then
     local t = redis.call('TIME')
@@ -103,6 +105,11 @@ local function emit(tag, typ, ns, key, ver, author, at, data)
   if data then f[#f + 1] = 'd'; f[#f + 1] = data end
   redis.call('XADD', tag .. ':feed', id, unpack(f))
   FEED_LAST[tag] = id
+  if key and string.sub(ns, 1, 7) == '_tasks/' and HINTS_LEN >= 0 then
+    local hint = ' ' .. typ .. ' ' .. string.sub(ns, 8) .. ' ' .. key
+    HINTS_LEN = HINTS_LEN + #hint
+    if HINTS_LEN > 7000 then HINTS = {' *'}; HINTS_LEN = -1 else HINTS[#HINTS + 1] = hint end
+  end
   return id
 end
 local function feed_done()
@@ -111,7 +118,7 @@ local function feed_done()
     redis.call('HSET', tag .. ':meta', 'last', id)
     any = true
   end
-  if any then redis.call('PUBLISH', 'hivemem:changes', '1') end
+  if any then redis.call('PUBLISH', 'hivemem:changes', '1' .. table.concat(HINTS)) end
 end
 local function req_split(rk)
   local i = string.find(rk, '#', 1, true)
