@@ -70,17 +70,18 @@ class Heartbeats:
 
     def __init__(self) -> None:
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closed = False
 
     def start(self, hive: Hive, name: str, ttl: float) -> None:
         """(Re)start the heartbeats of ``name`` through ``hive`` (on the running loop)."""
         self.stop(name)
+        self._closed = False
         self._tasks[name] = asyncio.create_task(
             self._beat(hive, name, ttl), name=f"hivemem-heartbeat-{name}"
         )
 
-    @staticmethod
-    async def _beat(hive: Hive, name: str, ttl: float) -> None:
-        while True:
+    async def _beat(self, hive: Hive, name: str, ttl: float) -> None:
+        while not self._closed:
             await asyncio.sleep(ttl / 3)
             try:
                 await hive.heartbeat_agent(name)
@@ -98,12 +99,12 @@ class Heartbeats:
 
     async def close(self) -> None:
         """Stop every heartbeat and wait for the tasks to end."""
+        self._closed = True  # ends a loop whose cancellation was swallowed
         tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
 
 
 class Hive(ABC):

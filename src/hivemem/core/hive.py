@@ -32,6 +32,9 @@ __all__ = ["LocalHive"]
 
 log = logging.getLogger("hivemem")
 
+#: Longest wait for a background task to end when a hive closes (seconds).
+CLOSE_WAIT_SECONDS = 5.0
+
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 
 
@@ -53,6 +56,9 @@ class _Shared:
         self.coordinator: asyncio.Task[None] | None = None
         self.heartbeats = Heartbeats()
         self.task_waits: TaskWaits | None = None
+        #: Set when closing: background loops stop at their next turn even if a
+        #: cancellation was swallowed (redis-py can swallow one landing in a read).
+        self.closing = False
         #: The permission rules in force, or None: no policy, every view may do anything.
         self.policy: PolicyHolder | None = (
             PolicyHolder(settings.policy_file) if settings.policy_file else None
@@ -120,6 +126,7 @@ class _Shared:
             if self.opened:
                 return
             await self.backend.open()
+            self.closing = False
             self.sweeper = asyncio.create_task(self._sweep_forever(), name="hivemem-sweeper")
             self.coordinator = asyncio.create_task(
                 self._coordinate_forever(), name="hivemem-coordinator"
@@ -132,11 +139,13 @@ class _Shared:
             if self.task_waits is not None:
                 await self.task_waits.close()
                 self.task_waits = None
+            self.closing = True
             for task in (self.sweeper, self.coordinator):
                 if task is not None:
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                    # Bounded: a loop whose cancellation was swallowed ends at its next
+                    # turn (it checks ``closing``); never wait on it forever.
+                    await asyncio.wait({task}, timeout=CLOSE_WAIT_SECONDS)
             self.sweeper = self.coordinator = None
             if self.opened:
                 await self.backend.close()
@@ -174,7 +183,7 @@ class _Shared:
         return settled, await mark_down(self.backend, now)
 
     async def _coordinate_forever(self) -> None:
-        while True:
+        while not self.closing:
             await asyncio.sleep(self.settings.coordination_interval_seconds)
             try:
                 await self.coordinate()
@@ -182,7 +191,7 @@ class _Shared:
                 log.exception("coordination round failed")
 
     async def _sweep_forever(self) -> None:
-        while True:
+        while not self.closing:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
             try:
                 expired, trimmed = await self.sweep()

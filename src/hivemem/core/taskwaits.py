@@ -56,6 +56,7 @@ class TaskWaits:
         self._cursor: str | None = None
         self._starting = asyncio.Lock()
         self._hinted = False
+        self._closed = False
 
     def _on_hint(self, hint: TaskHint | None) -> None:
         """A task event a change notification named (None: some may have been missed)."""
@@ -127,7 +128,7 @@ class TaskWaits:
 
     async def _follow(self) -> None:
         changes = self._backend.changes
-        while self._queues or self._tasks:
+        while (self._queues or self._tasks) and not self._closed:
             generation = changes.generation
             try:
                 rows, cursor = await self._backend.read_events("_tasks", self._cursor, BATCH)
@@ -157,9 +158,9 @@ class TaskWaits:
         if self._hinted:
             self._backend.changes.unlisten_hints(self._on_hint)
             self._hinted = False
+        self._closed = True
         if self._follower is not None:
             self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
+            await asyncio.wait({self._follower}, timeout=5.0)  # never forever
             self._follower = None
         self._wake_all()
