@@ -348,3 +348,51 @@ def count(value: object, *, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidInput(f"{field} must be an integer >= 0", field=field)
     return int64(value, field)
+
+
+def seconds(value: object, field: str, *, low: float, high: float, zero_ok: bool = False) -> float:
+    """Check a number of seconds in [low, high] (or exactly 0 when ``zero_ok``).
+
+    Raises:
+        InvalidInput: not a finite number, or out of range (naming ``field``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{field} must be a number of seconds", field=field)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise InvalidInput(f"{field} must be a finite number of seconds", field=field) from None
+    if not math.isfinite(number):
+        raise InvalidInput(f"{field} must be a finite number of seconds", field=field)
+    if zero_ok and number == 0:
+        return 0.0
+    if not low <= number <= high:
+        lowest = "0" if zero_ok else f"{low:g}"
+        raise InvalidInput(f"{field} must be between {lowest} and {high:g} seconds", field=field)
+    return number
+
+
+def integer(value: object, field: str, low: int, high: int) -> int:
+    """Check an integer in [low, high] (3.0 counts as 3).
+
+    Raises:
+        InvalidInput: not an integer, or out of range (naming ``field``).
+    """
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{field} must be an integer", field=field)
+    if not low <= value <= high:
+        raise InvalidInput(f"{field} must be between {low} and {high}", field=field)
+    return value
+
+
+def optional_wait(value: object, field: str = "wait") -> float:
+    """A wait in seconds (``None`` = 0), at most a day.
+
+    Raises:
+        InvalidInput: negative, not finite or not a number (naming ``field``).
+    """
+    if value is None:
+        return 0.0
+    return seconds(value, field, low=0.0, high=86400.0, zero_ok=True)

@@ -37,10 +37,11 @@ import orjson
 from hivemem import validation as check
 from hivemem.backends.base import Backend, CheckWrite, DeleteWrite, ItemRow, PutWrite
 from hivemem.core.area import Area, timestamp
-from hivemem.core.tasks import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS, optional_wait, seconds
+from hivemem.core.tasks import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from hivemem.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from hivemem.hive import Hive
 from hivemem.models import AgentRecord, Lease, OnceTicket, Signal
+from hivemem.validation import optional_wait, seconds
 
 AGENTS = "_agents"
 #: Most capabilities one registration lists.
