@@ -360,7 +360,7 @@ async def test_revoke_removes_every_key_of_the_agent(store: Store) -> None:
     key = await ks.add(name, ["writer"], by="admin")
     key_id = key[3:15]
     # Give the agent a second key by hand, the way add() writes one.
-    from hivemem.backends.base import PutWrite
+    from hivemem.backends.rows import PutWrite
 
     secret = base64.urlsafe_b64encode(b"\x01" * 32).rstrip(b"=").decode()
     second_id = uuid.uuid4().hex[:12]

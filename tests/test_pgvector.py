@@ -9,8 +9,9 @@ import numpy as np
 import psycopg
 import pytest
 
-from hivemem.backends.base import Condition, PutWrite
+from hivemem.backends.filters import Condition
 from hivemem.backends.postgres import PostgresBackend
+from hivemem.backends.rows import PutWrite
 from hivemem.config import Settings
 
 DIM = 16

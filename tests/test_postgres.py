@@ -21,19 +21,11 @@ import pytest
 import hivemem
 from hivemem import Conflict, CursorExpired, InvalidInput, Settings, Unavailable
 from hivemem.backends import postgres as pg_package
-from hivemem.backends.base import (
-    Condition,
-    DeleteWrite,
-    IndexEntry,
-    ItemRow,
-    NewMessage,
-    PutWrite,
-    SessionRow,
-    row_matches,
-)
+from hivemem.backends.filters import Condition, row_matches
 from hivemem.backends.postgres import PostgresBackend
 from hivemem.backends.postgres import backend as pg_backend
 from hivemem.backends.postgres import schema as pg_schema
+from hivemem.backends.rows import DeleteWrite, IndexEntry, ItemRow, NewMessage, PutWrite, SessionRow
 from tests.conftest import free_port
 from tests.servers.postgres import PostgresServer
 

@@ -16,18 +16,18 @@ import orjson
 import psycopg
 import pytest
 
-from hivemem.backends.base import (
+from hivemem.backends.postgres import PostgresBackend
+from hivemem.backends.postgres.engine import key_lock
+from hivemem.backends.postgres.tasks import SETTLE_BATCH
+from hivemem.backends.results import RequestIdReused
+from hivemem.backends.rows import (
     LEASE_EXPIRED,
     CheckWrite,
     DeleteWrite,
     PutWrite,
-    RequestIdReused,
     add_task_error,
     task_namespace,
 )
-from hivemem.backends.postgres import PostgresBackend
-from hivemem.backends.postgres.engine import key_lock
-from hivemem.backends.postgres.tasks import SETTLE_BATCH
 from hivemem.config import Settings
 from hivemem.errors import Conflict, NotFound, Unavailable
 

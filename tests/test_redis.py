@@ -14,7 +14,6 @@ import pytest
 
 import hivemem
 from hivemem import CursorExpired, InvalidInput, Unavailable
-from hivemem.backends.base import DeleteWrite, IndexEntry, PutWrite
 from hivemem.backends.redis import RedisBackend
 from hivemem.backends.redis.layout import (
     PARTITIONS,
@@ -22,6 +21,7 @@ from hivemem.backends.redis.layout import (
     partition_of,
     partitions_under,
 )
+from hivemem.backends.rows import DeleteWrite, IndexEntry, PutWrite
 from hivemem.config import Settings
 from hivemem.core import LocalHive
 from hivemem.errors import Conflict

@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from hivemem.backends.base import (
+from hivemem.backends.redis import RedisBackend
+from hivemem.backends.redis.layout import TASK_PARTITION, partition_of
+from hivemem.backends.rows import (
     LEASE_EXPIRED,
     CheckWrite,
     DeleteWrite,
@@ -18,8 +20,6 @@ from hivemem.backends.base import (
     TaskRow,
     task_namespace,
 )
-from hivemem.backends.redis import RedisBackend
-from hivemem.backends.redis.layout import TASK_PARTITION, partition_of
 from hivemem.config import Settings
 from hivemem.errors import Conflict, NotFound
 

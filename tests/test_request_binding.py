@@ -18,19 +18,17 @@ import pytest
 
 import hivemem
 from hivemem import InvalidInput, Settings
-from hivemem.backends.base import (
-    Backend,
-    NewMessage,
-    PutWrite,
+from hivemem.backends.base import Backend
+from hivemem.backends.redis import RedisBackend
+from hivemem.backends.redis.layout import PARTITIONS, partition_of, session_partition
+from hivemem.backends.results import (
     RequestIdReused,
-    SessionRow,
     decode_stored_result,
     encode_result,
     encode_stored_result,
     split_request_id,
 )
-from hivemem.backends.redis import RedisBackend
-from hivemem.backends.redis.layout import PARTITIONS, partition_of, session_partition
+from hivemem.backends.rows import NewMessage, PutWrite, SessionRow
 from hivemem.errors import Conflict, NotFound
 from tests.conftest import selected_stores, store_url_of
 

@@ -13,15 +13,9 @@ import orjson
 import pytest
 
 from hivemem import open_backend
-from hivemem.backends.base import (
-    LEASE_EXPIRED,
-    Backend,
-    CheckWrite,
-    PutWrite,
-    TaskHint,
-    TaskRow,
-    task_namespace,
-)
+from hivemem.backends.base import Backend
+from hivemem.backends.rows import LEASE_EXPIRED, CheckWrite, PutWrite, TaskRow, task_namespace
+from hivemem.backends.signals import TaskHint
 from hivemem.config import Settings
 from hivemem.errors import Conflict, NotFound
 

@@ -9,7 +9,9 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from hivemem.backends.base import Backend, CheckWrite, RequestIdReused
+from hivemem.backends.base import Backend
+from hivemem.backends.results import RequestIdReused
+from hivemem.backends.rows import CheckWrite
 from hivemem.config import Settings
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput, PermissionDenied

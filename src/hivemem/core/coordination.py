@@ -35,7 +35,8 @@ from typing import Any, cast
 import orjson
 
 from hivemem import validation as check
-from hivemem.backends.base import Backend, CheckWrite, DeleteWrite, ItemRow, PutWrite
+from hivemem.backends.base import Backend
+from hivemem.backends.rows import CheckWrite, DeleteWrite, ItemRow, PutWrite
 from hivemem.core.area import Area, timestamp
 from hivemem.core.tasks import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from hivemem.errors import Conflict, InvalidInput, NotFound, PermissionDenied

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from hivemem import validation as check
-from hivemem.backends.base import EventRow
+from hivemem.backends.rows import EventRow
 from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput
 from hivemem.models import Event, Page

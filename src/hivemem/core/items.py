@@ -13,7 +13,7 @@ import orjson
 from pydantic import ValidationError
 
 from hivemem import validation as check
-from hivemem.backends.base import CheckWrite, DeleteWrite, ItemRow, PutWrite
+from hivemem.backends.rows import CheckWrite, DeleteWrite, ItemRow, PutWrite
 from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
 from hivemem.core.lexical import check_terms

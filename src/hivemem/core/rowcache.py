@@ -13,7 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from hivemem.backends.base import Backend, Condition, ItemRow, row_matches
+from hivemem.backends.base import Backend
+from hivemem.backends.filters import Condition, row_matches
+from hivemem.backends.rows import ItemRow
 from hivemem.core.mirror import FeedMirror, Key
 
 __all__ = ["RowCache"]

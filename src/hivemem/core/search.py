@@ -45,7 +45,8 @@ import numpy as np
 import orjson
 
 from hivemem import validation as check
-from hivemem.backends.base import Condition, IndexEntry, ItemRow, row_matches
+from hivemem.backends.filters import Condition, row_matches
+from hivemem.backends.rows import IndexEntry, ItemRow
 from hivemem.config import Settings
 from hivemem.core.area import Area
 from hivemem.core.items import searchable_text, to_item
@@ -461,7 +462,7 @@ class SearchMixin(Area):
         ``allowed`` when it is a list). With conditions, the best
         ``_FILTER_OVERSAMPLE`` x ``want`` (at least ``_FILTER_MIN_CANDIDATES``) are
         ranked and checked against the in-process :class:`RowCache` (expiry and
-        :func:`~hivemem.backends.base.row_matches`); if too few pass, the ranking is
+        :func:`~hivemem.backends.filters.row_matches`); if too few pass, the ranking is
         widened once to what the observed pass rate needs (up to
         ``_FILTER_MAX_CANDIDATES``). Only a filter more selective than that makes the
         store list every matching item for an exact ranking. Rows fetched from the

@@ -12,7 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from hivemem import validation as check
-from hivemem.backends.base import MessageRow, NewMessage, SessionRow
+from hivemem.backends.rows import MessageRow, NewMessage, SessionRow
 from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput, NotFound

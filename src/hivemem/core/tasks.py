@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from hivemem import validation as check
-from hivemem.backends.base import TASK_STATES, TaskRow, TaskStats
+from hivemem.backends.rows import TASK_STATES, TaskRow, TaskStats
 from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
 from hivemem.core.taskwaits import TaskWaits

@@ -24,7 +24,8 @@ import asyncio
 import contextlib
 import logging
 
-from hivemem.backends.base import Backend, TaskHint
+from hivemem.backends.base import Backend
+from hivemem.backends.signals import TaskHint
 from hivemem.errors import CursorExpired
 
 log = logging.getLogger("hivemem")

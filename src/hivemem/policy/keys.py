@@ -42,7 +42,8 @@ from typing import Any
 
 import orjson
 
-from hivemem.backends.base import Backend, DeleteWrite, ItemRow, PutWrite
+from hivemem.backends.base import Backend
+from hivemem.backends.rows import DeleteWrite, ItemRow, PutWrite
 from hivemem.config import Settings
 from hivemem.errors import Conflict, InvalidInput
 from hivemem.policy.principal import Principal

@@ -83,22 +83,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from hivemem.backends.base import (
-    Backend,
-    ChangeSignal,
-    CheckWrite,
-    DeleteWrite,
-    EventRow,
-    ItemRow,
-    MessageRow,
-    NewMessage,
-    PutWrite,
-    SessionRow,
-    decode_stored_result,
-    encode_stored_result,
-    split_request_id,
-    task_hints,
-)
+from hivemem.backends.base import Backend
 from hivemem.backends.postgres.engine import (
     CHANNEL,
     CONNECT_TIMEOUT_SECONDS,
@@ -122,6 +107,18 @@ from hivemem.backends.postgres.schema import (
 )
 from hivemem.backends.postgres.search import SearchMixin, configure_vectors, index_put
 from hivemem.backends.postgres.tasks import TaskMixin
+from hivemem.backends.results import decode_stored_result, encode_stored_result, split_request_id
+from hivemem.backends.rows import (
+    CheckWrite,
+    DeleteWrite,
+    EventRow,
+    ItemRow,
+    MessageRow,
+    NewMessage,
+    PutWrite,
+    SessionRow,
+)
+from hivemem.backends.signals import ChangeSignal, task_hints
 from hivemem.config import Settings
 from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound, Unavailable
 
@@ -357,7 +354,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
         then complete the result), store the result under the request id, commit.
 
         ``request_id`` may end in ``#<fingerprint>`` (see
-        :func:`~hivemem.backends.base.split_request_id`): the row is keyed by the id and
+        :func:`~hivemem.backends.results.split_request_id`): the row is keyed by the id and
         the fingerprint is stored in front of the result bytes; a repeat with another
         fingerprint raises RequestIdReused before anything is written."""
         rid, fingerprint = split_request_id(request_id)
@@ -406,7 +403,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
     ) -> None:
         """Store ``result`` under ``request_id`` (the id without fingerprint), prefixed
         with ``#<fingerprint>\\n`` when there is one (see
-        :func:`~hivemem.backends.base.encode_stored_result`)."""
+        :func:`~hivemem.backends.results.encode_stored_result`)."""
         await conn.execute(
             "UPDATE hivemem_requests SET result = %s WHERE id = %s",
             (encode_stored_result(result, fingerprint), request_id),

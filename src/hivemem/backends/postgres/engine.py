@@ -32,7 +32,7 @@ import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from hivemem.backends.base import ChangeSignal, parse_task_hints
+from hivemem.backends.signals import ChangeSignal, parse_task_hints
 from hivemem.errors import Unavailable
 
 __all__ = ["CHANNEL", "Conn", "PostgresEngine", "key_lock", "lock_keys"]

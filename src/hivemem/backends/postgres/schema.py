@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from hivemem.backends.base import ItemRow, SessionRow, TaskRow
+from hivemem.backends.rows import ItemRow, SessionRow, TaskRow
 
 #: Advisory lock (class id, object id) serialising schema migrations across
 #: processes: the two-int form, a lock space apart from the one-bigint item locks.

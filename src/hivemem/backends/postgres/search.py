@@ -21,7 +21,7 @@ index per model and dimension, created on first search with ``CREATE INDEX
 CONCURRENTLY``; iterative scans so a filter does not starve the result) unless
 ``Settings.vector_index`` asks for the in-process index (:mod:`hivemem.core.vectors`).
 
-Filters (:func:`conditions_sql`) follow :func:`~hivemem.backends.base.row_matches`
+Filters (:func:`conditions_sql`) follow :func:`~hivemem.backends.filters.row_matches`
 exactly: a ``CASE`` on ``jsonb_typeof`` compares booleans (``=`` only), numbers
 (integers as ``numeric``, exact; floats as ``float8``, as Python compares them)
 and strings (``COLLATE "C"``: code point order); a missing field, null, an array or
@@ -41,9 +41,10 @@ from psycopg import sql
 from psycopg.adapt import Buffer, Dumper, Loader
 from psycopg.pq import Format
 
-from hivemem.backends.base import Condition, IndexEntry, ItemRow
+from hivemem.backends.filters import Condition
 from hivemem.backends.postgres.engine import Conn, PostgresEngine, lock_keys
 from hivemem.backends.postgres.schema import ITEM_COLS, index_text, item_row
+from hivemem.backends.rows import IndexEntry, ItemRow
 from hivemem.errors import Unavailable
 
 log = logging.getLogger("hivemem")
@@ -157,7 +158,7 @@ def _typed_tests(
 
 def conditions_sql(conditions: Sequence[Condition], args: dict[str, Any]) -> list[str]:
     """SQL tests over ``hivemem_items i`` for ``conditions`` (semantics of
-    :func:`~hivemem.backends.base.row_matches`); their parameters are added to ``args``."""
+    :func:`~hivemem.backends.filters.row_matches`); their parameters are added to ``args``."""
     where: list[str] = []
     for cond in conditions:
         values = tuple(cond.value) if cond.op == "in" else (cond.value,)

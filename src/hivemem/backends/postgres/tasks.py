@@ -1,7 +1,7 @@
 """Task queues on PostgreSQL: ``hivemem_tasks`` and ``SELECT ... FOR UPDATE SKIP LOCKED``.
 
 One row per task (columns :data:`~hivemem.backends.postgres.schema.TASK_COLS`, in
-:class:`~hivemem.backends.base.TaskRow` order). Every change of a task commits
+:class:`~hivemem.backends.rows.TaskRow` order). Every change of a task commits
 together with its feed event (namespace ``_tasks/<queue>``, key = task id, version =
 attempt after the change), its NOTIFY and, with a request id, its stored result.
 
@@ -45,7 +45,7 @@ statements sent in one flight:
 
 Errors are appended in SQL (:func:`_append_error`): the JSON array's closing bracket
 is replaced by ``,<entry>]``, the entry being the same compact JSON
-:func:`~hivemem.backends.base.add_task_error` writes, so no round trip is spent
+:func:`~hivemem.backends.rows.add_task_error` writes, so no round trip is spent
 reading the row first.
 
 Worker operations (heartbeat, finish) are one ``UPDATE ... WHERE id = ... AND state =
@@ -61,17 +61,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import orjson
 from psycopg import errors as pgerrors
 
-from hivemem.backends.base import (
+from hivemem.backends.postgres.engine import CHANNEL, Conn, PostgresEngine
+from hivemem.backends.postgres.schema import EVENT_COLS, TASK_COLS, task_row
+from hivemem.backends.rows import (
     LEASE_EXPIRED,
     TASK_FINISHED,
     TASK_STATES,
-    ChangeSignal,
     TaskRow,
     TaskStats,
     task_namespace,
 )
-from hivemem.backends.postgres.engine import CHANNEL, Conn, PostgresEngine
-from hivemem.backends.postgres.schema import EVENT_COLS, TASK_COLS, task_row
+from hivemem.backends.signals import ChangeSignal
 from hivemem.errors import Conflict, HivememError, InvalidInput, NotFound
 
 if TYPE_CHECKING:

@@ -58,24 +58,8 @@ from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.retry import Retry
 
-from hivemem.backends.base import (
-    Backend,
-    ChangeSignal,
-    CheckWrite,
-    Condition,
-    DeleteWrite,
-    EventRow,
-    IndexEntry,
-    ItemRow,
-    MessageRow,
-    NewMessage,
-    PutWrite,
-    RequestIdReused,
-    SessionRow,
-    parse_task_hints,
-    row_matches,
-    split_request_id,
-)
+from hivemem.backends.base import Backend
+from hivemem.backends.filters import Condition, row_matches
 from hivemem.backends.redis import scripts
 from hivemem.backends.redis.layout import (
     CHANNEL,
@@ -107,6 +91,19 @@ from hivemem.backends.redis.layout import (
     watermark,
 )
 from hivemem.backends.redis.tasks import RedisTasks
+from hivemem.backends.results import RequestIdReused, split_request_id
+from hivemem.backends.rows import (
+    CheckWrite,
+    DeleteWrite,
+    EventRow,
+    IndexEntry,
+    ItemRow,
+    MessageRow,
+    NewMessage,
+    PutWrite,
+    SessionRow,
+)
+from hivemem.backends.signals import ChangeSignal, parse_task_hints
 from hivemem.config import Settings
 from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound, Unavailable
 
@@ -435,7 +432,7 @@ class RedisBackend(RedisTasks, Backend):
                 # A promoted replica lacks the script and the client's view of the
                 # primaries may still be stale: EVAL sends the source to the node that
                 # owns the keys (and caches it there).
-                return await self.client.eval(script.script, len(keys), *keys, *args)  # type: ignore[arg-type,misc]
+                return await self.client.eval(script.script, len(keys), *keys, *args)  # type: ignore[arg-type]
 
         try:
             return await self._retrying(call, name)

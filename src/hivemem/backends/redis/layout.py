@@ -62,7 +62,7 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from hivemem.backends.base import EventRow, ItemRow, MessageRow, SessionRow, TaskRow
+from hivemem.backends.rows import EventRow, ItemRow, MessageRow, SessionRow, TaskRow
 from hivemem.errors import InvalidInput
 
 #: Number of feed partitions (hash slots used by items, sessions and events). Fixed for

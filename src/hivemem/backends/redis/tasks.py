@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from hivemem.backends.base import ChangeSignal, TaskRow, TaskStats
 from hivemem.backends.redis.layout import (
     TASK_PARTITION,
     meta_key,
@@ -24,6 +23,8 @@ from hivemem.backends.redis.layout import (
     unpack,
 )
 from hivemem.backends.redis.task_scripts import PROMOTE_PER_CLAIM, SETTLE_PER_CLAIM
+from hivemem.backends.rows import TaskRow, TaskStats
+from hivemem.backends.signals import ChangeSignal
 from hivemem.errors import Conflict, NotFound
 
 __all__ = ["RedisTasks"]

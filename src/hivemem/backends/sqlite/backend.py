@@ -11,9 +11,9 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from hivemem.backends.base import (
-    Backend,
-    ChangeSignal,
+from hivemem.backends.base import Backend
+from hivemem.backends.results import decode_stored_result, encode_stored_result, split_request_id
+from hivemem.backends.rows import (
     CheckWrite,
     DeleteWrite,
     EventRow,
@@ -22,10 +22,8 @@ from hivemem.backends.base import (
     NewMessage,
     PutWrite,
     SessionRow,
-    decode_stored_result,
-    encode_stored_result,
-    split_request_id,
 )
+from hivemem.backends.signals import ChangeSignal
 from hivemem.backends.sqlite.engine import SqliteEngine
 from hivemem.backends.sqlite.schema import (
     ITEM_COLS,
@@ -54,7 +52,7 @@ def once(
     result is returned instead of writing again; a new result is stored with the write.
 
     ``request_id`` may end in ``#<fingerprint>`` (see
-    :func:`~hivemem.backends.base.split_request_id`): the row is keyed by the id, the
+    :func:`~hivemem.backends.results.split_request_id`): the row is keyed by the id, the
     fingerprint is stored in front of the result bytes (``#<fp>\\n``; rows stored
     without one start with ``{``), and a repeat with another fingerprint raises
     RequestIdReused before ``run`` writes anything."""

@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hivemem.backends.base import ChangeSignal
+from hivemem.backends.signals import ChangeSignal
 from hivemem.backends.sqlite.schema import MIGRATIONS
 from hivemem.config import Settings
 from hivemem.errors import Unavailable

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hivemem.backends.base import EventRow, ItemRow
+from hivemem.backends.rows import EventRow, ItemRow
 
 MIGRATIONS: list[str] = [
     # 1: items, versions, sessions, messages, feed.

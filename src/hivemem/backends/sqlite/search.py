@@ -13,7 +13,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from hivemem.backends.base import Condition, IndexEntry, ItemRow
+from hivemem.backends.filters import Condition
+from hivemem.backends.rows import IndexEntry, ItemRow
 from hivemem.backends.sqlite.engine import SqliteEngine
 from hivemem.backends.sqlite.schema import ITEM_COLS, item_row
 
@@ -53,7 +54,7 @@ def index_remove(c: sqlite3.Connection, namespace: str, key: str) -> None:
 
 
 def _typed_test(column: str, kind_of: str, op: str, value: Any) -> tuple[str, list[Any]]:
-    """One typed comparison (semantics of :func:`~hivemem.backends.base.row_matches`)."""
+    """One typed comparison (semantics of :func:`~hivemem.backends.filters.row_matches`)."""
     if isinstance(value, bool):
         if op != "=":
             return "0", []

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace as _replace
 from typing import Any, TypeVar
 
-from hivemem.backends.base import (
+from hivemem.backends.rows import (
     LEASE_EXPIRED,
     TASK_FINISHED,
     TaskRow,

@@ -1,0 +1,296 @@
+"""What backends store and are asked to write: rows, write operations, task rows, and
+the rules every engine applies alike (a namespace prefix's range, a version mismatch).
+
+JSON travels as ``bytes`` and times as UNIX seconds (float, UTC); the public records
+built from these rows live in :mod:`hivemem.models`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from hivemem.errors import Conflict
+
+__all__ = [
+    "LEASE_EXPIRED",
+    "TASK_FINISHED",
+    "TASK_STATES",
+    "CheckWrite",
+    "DeleteWrite",
+    "EventRow",
+    "IndexEntry",
+    "ItemRow",
+    "MessageRow",
+    "NewMessage",
+    "PutWrite",
+    "SessionRow",
+    "TaskRow",
+    "TaskStats",
+    "add_task_error",
+    "key_range",
+    "prefix_range",
+    "state_conflict",
+    "task_namespace",
+    "version_conflict",
+]
+
+
+@dataclass(slots=True, frozen=True)
+class ItemRow:
+    """A stored item version. ``value`` and ``metadata`` are JSON bytes."""
+
+    namespace: str
+    key: str
+    value: bytes
+    version: int
+    author: str
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    text: str | None
+    metadata: bytes | None
+
+
+@dataclass(slots=True, frozen=True)
+class PutWrite:
+    """Write ``value`` at (namespace, key) if the current version is ``if_version``
+    (0 = absent; ``None`` = any).
+
+    ``index_text`` is what search indexes (``None``: the item is not searchable);
+    ``vector`` its embedding as float32 bytes from model ``model`` (``None``: no
+    vector, lexical search only).
+    """
+
+    namespace: str
+    key: str
+    value: bytes
+    text: str | None
+    metadata: bytes | None
+    expires_at: float | None
+    if_version: int | None
+    index_text: str | None = None
+    vector: bytes | None = None
+    model: str | None = None
+    #: The type of the write's feed event (None: ``item.put``); the core names its own
+    #: records' changes with it (e.g. ``agent.down`` in ``_agents``).
+    event: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class IndexEntry:
+    """A search-index row to store for (namespace, key) if the item is still at ``version``."""
+
+    namespace: str
+    key: str
+    version: int
+    text: str | None
+    vector: bytes | None
+    model: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class DeleteWrite:
+    """Delete (namespace, key) if the current version is ``if_version`` (``None`` = any)."""
+
+    namespace: str
+    key: str
+    if_version: int | None
+    #: The type of the write's feed event (None: ``item.deleted``).
+    event: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class CheckWrite:
+    """Check, inside a :meth:`Backend.write_items` batch, that (namespace, key) is live
+    at ``if_version`` (0 = absent or expired), writing nothing there: a mismatch is a
+    Conflict like any write's and the whole batch writes nothing. The result is
+    ``True``; no event. (The core fences item writes with it: see core/leases.py.)"""
+
+    namespace: str
+    key: str
+    if_version: int
+
+
+@dataclass(slots=True, frozen=True)
+class SessionRow:
+    """A stored session. ``metadata`` and ``state`` are JSON bytes of objects."""
+
+    id: str
+    app: str
+    user: str | None
+    agent: str | None
+    created_by: str
+    metadata: bytes
+    state: bytes
+    state_version: int
+    messages: int
+    turns: int
+    tokens_in: int
+    tokens_out: int
+    cost: float
+    started_at: float
+    last_activity_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class NewMessage:
+    """A message to append; ``content`` and ``metadata`` are JSON bytes."""
+
+    role: str
+    content: bytes
+    tokens_in: int
+    tokens_out: int
+    cost: float
+    metadata: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class MessageRow:
+    """A stored message of a session's log."""
+
+    session_id: str
+    seq: int
+    role: str
+    content: bytes
+    author: str
+    created_at: float
+    tokens_in: int
+    tokens_out: int
+    cost: float
+    metadata: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class EventRow:
+    """A stored feed event; ``data`` is JSON bytes or ``None``."""
+
+    cursor: str
+    type: str
+    namespace: str
+    key: str | None
+    version: int | None
+    author: str
+    at: float
+    data: bytes | None
+
+
+#: Task states as stored. A ``ready`` task whose ``run_at`` is still ahead is what the
+#: public record calls ``delayed``.
+TASK_STATES = ("ready", "running", "completed", "dead", "cancelled")
+#: States a task never leaves on its own (only :meth:`Backend.requeue_task` revives
+#: ``dead`` and ``cancelled`` ones).
+TASK_FINISHED = ("completed", "dead", "cancelled")
+#: The error recorded for an attempt whose lease ran out.
+LEASE_EXPIRED = "lease expired"
+
+
+@dataclass(slots=True, frozen=True)
+class TaskRow:
+    """A stored task of a queue (times in UNIX seconds).
+
+    ``attempt`` counts claims: 0 until first claimed, n while the n-th claim runs; it
+    is the fencing token of the worker that holds the task (a worker's heartbeat,
+    complete, fail or release names the attempt it holds, and is refused once the
+    task moved on). ``errors`` is a JSON array of ``{"attempt": int, "error": str,
+    "at": float, "worker": str}``, one per failed or expired attempt, oldest first.
+    ``lease`` is the length (seconds) of the current or last claim's lease;
+    ``lease_until`` when it ends (``None`` unless running).
+    """
+
+    id: str
+    queue: str
+    state: str
+    payload: bytes
+    result: bytes | None
+    priority: int
+    run_at: float
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    backoff: float
+    lease: float
+    lease_until: float | None
+    idempotency_key: str | None
+    submitted_by: str
+    claimed_by: str | None
+    errors: bytes
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+
+@dataclass(slots=True, frozen=True)
+class TaskStats:
+    """Counts of one queue's tasks by state at a time ``now``: ``ready`` are due
+    (``run_at <= now``), ``delayed`` are ready but not yet due; ``oldest_ready_at`` is
+    the smallest ``run_at`` of the due ones (None when there are none)."""
+
+    ready: int
+    delayed: int
+    running: int
+    completed: int
+    dead: int
+    cancelled: int
+    oldest_ready_at: float | None
+
+
+def task_namespace(queue: str) -> str:
+    """The feed namespace of a queue's task events: ``_tasks/<queue>``."""
+    return f"_tasks/{queue}"
+
+
+def add_task_error(errors: bytes, attempt: int, error: str, at: float, worker: str | None) -> bytes:
+    """``errors`` (a TaskRow's JSON array) with one more attempt's error appended."""
+    entries = orjson.loads(errors) if errors else []
+    entries.append({"attempt": attempt, "error": error, "at": at, "worker": worker or ""})
+    return orjson.dumps(entries)
+
+
+def prefix_range(prefix: str) -> tuple[str, str, str]:
+    """``(prefix, low, high)``: a namespace is at or under ``prefix`` when it equals
+    ``prefix`` or lies in ``[low, high)`` (``prefix + "/"`` .. ``prefix + "0"``; ``"0"``
+    follows ``"/"`` in code-point order, so this is one index range). Every engine's
+    prefix condition uses it; their text comparisons are bytewise (SQLite BINARY,
+    PostgreSQL ``COLLATE "C"``, Redis lexicographic ranges)."""
+    return prefix, prefix + "/", prefix + "0"
+
+
+def key_range(key_prefix: str) -> tuple[str, str | None]:
+    """``(low, high)``: a key starts with ``key_prefix`` when it lies in ``[low, high)``;
+    ``high`` is None when no string bounds it (an empty prefix, or one of U+10FFFF only).
+    ``high`` is ``key_prefix`` with its last code point raised by one after dropping
+    trailing U+10FFFF (bytewise UTF-8 order is code-point order); a raised code point
+    that falls on a surrogate skips to U+E000."""
+    stem = key_prefix.rstrip("\U0010ffff")
+    if not stem:
+        return key_prefix, None
+    nxt = ord(stem[-1]) + 1
+    if 0xD800 <= nxt <= 0xDFFF:
+        nxt = 0xE000
+    return key_prefix, stem[:-1] + chr(nxt)
+
+
+def version_conflict(
+    w: PutWrite | DeleteWrite | CheckWrite, current: int, index: int, count: int
+) -> Conflict:
+    """The :class:`~hivemem.errors.Conflict` of write ``index`` (of ``count`` in one call)
+    whose ``if_version`` is not ``current`` (0 = absent): field ``if_version`` for a
+    single write, ``ops.<index>.if_version`` in a batch."""
+    return Conflict(
+        f"{w.namespace}/{w.key} is at version {current}, not {w.if_version}"
+        if current
+        else f"{w.namespace}/{w.key} does not exist (version 0); if_version was {w.if_version}",
+        field=f"ops.{index}.if_version" if count > 1 else "if_version",
+        current_version=current,
+    )
+
+
+def state_conflict(session_id: str, current: int, if_version: int | None) -> Conflict:
+    """The Conflict of a session state save whose ``if_version`` is not ``current``."""
+    return Conflict(
+        f"session {session_id!r} state is at version {current}, not {if_version}",
+        field="if_version",
+        current_version=current,
+    )
