@@ -15,9 +15,11 @@ import dataclasses
 import enum
 import math
 import re
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import orjson
+from pydantic import ValidationError
 
 from hivemem.config import Settings
 from hivemem.errors import InvalidInput, TooLarge
@@ -396,3 +398,32 @@ def optional_wait(value: object, field: str = "wait") -> float:
     if value is None:
         return 0.0
     return seconds(value, field, low=0.0, high=86400.0, zero_ok=True)
+
+
+def error_field(loc: Sequence[Any], prefix: str = "") -> str:
+    """The field a pydantic error location names, dotted: ``('ops', 0, 'ttl')`` ->
+    ``ops.0.ttl``. FastAPI's request part comes first and is dropped (``('body', 'ttl')``
+    -> ``ttl``); a header keeps its canonical name (``X-Hivemem-Agent``). ``prefix`` goes
+    before it (``messages.3`` + ``role`` -> ``messages.3.role``); an empty location names
+    ``prefix``, else ``body``."""
+    parts = [str(p) for p in loc]
+    if len(parts) == 2 and parts[0] == "header":
+        return "-".join(word.capitalize() for word in parts[1].split("-"))
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    name = ".".join(parts)
+    if prefix:
+        return f"{prefix}.{name}" if name else prefix
+    return name or "body"
+
+
+def invalid_input(exc: ValidationError, *, prefix: str = "", what: str = "") -> InvalidInput:
+    """The :class:`~hivemem.errors.InvalidInput` for a pydantic ``ValidationError``: its
+    first error, the field named by :func:`error_field` (``prefix`` before it), the
+    message after ``what`` (e.g. ``"invalid setting: "``) when given, else after the
+    field's name. A malformed JSON body (``json_invalid``) names field ``body``."""
+    err = exc.errors()[0]
+    if err.get("type") == "json_invalid":
+        return InvalidInput(f"malformed JSON body: {err.get('msg')}", field="body")
+    field = error_field(err.get("loc", ()), prefix)
+    return InvalidInput(f"{what or field + ': '}{err.get('msg')}", field=field)
