@@ -118,9 +118,20 @@ class Backend(ABC):
 
     @abstractmethod
     async def list_items(
-        self, prefix: str, after: tuple[str, str] | None, limit: int, now: float
+        self,
+        prefix: str,
+        after: tuple[str, str] | None,
+        limit: int,
+        now: float,
+        *,
+        key_prefix: str | None = None,
     ) -> list[ItemRow]:
-        """Live items at or under ``prefix`` ("" = all) after (namespace, key), in order."""
+        """Live items at or under ``prefix`` ("" = all) after (namespace, key), in order.
+
+        With ``key_prefix`` (a string, possibly empty) only the items of namespace
+        ``prefix`` itself (never ""; not the ones under it) whose key starts with
+        ``key_prefix``: keys in :func:`~hivemem.backends.rows.key_range`, one index
+        range on every engine."""
 
     @abstractmethod
     async def list_namespaces(self, prefix: str, now: float) -> list[str]:
@@ -134,15 +145,27 @@ class Backend(ABC):
     async def sweep(
         self, now: float, events_before: float, requests_before: float
     ) -> tuple[int, int]:
-        """Delete items expired at ``now`` (with ``item.expired`` events), events
+        """Delete items expired at ``now`` (with ``item.expired`` events), sessions
+        expired at ``now`` (:func:`~hivemem.backends.rows.session_expired`; with their
+        messages and a ``session.expired`` event, namespace ``_sessions/<id>``), events
         older than ``events_before`` and request-id results stored before
-        ``requests_before``. Returns (items expired, events trimmed)."""
+        ``requests_before``. Returns (items and sessions expired, events trimmed)."""
 
     # Sessions
 
     @abstractmethod
     async def create_session(self, row: SessionRow, *, request_id: str | None = None) -> SessionRow:
-        """Insert a session (event ``session.created``). Raises Conflict on a duplicate id."""
+        """Insert a session (event ``session.created``). Raises Conflict on a duplicate id
+        (an expired session not yet swept still holds its id).
+
+        Session TTL: ``row.ttl`` (seconds, None = never) is stored with the session; the
+        session expires ``ttl`` seconds after ``last_activity_at``, which every append
+        and state save moves to its ``now`` (a sliding expiry). Once expired at a call's
+        ``now``, :meth:`append_messages`, :meth:`read_messages` (at the time it is
+        called), :meth:`save_state` and :meth:`delete_session` treat it as absent
+        (NotFound / False) and write nothing; :meth:`get_session` still returns the row
+        (the core hides it, see :func:`~hivemem.backends.rows.session_expired`);
+        :meth:`list_sessions` leaves it out; :meth:`sweep` deletes it."""
 
     @abstractmethod
     async def get_session(self, session_id: str) -> SessionRow | None:
@@ -150,9 +173,16 @@ class Backend(ABC):
 
     @abstractmethod
     async def list_sessions(
-        self, app: str | None, user: str | None, agent: str | None, after: str | None, limit: int
+        self,
+        app: str | None,
+        user: str | None,
+        agent: str | None,
+        after: str | None,
+        limit: int,
+        now: float,
     ) -> list[SessionRow]:
-        """Sessions matching every given identifier with id > ``after``, by id."""
+        """Sessions matching every given identifier with id > ``after``, by id, leaving
+        out those expired at ``now``."""
 
     @abstractmethod
     async def delete_session(

@@ -31,6 +31,7 @@ __all__ = [
     "add_task_error",
     "key_range",
     "prefix_range",
+    "session_expired",
     "state_conflict",
     "task_namespace",
     "version_conflict",
@@ -132,6 +133,8 @@ class SessionRow:
     cost: float
     started_at: float
     last_activity_at: float
+    #: Seconds of inactivity after which the session expires; None = never.
+    ttl: float | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -285,6 +288,12 @@ def version_conflict(
         field=f"ops.{index}.if_version" if count > 1 else "if_version",
         current_version=current,
     )
+
+
+def session_expired(row: SessionRow, now: float) -> bool:
+    """Whether ``row`` has expired at ``now``: it has a ``ttl`` and ``last_activity_at +
+    ttl <= now`` (the boundary is expired, as for items)."""
+    return row.ttl is not None and row.last_activity_at + row.ttl <= now
 
 
 def state_conflict(session_id: str, current: int, if_version: int | None) -> Conflict:
