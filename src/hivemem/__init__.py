@@ -10,6 +10,7 @@ The same methods, return types and exceptions work for every URL.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from hivemem.config import Settings
@@ -93,8 +94,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+#: The store or service :func:`connect` opens when given no URL and ``HIVEMEM_URL`` is unset.
+DEFAULT_URL = "sqlite:///hive.db"
+
+
 def connect(
-    url: str = "sqlite:///hive.db",
+    url: str | None = None,
     *,
     agent: str = "anonymous",
     api_key: str | SecretStr | None = None,
@@ -106,6 +111,8 @@ def connect(
         url: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
             ``sqlite://:memory:`` (private to this Hive object), ``http://host:port``,
             or several ``http://`` URLs separated by commas (replicas of one service).
+            ``None`` (the default) takes the environment variable ``HIVEMEM_URL`` (what
+            the ``hivemem`` command uses too), else :data:`DEFAULT_URL` (``./hive.db``).
         agent: the identity stamped as author of this hive's writes (one namespace
             segment: letters, digits, ``_ - . : @ +``).
         api_key: for ``http(s)`` URLs, the key sent as ``Authorization: Bearer <key>``
@@ -125,6 +132,7 @@ def connect(
             ``api_key``, the key is never shown) or an unreadable ``client_ca_file``.
     """
     settings = settings or Settings()
+    url = url or os.environ.get("HIVEMEM_URL") or DEFAULT_URL
     scheme = url.split(":", 1)[0].lower()
     if scheme in ("http", "https"):
         from hivemem.client.remote import RemoteHive
@@ -172,7 +180,7 @@ def open_backend(url: str, settings: Settings) -> Backend:
 
 
 def connect_sync(
-    url: str = "sqlite:///hive.db",
+    url: str | None = None,
     *,
     agent: str = "anonymous",
     api_key: str | SecretStr | None = None,
@@ -187,7 +195,8 @@ def connect_sync(
         url: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
             ``sqlite://:memory:`` (private to this hive), ``http://host:port``, several
             ``http://`` URLs separated by commas (replicas of one service), or a store URL
-            (``postgresql://...``, ``redis://...``).
+            (``postgresql://...``, ``redis://...``). ``None`` (the default) takes
+            ``HIVEMEM_URL``, else :data:`DEFAULT_URL`.
         agent: the identity stamped as author of this hive's writes (one namespace
             segment: letters, digits, ``_ - . : @ +``).
         api_key: for ``http(s)`` URLs, the key sent as ``Authorization: Bearer <key>``;

@@ -223,14 +223,27 @@ class Hive(ABC):
 
     @abstractmethod
     async def list(
-        self, prefix: str = "", *, limit: int = 100, cursor: str | None = None
+        self,
+        prefix: str = "",
+        *,
+        key_prefix: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
     ) -> Page[Item]:
         """Items whose namespace is ``prefix`` or under it, ordered by (namespace, key).
 
         Args:
             prefix: a namespace, or ``""`` for every namespace.
+            key_prefix: list only the items of namespace ``prefix`` itself (not the
+                namespaces under it) whose key starts with this string (``""``: all of
+                that namespace's items). One index range on every store.
             limit: page size, 1..``max_page_size`` (1000).
             cursor: ``next_cursor`` of the previous page.
+
+        Raises:
+            InvalidInput: a malformed prefix or key prefix (a key prefix has a key's
+                rules but may be empty), ``key_prefix`` with ``prefix=""`` (field
+                ``prefix``), a limit out of range, a cursor made by another call.
         """
 
     @abstractmethod
@@ -326,6 +339,7 @@ class Hive(ABC):
         session_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         state: dict[str, Any] | None = None,
+        ttl: float | None = None,
     ) -> Session:
         """Create a session.
 
@@ -333,9 +347,16 @@ class Hive(ABC):
             app, user, agent: identifiers (one namespace segment each) to list by.
             session_id: your own id (one segment); a new id is made if ``None``.
             state: an initial state document (saved as state version 1).
+            ttl: seconds of inactivity after which the session expires, with its
+                messages (sliding: every append and state save restarts it; at most
+                ``max_ttl_seconds``); ``None`` = never. An expired session is absent
+                to every call (NotFound); the sweeper deletes it with a
+                ``session.expired`` event.
 
         Raises:
-            Conflict: a session with ``session_id`` exists.
+            Conflict: a session with ``session_id`` exists (an expired one not yet
+                swept still holds its id).
+            InvalidInput: a malformed identifier, document or ttl (named field).
         """
 
     @abstractmethod

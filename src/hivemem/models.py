@@ -120,6 +120,14 @@ class Session(_Record):
     cost: float = Field(description="Sum of cost over all messages (caller's currency).")
     started_at: datetime
     last_activity_at: datetime
+    ttl: float | None = Field(
+        default=None,
+        description="Seconds of inactivity after which the session expires (sliding: every "
+        "append and state save restarts it); null = never.",
+    )
+    expires_at: datetime | None = Field(
+        default=None, description="last_activity_at + ttl; null without a ttl."
+    )
 
 
 class MessageIn(_Record):

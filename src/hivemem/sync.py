@@ -325,20 +325,33 @@ class SyncHive:
 
         return self._portal.call(run)
 
-    def list(self, prefix: str = "", *, limit: int = 100, cursor: str | None = None) -> Page[Item]:
+    def list(
+        self,
+        prefix: str = "",
+        *,
+        key_prefix: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page[Item]:
         """One page of the items whose namespace is ``prefix`` or under it, by (namespace, key).
 
         Args:
             prefix: a namespace (matched by whole segments), or ``""`` for every namespace.
+            key_prefix: list only namespace ``prefix`` itself, the items whose key starts
+                with this string (``""``: all of its items).
             limit: page size, 1..``max_page_size`` (1000).
             cursor: ``next_cursor`` of the previous page; ``None`` for the first page.
 
         Returns:
             A :class:`Page` of :class:`Item`; its ``next_cursor`` is ``None`` on the last page.
+
+        Raises:
+            InvalidInput: a malformed prefix or key prefix, ``key_prefix`` with
+                ``prefix=""``, a limit out of range, a foreign cursor.
         """
 
         async def run() -> Page[Item]:
-            return await self._hive.list(prefix, limit=limit, cursor=cursor)
+            return await self._hive.list(prefix, key_prefix=key_prefix, limit=limit, cursor=cursor)
 
         return self._portal.call(run)
 
@@ -468,6 +481,7 @@ class SyncHive:
         session_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         state: dict[str, Any] | None = None,
+        ttl: float | None = None,
     ) -> Session:
         """Create a conversation session.
 
@@ -478,12 +492,15 @@ class SyncHive:
             session_id: your own id (one segment); a new one is made when ``None``.
             metadata: a JSON object stored with the session.
             state: an initial state document (saved as state version 1).
+            ttl: seconds of inactivity after which the session expires with its
+                messages (every append and state save restarts it); ``None`` = never.
 
         Returns:
             The new :class:`Session` (counters at 0).
 
         Raises:
             Conflict: a session with ``session_id`` exists.
+            InvalidInput: a malformed identifier, document or ttl (named field).
         """
 
         async def run() -> Session:
@@ -494,6 +511,7 @@ class SyncHive:
                 session_id=session_id,
                 metadata=metadata,
                 state=state,
+                ttl=ttl,
             )
 
         return self._portal.call(run)

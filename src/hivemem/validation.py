@@ -107,6 +107,13 @@ def key(value: object, settings: Settings, *, field: str = "key") -> str:
     return value
 
 
+def key_prefix(value: object, settings: Settings, *, field: str = "key_prefix") -> str:
+    """Check a key prefix: as :func:`key`, but it may be empty (every key)."""
+    if value == "":
+        return ""
+    return key(value, settings, field=field)
+
+
 def to_json(value: Any, field: str, limit: int | None = None) -> bytes:
     """Encode a JSON value with orjson, enforcing a size limit in bytes.
 

@@ -390,3 +390,40 @@ async def test_put_events_carry_the_written_versions(hive: hivemem.Hive, ns: str
         ("item.put", ns, "k", 1, "tester"),
         ("item.put", ns, "k", 2, "tester"),
     ]
+
+
+async def test_list_with_a_key_prefix_lists_one_namespace_by_key(
+    hive: hivemem.Hive, ns: str
+) -> None:
+    keys = ["mem-1", "mem-2", "mem-10", "memo", "me", "other", "mem-é", "mem-\U0010ffff"]
+    for k in keys:
+        await hive.put(ns, k, k)
+    await hive.put(f"{ns}/sub", "mem-3", "under it, not in it")
+    await hive.put(f"{ns}x", "mem-4", "a sibling namespace")
+
+    page = await hive.list(ns, key_prefix="mem-")
+    assert [i.key for i in page.items] == sorted(k for k in keys if k.startswith("mem-"))
+    assert page.next_cursor is None
+    assert [i.key for i in (await hive.list(ns, key_prefix="")).items] == sorted(keys)
+    assert (await hive.list(ns, key_prefix="zzz")).items == []
+    assert [i.key for i in (await hive.list(ns, key_prefix="mem-\U0010ffff")).items] == [
+        "mem-\U0010ffff"
+    ]
+
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await hive.list(ns, key_prefix="me", limit=2, cursor=cursor)
+        assert len(page.items) <= 2
+        seen += [i.key for i in page.items]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == sorted(k for k in keys if k.startswith("me"))
+
+
+async def test_list_with_a_key_prefix_skips_expired_items(hive: hivemem.Hive, ns: str) -> None:
+    await hive.put(ns, "doc-1", "stays")
+    await hive.put(ns, "doc-2", "soon gone", ttl=0.3)
+    await asyncio.sleep(0.5)
+    assert [i.key for i in (await hive.list(ns, key_prefix="doc-")).items] == ["doc-1"]

@@ -208,3 +208,50 @@ async def test_delete_session_removes_it_and_its_messages(hive: hivemem.Hive) ->
     again = await hive.create_session(app=app, session_id=sid)
     assert again.messages == 0
     assert await hive.get_messages(sid) == []
+
+
+async def test_a_session_with_a_ttl_says_when_it_expires(hive: hivemem.Hive) -> None:
+    forever = await hive.create_session(app=new_id("app"))
+    assert (forever.ttl, forever.expires_at) == (None, None)
+    timed = await hive.create_session(app=new_id("app"), ttl=3600)
+    assert timed.ttl == 3600
+    assert timed.expires_at is not None
+    assert abs((timed.expires_at - timed.last_activity_at).total_seconds() - 3600) < 0.01
+    got = await hive.get_session(timed.id)
+    assert (got.ttl, got.expires_at) == (timed.ttl, timed.expires_at)
+
+
+async def test_an_expired_session_is_absent_to_every_call(hive: hivemem.Hive) -> None:
+    app = new_id("app")
+    sid = new_id()
+    await hive.create_session(app=app, session_id=sid, ttl=0.3)
+    keep = await hive.create_session(app=app)
+    await hive.append_messages(sid, [MessageIn(role="user", content="hi")])
+    await asyncio.sleep(0.5)
+
+    with pytest.raises(NotFound):
+        await hive.get_session(sid)
+    with pytest.raises(NotFound):
+        await hive.append_messages(sid, [MessageIn(role="user", content="late")])
+    with pytest.raises(NotFound):
+        await hive.get_messages(sid)
+    with pytest.raises(NotFound):
+        await hive.save_state(sid, {"late": True})
+    assert [s.id for s in (await hive.list_sessions(app=app)).items] == [keep.id]
+    assert await hive.delete_session(sid) is False
+    # An expired id stays taken until the sweeper deletes the session.
+    with pytest.raises(NotFound):
+        await hive.get_session(sid)
+
+
+async def test_appends_and_state_saves_restart_a_sessions_ttl(hive: hivemem.Hive) -> None:
+    session = await hive.create_session(app=new_id("app"), ttl=0.8)
+    for turn in range(3):  # 1.5 s in all, never 0.8 s idle
+        await asyncio.sleep(0.5)
+        await hive.append_messages(session.id, [MessageIn(role="user", content=turn)])
+    await asyncio.sleep(0.5)
+    saved = await hive.save_state(session.id, {"step": 3})
+    assert saved.expires_at is not None and saved.expires_at > session.expires_at  # type: ignore[operator]
+    await asyncio.sleep(0.5)
+    got = await hive.get_session(session.id)
+    assert got.messages == 3 and got.state == {"step": 3}

@@ -35,6 +35,14 @@ MiB = 1024 * 1024
 
 Call = Callable[[hivemem.Hive, str], Awaitable[Any]]
 
+
+def _session_with_ttl(ttl: Any) -> Call:
+    async def call(h: hivemem.Hive, ns: str) -> Any:
+        return await h.create_session(app=ns, ttl=ttl)
+
+    return call
+
+
 # (id, call, expected error class, expected .field)
 CASES: list[tuple[str, Call, type[hivemem.HivememError], str]] = [
     ("namespace-space", lambda h, ns: h.put(f"{ns}/bad ns", "k", 1), InvalidInput, "namespace"),
@@ -142,6 +150,27 @@ CASES: list[tuple[str, Call, type[hivemem.HivememError], str]] = [
         "session_id",
     ),
     ("session-bad-app", lambda h, ns: h.create_session(app="a/b"), InvalidInput, "app"),
+    *[
+        (f"session-ttl-{name}", _session_with_ttl(ttl), InvalidInput, "ttl")
+        for name, ttl in [
+            ("zero", 0),
+            ("negative", -1),
+            ("nan", float("nan")),
+            ("infinite", float("inf")),
+            ("string", "60"),
+            ("bool", True),
+            ("over-max", 1e12),
+        ]
+    ],
+    ("key-prefix-no-namespace", lambda h, ns: h.list("", key_prefix="a"), InvalidInput, "prefix"),
+    ("key-prefix-slash", lambda h, ns: h.list(ns, key_prefix="a/b"), InvalidInput, "key_prefix"),
+    (
+        "key-prefix-control",
+        lambda h, ns: h.list(ns, key_prefix="a\x00"),
+        InvalidInput,
+        "key_prefix",
+    ),
+    ("key-prefix-number", lambda h, ns: h.list(ns, key_prefix=7), InvalidInput, "key_prefix"),
 ]
 
 

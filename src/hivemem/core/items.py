@@ -217,9 +217,20 @@ class ItemsMixin(Area):
         return bool(deleted)
 
     async def list(
-        self, prefix: str = "", *, limit: int = 100, cursor: str | None = None
+        self,
+        prefix: str = "",
+        *,
+        key_prefix: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
     ) -> Page[Item]:
         check.namespace(prefix, self._settings, field="prefix", allow_empty=True)
+        if key_prefix is not None:
+            check.key_prefix(key_prefix, self._settings)
+            if prefix == "":
+                raise InvalidInput(
+                    "key_prefix lists one namespace: prefix must name it", field="prefix"
+                )
         check.limit(limit, self._settings)
         after = cursors.decode(cursor)
         if after is not None and not (
@@ -227,18 +238,27 @@ class ItemsMixin(Area):
         ):
             raise InvalidInput("cursor was not made by list()", field="cursor")
         await self._ready()
+        if key_prefix is None:
+            roots = self._roots("read", prefix)
+        else:  # one namespace: readable or empty
+            roots = [prefix] if self._may("read", prefix) else []
         rows, last = await self._visible_items(
-            self._roots("read", prefix), None if after is None else (after[0], after[1]), limit
+            roots, None if after is None else (after[0], after[1]), limit, key_prefix
         )
         next_cursor = None if last is None else cursors.encode(list(last))
         return Page[Item](items=[to_item(r) for r in rows], next_cursor=next_cursor)
 
     async def _visible_items(
-        self, roots: builtins.list[str], after: tuple[str, str] | None, limit: int
+        self,
+        roots: builtins.list[str],
+        after: tuple[str, str] | None,
+        limit: int,
+        key_prefix: str | None = None,
     ) -> tuple[builtins.list[ItemRow], tuple[str, str] | None]:
         """Up to ``limit`` live items under ``roots`` after ``after`` that this view may
         read (never hivemem's own ``_`` namespaces), in (namespace, key) order, and the
-        position to continue from (None at the end).
+        position to continue from (None at the end). With ``key_prefix``, ``roots`` is
+        one namespace and only its keys starting with ``key_prefix`` are listed.
 
         Rows the view may not read are skipped; after scanning
         ``_SCAN_PAGES`` x ``limit`` rows without filling the page, the page is returned
@@ -251,7 +271,9 @@ class ItemsMixin(Area):
         while roots and budget > 0:
             want = min(limit, budget)
             if len(roots) == 1:
-                batch = await self._backend.list_items(roots[0], position, want, now)
+                batch = await self._backend.list_items(
+                    roots[0], position, want, now, key_prefix=key_prefix
+                )
             else:  # merge the roots' orders; each answers up to ``want`` after position
                 parts = await asyncio.gather(
                     *(self._backend.list_items(r, position, want, now) for r in roots)
@@ -389,7 +411,5 @@ def _coerce_op(op: Any, index: int) -> PutOp | DeleteOp:
         try:
             return model.model_validate(op)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise InvalidInput(f"{err['msg']}", field=f"ops.{index}.{loc}") from None
+            raise check.invalid_input(exc, prefix=f"ops.{index}") from None
     raise InvalidInput("each operation must be a PutOp, DeleteOp or dict", field=f"ops.{index}")

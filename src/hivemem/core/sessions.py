@@ -12,7 +12,7 @@ import orjson
 from pydantic import ValidationError
 
 from hivemem import validation as check
-from hivemem.backends.rows import MessageRow, NewMessage, SessionRow
+from hivemem.backends.rows import MessageRow, NewMessage, SessionRow, session_expired
 from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
 from hivemem.errors import InvalidInput, NotFound
@@ -47,6 +47,8 @@ def to_session(row: SessionRow) -> Session:
         cost=row.cost,
         started_at=timestamp(row.started_at),
         last_activity_at=timestamp(row.last_activity_at),
+        ttl=row.ttl,
+        expires_at=None if row.ttl is None else timestamp(row.last_activity_at + row.ttl),
     )
 
 
@@ -84,7 +86,7 @@ class SessionsMixin(Area):
         if self._access is None:
             return
         row = await self._backend.get_session(session_id)
-        if row is None or not self._may_session(row):
+        if row is None or not self._may_session(row) or session_expired(row, self._now()):
             raise NotFound(f"no session {session_id!r}", field="session_id")
 
     async def create_session(
@@ -96,9 +98,12 @@ class SessionsMixin(Area):
         session_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         state: dict[str, Any] | None = None,
+        ttl: float | None = None,
     ) -> Session:
         s = self._settings
         now = self._now()
+        if ttl is not None:
+            ttl = check.ttl(ttl, settings=s)
         row = SessionRow(
             id=new_session_id() if session_id is None else self._session_id(session_id),
             app=check.segment(app, "app", s),
@@ -115,6 +120,7 @@ class SessionsMixin(Area):
             cost=0.0,
             started_at=now,
             last_activity_at=now,
+            ttl=ttl,
         )
         self._must("sessions", session_namespace(row.app, row.user), "app")
         request_id = self._scoped_request_id(
@@ -125,6 +131,7 @@ class SessionsMixin(Area):
             row.agent,
             row.metadata,
             row.state if state is not None else None,
+            ttl,
         )
         await self._ready()
         return to_session(
@@ -135,7 +142,7 @@ class SessionsMixin(Area):
         session_id = self._session_id(session_id)
         await self._ready()
         row = await self._backend.get_session(session_id)
-        if row is None or not self._may_session(row):
+        if row is None or not self._may_session(row) or session_expired(row, self._now()):
             raise NotFound(f"no session {session_id!r}", field="session_id")
         return to_session(row)
 
@@ -162,7 +169,7 @@ class SessionsMixin(Area):
         out: builtins.list[SessionRow] = []
         budget = _SCAN_PAGES * limit
         while True:
-            rows = await self._backend.list_sessions(app, user, agent, after, limit)
+            rows = await self._backend.list_sessions(app, user, agent, after, limit, self._now())
             budget -= len(rows)
             for row in rows:
                 after = row.id
@@ -220,9 +227,7 @@ class SessionsMixin(Area):
             try:
                 message = MessageIn.model_validate(message)
             except ValidationError as exc:
-                err = exc.errors()[0]
-                loc = ".".join(str(p) for p in err["loc"])
-                raise InvalidInput(err["msg"], field=f"{field}.{loc}") from None
+                raise check.invalid_input(exc, prefix=field) from None
         if not isinstance(message, MessageIn):
             raise InvalidInput("each message must be a MessageIn or dict", field=field)
         s = self._settings
