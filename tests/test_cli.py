@@ -18,7 +18,8 @@ import pytest
 import typer
 from typer.testing import CliRunner, Result
 
-from hivemem.cli import _fail, app
+from hivemem.cli import app
+from hivemem.cli.common import fail
 from hivemem.errors import Conflict
 
 from .conftest import ServiceProcess
@@ -138,6 +139,36 @@ def test_ls_pages_with_cursor_and_all(cli: Cli) -> None:
     assert every["next_cursor"] is None
 
 
+def test_ls_with_key_prefix_lists_the_matching_keys_of_that_namespace_only(cli: Cli) -> None:
+    for namespace, key in [("t", "note-1"), ("t", "note-2"), ("t", "todo"), ("t/sub", "note-3")]:
+        ok(cli("put", namespace, key, "1"))
+    listed = as_json(cli("ls", "t", "--key-prefix", "note-", "--json"))
+    assert [(i["namespace"], i["key"]) for i in listed["items"]] == [
+        ("t", "note-1"),
+        ("t", "note-2"),
+    ]
+    every = as_json(cli("ls", "t", "--key-prefix", "", "--json"))
+    assert [i["key"] for i in every["items"]] == ["note-1", "note-2", "todo"]
+
+
+def test_ls_with_key_prefix_pages_with_cursor(cli: Cli) -> None:
+    for key in ("a1", "a2", "a3", "b1"):
+        ok(cli("put", "t", key, "1"))
+    first = as_json(cli("ls", "t", "--key-prefix", "a", "--limit", "2", "--json"))
+    assert [i["key"] for i in first["items"]] == ["a1", "a2"]
+    args = ["ls", "t", "--key-prefix", "a", "--limit", "2", "--cursor", first["next_cursor"]]
+    rest = as_json(cli(*args, "--json"))
+    assert [i["key"] for i in rest["items"]] == ["a3"]
+    assert rest["next_cursor"] is None
+
+
+def test_ls_with_key_prefix_but_no_namespace_exits_2_naming_the_field(cli: Cli) -> None:
+    result = cli("ls", "--key-prefix", "note")
+    assert result.exit_code == 2
+    assert "field: prefix" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_ns_lists_namespaces_cut_to_a_depth(cli: Cli) -> None:
     ok(cli("put", "team/a", "k", "1"))
     ok(cli("put", "team/b/c", "k", "1"))
@@ -233,6 +264,30 @@ def test_session_state_shows_saves_and_checks_the_version(cli: Cli) -> None:
     assert stale.exit_code == 2 and "if_version" in stale.stderr
     not_object = cli("session", "state", "s", "[1, 2]")
     assert not_object.exit_code == 2 and "field: state" in not_object.stderr
+
+
+def test_session_create_with_ttl_shows_the_ttl_and_when_it_expires(cli: Cli) -> None:
+    created = as_json(cli("session", "create", "--app", "a", "--id", "s", "--ttl", "90", "--json"))
+    assert created["ttl"] == 90
+    assert created["expires_at"] is not None
+    shown = ok(cli("session", "get", "s")).stdout
+    assert "90 s" in shown and "expires_at" in shown
+    assert "expires" in ok(cli("session", "ls")).stdout
+
+
+def test_a_session_without_ttl_shows_no_ttl_or_expiry(cli: Cli) -> None:
+    created = as_json(cli("session", "create", "--app", "a", "--id", "s", "--json"))
+    assert (created["ttl"], created["expires_at"]) == (None, None)
+    assert "expires" not in ok(cli("session", "get", "s")).stdout
+    assert "expires" not in ok(cli("session", "ls")).stdout
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "nan"])
+def test_session_create_with_a_bad_ttl_exits_2_naming_the_field(cli: Cli, ttl: str) -> None:
+    result = cli("session", "create", "--app", "a", "--id", "s", "--ttl", ttl)
+    assert result.exit_code == 2
+    assert "field: ttl" in result.stderr
+    assert cli("session", "get", "s").exit_code == 1
 
 
 def test_session_commands_on_a_missing_session_exit_1(cli: Cli) -> None:
@@ -390,12 +445,12 @@ def test_a_conflict_message_without_its_version_gets_it_appended(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with pytest.raises(typer.Exit) as exited:
-        _fail(Conflict("someone else wrote first", field="if_version", current_version=7))
+        fail(Conflict("someone else wrote first", field="if_version", current_version=7))
     assert exited.value.exit_code == 2
     err = capsys.readouterr().err
     assert "someone else wrote first (field: if_version) (current version: 7)" in err
     with pytest.raises(typer.Exit):
-        _fail(Conflict("agent 'x' already exists", field="name"))
+        fail(Conflict("agent 'x' already exists", field="name"))
     assert "version" not in capsys.readouterr().err
 
 
