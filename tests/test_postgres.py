@@ -24,6 +24,7 @@ from hivemem.backends import postgres as pg_package
 from hivemem.backends.filters import Condition, row_matches
 from hivemem.backends.postgres import PostgresBackend
 from hivemem.backends.postgres import backend as pg_backend
+from hivemem.backends.postgres import engine as pg_engine
 from hivemem.backends.postgres import schema as pg_schema
 from hivemem.backends.rows import DeleteWrite, IndexEntry, ItemRow, NewMessage, PutWrite, SessionRow
 from tests.conftest import free_port
@@ -709,3 +710,249 @@ async def test_server_gone_is_unavailable_and_the_pool_recovers() -> None:
 
 def test_package_exports_the_backend() -> None:
     assert pg_package.PostgresBackend is PostgresBackend
+
+
+# Session TTL and key prefixes (the behaviour on every SQL engine: test_sqlite_store.py) ----
+
+
+async def test_an_existing_database_migrates_and_its_sessions_never_expire(
+    fresh_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    migrations = list(pg_schema.MIGRATIONS)
+    monkeypatch.setattr(pg_schema, "MIGRATIONS", migrations[:2])
+    async with opened(fresh_url):
+        pass
+    with psycopg.connect(fresh_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO hivemem_sessions (id, app, created_by, metadata, state, state_version, "
+            "messages, turns, tokens_in, tokens_out, cost, started_at, last_activity_at) "
+            "VALUES ('old', 'app', 't', '{}', '{}', 0, 0, 0, 0, 0, 0, 1, 1)"
+        )
+    monkeypatch.setattr(pg_schema, "MIGRATIONS", migrations)
+    async with opened(fresh_url) as (b,):
+        row = await b.get_session("old")
+        assert row is not None and row.ttl is None
+        now = time.time()
+        assert [r.id for r in await b.list_sessions("app", None, None, None, 10, now)] == ["old"]
+        assert await b.sweep(now, 0.0, 0.0) == (0, 0)
+    assert schema_versions(fresh_url) == list(range(1, len(migrations) + 1))
+
+
+async def explain(b: PostgresBackend, sql: str, args: Any) -> str:
+    async def run(c: psycopg.AsyncConnection[tuple[Any, ...]]) -> str:
+        cur = await c.execute(f"EXPLAIN {sql}", args)
+        return "\n".join(str(r[0]) for r in await cur.fetchall())
+
+    return await b._engine.read(run)
+
+
+async def test_the_sweep_finds_expired_sessions_through_their_index(fresh_url: str) -> None:
+    async with opened(fresh_url) as (b,):
+        with psycopg.connect(fresh_url, autocommit=True) as conn:
+            conn.execute(
+                f"INSERT INTO hivemem_sessions ({pg_schema.SESSION_COLS}) SELECT 's' || i, 'app', "
+                "NULL, NULL, 't', '{}', '{}', 0, 0, 0, 0, 0, 0, 1, 1, "
+                "CASE WHEN i % 1000 = 0 THEN 10 END FROM generate_series(1, 5000) AS i"
+            )
+            conn.execute("ANALYZE hivemem_sessions")
+        plan = await explain(b, pg_backend.EXPIRE_SESSIONS, {"now": 100.0, "batch": 1000})
+        assert "hivemem_sessions_expiry" in plan, plan
+        expired, _ = await b.sweep(100.0, 0.0, 0.0)
+        assert expired == 5
+
+
+async def test_a_key_prefix_listing_is_one_range_of_the_primary_key(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The statement list_items sends, explained: the key range is an index condition
+    on hivemem_items_pkey (text parameters compare with the columns' COLLATE "C")."""
+    ns = ns_()
+    async with opened(postgres_url) as (b,):
+        now = time.time()
+        for start in range(0, 2000, 500):
+            await b.write_items(
+                [put(ns, f"k{i:05d}", i) for i in range(start, start + 500)],
+                author="t",
+                now=now,
+                history_limit=0,
+            )
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("ANALYZE hivemem_items")
+        sent: list[tuple[str, Any]] = []
+        read = b._engine.read
+
+        async def recording(fn: Any, wait: float | None = None) -> Any:
+            async def run(c: Any) -> Any:
+                class Recorder:
+                    async def execute(self, sql: str, args: Any = None, **kw: Any) -> Any:
+                        sent.append((sql, args))
+                        return await c.execute(sql, args, **kw)
+
+                return await fn(Recorder())
+
+            return await read(run, wait)
+
+        monkeypatch.setattr(b._engine, "read", recording)
+        rows = await b.list_items(ns, (ns, "k00100"), 3, now, key_prefix="k001")
+        assert [r.key for r in rows] == ["k00101", "k00102", "k00103"]
+        monkeypatch.setattr(b._engine, "read", read)
+        ((sql, args),) = sent
+        plan = await explain(b, sql, args)
+    assert "Index Scan using hivemem_items_pkey" in plan, plan
+    (cond,) = [line for line in plan.splitlines() if "Index Cond" in line]
+    assert "key >=" in cond and "key <" in cond, plan
+
+
+async def test_a_sweep_racing_appends_leaves_each_session_whole_or_gone(fresh_url: str) -> None:
+    """Each append either wins (the session lives on, its messages counted) or finds the
+    session expired and swept (NotFound); no message outlives its session."""
+    t0 = time.time()
+    async with opened(fresh_url, 2) as (a, b):
+        rows = [
+            SessionRow(
+                f"s{i:03d}", "app", None, None, "t", b"{}", b"{}", 0, 0, 0, 0, 0, 0.0, t0, t0, 10.0
+            )
+            for i in range(40)
+        ]
+        for row in rows:
+            await a.create_session(row)
+        msg = NewMessage("user", b'"x"', 0, 0, 0.0, b"{}")
+
+        async def append(session_id: str) -> bool:
+            try:
+                await a.append_messages(session_id, [msg], author="t", now=t0 + 9.9)
+            except hivemem.NotFound:
+                return False
+            return True
+
+        async def sweeps() -> int:
+            swept = 0
+            for _ in range(5):
+                swept += (await b.sweep(t0 + 10.5, 0.0, 0.0))[0]
+                await asyncio.sleep(0)
+            return swept
+
+        *appended, swept = await asyncio.gather(*(append(r.id) for r in rows), sweeps())
+        swept += (await b.sweep(t0 + 10.5, 0.0, 0.0))[0]
+        assert swept == appended.count(False)
+        for row, kept in zip(rows, appended, strict=True):
+            found = await a.get_session(row.id)
+            assert (found is not None) == kept
+            if found is not None:
+                assert found.messages == 1 and found.last_activity_at == t0 + 9.9
+    with psycopg.connect(fresh_url) as conn:
+        orphans = conn.execute(
+            "SELECT count(*) FROM hivemem_messages m WHERE NOT EXISTS "
+            "(SELECT 1 FROM hivemem_sessions s WHERE s.id = m.session_id)"
+        ).fetchone()
+    assert orphans == (0,)
+
+
+# Retries --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flaky(postgres_url: str) -> Iterator[str]:
+    """The name of a new SQL function ``<name>(n)`` that raises a serialisation failure
+    (40001) on its first n calls, then returns the number of calls; the sequence
+    ``<name>_calls`` counts them (it survives the rollbacks)."""
+    name = f"flaky_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"CREATE SEQUENCE {name}_calls")
+        conn.execute(
+            f"CREATE FUNCTION {name}(n int) RETURNS bigint LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF nextval('{name}_calls') <= n THEN "
+            "RAISE EXCEPTION 'serialisation failure' USING ERRCODE = '40001'; END IF; "
+            f"RETURN currval('{name}_calls'); END $$"
+        )
+    try:
+        yield name
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(f"DROP FUNCTION {name}(int)")
+            conn.execute(f"DROP SEQUENCE {name}_calls")
+
+
+def calls(url: str, flaky: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT last_value FROM {flaky}_calls").fetchone()
+    return int(row[0]) if row else 0
+
+
+async def test_an_aborted_statement_is_retried_until_it_commits(
+    postgres_url: str, flaky: str
+) -> None:
+    async with opened(postgres_url) as (b,):
+        assert await b._engine.write_one(f"SELECT {flaky}(%(n)s)", {"n": 3}) == (4,)
+
+
+async def test_an_aborted_transaction_is_retried_until_it_commits(
+    postgres_url: str, flaky: str
+) -> None:
+    async def fn(c: psycopg.AsyncConnection[tuple[Any, ...]]) -> int:
+        cur = await c.execute(f"SELECT {flaky}(3)")
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async with opened(postgres_url) as (b,):
+        assert await b._engine.write(fn) == 4
+
+
+async def test_writes_aborted_every_time_are_unavailable_after_the_budget(
+    postgres_url: str, flaky: str
+) -> None:
+    attempts = pg_engine.WRITE_RETRIES + 1
+
+    async def fn(c: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+        await (await c.execute(f"SELECT {flaky}(1000)")).fetchone()
+
+    async with opened(postgres_url) as (b,):
+        with pytest.raises(Unavailable, match=f"aborted {attempts} times"):
+            await b._engine.write_one(f"SELECT {flaky}(1000)", {})
+        assert calls(postgres_url, flaky) == attempts
+        with pytest.raises(Unavailable, match=f"aborted {attempts} times"):
+            await b._engine.write(fn)
+        assert calls(postgres_url, flaky) == 2 * attempts
+
+
+async def test_a_connection_lost_before_the_commit_is_retried_once_on_a_new_one(
+    postgres_url: str,
+) -> None:
+    kill = "SELECT pg_terminate_backend(pg_backend_pid())"
+    async with opened(postgres_url) as (b,):
+        pids: list[int] = []
+
+        async def dies_once(c: psycopg.AsyncConnection[tuple[Any, ...]]) -> int:
+            pids.append(c.info.backend_pid)
+            if len(pids) == 1:
+                await (await c.execute(kill)).fetchone()
+            return len(pids)
+
+        assert await b._engine.write(dies_once) == 2
+        assert pids[0] != pids[1]
+
+        async def always_dies(c: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+            pids.append(c.info.backend_pid)
+            await (await c.execute(kill)).fetchone()
+
+        with pytest.raises(Unavailable):
+            await b._engine.write(always_dies)
+        assert len(pids) == 4
+        await b.ping()  # the pool recovers
+
+
+async def test_a_connection_lost_while_committing_is_not_retried(postgres_url: str) -> None:
+    """In pipeline mode the unfetched statement goes out with the COMMIT: the connection
+    dies then, and whether the transaction committed is unknown."""
+    async with opened(postgres_url) as (b,):
+        pids: list[int] = []
+
+        async def dies_committing(c: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
+            pids.append(c.info.backend_pid)
+            await c.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+
+        with pytest.raises(Unavailable):
+            await b._engine.write(dies_committing)
+        assert len(pids) == 1
+        await b.ping()

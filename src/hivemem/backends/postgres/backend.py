@@ -74,6 +74,7 @@ database or role configured with ``synchronous_commit = off`` trades that away
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -97,6 +98,7 @@ from hivemem.backends.postgres.schema import (
     LIVE,
     MESSAGE_COLS,
     SESSION_COLS,
+    SESSION_LIVE,
     UNDER,
     item_row,
     meta_jsonb,
@@ -117,6 +119,9 @@ from hivemem.backends.rows import (
     NewMessage,
     PutWrite,
     SessionRow,
+    key_range,
+    state_conflict,
+    version_conflict,
 )
 from hivemem.backends.signals import ChangeSignal, task_hints
 from hivemem.config import Settings
@@ -126,7 +131,7 @@ __all__ = ["PostgresBackend"]
 
 T = TypeVar("T")
 
-#: Most expired items one sweep removes.
+#: Most expired items, and most expired sessions, one sweep removes.
 SWEEP_BATCH = 1000
 
 
@@ -150,6 +155,18 @@ class Events:
     ) -> None:
         self.rows.append((type_, namespace, key, version, author, at, data))
 
+
+#: Delete up to ``%(batch)s`` sessions expired at ``%(now)s`` with their messages,
+#: returning their ids. The expression and condition are those of the partial index
+#: ``hivemem_sessions_expiry``, so it finds them without reading the others; rows a
+#: concurrent append or save holds are skipped (that write may revive them).
+EXPIRE_SESSIONS = (
+    "WITH x AS (SELECT id FROM hivemem_sessions WHERE ttl IS NOT NULL "
+    "AND last_activity_at + ttl <= %(now)s ORDER BY last_activity_at + ttl "
+    "LIMIT %(batch)s FOR UPDATE SKIP LOCKED), "
+    "m AS (DELETE FROM hivemem_messages g USING x WHERE g.session_id = x.id) "
+    "DELETE FROM hivemem_sessions s USING x WHERE s.id = x.id RETURNING s.id"
+)
 
 #: ``(ns, key)`` pairs from the parameters ``k_ns`` and ``k_key`` (arrays).
 _KEYS = "unnest(%(k_ns)s::text[], %(k_key)s::text[]) AS k(ns, key)"
@@ -456,7 +473,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
                     live = found is not None and (found[2] is None or found[2] > now)
                     current = int(found[0]) if live and found is not None else 0
                     if w.if_version != current:
-                        raise self._mismatch(w, current, i, len(writes))
+                        raise version_conflict(w, current, i, len(writes))
                     results.append(True)
                     continue
                 if found is not None and found[2] is not None and found[2] <= now:
@@ -469,7 +486,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
                     w.if_version != current or (found is None and isinstance(w, DeleteWrite))
                 )
                 if mismatch:
-                    raise self._mismatch(w, current, i, len(writes))
+                    raise version_conflict(w, current, i, len(writes))
                 if isinstance(w, DeleteWrite):
                     if found is not None:
                         await self._delete_item(c, w.namespace, w.key)
@@ -497,17 +514,6 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             return results
 
         return await self._write(request_id, now, run)
-
-    @staticmethod
-    def _mismatch(w: PutWrite | DeleteWrite | CheckWrite, current: int, i: int, n: int) -> Conflict:
-        """The Conflict of write ``i`` (of ``n``) whose ``if_version`` is not ``current``."""
-        return Conflict(
-            f"{w.namespace}/{w.key} is at version {current}, not {w.if_version}"
-            if current
-            else f"{w.namespace}/{w.key} does not exist (version 0); if_version was {w.if_version}",
-            field=f"ops.{i}.if_version" if n > 1 else "if_version",
-            current_version=current,
-        )
 
     @staticmethod
     async def _put_item(c: Conn, row: ItemRow, w: PutWrite, history_limit: int) -> None:
@@ -567,10 +573,24 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
         )
 
     async def list_items(
-        self, prefix: str, after: tuple[str, str] | None, limit: int, now: float
+        self,
+        prefix: str,
+        after: tuple[str, str] | None,
+        limit: int,
+        now: float,
+        *,
+        key_prefix: str | None = None,
     ) -> list[ItemRow]:
         where, args = [LIVE], dict[str, Any](now=now, limit=limit)
-        if prefix:
+        if key_prefix is not None:
+            # One range of the (ns, key) primary key; both columns are COLLATE "C".
+            low, high = key_range(key_prefix)
+            where.append("ns = %(ns)s AND key >= %(k_lo)s")
+            args.update(ns=prefix, k_lo=low)
+            if high is not None:
+                where.append("key < %(k_hi)s")
+                args["k_hi"] = high
+        elif prefix:
             where.append(UNDER)
             args.update(under(prefix))
         if after is not None:
@@ -636,6 +656,10 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             expired = await cur.fetchall()
             for ns, key, version in expired:
                 events.add("item.expired", ns, key, version, "hivemem", now)
+            cur = await c.execute(EXPIRE_SESSIONS, {"now": now, "batch": SWEEP_BATCH})
+            sessions = sorted(r[0] for r in await cur.fetchall())
+            for session_id in sessions:
+                self._session_gone(events, session_id, "session.expired", "hivemem", now)
             cur = await c.execute(
                 "WITH last AS (SELECT max(id) AS id FROM hivemem_events WHERE at < %s), "
                 "d AS (DELETE FROM hivemem_events WHERE id <= (SELECT id FROM last) RETURNING 1), "
@@ -646,7 +670,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             )
             trimmed = await cur.fetchone()
             await c.execute("DELETE FROM hivemem_requests WHERE at < %s", (requests_before,))
-            return len(expired), int(trimmed[0]) if trimmed else 0
+            return len(expired) + len(sessions), int(trimmed[0]) if trimmed else 0
 
         return await self._write(None, now, run)
 
@@ -657,7 +681,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             try:
                 cur = await c.execute(
                     f"INSERT INTO hivemem_sessions ({SESSION_COLS}) VALUES "
-                    "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING 1",
+                    "(%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING 1",
                     (
                         row.id,
                         row.app,
@@ -674,6 +698,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
                         row.cost,
                         row.started_at,
                         row.last_activity_at,
+                        row.ttl,
                     ),
                 )
                 await cur.fetchone()  # the duplicate key error surfaces here
@@ -703,20 +728,27 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
         return await self._engine.read(run)
 
     async def list_sessions(
-        self, app: str | None, user: str | None, agent: str | None, after: str | None, limit: int
+        self,
+        app: str | None,
+        user: str | None,
+        agent: str | None,
+        after: str | None,
+        limit: int,
+        now: float,
     ) -> list[SessionRow]:
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("app", app), ('"user"', user), ("agent", agent)):
+        where = [SESSION_LIVE]
+        args: dict[str, Any] = {"now": now, "limit": limit}
+        for column, value in (("app", app), ("user", user), ("agent", agent)):
             if value is not None:
-                where.append(f"{column} = %s")
-                args.append(value)
+                where.append(f'"{column}" = %({column})s')
+                args[column] = value
         if after is not None:
-            where.append("id > %s")
-            args.append(after)
-        cond = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT {SESSION_COLS} FROM hivemem_sessions {cond} ORDER BY id LIMIT %s"
-        args.append(limit)
+            where.append("id > %(after)s")
+            args["after"] = after
+        sql = (
+            f"SELECT {SESSION_COLS} FROM hivemem_sessions WHERE {' AND '.join(where)} "
+            "ORDER BY id LIMIT %(limit)s"
+        )
 
         async def run(c: Conn) -> list[SessionRow]:
             cur = await c.execute(sql, args, binary=True)
@@ -728,16 +760,25 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
         self, session_id: str, *, author: str, now: float, request_id: str | None = None
     ) -> bool:
         async def run(c: Conn, events: Events) -> bool:
+            # An expired session counts as absent: it is left for the sweeper.
             cur = await c.execute(
-                "DELETE FROM hivemem_sessions WHERE id = %s RETURNING 1", (session_id,)
+                "WITH s AS (DELETE FROM hivemem_sessions WHERE id = %(id)s "
+                f"AND {SESSION_LIVE} RETURNING id), "
+                "m AS (DELETE FROM hivemem_messages g USING s WHERE g.session_id = s.id) "
+                "SELECT 1 FROM s",
+                {"id": session_id, "now": now},
             )
             if await cur.fetchone() is None:
                 return False
-            await c.execute("DELETE FROM hivemem_messages WHERE session_id = %s", (session_id,))
-            events.add("session.deleted", f"_sessions/{session_id}", None, None, author, now)
+            self._session_gone(events, session_id, "session.deleted", author, now)
             return True
 
         return await self._write(request_id, now, run)
+
+    @staticmethod
+    def _session_gone(events: Events, session_id: str, type_: str, author: str, now: float) -> None:
+        """Record the event of a deleted session (``type_``, on ``_sessions/<id>``)."""
+        events.add(type_, f"_sessions/{session_id}", None, None, author, now)
 
     async def append_messages(
         self,
@@ -750,18 +791,20 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
     ) -> list[MessageRow]:
         async def run(c: Conn, events: Events) -> list[MessageRow]:
             cur = await c.execute(
-                "UPDATE hivemem_sessions SET messages = messages + %s, turns = turns + %s, "
-                "tokens_in = tokens_in + %s, tokens_out = tokens_out + %s, cost = cost + %s, "
-                "last_activity_at = %s WHERE id = %s RETURNING messages",
-                (
-                    len(messages),
-                    sum(m.role == "user" for m in messages),
-                    sum(m.tokens_in for m in messages),
-                    sum(m.tokens_out for m in messages),
-                    sum(m.cost for m in messages),
-                    now,
-                    session_id,
-                ),
+                "UPDATE hivemem_sessions SET messages = messages + %(n)s, "
+                "turns = turns + %(turns)s, "
+                "tokens_in = tokens_in + %(tin)s, tokens_out = tokens_out + %(tout)s, "
+                "cost = cost + %(cost)s, last_activity_at = %(now)s "
+                f"WHERE id = %(id)s AND {SESSION_LIVE} RETURNING messages",
+                {
+                    "n": len(messages),
+                    "turns": sum(m.role == "user" for m in messages),
+                    "tin": sum(m.tokens_in for m in messages),
+                    "tout": sum(m.tokens_out for m in messages),
+                    "cost": sum(m.cost for m in messages),
+                    "now": now,
+                    "id": session_id,
+                },
             )
             found = await cur.fetchone()
             if found is None:
@@ -798,12 +841,15 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
         cols = ", ".join(f"m.{c}" for c in MESSAGE_COLS.split(", "))
         sql = (
             f"SELECT s.id, {cols} FROM hivemem_sessions s LEFT JOIN LATERAL ("
-            f"SELECT {MESSAGE_COLS} FROM hivemem_messages WHERE session_id = s.id AND seq > %s "
-            "ORDER BY seq LIMIT %s) m ON true WHERE s.id = %s ORDER BY m.seq"
+            f"SELECT {MESSAGE_COLS} FROM hivemem_messages WHERE session_id = s.id "
+            "AND seq > %(after)s ORDER BY seq LIMIT %(limit)s) m ON true "
+            f"WHERE s.id = %(id)s AND {SESSION_LIVE} ORDER BY m.seq"
         )
+        # Expiry as of the call (the contract passes no time).
+        args = {"after": after, "limit": limit, "id": session_id, "now": time.time()}
 
         async def run(c: Conn) -> list[MessageRow]:
-            cur = await c.execute(sql, (after, limit, session_id), binary=True)
+            cur = await c.execute(sql, args, binary=True)
             rows = await cur.fetchall()
             if not rows:
                 raise self._no_session(session_id)
@@ -838,9 +884,10 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
     ) -> SessionRow:
         async def run(c: Conn, events: Events) -> SessionRow:
             cur = await c.execute(
-                "UPDATE hivemem_sessions SET state = %s, state_version = state_version + 1, "
-                f"last_activity_at = %s WHERE id = %s RETURNING {SESSION_COLS}",
-                (state, now, session_id),
+                "UPDATE hivemem_sessions SET state = %(state)s, "
+                "state_version = state_version + 1, last_activity_at = %(now)s "
+                f"WHERE id = %(id)s AND {SESSION_LIVE} RETURNING {SESSION_COLS}",
+                {"state": state, "now": now, "id": session_id},
                 binary=True,
             )
             found = await cur.fetchone()
@@ -849,12 +896,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             row = session_row(found)
             current = row.state_version - 1
             if if_version is not None and if_version != current:
-                # Raising rolls the update back.
-                raise Conflict(
-                    f"session {session_id!r} state is at version {current}, not {if_version}",
-                    field="if_version",
-                    current_version=current,
-                )
+                raise state_conflict(session_id, current, if_version)  # rolls the update back
             events.add(
                 "session.state", f"_sessions/{session_id}", None, row.state_version, author, now
             )

@@ -5,17 +5,25 @@ mapping and cross-process change notification.
   autocommit connections: a read is one statement (one snapshot); a write runs in
   an explicit transaction at PostgreSQL's default isolation, READ COMMITTED, with
   row and advisory locks where a decision depends on a row (see backend.py).
-- Write transactions that PostgreSQL aborts for a deadlock or a serialisation
-  failure (nothing committed) are retried with jittered backoff; a pooled
-  connection found dead before anything was sent is replaced and the work retried.
+- Retries are tenacity's (one policy, :func:`_retrying`, run by :func:`_retried`): a
+  write that PostgreSQL aborts for a deadlock or a serialisation failure (nothing
+  committed) is retried up to :data:`WRITE_RETRIES` times with exponential backoff
+  and full jitter (uniform in [0, min(0.2 s, 0.004 s * 2^(n-1))] before retry n;
+  "Exponential Backoff And Jitter", Brooker, AWS Architecture Blog 2015), so writers
+  that collided do not collide again in step. A connection that fails before
+  anything was committed (a read; a write before its COMMIT was sent) is replaced
+  and the work retried once, at once; a write whose COMMIT was sent is not (its
+  outcome is unknown).
 - Engine failures (connection refused, server gone, pool exhausted for
   :data:`POOL_TIMEOUT_SECONDS`) raise :class:`~hivemem.errors.Unavailable`.
 - Change notification: each write that appends events calls ``pg_notify`` in its
   transaction (delivered at commit, never for a rolled-back write); every process
   keeps one dedicated connection LISTENing on :data:`CHANNEL` and wakes its
   watchers (``ChangeSignal.notify``) on each notification; the connection is
-  re-established with backoff if it drops (watchers are woken then too, as
-  notifications may have been missed). Local commits wake local watchers directly.
+  re-established, until the engine closes, with exponential backoff (0.1 s doubling
+  to 5 s, starting over once a connection listens again); watchers are woken then
+  too, as notifications may have been missed. Local commits wake local watchers
+  directly.
 """
 
 from __future__ import annotations
@@ -24,13 +32,20 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random_exponential,
+)
 
 from hivemem.backends.signals import ChangeSignal, parse_task_hints
 from hivemem.errors import Unavailable
@@ -54,12 +69,63 @@ CONNECT_TIMEOUT_SECONDS = 10
 PING_TIMEOUT_SECONDS = 5.0
 #: Retries of a write aborted by a deadlock or serialisation failure.
 WRITE_RETRIES = 10
+#: Backoff before retry n of an aborted write: uniform in [0, min(0.2, 0.004 * 2^(n-1))] s.
+WRITE_BACKOFF = wait_random_exponential(multiplier=0.004, max=0.2)
+#: Backoff before reconnection attempt n of the change listener: min(5, 0.1 * 2^(n-1)) s.
+LISTEN_BACKOFF = wait_exponential(multiplier=0.1, max=5.0)
 #: The LISTEN/NOTIFY channel announcing new feed events (payload: the new head).
 CHANNEL = "hivemem_feed"
 #: The listener checks its connection at least this often.
 LISTEN_CHECK_SECONDS = 30.0
 
+#: A transaction PostgreSQL aborted, nothing committed, that may succeed if run again:
+#: SQLSTATE 40000, a serialisation failure (40001) and a deadlock (40P01). (psycopg
+#: makes the last two siblings of TransactionRollback, not subclasses.)
+_ABORTED = (pgerrors.TransactionRollback, pgerrors.SerializationFailure, pgerrors.DeadlockDetected)
+#: Errors of a failed connection. (PoolTimeout and the :data:`_ABORTED` errors are
+#: OperationalErrors too: handle them first.)
 _CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+def _backoff(state: RetryCallState) -> float:
+    """Seconds before the next attempt: :data:`WRITE_BACKOFF` after an aborted write,
+    none before retrying on a fresh connection."""
+    failed = state.outcome.exception() if state.outcome is not None else None
+    return WRITE_BACKOFF(state) if isinstance(failed, _ABORTED) else 0.0
+
+
+def _retrying(retry_on: tuple[type[Exception], ...], attempts: int) -> AsyncRetrying:
+    """The engine's retry policy: up to ``attempts`` attempts in all while each fails
+    with one of ``retry_on``, waiting :func:`_backoff` between them; the last error is
+    re-raised as it is."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(retry_on),
+        stop=stop_after_attempt(attempts),
+        wait=_backoff,
+        reraise=True,
+    )
+
+
+async def _retried(
+    once: Callable[[], Awaitable[T]], retry_on: tuple[type[Exception], ...], attempts: int
+) -> T:
+    """``once()`` under :func:`_retrying` (``retry_on``, ``attempts`` in all).
+
+    The first attempt runs outside tenacity, whose bookkeeping costs tens of
+    microseconds of CPU per call, as much as a point read itself; after a retryable
+    failure tenacity takes that failure as its first attempt (raising it again) and
+    decides every retry from there, so attempts, waits and budget are the policy's."""
+    try:
+        return await once()
+    except retry_on as exc:
+        first: BaseException | None = exc
+    async for attempt in _retrying(retry_on, attempts):
+        with attempt:
+            if first is not None:
+                failed, first = first, None
+                raise failed
+            result = await once()
+    return result
 
 
 class PostgresEngine:
@@ -161,39 +227,75 @@ class PostgresEngine:
         if pool is not None:
             await pool.close()
 
-    async def _listen_forever(self, conn: Conn | None) -> None:
-        """Wake watchers on each notification; reconnect (with backoff) when the
-        listening connection fails."""
-        backoff = 0.1
+    async def _listen_forever(self, conn: Conn) -> None:
+        """Wake watchers on each notification on ``conn``; when the connection fails,
+        listen on a new one (until :meth:`close` cancels this task).
+
+        Tenacity runs one round per connection: its first attempt follows the
+        connection until it fails, the next ones connect again after
+        :data:`LISTEN_BACKOFF`, and the round ends once one listens (so the backoff
+        starts over for the next failure)."""
+        listening: Conn | None = conn
+        try:
+            while True:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception_type(Exception),
+                    wait=LISTEN_BACKOFF,
+                    before_sleep=self._listener_failed,
+                    reraise=True,
+                ):
+                    with attempt:
+                        if listening is None:
+                            listening = await self._listen_anew()
+                        else:
+                            try:
+                                await self._follow(listening)
+                            except Exception:
+                                with contextlib.suppress(Exception):
+                                    await listening.close()
+                                listening = None
+                                raise
+        finally:
+            if listening is not None:
+                with contextlib.suppress(Exception):
+                    await listening.close()
+
+    async def _listen_anew(self) -> Conn:
+        """A new connection LISTENing on :data:`CHANNEL`; wakes watchers, since
+        notifications may have been missed while there was none."""
+        conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+        try:
+            await conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
+        self.changes.notify()
+        self.changes.hint(None)
+        return conn
+
+    async def _follow(self, conn: Conn) -> None:
+        """Wake watchers (and pass on task hints) on each notification on ``conn``,
+        checking the connection every :data:`LISTEN_CHECK_SECONDS`; returns only by
+        raising, when the connection fails."""
         while True:
-            try:
-                if conn is None:
-                    conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
-                    await conn.execute(f"LISTEN {CHANNEL}")
-                    self.changes.notify()  # notifications may have been missed meanwhile
+            async for note in conn.notifies(timeout=LISTEN_CHECK_SECONDS):
+                self.changes.notify()
+                hints = parse_task_hints(note.payload)
+                if hints is None:
                     self.changes.hint(None)
-                    backoff = 0.1
-                while True:
-                    async for note in conn.notifies(timeout=LISTEN_CHECK_SECONDS):
-                        self.changes.notify()
-                        hints = parse_task_hints(note.payload)
-                        if hints is None:
-                            self.changes.hint(None)
-                        for hint in hints or ():
-                            self.changes.hint(hint)
-                    await conn.execute("SELECT 1")  # a dead connection raises here
-            except asyncio.CancelledError:
-                if conn is not None:
-                    await conn.close()
-                raise
-            except Exception as exc:
-                log.warning("PostgreSQL change listener on %s failed: %s", self.label, exc)
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close()
-                conn = None
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+                for hint in hints or ():
+                    self.changes.hint(hint)
+            await conn.execute("SELECT 1")  # a dead connection raises here
+
+    def _listener_failed(self, state: RetryCallState) -> None:
+        failed = state.outcome.exception() if state.outcome is not None else None
+        log.warning(
+            "PostgreSQL change listener on %s failed: %s; reconnecting in %.1f s",
+            self.label,
+            failed,
+            state.upcoming_sleep,
+        )
 
     # Work --------------------------------------------------------------------------
 
@@ -238,17 +340,21 @@ class PostgresEngine:
         Raises:
             Unavailable: the server cannot be reached.
         """
-        for attempt in (1, 2):
+
+        async def once() -> T:
             try:
                 async with self._connection(wait) as conn:
                     return await fn(conn)
             except PoolTimeout as exc:
                 raise self._failed(exc, "no free connection") from exc
-            except _CONNECTION_ERRORS as exc:
-                error = self._failed(exc)
-                if attempt == 2:
-                    raise error from exc
-        raise AssertionError("unreachable")
+            except _CONNECTION_ERRORS:
+                self._down = True  # the retry probes the server first
+                raise
+
+        try:
+            return await _retried(once, _CONNECTION_ERRORS, 2)
+        except _CONNECTION_ERRORS as exc:
+            raise self._failed(exc) from exc
 
     async def write_one(self, sql: str, args: dict[str, Any]) -> tuple[Any, ...] | None:
         """Run one statement as its own transaction on an autocommit connection (one
@@ -262,21 +368,23 @@ class PostgresEngine:
             Unavailable: no free connection, or the connection failed; not retried, as
                 the statement may have committed (the outcome is unknown).
         """
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def once() -> tuple[Any, ...] | None:
             try:
                 async with self._connection() as conn:
                     cur = await conn.execute(sql, args, binary=True)
                     return await cur.fetchone()
-            except pgerrors.TransactionRollback as exc:
-                if attempt > WRITE_RETRIES:
-                    raise self.unavailable(exc, f"aborted {attempt} times") from exc
-                await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
+            except _ABORTED:
+                raise
             except PoolTimeout as exc:
                 raise self._failed(exc, "no free connection") from exc
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except _CONNECTION_ERRORS as exc:
                 raise self._failed(exc) from exc
+
+        try:
+            return await _retried(once, _ABORTED, WRITE_RETRIES + 1)
+        except _ABORTED as exc:
+            raise self.unavailable(exc, f"aborted {WRITE_RETRIES + 1} times") from exc
 
     async def write(self, fn: Callable[[Conn], Awaitable[T]], *, notify: bool = True) -> T:
         """Run ``fn`` in a transaction, in pipeline mode, and return its result once
@@ -293,10 +401,10 @@ class PostgresEngine:
             Unavailable: the server cannot be reached, or the connection failed
                 while committing (the outcome is then unknown).
         """
-        attempt = 0
         reconnected = False
-        while True:
-            attempt += 1
+
+        async def once() -> T:
+            nonlocal reconnected
             committing = False
             try:
                 async with (
@@ -306,22 +414,27 @@ class PostgresEngine:
                 ):
                     result = await fn(conn)
                     committing = True
-            except pgerrors.TransactionRollback as exc:
-                if attempt > WRITE_RETRIES:
-                    raise self.unavailable(exc, f"aborted {attempt} times") from exc
-                await asyncio.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
-                continue
+            except _ABORTED:
+                raise
             except PoolTimeout as exc:
                 raise self._failed(exc, "no free connection") from exc
             except _CONNECTION_ERRORS as exc:
                 error = self._failed(exc)
-                if not committing and not reconnected:
-                    reconnected = True  # no COMMIT was sent: retrying is safe
-                    continue
-                raise error from exc
-            if notify:
-                self.changes.notify()
+                if committing or reconnected:  # the outcome is unknown, or retried already
+                    raise error from exc
+                reconnected = True  # no COMMIT was sent: retrying once is safe
+                raise
             return result
+
+        try:
+            result = await _retried(once, (*_ABORTED, *_CONNECTION_ERRORS), WRITE_RETRIES + 1)
+        except _ABORTED as exc:
+            raise self.unavailable(exc, f"aborted {WRITE_RETRIES + 1} times") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise self.unavailable(exc) from exc
+        if notify:
+            self.changes.notify()
+        return result
 
 
 def key_lock(namespace: str, key: str) -> int:

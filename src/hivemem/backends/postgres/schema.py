@@ -23,6 +23,8 @@ Column choices:
   beside it). An HNSW index needs a fixed dimension; when one is wanted, make it a
   partial expression index per model, e.g. ``CREATE INDEX ... USING hnsw
   ((vec::vector(384)) vector_cosine_ops) WHERE model = 'all-MiniLM-L6-v2'``.
+- Sessions: ``ttl`` (seconds of inactivity, NULL = never) and a partial expression
+  index on ``last_activity_at + ttl`` (``WHERE ttl IS NOT NULL``) for the sweeper.
 - Tasks: ``hivemem_tasks``, one row per task (see
   :mod:`hivemem.backends.postgres.tasks`), with a partial index per claim order
   (``state = 'ready'``), one for leases (``state = 'running'``) and a partial unique
@@ -37,7 +39,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from hivemem.backends.rows import ItemRow, SessionRow, TaskRow
+from hivemem.backends.rows import ItemRow, SessionRow, TaskRow, prefix_range
 
 #: Advisory lock (class id, object id) serialising schema migrations across
 #: processes: the two-int form, a lock space apart from the one-bigint item locks.
@@ -189,12 +191,20 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX hivemem_tasks_idempotency ON hivemem_tasks (queue, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     """,
+    # 3: session TTL (seconds of inactivity, NULL = never; existing sessions never
+    # expire). The sweeper finds expired sessions by the expression index, which a
+    # query uses when it writes ``ttl IS NOT NULL AND last_activity_at + ttl <= ...``.
+    """
+    ALTER TABLE hivemem_sessions ADD COLUMN ttl double precision;
+    CREATE INDEX hivemem_sessions_expiry ON hivemem_sessions ((last_activity_at + ttl))
+        WHERE ttl IS NOT NULL;
+    """,
 ]
 
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"
 SESSION_COLS = (
     'id, app, "user", agent, created_by, metadata, state, state_version, messages, turns, '
-    "tokens_in, tokens_out, cost, started_at, last_activity_at"
+    "tokens_in, tokens_out, cost, started_at, last_activity_at, ttl"
 )
 MESSAGE_COLS = (
     "session_id, seq, role, content, author, created_at, tokens_in, tokens_out, cost, metadata"
@@ -208,13 +218,17 @@ TASK_COLS = (
 )
 #: Rows not expired at the bound time (``%(now)s``).
 LIVE = "(expires_at IS NULL OR expires_at > %(now)s)"
-#: Segment-aware prefix match: ns = p, or p/ <= ns < p0 ('0' follows '/' in ASCII).
+#: Sessions not expired at the bound time (``%(now)s``; see
+#: :func:`~hivemem.backends.rows.session_expired`).
+SESSION_LIVE = "(ttl IS NULL OR last_activity_at + ttl > %(now)s)"
+#: Segment-aware prefix match on ``ns``; its parameters come from :func:`under`.
 UNDER = "(ns = %(p)s OR (ns >= %(p_lo)s AND ns < %(p_hi)s))"
 
 
 def under(prefix: str) -> dict[str, str]:
-    """Parameters of :data:`UNDER` for ``prefix``."""
-    return {"p": prefix, "p_lo": prefix + "/", "p_hi": prefix + "0"}
+    """The named parameters of :data:`UNDER` (``p``, ``p_lo``, ``p_hi``) for ``prefix``:
+    :func:`~hivemem.backends.rows.prefix_range`."""
+    return dict(zip(("p", "p_lo", "p_hi"), prefix_range(prefix), strict=True))
 
 
 def text_to_db(text: str | None) -> bytes | None:
@@ -240,7 +254,7 @@ def item_row(row: Sequence[Any]) -> ItemRow:
 
 
 def session_row(row: Sequence[Any]) -> SessionRow:
-    """A :class:`SessionRow` from the columns of :data:`SESSION_COLS`."""
+    """A :class:`SessionRow` from the columns of :data:`SESSION_COLS` (``ttl`` last)."""
     return SessionRow(
         row[0],
         row[1],

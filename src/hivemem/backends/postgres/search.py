@@ -43,7 +43,7 @@ from psycopg.pq import Format
 
 from hivemem.backends.filters import Condition
 from hivemem.backends.postgres.engine import Conn, PostgresEngine, lock_keys
-from hivemem.backends.postgres.schema import ITEM_COLS, index_text, item_row
+from hivemem.backends.postgres.schema import ITEM_COLS, index_text, item_row, under
 from hivemem.backends.rows import IndexEntry, ItemRow
 from hivemem.errors import Unavailable
 
@@ -196,7 +196,7 @@ def _live_under(prefix: str, now: float, args: dict[str, Any]) -> list[str]:
     args["now"] = now
     if prefix:
         where.append("(d.ns = %(p)s OR (d.ns >= %(p_lo)s AND d.ns < %(p_hi)s))")
-        args.update(p=prefix, p_lo=prefix + "/", p_hi=prefix + "0")
+        args.update(under(prefix))
     return where
 
 

@@ -8,6 +8,7 @@ later finds an event below it.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,6 +23,10 @@ from hivemem.backends.rows import (
     NewMessage,
     PutWrite,
     SessionRow,
+    key_range,
+    prefix_range,
+    state_conflict,
+    version_conflict,
 )
 from hivemem.backends.signals import ChangeSignal
 from hivemem.backends.sqlite.engine import SqliteEngine
@@ -30,10 +35,11 @@ from hivemem.backends.sqlite.schema import (
     LIVE,
     MESSAGE_COLS,
     SESSION_COLS,
+    SESSION_LIVE,
     UNDER,
     event_row,
     item_row,
-    under,
+    session_row,
 )
 from hivemem.backends.sqlite.search import SearchMixin, index_put, index_remove
 from hivemem.backends.sqlite.tasks import TasksMixin
@@ -43,6 +49,15 @@ from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound
 __all__ = ["SqliteBackend"]
 
 T = TypeVar("T")
+
+#: Most expired items, and most expired sessions, one sweep removes.
+SWEEP_BATCH = 1000
+#: Ids of up to ``?`` (2nd) sessions expired at ``?`` (1st). The expression and condition
+#: are those of the partial index ``sessions_expiry``, so it finds them without reading
+#: the others.
+EXPIRED_SESSIONS = (
+    "SELECT id FROM sessions WHERE ttl IS NOT NULL AND last_activity_at + ttl <= ? LIMIT ?"
+)
 
 
 def once(
@@ -163,14 +178,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                     w.if_version != current or (found is None and isinstance(w, DeleteWrite))
                 )
                 if mismatch:
-                    raise Conflict(
-                        f"{w.namespace}/{w.key} is at version {current}, not {w.if_version}"
-                        if current
-                        else f"{w.namespace}/{w.key} does not exist (version 0); if_version was "
-                        f"{w.if_version}",
-                        field=f"ops.{i}.if_version" if len(writes) > 1 else "if_version",
-                        current_version=current,
-                    )
+                    raise version_conflict(w, current, i, len(writes))
                 if isinstance(w, CheckWrite):
                     results.append(True)
                     continue
@@ -257,12 +265,25 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         self._event(c, "item.expired", namespace, key, version, "hivemem", now)
 
     async def list_items(
-        self, prefix: str, after: tuple[str, str] | None, limit: int, now: float
+        self,
+        prefix: str,
+        after: tuple[str, str] | None,
+        limit: int,
+        now: float,
+        *,
+        key_prefix: str | None = None,
     ) -> list[ItemRow]:
         where, args = [LIVE], list[Any]([now])
-        if prefix:
+        if key_prefix is not None:
+            low, high = key_range(key_prefix)
+            where.append("ns = ? AND key >= ?")
+            args.extend((prefix, low))
+            if high is not None:
+                where.append("key < ?")
+                args.append(high)
+        elif prefix:
             where.append(UNDER)
-            args.extend(under(prefix))
+            args.extend(prefix_range(prefix))
         if after is not None:
             where.append("(ns, key) > (?, ?)")
             args.extend(after)
@@ -274,7 +295,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         where, args = [LIVE], list[Any]([now])
         if prefix:
             where.append(UNDER)
-            args.extend(under(prefix))
+            args.extend(prefix_range(prefix))
         sql = f"SELECT DISTINCT ns FROM items WHERE {' AND '.join(where)} ORDER BY ns"
         return await self._engine.read(lambda c: [r[0] for r in c.execute(sql, args)])
 
@@ -302,11 +323,14 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         def run(c: sqlite3.Connection) -> tuple[int, int]:
             expired = c.execute(
                 "SELECT ns, key, version FROM items WHERE expires_at IS NOT NULL "
-                "AND expires_at <= ? LIMIT 1000",
-                (now,),
+                "AND expires_at <= ? LIMIT ?",
+                (now, SWEEP_BATCH),
             ).fetchall()
             for ns, key, version in expired:
                 self._expire(c, ns, key, version, now)
+            sessions = c.execute(EXPIRED_SESSIONS, (now, SWEEP_BATCH)).fetchall()
+            for (session_id,) in sessions:
+                self._drop_session(c, session_id, "session.expired", "hivemem", now)
             last = c.execute(
                 "SELECT MAX(id) FROM events WHERE at < ?", (events_before,)
             ).fetchone()[0]
@@ -319,7 +343,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                     (last,),
                 )
             c.execute("DELETE FROM requests WHERE at < ?", (requests_before,))
-            return len(expired), trimmed
+            return len(expired) + len(sessions), trimmed
 
         return await self._engine.write(run)
 
@@ -329,7 +353,8 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         def run(c: sqlite3.Connection) -> SessionRow:
             try:
                 c.execute(
-                    f"INSERT INTO sessions ({SESSION_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT INTO sessions ({SESSION_COLS}) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         row.id,
                         row.app,
@@ -346,6 +371,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                         row.cost,
                         row.started_at,
                         row.last_activity_at,
+                        row.ttl,
                     ),
                 )
             except sqlite3.IntegrityError:
@@ -362,7 +388,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         row = c.execute(
             f"SELECT {SESSION_COLS} FROM sessions WHERE id = ?", (session_id,)
         ).fetchone()
-        return SessionRow(*row) if row else None
+        return session_row(row) if row else None
 
     @staticmethod
     def _no_session(session_id: str) -> NotFound:
@@ -372,10 +398,16 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         return await self._engine.read_point(lambda c: self._session(c, session_id))
 
     async def list_sessions(
-        self, app: str | None, user: str | None, agent: str | None, after: str | None, limit: int
+        self,
+        app: str | None,
+        user: str | None,
+        agent: str | None,
+        after: str | None,
+        limit: int,
+        now: float,
     ) -> list[SessionRow]:
-        where: list[str] = []
-        args: list[Any] = []
+        where: list[str] = [SESSION_LIVE]
+        args: list[Any] = [now]
         for column, value in (("app", app), ("user", user), ("agent", agent)):
             if value is not None:
                 where.append(f"{column} = ?")
@@ -383,22 +415,31 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         if after is not None:
             where.append("id > ?")
             args.append(after)
-        cond = f"WHERE {' AND '.join(where)}" if where else ""
-        sql = f"SELECT {SESSION_COLS} FROM sessions {cond} ORDER BY id LIMIT ?"
+        sql = f"SELECT {SESSION_COLS} FROM sessions WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
         args.append(limit)
-        return await self._engine.read(lambda c: [SessionRow(*r) for r in c.execute(sql, args)])
+        return await self._engine.read(lambda c: [session_row(r) for r in c.execute(sql, args)])
 
     async def delete_session(
         self, session_id: str, *, author: str, now: float, request_id: str | None = None
     ) -> bool:
         def run(c: sqlite3.Connection) -> bool:
-            if c.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount == 0:
+            live = c.execute(
+                f"SELECT 1 FROM sessions WHERE id = ? AND {SESSION_LIVE}", (session_id, now)
+            ).fetchone()
+            if live is None:  # absent, or expired: the sweeper removes it
                 return False
-            c.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
-            self._event(c, "session.deleted", f"_sessions/{session_id}", None, None, author, now)
+            self._drop_session(c, session_id, "session.deleted", author, now)
             return True
 
         return await self._engine.write(once(request_id, now, run))
+
+    def _drop_session(
+        self, c: sqlite3.Connection, session_id: str, type_: str, author: str, now: float
+    ) -> None:
+        """Delete a session and its messages, with event ``type_`` on ``_sessions/<id>``."""
+        c.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        c.execute("DELETE FROM messages WHERE session_id = ?", (session_id,))
+        self._event(c, type_, f"_sessions/{session_id}", None, None, author, now)
 
     async def append_messages(
         self,
@@ -413,7 +454,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
             found = c.execute(
                 "UPDATE sessions SET messages = messages + ?, turns = turns + ?, "
                 "tokens_in = tokens_in + ?, tokens_out = tokens_out + ?, cost = cost + ?, "
-                "last_activity_at = ? WHERE id = ? RETURNING messages",
+                f"last_activity_at = ? WHERE id = ? AND {SESSION_LIVE} RETURNING messages",
                 (
                     len(messages),
                     sum(m.role == "user" for m in messages),
@@ -422,6 +463,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                     sum(m.cost for m in messages),
                     now,
                     session_id,
+                    now,
                 ),
             ).fetchone()
             if found is None:
@@ -468,8 +510,13 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         return await self._engine.write(once(request_id, now, run))
 
     async def read_messages(self, session_id: str, after: int, limit: int) -> list[MessageRow]:
+        now = time.time()  # expiry as of the call (the contract passes no time)
+
         def run(c: sqlite3.Connection) -> list[MessageRow]:
-            if c.execute("SELECT 1 FROM sessions WHERE id = ?", (session_id,)).fetchone() is None:
+            live = c.execute(
+                f"SELECT 1 FROM sessions WHERE id = ? AND {SESSION_LIVE}", (session_id, now)
+            ).fetchone()
+            if live is None:
                 raise self._no_session(session_id)
             return [
                 MessageRow(*r)
@@ -494,16 +541,13 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
     ) -> SessionRow:
         def run(c: sqlite3.Connection) -> SessionRow:
             found = c.execute(
-                "SELECT state_version FROM sessions WHERE id = ?", (session_id,)
+                f"SELECT state_version FROM sessions WHERE id = ? AND {SESSION_LIVE}",
+                (session_id, now),
             ).fetchone()
             if found is None:
                 raise self._no_session(session_id)
             if if_version is not None and if_version != found[0]:
-                raise Conflict(
-                    f"session {session_id!r} state is at version {found[0]}, not {if_version}",
-                    field="if_version",
-                    current_version=found[0],
-                )
+                raise state_conflict(session_id, found[0], if_version)
             c.execute(
                 "UPDATE sessions SET state = ?, state_version = state_version + 1, "
                 "last_activity_at = ? WHERE id = ?",
@@ -550,7 +594,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         where, args = ["id > ?"], list[Any]([start])
         if prefix:
             where.append(UNDER)
-            args.extend(under(prefix))
+            args.extend(prefix_range(prefix))
         sql = (
             "SELECT id, type, ns, key, version, author, at, data FROM events "
             f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"

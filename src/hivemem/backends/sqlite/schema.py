@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hivemem.backends.rows import EventRow, ItemRow
+from hivemem.backends.rows import EventRow, ItemRow, SessionRow
 
 MIGRATIONS: list[str] = [
     # 1: items, versions, sessions, messages, feed.
@@ -81,6 +81,13 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX tasks_idem ON tasks (queue, idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     """,
+    # 5: session TTL (seconds of inactivity, NULL = never; existing sessions never
+    # expire). ``expiry`` finds expired sessions for the sweeper: its expression must
+    # be written ``last_activity_at + ttl`` by queries that want it.
+    """
+    ALTER TABLE sessions ADD COLUMN ttl REAL;
+    CREATE INDEX sessions_expiry ON sessions (last_activity_at + ttl) WHERE ttl IS NOT NULL;
+    """,
 ]
 
 TASK_COLS = (
@@ -91,23 +98,26 @@ TASK_COLS = (
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"
 SESSION_COLS = (
     "id, app, user, agent, created_by, metadata, state, state_version, messages, turns, "
-    "tokens_in, tokens_out, cost, started_at, last_activity_at"
+    "tokens_in, tokens_out, cost, started_at, last_activity_at, ttl"
 )
 MESSAGE_COLS = (
     "session_id, seq, role, content, author, created_at, tokens_in, tokens_out, cost, metadata"
 )
 #: Rows not expired at the bound time.
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
-#: Segment-aware prefix match: ns = p, or p/ <= ns < p0 ('0' follows '/' in ASCII).
+#: Sessions not expired at the bound time (see :func:`~hivemem.backends.rows.session_expired`).
+SESSION_LIVE = "(ttl IS NULL OR last_activity_at + ttl > ?)"
+#: Segment-aware prefix match, bound to :func:`~hivemem.backends.rows.prefix_range`.
 UNDER = "(ns = ? OR (ns >= ? AND ns < ?))"
-
-
-def under(prefix: str) -> tuple[str, str, str]:
-    return (prefix, prefix + "/", prefix + "0")
 
 
 def item_row(row: Sequence[Any]) -> ItemRow:
     return ItemRow(*row)
+
+
+def session_row(row: Sequence[Any]) -> SessionRow:
+    """A :class:`SessionRow` from the columns of :data:`SESSION_COLS` (``ttl`` included)."""
+    return SessionRow(*row)
 
 
 def event_row(row: Sequence[Any]) -> EventRow:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hivemem.backends.filters import Condition
-from hivemem.backends.rows import IndexEntry, ItemRow
+from hivemem.backends.rows import IndexEntry, ItemRow, prefix_range
 from hivemem.backends.sqlite.engine import SqliteEngine
 from hivemem.backends.sqlite.schema import ITEM_COLS, item_row
 
@@ -69,7 +69,7 @@ def _where(prefix: str, conditions: Sequence[Condition], now: float) -> tuple[li
     args: list[Any] = [now]
     if prefix:
         where.append("(d.ns = ? OR (d.ns >= ? AND d.ns < ?))")
-        args.extend((prefix, prefix + "/", prefix + "0"))
+        args.extend(prefix_range(prefix))
     for cond in conditions:
         if cond.kind == "metadata":
             path = f'$."{cond.field}"'
