@@ -555,16 +555,16 @@ async def test_watch_waits_out_a_429_when_opening() -> None:
 def test_retry_after_forms() -> None:
     from email.utils import format_datetime
 
-    from hivemem.client.remote import _retry_after
+    from hivemem.wire import retry_after_seconds
 
-    body = RateLimited("x", retry_after=4.0)
     soon = format_datetime(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30), usegmt=True)
-    assert 28 <= _retry_after({"Retry-After": soon}, body) <= 30
-    assert _retry_after({"Retry-After": " 2 "}, body) == 2.0
-    assert _retry_after({"Retry-After": "-5"}, body) == 0.0
-    assert _retry_after({"Retry-After": "nan"}, body) == 4.0
-    assert _retry_after({"Retry-After": "soon"}, body) == 4.0
-    assert _retry_after({}, body) == 4.0
+    assert 28 <= retry_after_seconds({"Retry-After": soon}, 4.0) <= 30
+    assert retry_after_seconds({"Retry-After": " 2 "}, 4.0) == 2.0
+    assert retry_after_seconds({"Retry-After": "-5"}, 4.0) == 0.0
+    assert retry_after_seconds({"Retry-After": "nan"}, 4.0) == 4.0
+    assert retry_after_seconds({"Retry-After": "soon"}, 4.0) == 4.0
+    assert retry_after_seconds({}, 4.0) == 4.0
+    assert retry_after_seconds({}, float("nan")) == 1.0
 
 
 # Server-sent events ------------------------------------------------------------------

@@ -11,15 +11,21 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal, NoReturn, TypeVar, cast
 from urllib.parse import quote
 
 import aiohttp
 import orjson
 from pydantic import BaseModel, SecretStr
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 from yarl import URL
 
 from hivemem import validation as check
@@ -33,7 +39,6 @@ from hivemem.errors import (
     NotFound,
     RateLimited,
     Unavailable,
-    error_from_problem,
 )
 from hivemem.hive import Heartbeats, Hive
 from hivemem.models import (
@@ -53,17 +58,35 @@ from hivemem.models import (
     Signal,
     Task,
 )
+from hivemem.wire import (
+    AGENT_HEADER,
+    AUTHORIZATION_HEADER,
+    CURSOR_HEADER,
+    JSON_MEDIA_TYPE,
+    LAST_EVENT_ID_HEADER,
+    LOCATION_HEADER,
+    REQUEST_ID_HEADER,
+    SSE_EVENT,
+    BatchResult,
+    Head,
+    HistoryResult,
+    Messages,
+    SearchResult,
+    error_from_response,
+    healthy_param,
+    item_path,
+    retry_after_seconds,
+)
 
 __all__ = ["RemoteHive"]
 
 M = TypeVar("M", bound=BaseModel)
+_T = TypeVar("_T")
 
-AGENT_HEADER = "X-Hivemem-Agent"
-AUTHORIZATION_HEADER = "Authorization"
-REQUEST_ID_HEADER = "X-Hivemem-Request-Id"
 #: Answers that say "this replica cannot serve now": tried again elsewhere.
 _RETRY_STATUSES = frozenset({502, 503, 504})
-START_HEADER = "X-Hivemem-Cursor"
+#: The longest pause between two tries of one request on the replicas (seconds).
+_MAX_BACKOFF_SECONDS = 1.0
 #: Shortest pause before a read answered 429 is tried again (seconds), whatever
 #: Retry-After says, so that a server answering "Retry-After: 0" is not hammered.
 _MIN_RATE_LIMIT_PAUSE = 0.1
@@ -99,6 +122,21 @@ class _Shared:
     ) -> None:
         self.endpoints = Endpoints(
             endpoints, settings.client_circuit_failures, settings.client_circuit_open_seconds
+        )
+        #: How a request is tried again on another replica: up to ``client_attempts``
+        #: tries, the n-th after a pause drawn uniformly from 0 .. min(1 s,
+        #: ``client_backoff_seconds`` * 2**(n-2)) ("full jitter", M. Brooker, "Exponential
+        #: Backoff and Jitter", AWS Architecture Blog, 2015). Only a replica's failure
+        #: (:class:`_ReplicaFailed`) is tried again. Each request that needs it uses a
+        #: copy (tenacity keeps a running call's state on the object).
+        self.retrying = AsyncRetrying(
+            stop=stop_after_attempt(settings.client_attempts),
+            wait=wait_random_exponential(
+                multiplier=settings.client_backoff_seconds, max=_MAX_BACKOFF_SECONDS
+            ),
+            retry=retry_if_exception_type(_ReplicaFailed),
+            reraise=True,
+            sleep=asyncio.sleep,
         )
         self.settings = settings
         self.authorization = authorization
@@ -178,14 +216,6 @@ def _parse_endpoints(url: str) -> builtins.list[str]:
     return endpoints
 
 
-def _item_path(namespace: str, key: str) -> str:
-    if not isinstance(namespace, str) or not isinstance(key, str):
-        raise InvalidInput("namespace and key must be strings", field="namespace")
-    if "/" in key:  # the path's last '/' separates namespace and key
-        raise InvalidInput("key may not contain '/' or control characters", field="key")
-    return f"{quote(namespace, safe='/')}/{quote(key, safe='')}"
-
-
 def _body(payload: Any, field: str) -> bytes:
     """``payload`` as JSON bytes (orjson).
 
@@ -253,29 +283,102 @@ def _query(params: Mapping[str, Any] | None) -> dict[str, str]:
     return query
 
 
-def _retry_after(headers: Mapping[str, str], error: HivememError) -> float:
-    """Seconds to wait from a 429 answer: its ``Retry-After`` header (delta-seconds or
-    an HTTP date, RFC 9110 section 10.2.3), else the problem body's ``retry_after``,
-    else 1 s. Never negative."""
-    raw = headers.get("Retry-After")
-    if raw is not None:
-        raw = raw.strip()
-        try:
-            seconds = float(raw)
-        except ValueError:
-            try:
-                when = parsedate_to_datetime(raw)
-            except (TypeError, ValueError, IndexError):
-                when = None
-            if when is not None:
-                if when.tzinfo is None:
-                    when = when.replace(tzinfo=UTC)
-                return max(0.0, (when - datetime.now(UTC)).total_seconds())
-        else:
-            if math.isfinite(seconds):
-                return max(0.0, seconds)
-    fallback = getattr(error, "retry_after", 1.0)
-    return max(0.0, fallback) if math.isfinite(fallback) else 1.0
+class _ReplicaFailed(Exception):
+    """One try of a request failed on its replica (no connection, a timeout, or a
+    502/503/504 answer): the request may go to another replica.
+
+    Attributes:
+        cause: the transport error, or the error the 5xx answer's problem names.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _RateLimitWait:
+    """The waits of one read answered 429: each pause is what ``Retry-After`` asked (see
+    :func:`_rate_limit_pause`), all of them within ``client_rate_limit_wait_seconds`` of
+    the first 429. Gives tenacity its wait (:meth:`wait`), stop (:meth:`spent`) and
+    last word (:meth:`give_up`); the watch stream asks :meth:`pause` directly.
+
+    Args:
+        settings: ``client_rate_limit_wait_seconds`` applies.
+        what: the request, for the final error (``GET /v1/events/head``).
+    """
+
+    def __init__(self, settings: Settings, what: str) -> None:
+        self.settings = settings
+        self.what = what
+        self.since: float | None = None
+        self.waited = 0.0
+        self.next: float | None = None
+
+    def pause(self, retry_after: float) -> float | None:
+        """Seconds to sleep before trying again after a 429 asking for ``retry_after``
+        seconds, or None when that no longer fits in the budget."""
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        self.waited = now - self.since
+        self.next = _rate_limit_pause(retry_after, self.waited, self.settings)
+        return self.next
+
+    def reset(self) -> None:
+        """A request got through: the next 429 starts a new budget."""
+        self.since = None
+
+    def wait(self, state: RetryCallState) -> float:
+        return self.pause(_limited(state).retry_after) or 0.0
+
+    def spent(self, state: RetryCallState) -> bool:
+        return self.next is None
+
+    def give_up(self, state: RetryCallState) -> NoReturn:
+        """Raise the last 429 as RateLimited, saying how long it was waited out."""
+        exc = _limited(state)
+        raise RateLimited(
+            f"{self.what}: rate limited by the service ({exc.message}); "
+            f"still limited after {self.waited:.1f} s of waiting "
+            f"(client_rate_limit_wait_seconds="
+            f"{self.settings.client_rate_limit_wait_seconds:g}), "
+            f"retry after {exc.retry_after:g} s",
+            field=exc.field,
+            retry_after=exc.retry_after,
+        )
+
+
+async def _retry_after_failure(
+    retrying: AsyncRetrying,
+    first: BaseException,
+    attempt: Callable[..., Awaitable[_T]],
+    *args: Any,
+) -> _T:
+    """``attempt(*args)`` run again under ``retrying`` after a first try that raised
+    ``first``: the policy sees that failure as its own first try (it waits, counts and
+    stops as if it had run it), then runs ``attempt`` for the further tries.
+
+    The first try is made outside the policy because almost every request succeeds at
+    once, and a tenacity call costs about 20 µs (a tenth of a request's client CPU).
+
+    Raises:
+        BaseException: what the policy raises when it stops or does not retry.
+    """
+    replay = [first]
+
+    async def again() -> _T:
+        if replay:
+            raise replay.pop()
+        return await attempt(*args)
+
+    result: _T = await retrying(again)
+    return result
+
+
+def _limited(state: RetryCallState) -> RateLimited:
+    """The RateLimited that ended the try ``state`` reports."""
+    assert state.outcome is not None  # tenacity asks only after a try ended
+    return cast(RateLimited, state.outcome.exception())  # the only one the layer retries
 
 
 class RemoteHive(Hive):
@@ -384,32 +487,28 @@ class RemoteHive(Hive):
         query = _query(params)
         all_headers = dict(self._headers)
         if body is not None:
-            all_headers["Content-Type"] = "application/json"
+            all_headers["Content-Type"] = JSON_MEDIA_TYPE
         if method != "GET":
             all_headers[REQUEST_ID_HEADER] = uuid.uuid4().hex
         if headers:
             all_headers.update(headers)
-        limited_since: float | None = None
-        while True:
-            try:
-                return await self._send(method, path, query, body, all_headers, seconds)
-            except RateLimited as exc:
-                if method != "GET":
-                    raise
-                now = time.monotonic()
-                limited_since = limited_since or now
-                pause = _rate_limit_pause(exc.retry_after, now - limited_since, self._settings)
-                if pause is None:
-                    raise RateLimited(
-                        f"{method} {path}: rate limited by the service ({exc.message}); "
-                        f"still limited after {now - limited_since:.1f} s of waiting "
-                        f"(client_rate_limit_wait_seconds="
-                        f"{self._settings.client_rate_limit_wait_seconds:g}), "
-                        f"retry after {exc.retry_after:g} s",
-                        field=exc.field,
-                        retry_after=exc.retry_after,
-                    ) from None
-                await asyncio.sleep(pause)
+        try:
+            return await self._send(method, path, query, body, all_headers, seconds)
+        except RateLimited as exc:
+            if method != "GET":  # a write answered 429 is not sent again
+                raise
+            first = exc
+        limited = _RateLimitWait(self._settings, f"{method} {path}")
+        waiting = AsyncRetrying(
+            retry=retry_if_exception_type(RateLimited),
+            wait=limited.wait,
+            stop=limited.spent,
+            retry_error_callback=limited.give_up,
+            sleep=asyncio.sleep,
+        )
+        return await _retry_after_failure(
+            waiting, first, self._send, method, path, query, body, all_headers, seconds
+        )
 
     async def _send(
         self,
@@ -420,65 +519,91 @@ class RemoteHive(Hive):
         headers: Mapping[str, str],
         seconds: float | None = None,
     ) -> tuple[int, bytes]:
-        """One request, tried on up to ``client_attempts`` replicas (see :meth:`_request`);
-        a 429 raises RateLimited whose ``retry_after`` comes from ``Retry-After``."""
+        """One request, tried on up to ``client_attempts`` replicas (the policy of
+        ``_Shared.retrying``); a 429 raises RateLimited whose ``retry_after`` comes from
+        ``Retry-After``.
+
+        Raises:
+            HivememError: as :meth:`_request`, and the error of the last 502/503/504 when
+                every try was answered so.
+            Unavailable: no replica answered in ``client_attempts`` tries.
+        """
         session = self._shared.open()
         per_request = session.timeout if seconds is None else aiohttp.ClientTimeout(total=seconds)
-        settings = self._settings
+        tried: builtins.list[Endpoint] = []
+        args = (session, tried, method, path, query, body, headers, per_request)
+        try:
+            return await self._try(*args)
+        except _ReplicaFailed as exc:
+            first = exc
+        try:
+            return await _retry_after_failure(self._shared.retrying.copy(), first, self._try, *args)
+        except _ReplicaFailed as failed:
+            if isinstance(failed.cause, HivememError):
+                raise failed.cause from None
+            raise Unavailable(
+                f"{method} {path}: no hivemem replica answered after "
+                f"{self._settings.client_attempts} tries "
+                f"({', '.join(ep.url for ep in self._shared.endpoints.all)}): "
+                f"{_describe(failed.cause)}"
+            ) from failed.cause
+
+    async def _try(
+        self,
+        session: aiohttp.ClientSession,
+        tried: builtins.list[Endpoint],
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes | None,
+        headers: Mapping[str, str],
+        per_request: aiohttp.ClientTimeout,
+    ) -> tuple[int, bytes]:
+        """One try of a request on the next replica (another than the last one in
+        ``tried`` when there is a choice), recorded in the replica's circuit.
+
+        Raises:
+            _ReplicaFailed: no connection, a timeout, or a 502/503/504 answer.
+            RateLimited: a 429 (``retry_after`` from ``Retry-After``).
+            HivememError: a 3xx, or the error another 4xx/5xx answer's problem names.
+        """
         endpoints = self._shared.endpoints
-        last_error: Exception | None = None
-        last: Endpoint | None = None
-        for attempt in range(settings.client_attempts):
-            if attempt:
-                cap = min(1.0, settings.client_backoff_seconds * 2 ** (attempt - 1))
-                await asyncio.sleep(random.uniform(0, cap))
-            ep = endpoints.pick(avoid=last)
-            last = ep
-            url = URL(f"{ep.url}{path}", encoded=True)
-            try:
-                async with session.request(
-                    method,
-                    url,
-                    params=query or None,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=per_request,
-                ) as resp:
-                    data = await resp.read()
-                    status = resp.status
-                    resp_headers = resp.headers
-            except aiohttp.ClientConnectorError as exc:  # never reached the service
-                last_error = exc
-                endpoints.failed(ep, refused=True)
-                continue
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                last_error = exc
-                endpoints.failed(ep)
-                continue
-            if status in _RETRY_STATUSES:
-                last_error = _problem(status, data)
-                endpoints.failed(ep)
-                continue
-            endpoints.succeeded(ep)  # any other answer, 3xx and 429 included, is health
-            if 300 <= status < 400:
-                raise _redirect(method, path, ep.url, status, resp_headers)
-            if status == 429:
-                error = _problem(status, data)
-                raise RateLimited(
-                    error.message,
-                    field=error.field,
-                    retry_after=_retry_after(resp_headers, error),
-                )
-            if status >= 400:
-                raise _problem(status, data)
-            return status, data
-        if isinstance(last_error, HivememError):
-            raise last_error
-        raise Unavailable(
-            f"{method} {path}: no hivemem replica answered after {settings.client_attempts} "
-            f"tries ({', '.join(ep.url for ep in endpoints.all)}): {_describe(last_error)}"
-        ) from last_error
+        ep = endpoints.pick(avoid=tried[-1] if tried else None)
+        tried.append(ep)
+        url = URL(f"{ep.url}{path}", encoded=True)
+        try:
+            async with session.request(
+                method,
+                url,
+                params=query or None,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=per_request,
+            ) as resp:
+                data = await resp.read()
+                status = resp.status
+                resp_headers = resp.headers
+        except aiohttp.ClientConnectorError as exc:  # never reached the service
+            endpoints.failed(ep, refused=True)
+            raise _ReplicaFailed(exc) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            endpoints.failed(ep)
+            raise _ReplicaFailed(exc) from exc
+        if status in _RETRY_STATUSES:
+            endpoints.failed(ep)
+            raise _ReplicaFailed(error_from_response(status, data))
+        endpoints.succeeded(ep)  # any other answer, 3xx and 429 included, is health
+        if 300 <= status < 400:
+            raise _redirect(method, path, ep.url, status, resp_headers)
+        if status == 429:
+            error = error_from_response(status, data)
+            raise RateLimited(
+                error.message, field=error.field, retry_after=_retry_after(resp_headers, error)
+            )
+        if status >= 400:
+            raise error_from_response(status, data)
+        return status, data
 
     async def _model(self, model: type[M], method: str, path: str, **kw: Any) -> M:
         _, data = await self._request(method, path, **kw)
@@ -528,12 +653,12 @@ class RemoteHive(Hive):
                 raise InvalidInput("fence must be a (lease name, token) pair", field="fence")
             payload["fence"] = {"lease": fence[0], "token": fence[1]}
         return await self._model(
-            Item, "PUT", f"/v1/items/{_item_path(namespace, key)}", body=_body(payload, "value")
+            Item, "PUT", f"/v1/items/{item_path(namespace, key)}", body=_body(payload, "value")
         )
 
     async def get(self, namespace: str, key: str) -> Item | None:
         try:
-            return await self._model(Item, "GET", f"/v1/items/{_item_path(namespace, key)}")
+            return await self._model(Item, "GET", f"/v1/items/{item_path(namespace, key)}")
         except NotFound as exc:
             if exc.field == "key":
                 return None
@@ -543,7 +668,7 @@ class RemoteHive(Hive):
         try:
             await self._request(
                 "DELETE",
-                f"/v1/items/{_item_path(namespace, key)}",
+                f"/v1/items/{item_path(namespace, key)}",
                 params={"if_version": if_version},
             )
         except NotFound as exc:
@@ -553,13 +678,20 @@ class RemoteHive(Hive):
         return True
 
     async def list(
-        self, prefix: str = "", *, limit: int = 100, cursor: str | None = None
+        self,
+        prefix: str = "",
+        *,
+        key_prefix: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
     ) -> Page[Item]:
+        if key_prefix is not None:  # a query parameter is text: refuse a number as local does
+            check.key_prefix(key_prefix, self._settings)
         return await self._model(
             _ItemPage,
             "GET",
             "/v1/items",
-            params={"prefix": prefix, "limit": limit, "cursor": cursor},
+            params={"prefix": prefix, "key_prefix": key_prefix, "limit": limit, "cursor": cursor},
         )
 
     async def list_namespaces(
@@ -582,14 +714,13 @@ class RemoteHive(Hive):
             raise InvalidInput("ops must be a list of operations", field="ops")
         wire = [op.model_dump() if isinstance(op, BaseModel) else op for op in ops]
         _, data = await self._request("POST", "/v1/batch", body=_body({"ops": wire}, "ops"))
-        results = orjson.loads(data)["results"]
-        return [r if isinstance(r, bool) else Item.model_validate(r) for r in results]
+        return BatchResult.model_validate_json(data).results
 
     async def history(self, namespace: str, key: str, *, limit: int = 100) -> builtins.list[Item]:
         _, data = await self._request(
-            "GET", f"/v1/history/{_item_path(namespace, key)}", params={"limit": limit}
+            "GET", f"/v1/history/{item_path(namespace, key)}", params={"limit": limit}
         )
-        return [Item.model_validate(i) for i in orjson.loads(data)["items"]]
+        return HistoryResult.model_validate_json(data).items
 
     async def search(
         self,
@@ -613,7 +744,7 @@ class RemoteHive(Hive):
             if arg is not None:
                 payload[name] = arg.isoformat() if isinstance(arg, datetime) else arg
         _, data = await self._request("POST", "/v1/search", body=_body(payload, "filter"))
-        return [SearchHit.model_validate(h) for h in orjson.loads(data)["hits"]]
+        return SearchResult.model_validate_json(data).hits
 
     # Sessions --------------------------------------------------------------------
 
@@ -632,8 +763,9 @@ class RemoteHive(Hive):
         session_id: str | None = None,
         metadata: dict[str, Any] | None = None,
         state: dict[str, Any] | None = None,
+        ttl: float | None = None,
     ) -> Session:
-        payload = {
+        payload: dict[str, Any] = {
             "app": app,
             "user": user,
             "agent": agent,
@@ -641,6 +773,8 @@ class RemoteHive(Hive):
             "metadata": metadata,
             "state": state,
         }
+        if ttl is not None:
+            payload["ttl"] = ttl
         return await self._model(Session, "POST", "/v1/sessions", body=_body(payload, "body"))
 
     async def get_session(self, session_id: str) -> Session:
@@ -680,7 +814,7 @@ class RemoteHive(Hive):
             f"/v1/sessions/{self._sid(session_id)}/messages",
             body=_body({"messages": wire}, "messages"),
         )
-        return [Message.model_validate(m) for m in orjson.loads(data)["messages"]]
+        return Messages.model_validate_json(data).messages
 
     async def get_messages(
         self, session_id: str, *, after: int = 0, limit: int = 100
@@ -690,7 +824,7 @@ class RemoteHive(Hive):
             f"/v1/sessions/{self._sid(session_id)}/messages",
             params={"after": after, "limit": limit},
         )
-        return [Message.model_validate(m) for m in orjson.loads(data)["messages"]]
+        return Messages.model_validate_json(data).messages
 
     async def save_state(
         self, session_id: str, state: dict[str, Any], *, if_version: int | None = None
@@ -719,7 +853,7 @@ class RemoteHive(Hive):
 
     async def head(self) -> str:
         _, data = await self._request("GET", "/v1/events/head")
-        return str(orjson.loads(data)["cursor"])
+        return Head.model_validate_json(data).cursor
 
     async def watch(self, prefix: str = "", *, after: str | None = None) -> AsyncIterator[Event]:
         """See :meth:`Hive.watch`. Reconnects by itself with the last cursor when the
@@ -738,7 +872,7 @@ class RemoteHive(Hive):
         cursor = after
         delay = 0.1
         down_since: float | None = None
-        limited_since: float | None = None
+        limited = _RateLimitWait(settings, "watch")
         stream_timeout = aiohttp.ClientTimeout(
             total=None,
             connect=settings.request_timeout_seconds,
@@ -752,7 +886,7 @@ class RemoteHive(Hive):
             endpoint = ep.url
             headers = dict(self._headers)
             if cursor is not None:
-                headers["Last-Event-ID"] = cursor
+                headers[LAST_EVENT_ID_HEADER] = cursor
             url = URL(f"{endpoint}/v1/watch", encoded=True)
             pause: float | None = None
             try:
@@ -768,20 +902,18 @@ class RemoteHive(Hive):
                         raise _redirect("GET", "/v1/watch", endpoint, resp.status, resp.headers)
                     if resp.status == 429:
                         endpoints.succeeded(ep)
-                        error = _problem(resp.status, await resp.read())
+                        error = error_from_response(resp.status, await resp.read())
                         retry_after = _retry_after(resp.headers, error)
-                        now = time.monotonic()
-                        limited_since = limited_since or now
-                        pause = _rate_limit_pause(retry_after, now - limited_since, settings)
+                        pause = limited.pause(retry_after)
                         if pause is None:
                             raise RateLimited(
                                 f"watch: rate limited by the service ({error.message}); "
-                                f"still limited after {now - limited_since:.1f} s of waiting",
+                                f"still limited after {limited.waited:.1f} s of waiting",
                                 field=error.field,
                                 retry_after=retry_after,
                             )
                     elif resp.status >= 400:
-                        error = _problem(resp.status, await resp.read())
+                        error = error_from_response(resp.status, await resp.read())
                         if resp.status < 500:
                             raise error
                         raise aiohttp.ClientResponseError(
@@ -789,13 +921,14 @@ class RemoteHive(Hive):
                         )
                     else:
                         if cursor is None:
-                            cursor = resp.headers.get(START_HEADER, "0")
+                            cursor = resp.headers.get(CURSOR_HEADER, "0")
                         endpoints.succeeded(ep)
-                        delay, down_since, limited_since = 0.1, None, None
+                        delay, down_since = 0.1, None
+                        limited.reset()
                         async for message in read_sse(
                             resp, max_bytes=settings.client_max_sse_bytes
                         ):
-                            if message.event != "hivemem":
+                            if message.event != SSE_EVENT:
                                 continue
                             event = Event.model_validate_json(message.data)
                             cursor = event.cursor
@@ -1218,26 +1351,25 @@ class RemoteHive(Hive):
     ) -> builtins.list[AgentRecord]:
         if healthy is not None and not isinstance(healthy, bool):
             raise InvalidInput("healthy must be true, false or null", field="healthy")
-        which = "all" if healthy is None else ("true" if healthy else "false")
         _, data = await self._request(
-            "GET", "/v1/registry", params={"capability": capability, "healthy": which}
+            "GET",
+            "/v1/registry",
+            params={"capability": capability, "healthy": healthy_param(healthy)},
         )
         return [AgentRecord.model_validate(r) for r in orjson.loads(data)]
 
 
-def _problem(status: int, data: bytes) -> HivememError:
-    try:
-        body = orjson.loads(data) if data else None
-    except orjson.JSONDecodeError:
-        body = None
-    return error_from_problem(status, body if isinstance(body, dict) else None)
+def _retry_after(headers: Mapping[str, str], error: HivememError) -> float:
+    """Seconds a 429 answer asks to wait: its ``Retry-After``, else the problem's
+    ``retry_after``, else 1 s (see :func:`hivemem.wire.retry_after_seconds`)."""
+    return retry_after_seconds(headers, getattr(error, "retry_after", 1.0))
 
 
 def _redirect(
     method: str, path: str, endpoint: str, status: int, headers: Mapping[str, str]
 ) -> HivememError:
     """The error for a 3xx answer: redirects are a misconfiguration, never followed."""
-    location = headers.get("Location")
+    location = headers.get(LOCATION_HEADER)
     where = f"to {location[:300]!r}" if location else "without a Location"
     return HivememError(
         f"{method} {path}: {endpoint} answered HTTP {status}, a redirect {where}; "

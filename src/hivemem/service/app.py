@@ -9,7 +9,6 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import orjson
 from fastapi import FastAPI
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import Response
@@ -18,16 +17,22 @@ import hivemem
 from hivemem.config import Settings
 from hivemem.core import LocalHive
 from hivemem.errors import HivememError, InvalidInput
-from hivemem.service import problems
+from hivemem.service import (
+    coordination,
+    events,
+    guards,
+    items,
+    openapi,
+    problems,
+    search,
+    sessions,
+    tasks,
+)
+from hivemem.service.auth import ServiceState
+from hivemem.service.routing import json_response
+from hivemem.wire import AGENT_HEADER
 
-
-def json_response(
-    content: object, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    """A JSON response serialised with orjson (pydantic models via model_dump)."""
-    return Response(
-        orjson.dumps(content), status_code=status, media_type="application/json", headers=headers
-    )
+__all__ = ["create_app", "redact_url"]
 
 
 def create_app(store: str | None = None, settings: Settings | None = None) -> FastAPI:
@@ -40,8 +45,6 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     Raises:
         InvalidInput: the store URL is not a local store (field ``store``).
     """
-    from hivemem.service.auth import AGENT_HEADER, ServiceState
-
     settings = settings or Settings()
     url = store or settings.store
     hive = hivemem.connect(url, agent="hivemem", settings=settings)
@@ -99,18 +102,6 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     )
     app.state.hivemem = state
     problems.install(app)
-
-    from hivemem.service import (
-        coordination,
-        events,
-        guards,
-        items,
-        openapi,
-        search,
-        sessions,
-        tasks,
-    )
-
     app.include_router(items.router)
     app.include_router(search.router)
     app.include_router(sessions.router)

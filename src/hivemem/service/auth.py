@@ -5,47 +5,34 @@ With ``auth`` off (the default, for loopback and development) the caller is whoe
 ``/readyz`` needs ``Authorization: Bearer <credential>``: an API key made by
 ``hivemem agents add`` (``hm_<id>_<secret>``) or a JWT signed with the configured
 key; the agent is the key's agent or the token's ``sub``, whatever a header says.
-The view a request gets enforces the policy in core (:mod:`hivemem.policy.rules`).
+The view a request gets enforces the policy in core (:mod:`hivemem.policy.rules`); the
+routes get it through the dependencies of :mod:`hivemem.service.deps`.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import orjson
-from fastapi import Depends, Header, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hivemem.config import Settings
 from hivemem.core import LocalHive
 from hivemem.errors import InvalidInput, RateLimited, Unauthenticated
 from hivemem.policy.keys import KeyStore, looks_like_api_key
 from hivemem.policy.limits import RateLimiter
-from hivemem.policy.principal import Action, Principal
+from hivemem.policy.principal import Principal
 from hivemem.policy.rules import PolicyHolder
 from hivemem.policy.tokens import TokenVerifier, looks_like_jwt
+from hivemem.wire import AGENT_HEADER, AUTHORIZATION_HEADER
 
-__all__ = ["AGENT_HEADER", "REQUEST_ID_HEADER", "ServiceState", "hive_for"]
+__all__ = ["ServiceState"]
 
 log = logging.getLogger("hivemem.service")
 
-AGENT_HEADER = "X-Hivemem-Agent"
-REQUEST_ID_HEADER = "X-Hivemem-Request-Id"
 _MAX_VIEWS = 10_000
-_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-
-#: The security scheme shown in the OpenAPI document (the credential is checked by
-#: :meth:`ServiceState.authenticate`, not by FastAPI).
-bearer = HTTPBearer(
-    auto_error=False,
-    scheme_name="bearer",
-    description="An API key from `hivemem agents add` (hm_...) or a JWT bearer token. "
-    "Required when the service runs with --auth.",
-)
 
 
 class ServiceState:
@@ -85,19 +72,19 @@ class ServiceState:
             return Principal("anonymous" if agent_header is None else agent_header, via="header")
         if not credentials:
             raise Unauthenticated(
-                "credentials required: send 'Authorization: Bearer <API key or JWT>'",
-                field="Authorization",
+                f"credentials required: send '{AUTHORIZATION_HEADER}: Bearer <API key or JWT>'",
+                field=AUTHORIZATION_HEADER,
             )
         if looks_like_api_key(credentials):
             found = await self.keys.verify(credentials)
             if found is None:
-                raise Unauthenticated("unknown or revoked API key", field="Authorization")
+                raise Unauthenticated("unknown or revoked API key", field=AUTHORIZATION_HEADER)
             return found
         if self.tokens.enabled and looks_like_jwt(credentials):
             return self.tokens.verify(credentials)
         raise Unauthenticated(
             "the bearer credential is neither an API key of this hive nor a JWT it accepts",
-            field="Authorization",
+            field=AUTHORIZATION_HEADER,
         )
 
     def view(self, principal: Principal) -> LocalHive:
@@ -191,79 +178,3 @@ class ServiceState:
 
     async def close(self) -> None:
         await self.limiter.close()
-
-
-def _request_id(request_id: str | None, idempotency_key: str | None) -> str | None:
-    """The request id of a write from ``X-Hivemem-Request-Id`` or, when it is absent,
-    ``Idempotency-Key`` (IETF draft-ietf-httpapi-idempotency-key-header: a quoted
-    string, quotes optional here)."""
-    key = None
-    if idempotency_key is not None:
-        key = idempotency_key.strip()
-        if len(key) >= 2 and key[0] == key[-1] == '"':
-            key = key[1:-1]
-        if not _REQUEST_ID.fullmatch(key):
-            raise InvalidInput(
-                "Idempotency-Key must be 1-128 letters, digits or _ - . : (optionally quoted)",
-                field="Idempotency-Key",
-            )
-    return request_id if request_id is not None else key
-
-
-def hive_for(action: Action) -> Any:
-    """A FastAPI dependency giving the hive view for the calling principal, after
-    authentication and the rate limit of ``action`` (async, so FastAPI does not send
-    it to its thread pool)."""
-
-    async def dependency(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-        x_hivemem_agent: Annotated[
-            str | None,
-            Header(
-                description="Identity of the calling agent when the service runs without "
-                "--auth; ignored with --auth (the credential names the agent).",
-                max_length=128,
-            ),
-        ] = None,
-        x_hivemem_request_id: Annotated[
-            str | None,
-            Header(
-                description="Idempotency key of a write (1-128 letters, digits, _ - . :). A "
-                "write repeated with the same request id by the same agent, on any replica, "
-                "within request_retention_seconds, is applied once; the repeat gets the first "
-                "result. The same id with a different request is refused (422).",
-                pattern=r"^[A-Za-z0-9_.:\-]{1,128}$",
-            ),
-        ] = None,
-        idempotency_key: Annotated[
-            str | None,
-            Header(
-                description="The IETF Idempotency-Key header: the same as X-Hivemem-Request-Id "
-                "(which wins when both are sent)."
-            ),
-        ] = None,
-    ) -> LocalHive:
-        state: ServiceState = request.app.state.hivemem
-        principal = await state.authenticate(
-            None if credentials is None else credentials.credentials, x_hivemem_agent
-        )
-        request.state.principal = principal
-        if state.limiter.enabled:
-            await state.limiter.hit(principal.agent, action)
-        view = state.view(principal)
-        request_id = _request_id(x_hivemem_request_id, idempotency_key)
-        if request_id is not None:
-            view = view.with_request_id(request_id, field=REQUEST_ID_HEADER)
-        return view
-
-    return dependency
-
-
-ReadHive = Annotated[LocalHive, Depends(hive_for("read"))]
-WriteHive = Annotated[LocalHive, Depends(hive_for("write"))]
-SearchHive = Annotated[LocalHive, Depends(hive_for("search"))]
-WatchHive = Annotated[LocalHive, Depends(hive_for("watch"))]
-PublishHive = Annotated[LocalHive, Depends(hive_for("publish"))]
-SessionsHive = Annotated[LocalHive, Depends(hive_for("sessions"))]
-TasksHive = Annotated[LocalHive, Depends(hive_for("tasks"))]

@@ -11,7 +11,7 @@ is the client's job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,10 +21,9 @@ from hivemem.core.coordination import MAX_CAPABILITIES
 from hivemem.core.tasks import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from hivemem.errors import NotFound
 from hivemem.models import AgentRecord, JsonInt, Lease, OnceTicket, Signal
-from hivemem.service.app import json_response
-from hivemem.service.auth import TasksHive
-from hivemem.service.routing import JSONRoute
-from hivemem.service.tasks import capped, model_response
+from hivemem.service.deps import TasksHive, capped
+from hivemem.service.routing import JSONRoute, model_response
+from hivemem.wire import HEALTHY, JSON_MEDIA_TYPE, Deleted, Healthy, Released
 
 router = APIRouter(tags=["coordination"], route_class=JSONRoute)
 
@@ -87,10 +86,6 @@ class ReleaseBody(BaseModel):
 
     token: JsonInt = Field(ge=1, description="The lease's fencing token.")
     version: JsonInt = Field(ge=1, description="The lease's version.")
-
-
-class Released(BaseModel):
-    released: bool
 
 
 class SignalBody(BaseModel):
@@ -182,10 +177,6 @@ class RegisterBody(BaseModel):
     )
 
 
-class Deleted(BaseModel):
-    deleted: bool
-
-
 # Leases ---------------------------------------------------------------------------------
 
 
@@ -219,7 +210,7 @@ async def renew(name: str, body: RenewBody, hive: TasksHive) -> Response:
 async def release(name: str, body: ReleaseBody, hive: TasksHive) -> Response:
     """Release the lease (false unless the authenticated agent holds it)."""
     lease = HeldLease(name, body.token, body.version)
-    return json_response({"released": await hive.release(lease)})  # type: ignore[arg-type]
+    return model_response(Released(released=await hive.release(lease)))  # type: ignore[arg-type]
 
 
 # Signals --------------------------------------------------------------------------------
@@ -345,7 +336,7 @@ async def heartbeat_agent(name: str, hive: TasksHive) -> Response:
 )
 async def unregister(name: str, hive: TasksHive) -> Response:
     """Unregister ``name``."""
-    return json_response({"deleted": await hive.unregister(name)})
+    return model_response(Deleted(deleted=await hive.unregister(name)))
 
 
 @router.get(
@@ -359,14 +350,12 @@ async def agents(
         str | None, Query(description="Only agents with this capability.")
     ] = None,
     healthy: Annotated[
-        Literal["true", "false", "all"],
-        Query(description="true: healthy ones; false: down ones; all: both."),
+        Healthy, Query(description="true: healthy ones; false: down ones; all: both.")
     ] = "true",
 ) -> Response:
     """The registered agents."""
-    which = {"true": True, "false": False, "all": None}[healthy]
-    found = await hive.agents(capability=capability, healthy=which)
+    found = await hive.agents(capability=capability, healthy=HEALTHY[healthy])
     return Response(
         b"[" + b",".join(r.model_dump_json().encode() for r in found) + b"]",
-        media_type="application/json",
+        media_type=JSON_MEDIA_TYPE,
     )

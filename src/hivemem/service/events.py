@@ -13,14 +13,11 @@ from starlette.responses import Response
 
 from hivemem.core.events import WATCH_BATCH
 from hivemem.models import Event, Page
-from hivemem.service.app import json_response
-from hivemem.service.auth import PublishHive, WatchHive
-from hivemem.service.routing import JSONRoute
+from hivemem.service.deps import PublishHive, WatchHive, service_state
+from hivemem.service.routing import JSONRoute, model_response
+from hivemem.wire import CURSOR_HEADER, LAST_EVENT_ID_HEADER, SSE_EVENT, Head
 
 router = APIRouter(tags=["events"], route_class=JSONRoute)
-
-#: Header of the watch response naming the cursor the stream starts after.
-START_HEADER = "X-Hivemem-Cursor"
 
 
 class PublishBody(BaseModel):
@@ -31,10 +28,6 @@ class PublishBody(BaseModel):
     payload: Any = Field(description="Any JSON value (at most 64 KiB by default).")
 
 
-class Head(BaseModel):
-    cursor: str
-
-
 @router.get("/v1/events", response_model=Page[Event], summary="One page of the feed.")
 async def read_events(
     hive: WatchHive,
@@ -43,12 +36,12 @@ async def read_events(
     limit: Annotated[int, Query(le=2**63 - 1, description="Page size, 1..1000.")] = 100,
 ) -> Response:
     page = await hive.read_events(prefix, after=after, limit=limit)
-    return Response(page.model_dump_json(), media_type="application/json")
+    return model_response(page)
 
 
 @router.get("/v1/events/head", response_model=Head, summary="Cursor of the newest event.")
 async def head(hive: WatchHive) -> Response:
-    return json_response({"cursor": await hive.head()})
+    return model_response(Head(cursor=await hive.head()))
 
 
 @router.get(
@@ -65,7 +58,8 @@ async def watch(
         str | None, Query(description="Resume after this cursor; absent: from now.")
     ] = None,
     last_event_id: Annotated[
-        str | None, Header(description="SSE resume cursor; wins over `after`.")
+        str | None,
+        Header(alias=LAST_EVENT_ID_HEADER, description="SSE resume cursor; wins over `after`."),
     ] = None,
 ) -> EventSourceResponse:
     start = last_event_id or after
@@ -74,7 +68,7 @@ async def watch(
     # Read the first page before answering, so a bad prefix or an expired cursor
     # gets its problem+json status instead of a broken stream.
     first = await hive.read_events(prefix, after=start, limit=WATCH_BATCH)
-    state = request.app.state.hivemem
+    state = service_state(request)
     settings = state.hive.settings
     release = state.open_stream(hive.agent)
 
@@ -82,11 +76,11 @@ async def watch(
         try:
             for event in first.items:
                 yield ServerSentEvent(
-                    data=event.model_dump_json(), id=event.cursor, event="hivemem"
+                    data=event.model_dump_json(), id=event.cursor, event=SSE_EVENT
                 )
             async for event in hive.watch(prefix, after=first.next_cursor):
                 yield ServerSentEvent(
-                    data=event.model_dump_json(), id=event.cursor, event="hivemem"
+                    data=event.model_dump_json(), id=event.cursor, event=SSE_EVENT
                 )
         finally:
             release()
@@ -94,7 +88,7 @@ async def watch(
     return EventSourceResponse(
         stream(),
         ping=int(settings.sse_ping_seconds),
-        headers={START_HEADER: start, "Cache-Control": "no-store"},
+        headers={CURSOR_HEADER: start, "Cache-Control": "no-store"},
         background=BackgroundTask(release),
     )
 
@@ -106,4 +100,4 @@ async def watch(
 )
 async def publish(channel: str, body: PublishBody, hive: PublishHive) -> Response:
     event = await hive.publish(channel, body.payload)
-    return Response(event.model_dump_json(), media_type="application/json")
+    return model_response(event)

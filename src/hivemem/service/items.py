@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
@@ -11,10 +10,19 @@ from starlette.responses import Response
 
 from hivemem.errors import Conflict, InvalidInput, NotFound
 from hivemem.models import Item, JsonInt, Page
-from hivemem.service.app import json_response
-from hivemem.service.auth import ReadHive, WriteHive
+from hivemem.service.deps import ReadHive, WriteHive
 from hivemem.service.problems import PreconditionFailed
-from hivemem.service.routing import JSONRoute
+from hivemem.service.routing import JSONRoute, json_response, model_response
+from hivemem.wire import (
+    ETAG_HEADER,
+    IF_MATCH_HEADER,
+    IF_NONE_MATCH_HEADER,
+    BatchResult,
+    HistoryResult,
+    etag,
+    split_item_path,
+    version_from_etag,
+)
 
 router = APIRouter(tags=["items"], route_class=JSONRoute)
 
@@ -62,50 +70,18 @@ class BatchBody(BaseModel):
     )
 
 
-class BatchResult(BaseModel):
-    results: list[Item | bool]
-
-
-class HistoryResult(BaseModel):
-    items: list[Item]
-
-
-def split_path(path: str) -> tuple[str, str]:
-    """'a/b/key' -> ('a/b', 'key'); the key is the last segment.
-
-    Raises:
-        InvalidInput: no namespace (field ``namespace``) or an empty key (field ``key``).
-    """
-    namespace, sep, key = path.rpartition("/")
-    if not sep or not namespace:
-        raise InvalidInput("the path must be /v1/items/{namespace}/{key}", field="namespace")
-    if not key:
-        raise InvalidInput("key must not be empty", field="key")
-    return namespace, key
-
-
-_ETAG = re.compile(r'(?:W/)?(?:"([0-9]{1,18})"|([0-9]{1,18}))')
-
-
-def parse_etag(value: str, header: str) -> int:
-    """'"3"', 'W/"3"' or '3' -> 3.
-
-    Raises:
-        InvalidInput: anything else (field = the header name).
-    """
-    match = _ETAG.fullmatch(value.strip())
-    if match is None:
-        raise InvalidInput(f"{header} must be an item version ETag such as '\"3\"'", field=header)
-    return int(match.group(1) or match.group(2))
-
-
 def item_response(item: Item, status: int = 200) -> Response:
-    return Response(
-        item.model_dump_json(),
-        status_code=status,
-        media_type="application/json",
-        headers={"ETag": f'"{item.version}"'},
-    )
+    """The item as JSON with its version as ``ETag``."""
+    return model_response(item, status, {ETAG_HEADER: etag(item.version)})
+
+
+#: The precondition headers of item writes (FastAPI reads them by these names).
+_IfMatch = Annotated[
+    str | None, Header(alias=IF_MATCH_HEADER, description='Expected version, e.g. "3".')
+]
+_IfNoneMatch = Annotated[
+    str | None, Header(alias=IF_NONE_MATCH_HEADER, description="'*': create only.")
+]
 
 
 @router.put(
@@ -121,17 +97,19 @@ async def put_item(
     path: str,
     body: PutBody,
     hive: WriteHive,
-    if_match: Annotated[str | None, Header(description='Expected version, e.g. "3".')] = None,
-    if_none_match: Annotated[str | None, Header(description="'*': create only.")] = None,
+    if_match: _IfMatch = None,
+    if_none_match: _IfNoneMatch = None,
 ) -> Response:
-    namespace, key = split_path(path)
+    namespace, key = split_item_path(path)
     if_version = body.if_version
     from_header = False
     if if_match is not None:
-        if_version, from_header = parse_etag(if_match, "If-Match"), True
+        if_version, from_header = version_from_etag(if_match, IF_MATCH_HEADER), True
     elif if_none_match is not None:
         if if_none_match.strip() != "*":
-            raise InvalidInput("If-None-Match supports only '*'", field="If-None-Match")
+            raise InvalidInput(
+                f"{IF_NONE_MATCH_HEADER} supports only '*'", field=IF_NONE_MATCH_HEADER
+            )
         if_version, from_header = 0, True
     if from_header and body.if_version is not None and body.if_version != if_version:
         # Both preconditions must hold and an item is at one version: one of them fails.
@@ -162,7 +140,7 @@ async def put_item(
 
 @router.get("/v1/items/{path:anypath}", response_model=Item, summary="Get an item (404 if absent).")
 async def get_item(path: str, hive: ReadHive) -> Response:
-    namespace, key = split_path(path)
+    namespace, key = split_item_path(path)
     item = await hive.get(namespace, key)
     if item is None:
         raise NotFound(f"no item {namespace}/{key}", field="key")
@@ -180,26 +158,37 @@ async def delete_item(
     if_version: Annotated[
         int | None, Query(ge=0, le=2**63 - 1, description="Only if at this version.")
     ] = None,
-    if_match: Annotated[str | None, Header(description='Expected version, e.g. "3".')] = None,
+    if_match: _IfMatch = None,
 ) -> Response:
-    namespace, key = split_path(path)
+    namespace, key = split_item_path(path)
     if if_match is not None:
-        if_version = parse_etag(if_match, "If-Match")
+        if_version = version_from_etag(if_match, IF_MATCH_HEADER)
     deleted = await hive.delete(namespace, key, if_version=if_version)
     if not deleted:
         raise NotFound(f"no item {namespace}/{key}", field="key")
     return Response(status_code=204)
 
 
-@router.get("/v1/items", response_model=Page[Item], summary="List items under a namespace prefix.")
+@router.get(
+    "/v1/items",
+    response_model=Page[Item],
+    summary="List items under a namespace prefix, or the keys of one namespace by key prefix.",
+)
 async def list_items(
     hive: ReadHive,
     prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
+    key_prefix: Annotated[
+        str | None,
+        Query(
+            description="List only namespace `prefix` itself (not the namespaces under it), "
+            "its items whose key starts with this (empty: all its items); needs a prefix."
+        ),
+    ] = None,
     limit: Annotated[int, Query(le=2**63 - 1, description="Page size, 1..1000.")] = 100,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> Response:
-    page = await hive.list(prefix, limit=limit, cursor=cursor)
-    return Response(page.model_dump_json(), media_type="application/json")
+    page = await hive.list(prefix, key_prefix=key_prefix, limit=limit, cursor=cursor)
+    return model_response(page)
 
 
 @router.get(
@@ -225,7 +214,7 @@ async def list_namespaces(
 )
 async def batch(body: BatchBody, hive: WriteHive) -> Response:
     results = await hive.batch(body.ops)  # type: ignore[arg-type]
-    return Response(BatchResult(results=results).model_dump_json(), media_type="application/json")
+    return model_response(BatchResult(results=results))
 
 
 @router.get(
@@ -240,6 +229,6 @@ async def history(
         int, Query(le=2**63 - 1, description="Most versions returned, 1..1000.")
     ] = 100,
 ) -> Response:
-    namespace, key = split_path(path)
+    namespace, key = split_item_path(path)
     items = await hive.history(namespace, key, limit=limit)
-    return Response(HistoryResult(items=items).model_dump_json(), media_type="application/json")
+    return model_response(HistoryResult(items=items))

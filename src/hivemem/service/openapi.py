@@ -21,6 +21,20 @@ from hivemem.config import Settings
 from hivemem.core.coordination import MAX_CAPABILITIES
 from hivemem.core.tasks import MAX_ERROR_CHARS
 from hivemem.validation import FEEDS
+from hivemem.wire import (
+    AGENT_HEADER,
+    ETAG_HEADER,
+    ETAG_PATTERN,
+    IDEMPOTENCY_KEY_HEADER,
+    IF_MATCH_HEADER,
+    IF_NONE_MATCH_HEADER,
+    JSON_MEDIA_TYPE,
+    PROBLEM_MEDIA_TYPE,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_PATTERN,
+    RETRY_AFTER_HEADER,
+    WWW_AUTHENTICATE_HEADER,
+)
 
 __all__ = ["install"]
 
@@ -59,10 +73,11 @@ def _patterns(s: Settings) -> dict[str, str]:
         "prefix": rf"^(?:{prefix})?$",
         "item_path": rf"^{ns}/{_key(s.max_key_bytes)}$",
         "key": rf"^{_key(s.max_key_bytes)}$",
+        "key_prefix": rf"^(?:{_key(s.max_key_bytes)})?$",
         "task_id": r"^[0-9a-f]{1,64}$",
-        "etag": r'^(?:W/)?(?:"[0-9]{1,18}"|[0-9]{1,18})$',
-        "request_id": r"^[A-Za-z0-9_.:\-]{1,128}$",
-        "idempotency_key": r'^(?:"[A-Za-z0-9_.:\-]{1,128}"|[A-Za-z0-9_.:\-]{1,128})$',
+        "etag": rf"^{ETAG_PATTERN}$",
+        "request_id": rf"^{REQUEST_ID_PATTERN}$",
+        "idempotency_key": rf'^(?:"{REQUEST_ID_PATTERN}"|{REQUEST_ID_PATTERN})$',
     }
 
 
@@ -176,6 +191,7 @@ _EXAMPLES: dict[tuple[str, str], Any] = {
         "agent": "triage",
         "metadata": {"channel": "chat"},
         "state": {"step": 1},
+        "ttl": 86400,
     },
     ("post", "/v1/sessions/{session_id}/messages"): {
         "messages": [
@@ -219,23 +235,21 @@ _EXAMPLES: dict[tuple[str, str], Any] = {
 }
 
 _HEADERS = {
-    "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}},
-    "WWW-Authenticate": {"description": "Bearer realm.", "schema": {"type": "string"}},
-    "ETag": {"description": 'The item\'s version, e.g. "3".', "schema": {"type": "string"}},
+    RETRY_AFTER_HEADER: {"description": "Seconds to wait.", "schema": {"type": "integer"}},
+    WWW_AUTHENTICATE_HEADER: {"description": "Bearer realm.", "schema": {"type": "string"}},
+    ETAG_HEADER: {"description": 'The item\'s version, e.g. "3".', "schema": {"type": "string"}},
 }
 
 
 def _problem_response(status: int) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": _WHY[status],
-        "content": {
-            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-        },
+        "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
     if status == 429:
-        response["headers"] = {"Retry-After": _HEADERS["Retry-After"]}
+        response["headers"] = {RETRY_AFTER_HEADER: _HEADERS[RETRY_AFTER_HEADER]}
     elif status == 401:
-        response["headers"] = {"WWW-Authenticate": _HEADERS["WWW-Authenticate"]}
+        response["headers"] = {WWW_AUTHENTICATE_HEADER: _HEADERS[WWW_AUTHENTICATE_HEADER]}
     return response
 
 
@@ -278,10 +292,11 @@ def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str], path: 
         "max_depth": {"minimum": 1, "maximum": INT64_MAX},
         "if_version": {"minimum": 0, "maximum": INT64_MAX},
         "after": {"minimum": 0, "maximum": INT64_MAX},
-        "if-match": {"pattern": pattern["etag"]},
-        "if-none-match": {"pattern": r"^\*$"},
-        "x-hivemem-agent": {"pattern": pattern["segment"]},
+        IF_MATCH_HEADER.lower(): {"pattern": pattern["etag"]},
+        IF_NONE_MATCH_HEADER.lower(): {"pattern": r"^\*$"},
+        AGENT_HEADER.lower(): {"pattern": pattern["segment"]},
         "cursor": {"minLength": 1},
+        "key_prefix": {"pattern": pattern["key_prefix"]},
         "app": {"pattern": pattern["segment"]},
         "user": {"pattern": pattern["segment"]},
         "agent": {"pattern": pattern["segment"]},
@@ -292,16 +307,18 @@ def _parameters(op: dict[str, Any], s: Settings, pattern: dict[str, str], path: 
         "capability": {"pattern": pattern["segment"]},
         "changed_from": {"minimum": 0, "maximum": INT64_MAX},
         "wait": {"minimum": 0},
-        "x-hivemem-request-id": {"pattern": pattern["request_id"]},
-        "idempotency-key": {"pattern": pattern["idempotency_key"]},
+        REQUEST_ID_HEADER.lower(): {"pattern": pattern["request_id"]},
+        IDEMPOTENCY_KEY_HEADER.lower(): {"pattern": pattern["idempotency_key"]},
     }
     if s.auth:  # the credential names the agent; the header is ignored, so not offered
-        op["parameters"] = [p for p in op.get("parameters", []) if p["name"] != "x-hivemem-agent"]
+        op["parameters"] = [
+            p for p in op.get("parameters", []) if p["name"].lower() != AGENT_HEADER.lower()
+        ]
     else:  # no credentials are asked for
         op.pop("security", None)
     for param in op.get("parameters", []):
         _drop_null(param)
-        rule = rules.get(param["name"])
+        rule = rules.get(param["name"].lower())
         if rule is None:
             continue
         if param["name"] == "after" and param["in"] == "query":
@@ -331,6 +348,7 @@ def _bodies(doc: dict[str, Any], s: Settings, pattern: dict[str, str]) -> None:
     field("StateBody", "if_version", minimum=0, maximum=INT64_MAX)
     for name in ("app", "user", "agent", "session_id"):
         field("CreateBody", name, pattern=pattern["segment"])
+    field("CreateBody", "ttl", exclusiveMinimum=0, maximum=s.max_ttl_seconds)
     field("SearchBody", "prefix", pattern=pattern["prefix"])
     field("FenceBody", "lease", pattern=pattern["namespace"])
     field("FenceBody", "token", minimum=1, maximum=INT64_MAX)
@@ -459,10 +477,10 @@ def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
             if path == "/v1/items/{path}" and method in ("put", "get"):
                 for code in ("200", "201"):
                     if code in responses:
-                        responses[code]["headers"] = {"ETag": _HEADERS["ETag"]}
+                        responses[code]["headers"] = {ETAG_HEADER: _HEADERS[ETAG_HEADER]}
             _parameters(op, settings, pattern, path)
             example = _EXAMPLES.get((method, path))
-            body = op.get("requestBody", {}).get("content", {}).get("application/json")
+            body = op.get("requestBody", {}).get("content", {}).get(JSON_MEDIA_TYPE)
             if example is not None and body is not None:
                 body["example"] = example
     _bodies(doc, settings, pattern)

@@ -1,54 +1,49 @@
-"""RFC 9457 problem+json responses for every error the service can return."""
+"""RFC 9457 problem+json responses for every error the service can return.
+
+The body and headers of a :class:`~hivemem.errors.HivememError` are the wire contract's
+(:func:`hivemem.wire.problem_body`, :func:`hivemem.wire.problem_headers`); the client
+reads them back with :func:`hivemem.wire.error_from_response`. Request validation errors
+become :class:`~hivemem.errors.InvalidInput` by :func:`hivemem.validation.invalid_input`,
+the one translation of pydantic errors, naming the field.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any
+from typing import cast
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
-from hivemem.errors import Conflict, HivememError, InvalidInput, RateLimited, Unauthenticated
+from hivemem.errors import Conflict, HivememError
+from hivemem.validation import invalid_input
+from hivemem.wire import PROBLEM_MEDIA_TYPE, problem_body, problem_headers
+
+__all__ = ["PreconditionFailed", "install", "problem"]
 
 log = logging.getLogger("hivemem.service")
 
-PROBLEM = "application/problem+json"
-
 
 class PreconditionFailed(Conflict):
-    """A Conflict from an If-Match / If-None-Match header: HTTP 412, as RFC 9110 requires."""
+    """A Conflict from an If-Match / If-None-Match header: HTTP 412, as RFC 9110 requires
+    (the client reads a 412 back as ``Conflict``)."""
 
     status = 412
 
 
 def problem(error: HivememError, instance: str | None = None) -> Response:
-    """The problem+json response for ``error``."""
-    body = error.to_problem()
-    if instance is not None:
-        body["instance"] = instance
-    headers = {}
-    if isinstance(error, RateLimited):
-        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
-    elif isinstance(error, Unauthenticated):
-        headers["WWW-Authenticate"] = 'Bearer realm="hivemem"'  # RFC 6750 section 3
+    """The problem+json response for ``error``; ``instance`` is the request's path."""
     return Response(
-        orjson.dumps(body), status_code=error.status, media_type=PROBLEM, headers=headers
+        orjson.dumps(problem_body(error, instance)),
+        status_code=error.status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=problem_headers(error),
     )
-
-
-def _field(loc: tuple[Any, ...] | list[Any]) -> str:
-    """Name the field of a pydantic error location: ('body','ttl') -> 'ttl'."""
-    parts = [str(p) for p in loc]
-    if len(parts) == 2 and parts[0] == "header":  # x-hivemem-agent -> X-Hivemem-Agent
-        return "-".join(word.capitalize() for word in parts[1].split("-"))
-    if parts and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:] if len(parts) > 1 else parts
-    return ".".join(parts) or "body"
 
 
 def install(app: FastAPI) -> None:
@@ -60,13 +55,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        err = exc.errors()[0]
-        if err.get("type") == "json_invalid":
-            error = InvalidInput(f"malformed JSON body: {err.get('msg')}", field="body")
-        else:
-            field = _field(err.get("loc", ()))
-            error = InvalidInput(f"{field}: {err.get('msg')}", field=field)
-        return problem(error, request.url.path)
+        # invalid_input reads only errors(), which FastAPI's error has in pydantic's shape.
+        return problem(invalid_input(cast(ValidationError, exc)), request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -83,7 +73,7 @@ def install(app: FastAPI) -> None:
         return Response(
             orjson.dumps(body),
             status_code=exc.status_code,
-            media_type=PROBLEM,
+            media_type=PROBLEM_MEDIA_TYPE,
             headers=headers,
         )
 
@@ -96,7 +86,7 @@ def install(app: FastAPI) -> None:
             "status": 500,
             "detail": "unexpected server error; see the service log",
         }
-        return Response(orjson.dumps(body), status_code=500, media_type=PROBLEM)
+        return Response(orjson.dumps(body), status_code=500, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def _allowed_methods(request: Request) -> list[str]:

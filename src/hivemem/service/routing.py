@@ -1,4 +1,5 @@
-"""Strict JSON request bodies: the route class every hivemem router uses.
+"""JSON in and out of the routes: the strict route class every hivemem router uses, and
+the JSON responses they answer with.
 
 FastAPI reads a JSON body with :meth:`starlette.requests.Request.json`, which calls
 :func:`json.loads`; that accepts ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON,
@@ -15,21 +16,28 @@ a subclass of :class:`json.JSONDecodeError`, so FastAPI turns it into a
 orjson reads an integer beyond 2**64 - 1 as a float; to keep such a number exact (so that
 the hive refuses it, naming its field, rather than storing a rounded float), a body with
 a run of 20 or more digits is parsed again with :func:`json.loads`.
+
+Responses are serialised once, by orjson or by the pydantic model itself
+(:func:`json_response`, :func:`model_response`): FastAPI's own encoding would validate
+the returned model again against the route's ``response_model``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import orjson
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
-__all__ = ["JSONRequest", "JSONRoute", "loads"]
+from hivemem.wire import JSON_MEDIA_TYPE
+
+__all__ = ["JSONRequest", "JSONRoute", "json_response", "loads", "model_response"]
 
 #: Digits map to b"0", every other byte to b"x": a run of 20 digits is then a substring.
 _DIGIT_MAP = bytes(48 if 48 <= i <= 57 else 120 for i in range(256))
@@ -91,6 +99,24 @@ class JSONRoute(APIRoute):
             return await handler(request)
 
         return strict_json_handler
+
+
+def json_response(
+    content: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """``content`` (JSON types, dataclasses) as a JSON response, serialised by orjson."""
+    return Response(
+        orjson.dumps(content), status_code=status, media_type=JSON_MEDIA_TYPE, headers=headers
+    )
+
+
+def model_response(
+    model: BaseModel, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """A pydantic model as a JSON response, serialised by the model."""
+    return Response(
+        model.model_dump_json(), status_code=status, media_type=JSON_MEDIA_TYPE, headers=headers
+    )
 
 
 class _AnyPath(Convertor[str]):

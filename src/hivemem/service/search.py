@@ -9,9 +9,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from starlette.responses import Response
 
-from hivemem.models import JsonInt, SearchHit
-from hivemem.service.auth import SearchHive
-from hivemem.service.routing import JSONRoute
+from hivemem.models import JsonInt
+from hivemem.service.deps import SearchHive
+from hivemem.service.routing import JSONRoute, model_response
+from hivemem.wire import SearchResult
 
 router = APIRouter(tags=["search"], route_class=JSONRoute)
 
@@ -39,10 +40,6 @@ class SearchBody(BaseModel):
     limit: JsonInt = Field(default=10, le=2**63 - 1, description="Most hits, 1..100.")
 
 
-class SearchResult(BaseModel):
-    hits: list[SearchHit]
-
-
 @router.post(
     "/v1/search",
     response_model=SearchResult,
@@ -59,4 +56,4 @@ async def search(body: SearchBody, hive: SearchHive) -> Response:
         mode=body.mode,
         limit=body.limit,
     )
-    return Response(SearchResult(hits=hits).model_dump_json(), media_type="application/json")
+    return model_response(SearchResult(hits=hits))

@@ -9,9 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from hivemem.errors import NotFound
-from hivemem.models import JsonInt, Message, MessageIn, Page, Session
-from hivemem.service.auth import SessionsHive
-from hivemem.service.routing import JSONRoute
+from hivemem.models import JsonInt, MessageIn, Page, Session
+from hivemem.service.deps import SessionsHive
+from hivemem.service.routing import JSONRoute, model_response
+from hivemem.wire import Messages
 
 router = APIRouter(tags=["sessions"], route_class=JSONRoute)
 
@@ -27,6 +28,14 @@ class CreateBody(BaseModel):
     session_id: str | None = Field(default=None, description="Your own id; made if absent.")
     metadata: dict[str, Any] | None = None
     state: dict[str, Any] | None = Field(default=None, description="Initial state document.")
+    ttl: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds of inactivity after which the session expires, with its "
+        "messages (sliding: every append and state save restarts it; at most "
+        "max_ttl_seconds); null: never.",
+    )
 
 
 class AppendBody(BaseModel):
@@ -35,10 +44,6 @@ class AppendBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[MessageIn]
-
-
-class Messages(BaseModel):
-    messages: list[Message]
 
 
 class StateBody(BaseModel):
@@ -52,10 +57,6 @@ class StateBody(BaseModel):
     )
 
 
-def _json(model: BaseModel, status: int = 200) -> Response:
-    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
-
-
 @router.post("/v1/sessions", status_code=201, response_model=Session, summary="Create a session.")
 async def create_session(body: CreateBody, hive: SessionsHive) -> Response:
     session = await hive.create_session(
@@ -65,8 +66,9 @@ async def create_session(body: CreateBody, hive: SessionsHive) -> Response:
         session_id=body.session_id,
         metadata=body.metadata,
         state=body.state,
+        ttl=body.ttl,
     )
-    return _json(session, 201)
+    return model_response(session, 201)
 
 
 @router.get("/v1/sessions", response_model=Page[Session], summary="List sessions, oldest first.")
@@ -79,12 +81,12 @@ async def list_sessions(
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
 ) -> Response:
     page = await hive.list_sessions(app=app, user=user, agent=agent, limit=limit, cursor=cursor)
-    return _json(page)
+    return model_response(page)
 
 
 @router.get("/v1/sessions/{session_id}", response_model=Session, summary="Get a session.")
 async def get_session(session_id: str, hive: SessionsHive) -> Response:
-    return _json(await hive.get_session(session_id))
+    return model_response(await hive.get_session(session_id))
 
 
 @router.delete(
@@ -103,7 +105,7 @@ async def delete_session(session_id: str, hive: SessionsHive) -> Response:
 )
 async def append_messages(session_id: str, body: AppendBody, hive: SessionsHive) -> Response:
     stored = await hive.append_messages(session_id, body.messages)
-    return _json(Messages(messages=stored))
+    return model_response(Messages(messages=stored))
 
 
 @router.get(
@@ -122,7 +124,7 @@ async def get_messages(
     ] = 100,
 ) -> Response:
     stored = await hive.get_messages(session_id, after=after, limit=limit)
-    return _json(Messages(messages=stored))
+    return model_response(Messages(messages=stored))
 
 
 @router.put(
@@ -132,4 +134,4 @@ async def get_messages(
 )
 async def save_state(session_id: str, body: StateBody, hive: SessionsHive) -> Response:
     session = await hive.save_state(session_id, body.state, if_version=body.if_version)
-    return _json(session)
+    return model_response(session)

@@ -22,7 +22,6 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from hivemem.core import LocalHive
 from hivemem.core.tasks import (
     MAX_ATTEMPTS,
     MAX_BACKOFF_SECONDS,
@@ -34,26 +33,13 @@ from hivemem.core.tasks import (
 )
 from hivemem.errors import NotFound
 from hivemem.models import JsonInt, Page, QueueStats, Task
-from hivemem.service.auth import TasksHive
-from hivemem.service.routing import JSONRoute
+from hivemem.service.deps import TasksHive, capped
+from hivemem.service.routing import JSONRoute, model_response
 
 router = APIRouter(tags=["tasks"], route_class=JSONRoute)
 
 #: The states a listing may select.
 TaskState = Literal["ready", "delayed", "running", "completed", "dead", "cancelled"]
-
-
-def capped(hive: LocalHive, wait: float | None) -> float | None:
-    """``wait`` cut to the service's ``max_wait_seconds`` (None and negatives pass
-    through: the hive treats None as "no wait" and refuses a negative one, naming it)."""
-    if wait is None or wait < 0:
-        return wait
-    return min(wait, hive.settings.max_wait_seconds)
-
-
-def model_response(model: BaseModel, status: int = 200) -> Response:
-    """A pydantic model as a JSON response."""
-    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
 
 
 @dataclass(frozen=True, slots=True)
