@@ -1,6 +1,7 @@
 """The Redis backend beyond the conformance suite: URLs, feed cursors across partitions,
 no gaps under concurrent writers, batches across partitions, request ids, sweeping,
-cross-process wake-ups, engine errors, a standalone crash and a cluster failover."""
+listing by key prefix, session expiry, retries, cross-process wake-ups, engine errors, a
+standalone crash and a cluster failover."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from redis import exceptions as rex
 
 import hivemem
 from hivemem import CursorExpired, InvalidInput, Unavailable
@@ -20,11 +23,19 @@ from hivemem.backends.redis.layout import (
     parse_cursor,
     partition_of,
     partitions_under,
+    session_partition,
+    tag,
 )
-from hivemem.backends.rows import DeleteWrite, IndexEntry, PutWrite
+from hivemem.backends.rows import (
+    DeleteWrite,
+    IndexEntry,
+    NewMessage,
+    PutWrite,
+    SessionRow,
+)
 from hivemem.config import Settings
 from hivemem.core import LocalHive
-from hivemem.errors import Conflict
+from hivemem.errors import Conflict, NotFound
 from tests.conftest import free_port
 from tests.servers.redis import RedisClusterServers, RedisServer
 
@@ -321,6 +332,350 @@ async def test_index_entries_follow_versions(backend: RedisBackend) -> None:
     ] == [(ns, "a"), (ns, "b")]
 
 
+# Listing by key prefix --------------------------------------------------------------------
+
+
+async def put_keys(backend: RedisBackend, ns: str, keys: list[str], now: float) -> None:
+    await backend.write_items([put(ns, k) for k in keys], author="x", now=now, history_limit=5)
+
+
+async def test_key_prefix_lists_only_that_namespace_and_matching_keys(
+    backend: RedisBackend,
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    await put_keys(backend, ns, ["a", "a1", "a2", "ab", "b", "`"], now)
+    await put_keys(backend, f"{ns}/sub", ["a3"], now)
+    rows = await backend.list_items(ns, None, 10, now, key_prefix="a")
+    assert [(r.namespace, r.key) for r in rows] == [(ns, "a"), (ns, "a1"), (ns, "a2"), (ns, "ab")]
+
+
+async def test_key_prefix_pages_after_a_key_and_stops_at_limit(backend: RedisBackend) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    await put_keys(backend, ns, ["k1", "k2", "k3", "k4", "l1"], now)
+    rows = await backend.list_items(ns, (ns, "k1"), 2, now, key_prefix="k")
+    assert [r.key for r in rows] == ["k2", "k3"]
+    assert await backend.list_items(ns, (ns, "k4"), 10, now, key_prefix="k") == []
+    assert await backend.list_items(ns, (ns, "z"), 10, now, key_prefix="k") == []
+
+
+async def test_empty_key_prefix_lists_the_namespace_alone(backend: RedisBackend) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    await put_keys(backend, ns, ["x", "y"], now)
+    await put_keys(backend, f"{ns}/sub", ["z"], now)
+    rows = await backend.list_items(ns, None, 10, now, key_prefix="")
+    assert [(r.namespace, r.key) for r in rows] == [(ns, "x"), (ns, "y")]
+
+
+async def test_key_prefix_ending_in_the_last_code_point_has_no_upper_bound_issue(
+    backend: RedisBackend,
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    top = "\U0010ffff"
+    await put_keys(backend, ns, ["a", f"a{top}", f"a{top}{top}x", "b", f"{top}", f"{top}z"], now)
+    rows = await backend.list_items(ns, None, 10, now, key_prefix=f"a{top}")
+    assert [r.key for r in rows] == [f"a{top}", f"a{top}{top}x"]
+    rows = await backend.list_items(ns, None, 10, now, key_prefix=top)
+    assert [r.key for r in rows] == [top, f"{top}z"]
+
+
+async def test_key_prefix_leaves_out_expired_items(backend: RedisBackend) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    gone = PutWrite(ns, "k-gone", b"1", None, None, now + 1, None)
+    await backend.write_items([gone, put(ns, "k-kept")], author="x", now=now, history_limit=5)
+    rows = await backend.list_items(ns, None, 10, now + 2, key_prefix="k-")
+    assert [r.key for r in rows] == ["k-kept"]
+
+
+async def test_key_prefix_reads_one_range_of_one_partition(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    await put_keys(backend, ns, ["a1", "b1"], now)
+    calls: list[tuple[str, list[str], list[Any]]] = []
+    script = backend._script
+
+    async def spy(name: str, keys: Any, args: Any) -> Any:
+        calls.append((name, list(keys), list(args)))
+        return await script(name, keys, args)
+
+    monkeypatch.setattr(backend, "_script", spy)
+    await backend.list_items(ns, None, 10, now, key_prefix="a")
+    assert len(calls) == 1
+    name, keys, args = calls[0]
+    assert name == "list_items"
+    assert keys == [f"{tag(partition_of(ns))}:meta"]
+    low, high = args[3:]
+    assert (low, high) == (b"[" + ns.encode() + b"\x00a", b"(" + ns.encode() + b"\x00b")
+
+
+# Session expiry ---------------------------------------------------------------------------
+
+
+def session_row(sid: str, now: float, ttl: float | None, app: str = "app") -> SessionRow:
+    return SessionRow(
+        sid, app, "u", None, "tester", b"{}", b"{}", 0, 0, 0, 0, 0, 0.0, now, now, ttl
+    )
+
+
+def message() -> NewMessage:
+    return NewMessage("user", b'"hi"', 1, 0, 0.0, b"{}")
+
+
+async def new_session(
+    backend: RedisBackend, now: float, ttl: float | None, app: str = "app"
+) -> str:
+    sid = f"s{uuid.uuid4().hex[:12]}"
+    await backend.create_session(session_row(sid, now, ttl, app))
+    return sid
+
+
+async def session_events(backend: RedisBackend, sid: str, cursor: str) -> list[tuple[str, str]]:
+    rows, _ = await backend.read_events(f"_sessions/{sid}", cursor, 100)
+    return [(r.type, r.author) for r in rows]
+
+
+async def test_a_session_keeps_its_ttl(backend: RedisBackend) -> None:
+    now = time.time()
+    with_ttl = await new_session(backend, now, 30.5)
+    without = await new_session(backend, now, None)
+    got = await backend.get_session(with_ttl)
+    assert got is not None and got.ttl == 30.5
+    got = await backend.get_session(without)
+    assert got is not None and got.ttl is None
+
+
+async def test_append_and_save_move_the_expiry(backend: RedisBackend) -> None:
+    now = time.time()
+    sid = await new_session(backend, now, 10.0)
+    await backend.append_messages(sid, [message()], author="x", now=now + 8)
+    row = await backend.save_state(sid, b'{"a":1}', None, author="x", now=now + 16)
+    assert row.last_activity_at == now + 16
+    (msg,) = await backend.append_messages(sid, [message()], author="x", now=now + 25)
+    assert msg.seq == 2
+    got = await backend.get_session(sid)
+    assert got is not None and got.last_activity_at == now + 25 and got.messages == 2
+
+
+async def test_append_to_an_expired_session_is_not_found_and_writes_nothing(
+    backend: RedisBackend,
+) -> None:
+    now = time.time()
+    sid = await new_session(backend, now, 10.0)
+    head = await backend.head()
+    with pytest.raises(NotFound) as info:
+        await backend.append_messages(sid, [message()], author="x", now=now + 10)
+    assert info.value.field == "session_id"
+    got = await backend.get_session(sid)
+    assert got is not None and (got.messages, got.last_activity_at) == (0, now)
+    assert await session_events(backend, sid, head) == []
+
+
+async def test_save_state_on_an_expired_session_is_not_found_before_any_conflict(
+    backend: RedisBackend,
+) -> None:
+    now = time.time()
+    sid = await new_session(backend, now, 10.0)
+    with pytest.raises(NotFound):
+        await backend.save_state(sid, b'{"a":1}', 7, author="x", now=now + 11)
+    with pytest.raises(NotFound):
+        await backend.save_state(sid, b'{"a":1}', None, author="x", now=now + 11)
+    got = await backend.get_session(sid)
+    assert got is not None and (got.state, got.state_version) == (b"{}", 0)
+
+
+async def test_a_live_session_still_conflicts_on_a_stale_state_version(
+    backend: RedisBackend,
+) -> None:
+    now = time.time()
+    sid = await new_session(backend, now, 10.0)
+    with pytest.raises(Conflict) as info:
+        await backend.save_state(sid, b'{"a":1}', 3, author="x", now=now + 1)
+    assert (info.value.field, info.value.current_version) == ("if_version", 0)
+
+
+async def test_read_messages_of_an_expired_session_is_not_found(backend: RedisBackend) -> None:
+    past = time.time() - 100
+    sid = await new_session(backend, past, 10.0)
+    with pytest.raises(NotFound):
+        await backend.read_messages(sid, 0, 10)
+    live = await new_session(backend, past, 1000.0)
+    assert await backend.read_messages(live, 0, 10) == []
+
+
+async def test_delete_of_an_expired_session_is_false_and_writes_nothing(
+    backend: RedisBackend,
+) -> None:
+    now = time.time()
+    sid = await new_session(backend, now, 10.0)
+    head = await backend.head()
+    assert await backend.delete_session(sid, author="x", now=now + 10) is False
+    assert await backend.get_session(sid) is not None
+    assert await session_events(backend, sid, head) == []
+
+
+async def test_an_expired_session_still_holds_its_id(backend: RedisBackend) -> None:
+    now = time.time()
+    sid = await new_session(backend, now - 100, 10.0)
+    with pytest.raises(Conflict):
+        await backend.create_session(session_row(sid, now, None))
+
+
+async def test_list_sessions_leaves_out_expired_ones(backend: RedisBackend) -> None:
+    app = f"a{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    gone = await new_session(backend, now, 10.0, app)
+    kept = await new_session(backend, now, 100.0, app)
+    forever = await new_session(backend, now, None, app)
+    listed = await backend.list_sessions(app, None, None, None, 10, now + 50)
+    assert [r.id for r in listed] == sorted([kept, forever])
+    listed = await backend.list_sessions(app, None, None, None, 10, now + 5)
+    assert [r.id for r in listed] == sorted([gone, kept, forever])
+
+
+async def test_sweep_deletes_expired_sessions_with_their_messages_and_an_event(
+    backend: RedisBackend,
+) -> None:
+    app = f"a{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    sid = await new_session(backend, now, 10.0, app)
+    kept = await new_session(backend, now, None, app)
+    await backend.append_messages(sid, [message()], author="x", now=now + 1)
+    head = await backend.head()
+    expired, _ = await backend.sweep(now + 11, 0.0, 0.0)
+    assert expired >= 1
+    assert await backend.get_session(sid) is None
+    assert await session_events(backend, sid, head) == [("session.expired", "hivemem")]
+    rows, _ = await backend.read_events(f"_sessions/{sid}", head, 10)
+    assert rows[0].namespace == f"_sessions/{sid}"
+    assert [r.id for r in await backend.list_sessions(app, None, None, None, 10, now)] == [kept]
+    client = backend.client
+    t = tag(session_partition(sid))
+    assert await client.exists(f"{t}:msg:{sid}") == 0
+    assert await client.zscore(f"{t}:sexp", sid) is None
+    assert await client.zscore("{hm:sessions}:all", sid) is None
+    assert await client.zscore(f"{{hm:sessions}}:app:{app}", sid) is None
+    # swept once: a later sweep finds nothing more of it
+    head = await backend.head()
+    await backend.sweep(now + 12, 0.0, 0.0)
+    assert await session_events(backend, sid, head) == []
+
+
+async def test_sweep_leaves_live_sessions_and_sessions_without_ttl(backend: RedisBackend) -> None:
+    now = time.time()
+    live = await new_session(backend, now, 10.0)
+    await backend.append_messages(live, [message()], author="x", now=now + 8)
+    forever = await new_session(backend, now, None)
+    await backend.sweep(now + 12, 0.0, 0.0)
+    assert await backend.get_session(live) is not None
+    assert await backend.get_session(forever) is not None
+
+
+async def test_the_expiry_index_holds_sessions_with_a_ttl_by_expiry_time(
+    backend: RedisBackend,
+) -> None:
+    now = time.time()
+    sid = await new_session(backend, now, 10.0)
+    forever = await new_session(backend, now, None)
+    client = backend.client
+    t = tag(session_partition(sid))
+    assert await client.zscore(f"{t}:sexp", sid) == now + 10.0
+    await backend.append_messages(sid, [message()], author="x", now=now + 3)
+    assert await client.zscore(f"{t}:sexp", sid) == now + 13.0
+    await backend.save_state(sid, b"{}", None, author="x", now=now + 4)
+    assert await client.zscore(f"{t}:sexp", sid) == now + 14.0
+    assert await client.zscore(f"{tag(session_partition(forever))}:sexp", forever) is None
+    assert await backend.delete_session(sid, author="x", now=now + 5) is True
+    assert await client.zscore(f"{t}:sexp", sid) is None
+
+
+async def test_a_session_stored_without_ttl_field_never_expires(backend: RedisBackend) -> None:
+    """Sessions written before sessions had a ttl have no ``ttl`` field at all."""
+    now = time.time()
+    sid = await new_session(backend, now - 1e6, None)
+    sk = f"{tag(session_partition(sid))}:s:{sid}"
+    assert await backend.client.hexists(sk, "ttl") == 0
+    await backend.sweep(now, 0.0, 0.0)
+    (msg,) = await backend.append_messages(sid, [message()], author="x", now=now)
+    assert msg.seq == 1
+
+
+# Retries ----------------------------------------------------------------------------------
+
+
+async def test_transient_errors_are_retried_within_the_budget(backend: RedisBackend) -> None:
+    failures = [rex.ConnectionError("lost"), rex.ResponseError("LOADING dataset in memory")]
+
+    async def flaky() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "done"
+
+    assert await backend._retrying(flaky, "test") == "done"
+    assert failures == []
+
+
+async def test_other_errors_are_not_retried(backend: RedisBackend) -> None:
+    calls = 0
+
+    async def broken() -> None:
+        nonlocal calls
+        calls += 1
+        raise rex.ResponseError("WRONGTYPE")
+
+    with pytest.raises(rex.ResponseError):
+        await backend._retrying(broken, "test")
+    assert calls == 1
+
+
+async def test_transient_errors_past_the_budget_are_unavailable(backend: RedisBackend) -> None:
+    calls = 0
+
+    async def down() -> None:
+        nonlocal calls
+        calls += 1
+        raise rex.ConnectionError("refused")
+
+    started = time.monotonic()
+    with pytest.raises(Unavailable):
+        await backend._retrying(down, "test", budget=0.3)
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert calls > 1
+
+
+async def test_the_budget_runs_from_the_first_failure(backend: RedisBackend) -> None:
+    """An attempt that hangs longer than the budget still gets its retries."""
+    calls = 0
+
+    async def slow_then_ok() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.4)
+            raise rex.TimeoutError("timed out")
+        return "done"
+
+    assert await backend._retrying(slow_then_ok, "test", budget=0.2) == "done"
+
+
+async def test_out_of_memory_is_unavailable_at_once(backend: RedisBackend) -> None:
+    calls = 0
+
+    async def full() -> None:
+        nonlocal calls
+        calls += 1
+        raise rex.OutOfMemoryError("OOM command not allowed")
+
+    with pytest.raises(Unavailable):
+        await backend._retrying(full, "test")
+    assert calls == 1
+
+
 # Wake-ups and errors -----------------------------------------------------------------------
 
 
@@ -341,6 +696,36 @@ async def test_another_process_write_wakes_a_watcher_at_once(redis_store: str) -
         assert event.key == "k"
         assert time.monotonic() - started < 2.0
         await events.aclose()  # type: ignore[attr-defined]
+    finally:
+        await watcher.close()
+        await writer.close()
+
+
+async def test_the_change_listener_reconnects_after_its_connection_drops(redis_url: str) -> None:
+    watcher = RedisBackend.from_url(redis_url, SETTINGS)
+    writer = RedisBackend.from_url(redis_url, SETTINGS)
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    await watcher.open()
+    await writer.open()
+    try:
+        # the listener signals a change each time it has subscribed
+        await watcher.changes.wait(0, 10.0)
+        first, subscribed = watcher._sub, watcher.changes.generation
+        assert first is not None and subscribed > 0
+        # drops every subscriber of the (shared) server; each one reconnects
+        await writer.client.client_kill_filter(_type="pubsub")
+        deadline = time.monotonic() + 10
+        while (
+            watcher._sub is None
+            or watcher._sub is first
+            or watcher.changes.generation == subscribed
+        ):
+            assert time.monotonic() < deadline, "the change listener did not resubscribe"
+            await asyncio.sleep(0.01)
+        generation = watcher.changes.generation
+        await writer.write_items([put(ns, "k")], author="x", now=time.time(), history_limit=5)
+        await watcher.changes.wait(generation, 10.0)
+        assert watcher.changes.generation != generation
     finally:
         await watcher.close()
         await writer.close()

@@ -5,9 +5,14 @@ Layout and atomicity: the store is split into 16 partitions, each behind one has
 (one cluster slot); a namespace tree (everything under one first segment) lives in
 one partition together with its feed events, so each write, its version check, its
 event, its index entry and its request-id result are one Lua script, atomic on the
-node that owns the slot (see :mod:`.layout`, :mod:`.scripts`, :mod:`.backend`). On a
-cluster, a batch must stay within one partition (InvalidInput field ``ops``
-otherwise); a standalone server takes any batch.
+node that owns the slot (see :mod:`.layout`, :mod:`.scripts`). On a cluster, a batch
+must stay within one partition (InvalidInput field ``ops`` otherwise); a standalone
+server takes any batch.
+
+Modules: :mod:`.engine` (client, retries, request ids, change listener), one per area
+over it (:mod:`.items`, :mod:`.sessions`, :mod:`.feed`, :mod:`.search`, :mod:`.tasks`),
+composed by :mod:`.backend`; :mod:`.layout` (keys, records, cursors) and the Lua of
+:mod:`.scripts` and :mod:`.task_scripts`.
 
 Durability — what an acknowledged write survives depends on the server, not on
 hivemem:
@@ -29,7 +34,7 @@ many replicas after each write, raising Unavailable on timeout) is the planned w
 to trade latency for surviving a failover. What hivemem does guarantee: a write is
 applied at most once even when its reply is lost and it is retried (every write
 carries a request id, the caller's or an internal one), and a reader never skips
-an event that was committed (see :mod:`.backend`). After a failover that lost
+an event that was committed (see :mod:`.feed`). After a failover that lost
 writes, the feed simply lacks them, as does the data.
 
 Search: stock Redis 7 (Debian's) has no full-text or vector search, so

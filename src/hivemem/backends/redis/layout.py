@@ -21,8 +21,11 @@ Keys of partition ``T = {hm:p<N>}`` (``m`` = ``namespace + "\\0" + key``):
 ``T:keys``                  sorted set (lex): every item's member
 ``T:exp``                   sorted set: members of items with an expiry, by expires_at
 ``T:idx``                   sorted set (lex): members of items with an index entry
-``T:s:<id>``                hash: a session
+``T:s:<id>``                hash: a session (fields of :data:`SESSION_FIELDS`;
+                            ``ttl`` absent = never expires)
 ``T:msg:<id>``              sorted set: a session's messages (score = seq)
+``T:sexp``                  sorted set: ids of sessions with a ttl, by the time they
+                            expire (last_activity_at + ttl)
 ``T:req:<id>``              string: a write's result under its request id (PX expiry)
 ``{hm:sessions}:...``       sorted sets (lex) of session ids: ``all``, ``app:<a>``,
                             ``user:<u>``, ``agent:<a>``; and ``config`` (hash)
@@ -53,7 +56,7 @@ Keys of that partition ``T`` (``q`` = a queue name, ``<id>`` = a task id):
 
 Feed cursors are ``e<ts>.<seq>.<p>`` for an event (its stream id and partition) and
 ``w<ts>`` for a watermark (every event with ts <= the watermark), or ``"0"``. They
-are ordered by (ts, seq, partition), the feed's order (see ``backend.read_events``).
+are ordered by (ts, seq, partition), the feed's order (see ``feed.read_events``).
 """
 
 from __future__ import annotations
@@ -62,7 +65,15 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from hivemem.backends.rows import EventRow, ItemRow, MessageRow, SessionRow, TaskRow
+from hivemem.backends.rows import (
+    EventRow,
+    ItemRow,
+    MessageRow,
+    SessionRow,
+    TaskRow,
+    key_range,
+    prefix_range,
+)
 from hivemem.errors import InvalidInput
 
 #: Number of feed partitions (hash slots used by items, sessions and events). Fixed for
@@ -135,13 +146,32 @@ def split_member(m: bytes) -> tuple[str, str]:
 
 
 def lex_ranges(prefix: str, after: bytes | None = None) -> list[tuple[bytes, bytes]]:
-    """ZRANGEBYLEX (min, max) ranges of the members at or under ``prefix``, after
-    member ``after`` (exclusive), in member order."""
+    """ZRANGEBYLEX (min, max) ranges of the members at or under ``prefix`` (the
+    namespaces of :func:`~hivemem.backends.rows.prefix_range`), after member ``after``
+    (exclusive), in member order."""
     if not prefix:
-        spans: list[tuple[bytes | None, bytes | None]] = [(None, None)]
-    else:
-        p = prefix.encode("utf-8")
-        spans = [(p + b"\x00", p + b"\x01"), (p + b"/", p + b"0")]
+        return _clip([(None, None)], after)
+    own, low, high = (x.encode("utf-8") for x in prefix_range(prefix))
+    return _clip([(own + b"\x00", own + b"\x01"), (low, high)], after)
+
+
+def key_lex_ranges(
+    namespace: str, key_prefix: str, after: bytes | None = None
+) -> list[tuple[bytes, bytes]]:
+    """The ZRANGEBYLEX (min, max) range of the members of ``namespace`` whose key starts
+    with ``key_prefix`` (:func:`~hivemem.backends.rows.key_range`), after member
+    ``after`` (exclusive): one range, or none when ``after`` is past it."""
+    low, high = key_range(key_prefix)
+    ns = namespace.encode("utf-8")
+    top = ns + b"\x01" if high is None else member(namespace, high)
+    return _clip([(member(namespace, low), top)], after)
+
+
+def _clip(
+    spans: list[tuple[bytes | None, bytes | None]], after: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    """ZRANGEBYLEX (min, max) of half-open member spans ``[lo, hi)`` (None: unbounded),
+    less what is not after ``after``."""
     out = []
     for lo, hi in spans:
         if after is not None and hi is not None and after >= hi:
@@ -193,6 +223,10 @@ def _i(b: bytes | None) -> int:
     return int(b)
 
 
+def _opt_f(b: bytes | None) -> float | None:
+    return None if b is None else float(b)
+
+
 def item_from(fields: list[bytes | None]) -> ItemRow:
     """An item from a record (namespace, key, value, version, author, created_at,
     updated_at, expires_at, text, metadata)."""
@@ -219,7 +253,10 @@ def item_from_hash(m: bytes, h: list[bytes | None]) -> ItemRow:
 
 
 def session_from(fields: list[bytes | None]) -> SessionRow:
-    """A session from a record: id then the fields of :data:`SESSION_FIELDS`."""
+    """A session from a record: id then the fields of :data:`SESSION_FIELDS` (a record
+    stored before sessions had a ttl lacks the last one: no ttl)."""
+    if len(fields) == len(SESSION_FIELDS):
+        fields = [*fields, None]
     (
         sid,
         app,
@@ -236,6 +273,7 @@ def session_from(fields: list[bytes | None]) -> SessionRow:
         cost,
         started_at,
         last_activity_at,
+        ttl,
     ) = fields
     assert metadata is not None and state is not None
     return SessionRow(
@@ -254,6 +292,7 @@ def session_from(fields: list[bytes | None]) -> SessionRow:
         _f(cost),
         _f(started_at),
         _f(last_activity_at),
+        _opt_f(ttl),
     )
 
 
@@ -273,6 +312,7 @@ SESSION_FIELDS = (
     "cost",
     "started_at",
     "last_activity_at",
+    "ttl",
 )
 #: Item hash fields, in ItemRow order (after namespace and key).
 ITEM_FIELDS = ("v", "ver", "a", "c", "u", "e", "t", "m")
@@ -318,10 +358,6 @@ TASK_FIELDS = (
     "updated_at",
     "finished_at",
 )
-
-
-def _opt_f(b: bytes | None) -> float | None:
-    return None if b is None else float(b)
 
 
 def task_from(fields: list[bytes | None]) -> TaskRow:

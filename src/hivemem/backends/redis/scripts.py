@@ -71,7 +71,12 @@ local function item_rec(m, h)
   return enc({ns, key, h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8]}, 10)
 end
 local SESSION = {'app', 'user', 'agent', 'created_by', 'metadata', 'state', 'state_version',
-  'messages', 'turns', 'tokens_in', 'tokens_out', 'cost', 'started_at', 'last_activity_at'}
+  'messages', 'turns', 'tokens_in', 'tokens_out', 'cost', 'started_at', 'last_activity_at', 'ttl'}
+-- Whether a session whose hash holds last_activity_at ``last`` and ``ttl`` (false: none)
+-- has expired at ``now`` (a number): last + ttl <= now, as rows.session_expired.
+local function session_expired(last, ttl, now)
+  return ttl and tonumber(last) + tonumber(ttl) <= now
+end
 """
 
 #: Helpers of scripts that write: the feed, request ids, item removal.
@@ -167,8 +172,22 @@ end
 local function session_rec(tag, sid)
   local h = redis.call('HMGET', tag .. ':s:' .. sid, unpack(SESSION))
   local t = {sid}
-  for i = 1, 14 do t[i + 1] = h[i] end
-  return enc(t, 15)
+  for i = 1, 15 do t[i + 1] = h[i] end
+  return enc(t, 16)
+end
+-- The live session ``sid`` at ``now`` (a number): {last_activity_at, ttl}, or false when
+-- absent or expired.
+local function session_live(tag, sid, now)
+  local h = redis.call('HMGET', tag .. ':s:' .. sid, 'last_activity_at', 'ttl')
+  if not h[1] or session_expired(h[1], h[2], now) then return false end
+  return h
+end
+-- Move the session's expiry to ``now_s`` + its ttl (sessions with a ttl only).
+local function session_touch(tag, sid, ttl, now_s)
+  if ttl then
+    local at = string.format('%.17g', tonumber(now_s) + tonumber(ttl))
+    redis.call('ZADD', tag .. ':sexp', at, sid)
+  end
 end
 """
 
@@ -272,8 +291,9 @@ feed_done()
 return {'ok', payload}
 """
 
-#: KEYS: the session's partition meta. ARGV: tag, id, request key, ttl, then the 14
-#: SESSION fields (user and agent optional). Returns {'ok'|'dup', record} or {'conflict'}.
+#: KEYS: the session's partition meta. ARGV: tag, id, request key, ttl, then the 15
+#: SESSION fields (user, agent and the session's ttl optional). A session with a ttl
+#: enters the expiry set. Returns {'ok'|'dup', record} or {'conflict'}.
 CREATE_SESSION = r"""
 local tag, sid, rk, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local stored = req_get(rk)
@@ -281,16 +301,17 @@ if stored then return {'dup', stored, REQ_FP} end
 local sk = tag .. ':s:' .. sid
 if redis.call('EXISTS', sk) == 1 then return {'conflict'} end
 local f, vals = {}, {sid}
-for i = 1, 14 do
+for i = 1, 15 do
   local v = ARGV[4 + i]
-  if i == 2 or i == 3 then v = opt(v) end
+  if i == 2 or i == 3 or i == 15 then v = opt(v) end
   vals[i + 1] = v
   if v then f[#f + 1] = SESSION[i]; f[#f + 1] = v end
 end
 redis.call('DEL', tag .. ':msg:' .. sid)
 redis.call('HSET', sk, unpack(f))
+session_touch(tag, sid, vals[16], ARGV[18])
 emit(tag, 'session.created', '_sessions/' .. sid, false, '0', ARGV[8], ARGV[17])
-local payload = enc(vals, 15)
+local payload = enc(vals, 16)
 req_put(rk, ttl, payload)
 feed_done()
 return {'ok', payload}
@@ -298,14 +319,17 @@ return {'ok', payload}
 
 #: ARGV: tag, id, request key, ttl, now, author, n, turns, tokens_in, tokens_out, cost,
 #: then per message: role, content, tokens_in, tokens_out, cost, metadata.
-#: Returns {'ok'|'dup', record of message records} or {'notfound'}.
+#: Returns {'ok'|'dup', record of message records} or {'notfound'} (absent or expired
+#: at now: nothing written). Moves last_activity_at and the expiry to now.
 APPEND_MESSAGES = r"""
 local tag, sid, rk, ttl, now, author = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local n = tonumber(ARGV[7])
 local stored = req_get(rk)
 if stored then return {'dup', stored, REQ_FP} end
 local sk = tag .. ':s:' .. sid
-if redis.call('EXISTS', sk) == 0 then return {'notfound'} end
+local live = session_live(tag, sid, tonumber(now))
+if not live then return {'notfound'} end
+session_touch(tag, sid, live[2], now)
 local total = redis.call('HINCRBY', sk, 'messages', n)
 redis.call('HINCRBY', sk, 'turns', ARGV[8])
 redis.call('HINCRBY', sk, 'tokens_in', ARGV[9])
@@ -330,18 +354,21 @@ return {'ok', payload}
 """
 
 #: ARGV: tag, id, request key, ttl, state, if_version (""), now, author.
-#: Returns {'ok'|'dup', session record}, {'notfound'} or {'conflict', current}.
+#: Returns {'ok'|'dup', session record}, {'notfound'} (absent or expired at now) or
+#: {'conflict', current}; a refusal writes nothing. Moves last_activity_at and the
+#: expiry to now.
 SAVE_STATE = r"""
 local tag, sid, rk, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local state, ifv, now, author = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local stored = req_get(rk)
 if stored then return {'dup', stored, REQ_FP} end
 local sk = tag .. ':s:' .. sid
-local sv = redis.call('HGET', sk, 'state_version')
-if not sv then return {'notfound'} end
-sv = tonumber(sv)
+local live = session_live(tag, sid, tonumber(now))
+if not live then return {'notfound'} end
+local sv = tonumber(redis.call('HGET', sk, 'state_version'))
 if ifv ~= '' and tonumber(ifv) ~= sv then return {'conflict', int(sv)} end
 redis.call('HSET', sk, 'state', state, 'state_version', int(sv + 1), 'last_activity_at', now)
+session_touch(tag, sid, live[2], now)
 emit(tag, 'session.state', '_sessions/' .. sid, false, int(sv + 1), author, now)
 local payload = session_rec(tag, sid)
 req_put(rk, ttl, payload)
@@ -350,18 +377,20 @@ return {'ok', payload}
 """
 
 #: ARGV: tag, id, request key, ttl, now, author.
-#: Returns {'ok', '1', app, user, agent}, {'ok', '0'} or {'dup', stored}.
+#: Returns {'ok', '1', app, user, agent}, {'ok', '0'} (absent, or expired at now: then
+#: left for the sweeper) or {'dup', stored}.
 DELETE_SESSION = r"""
 local tag, sid, rk, ttl, now, author = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local stored = req_get(rk)
 if stored then return {'dup', stored, REQ_FP} end
 local sk = tag .. ':s:' .. sid
-local h = redis.call('HMGET', sk, 'app', 'user', 'agent')
-if not h[1] then
+local h = redis.call('HMGET', sk, 'app', 'user', 'agent', 'last_activity_at', 'ttl')
+if not h[1] or session_expired(h[4], h[5], tonumber(now)) then
   req_put(rk, ttl, '0')
   return {'ok', '0'}
 end
 redis.call('DEL', sk, tag .. ':msg:' .. sid)
+redis.call('ZREM', tag .. ':sexp', sid)
 emit(tag, 'session.deleted', '_sessions/' .. sid, false, false, author, now)
 req_put(rk, ttl, '1')
 feed_done()
@@ -398,10 +427,12 @@ if not bound then redis.call('SET', bk, fp, 'PX', ttl) end
 return {'ok'}
 """
 
-#: ARGV: tag, now, trim before (microseconds), most items to expire.
-#: Returns {items expired, events trimmed}.
+#: ARGV: tag, now, trim before (microseconds), most items to expire, most sessions to
+#: expire. Returns {items and sessions expired, events trimmed, {id, app, user, agent}
+#: of each expired session (for the global session indexes)}.
 SWEEP = r"""
 local tag, now_s, before, most = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local most_sessions = tonumber(ARGV[5])
 local now = tonumber(now_s)
 local expired = 0
 local due = redis.call('ZRANGEBYSCORE', tag .. ':exp', '-inf', now_s, 'LIMIT', 0, most)
@@ -416,6 +447,23 @@ for _, m in ipairs(due) do
     redis.call('ZREM', tag .. ':exp', m)
   end
 end
+local gone = {}
+local sdue = redis.call('ZRANGEBYSCORE', tag .. ':sexp', '-inf', now_s, 'LIMIT', 0, most_sessions)
+for _, sid in ipairs(sdue) do
+  local sk = tag .. ':s:' .. sid
+  local h = redis.call('HMGET', sk, 'app', 'user', 'agent', 'last_activity_at', 'ttl')
+  if h[1] and session_expired(h[4], h[5], now) then
+    redis.call('DEL', sk, tag .. ':msg:' .. sid)
+    redis.call('ZREM', tag .. ':sexp', sid)
+    emit(tag, 'session.expired', '_sessions/' .. sid, false, false, 'hivemem', now_s)
+    gone[#gone + 1] = {sid, h[1], h[2] or false, h[3] or false}
+    expired = expired + 1
+  elseif h[1] and h[5] then
+    session_touch(tag, sid, h[5], h[4])
+  else
+    redis.call('ZREM', tag .. ':sexp', sid)
+  end
+end
 local trimmed = 0
 local last = redis.call('XREVRANGE', tag .. ':feed', '(' .. before .. '-0', '-', 'COUNT', 1)
 if last[1] then
@@ -423,7 +471,7 @@ if last[1] then
   trimmed = redis.call('XTRIM', tag .. ':feed', 'MINID', before)
 end
 feed_done()
-return {expired, trimmed}
+return {expired, trimmed, gone}
 """
 
 #: ARGV: tag, n, then per entry: member, version, text?, vector?, model?.
@@ -635,10 +683,12 @@ local tag, now = ARGV[1], ARGV[2]
 return redis.call('ZCARD', tag .. ':keys') - redis.call('ZCOUNT', tag .. ':exp', '-inf', now)
 """
 
-#: ARGV: tag, id, after, limit. Returns {'ok', message records...} or {'notfound'}.
+#: ARGV: tag, id, after, limit, now. Returns {'ok', message records...} or {'notfound'}
+#: (absent or expired at now).
 READ_MESSAGES = r"""
-local tag, sid, after, limit = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-if redis.call('EXISTS', tag .. ':s:' .. sid) == 0 then return {'notfound'} end
+local tag, sid, after, limit, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local h = redis.call('HMGET', tag .. ':s:' .. sid, 'last_activity_at', 'ttl')
+if not h[1] or session_expired(h[1], h[2], now) then return {'notfound'} end
 local rows = redis.call('ZRANGEBYSCORE', tag .. ':msg:' .. sid, '(' .. after, '+inf',
   'LIMIT', 0, limit)
 return {'ok', rows}

@@ -9,9 +9,10 @@ trip. Two claims never take the same task: Redis runs one script at a time.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
+from hivemem.backends.redis.engine import RedisEngine
 from hivemem.backends.redis.layout import (
     TASK_PARTITION,
     meta_key,
@@ -24,7 +25,6 @@ from hivemem.backends.redis.layout import (
 )
 from hivemem.backends.redis.task_scripts import PROMOTE_PER_CLAIM, SETTLE_PER_CLAIM
 from hivemem.backends.rows import TaskRow, TaskStats
-from hivemem.backends.signals import ChangeSignal
 from hivemem.errors import Conflict, NotFound
 
 __all__ = ["RedisTasks"]
@@ -58,18 +58,8 @@ def _not_held(task_id: str, worker: str, attempt: int, reply: Sequence[Any]) -> 
     )
 
 
-class RedisTasks:
+class RedisTasks(RedisEngine):
     """The task primitives of :class:`~.backend.RedisBackend`."""
-
-    changes: ChangeSignal
-
-    if TYPE_CHECKING:
-
-        async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any: ...
-
-        async def _requested(
-            self, p: int, request_id: str | None, run: Callable[[str, str], Awaitable[Any]]
-        ) -> Any: ...
 
     async def _task_write(self, name: str, request_id: str | None, args: Sequence[Any]) -> Any:
         """Run task write script ``name`` with ``args`` (after the tag) followed by the
