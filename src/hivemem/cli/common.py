@@ -60,7 +60,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: The hive every command uses unless --url, HIVEMEM_URL or HIVEMEM_STORE names another.
-DEFAULT_URL = "sqlite:///hive.db"
+DEFAULT_URL = hivemem.DEFAULT_URL
 
 #: Results (tables, values, JSON documents) go to stdout ...
 out = Console(highlight=False)
