@@ -12,6 +12,7 @@ loopback ports, once per test session. Tests isolate themselves with the ``ns`` 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import hivemem
+from hivemem.core.area import Area
 
 HEALTH_TIMEOUT_SECONDS = 20.0
 
@@ -60,6 +62,42 @@ _SERVER_FIXTURES = {
     "redis": "redis_url",
     "redis-cluster": "redis_cluster_url",
 }
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests for pytest-xdist (``--dist loadgroup``) and leave some out.
+
+    The tests marked ``slow`` (processes killed, replicas, crashes) run one after another
+    on one worker rather than compete for the cores; the tests of a module that share a
+    module-scoped fixture (a service with auth on, say) run on one worker, which sets it
+    up once; so do those on the shared Redis Cluster. Tests marked ``matrix`` are left
+    out unless ``-m`` names that marker (``.ci/run`` runs ``-m matrix`` after the default
+    suite)."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("processes"))
+        elif _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))  # type: ignore[attr-defined]
+        elif "redis-cluster" in getattr(getattr(item, "callspec", None), "id", ""):
+            item.add_marker(pytest.mark.xdist_group("redis-cluster"))
+    if "matrix" in (config.option.markexpr or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("matrix") is None]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(
+            items=[item for item in items if item.get_closest_marker("matrix") is not None]
+        )
+        items[:] = keep
+
+
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        d.scope in ("module", "class") for defs in info.name2fixturedefs.values() for d in defs
+    )
 
 
 def selected_stores() -> list[str]:
@@ -315,3 +353,34 @@ async def hive(hive_url: str) -> AsyncIterator[hivemem.Hive]:
 def ns() -> str:
     """A namespace no other test uses (one segment, e.g. ``t1a2b3c4d``)."""
     return f"t{uuid.uuid4().hex[:8]}"
+
+
+class Clock:
+    """The time a TTL test moves with :meth:`sleep`.
+
+    Embedded hives read the time of their writes, reads and TTLs from ``Area._now``; the
+    fixture patches it to wall time plus :attr:`offset`, so :meth:`sleep` moves the offset
+    and returns at once. A RemoteHive's service keeps its own clock in another process:
+    there :meth:`sleep` really sleeps. Background loops (coordination rounds, lease
+    renewals) run on asyncio's clock, which this does not move.
+    """
+
+    def __init__(self, remote: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.remote = remote
+        self.offset = 0.0  # seconds added to wall time
+        if not remote:
+            monkeypatch.setattr(Area, "_now", lambda _self: time.time() + self.offset)
+
+    async def sleep(self, seconds: float) -> None:
+        """Let ``seconds`` pass for the hive under test."""
+        if self.remote:
+            await asyncio.sleep(seconds)
+        else:
+            self.offset += seconds
+            await asyncio.sleep(0)
+
+
+@pytest.fixture
+def clock(hive_url: str, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The :class:`Clock` of the ``hive`` under test."""
+    return Clock(hive_url.startswith(("http://", "https://")), monkeypatch)

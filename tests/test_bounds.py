@@ -633,6 +633,10 @@ GUARD_SETTINGS = dict(
     max_header_bytes=4096,
     max_request_bytes=64 * 1024,
 )
+#: The most a cut or refused request may take (s): the 0.5 s body deadline plus a busy
+#: 2-core machine's scheduling; a cut per chunk instead of per body would go on for the
+#: trickle's 3 s, a stalled server for the sockets' 5 s.
+PROMPT_SECONDS = 2.0
 
 
 @pytest.fixture(scope="module", params=["httptools", "h11"])
@@ -733,7 +737,7 @@ def test_slow_body_is_cut_with_408_and_health_answers_meanwhile(
         assert all(p.status == 200 for p in probes)
         assert min(p.elapsed for p in probes) < 0.1, [p.elapsed for p in probes]
         reply = read_reply(slow, started)
-        assert 0.4 < reply.elapsed < 1.0, reply.elapsed
+        assert 0.4 < reply.elapsed < PROMPT_SECONDS, reply.elapsed
         assert_problem(reply, 408, "body")
         assert reply.headers.get("connection") == "close"
         assert slow.recv(1) == b""  # the server closed the connection
@@ -756,7 +760,7 @@ def test_trickled_body_is_cut_at_the_deadline_not_per_chunk(
             sock.sendall(raw[sent : sent + 1])
             sent += 1
         reply = read_reply(sock, started)
-    assert 0.4 < reply.elapsed < 1.0, reply.elapsed
+    assert 0.4 < reply.elapsed < PROMPT_SECONDS, reply.elapsed
     assert_problem(reply, 408, "body")
     assert_absent(server.port, ns, "k", head)
 
@@ -794,7 +798,7 @@ def test_huge_headers_get_431(server: ThreadedServer, ns: str) -> None:
         server.port, request("PUT", f"/v1/items/{ns}/k", b'{"value": 1}', headers=extra)
     )
     assert_problem(reply, 431, "headers")
-    assert reply.elapsed < 1.0
+    assert reply.elapsed < PROMPT_SECONDS
     assert_absent(server.port, ns, "k", head)
     # Under the limit the same request goes through.
     small = "".join(f"X-Pad-{i}: {'p' * 500}\r\n" for i in range(5))
@@ -819,7 +823,7 @@ def test_non_utf8_path_or_query_gets_422(
     head = feed_head(server.port)
     reply = exchange(server.port, request("PUT", target.format(ns=ns), b'{"value": 1}'))
     assert_problem(reply, 422, field)
-    assert reply.elapsed < 1.0
+    assert reply.elapsed < PROMPT_SECONDS
     assert feed_head(server.port) == head
     # Percent-encoded UTF-8 passes: caf%C3%A9 is the key "café".
     reply = exchange(

@@ -1,7 +1,8 @@
 """The coordination promises across processes, on every shared store kind (a SQLite
 file, PostgreSQL, Redis, Redis Cluster, and the service over SQLite): workers in
 separate processes started with ``hivemem worker``, killed with SIGKILL where the
-promise is about dying."""
+promise is about dying. The Redis Cluster cases are marked ``matrix`` (``.ci/run``
+runs them after the default suite)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,18 @@ import hivemem
 
 from .conftest import store_url_of
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = Path(__file__).resolve().parent / "_task_jobs.py"
 #: Shared store kinds (an in-memory SQLite store cannot be shared by processes).
-KINDS = ["sqlite-file", "postgres", "redis", "redis-cluster", "remote"]
+KINDS = [
+    "sqlite-file",
+    "postgres",
+    "redis",
+    pytest.param("redis-cluster", marks=pytest.mark.matrix),
+    "remote",
+]
 
 
 @pytest.fixture(params=KINDS)

@@ -414,7 +414,7 @@ async def test_append_messages_concurrently_assigns_consecutive_seqs(postgres_ur
         assert session is not None
         assert session.messages == len(all_seqs) == session.turns
         assert (session.tokens_in, session.tokens_out) == (2 * len(all_seqs), 3 * len(all_seqs))
-        read = await backends[1].read_messages(sid, 0, 1000)
+        read = await backends[1].read_messages(sid, 0, 1000, time.time())
         assert [m.seq for m in read] == all_seqs
 
 

@@ -503,9 +503,9 @@ async def test_read_messages_of_an_expired_session_is_not_found(backend: RedisBa
     past = time.time() - 100
     sid = await new_session(backend, past, 10.0)
     with pytest.raises(NotFound):
-        await backend.read_messages(sid, 0, 10)
+        await backend.read_messages(sid, 0, 10, time.time())
     live = await new_session(backend, past, 1000.0)
-    assert await backend.read_messages(live, 0, 10) == []
+    assert await backend.read_messages(live, 0, 10, time.time()) == []
 
 
 async def test_delete_of_an_expired_session_is_false_and_writes_nothing(
@@ -687,7 +687,11 @@ async def test_another_process_write_wakes_a_watcher_at_once(redis_store: str) -
     try:
         await watcher.open()
         await writer.open()
-        events = watcher.watch(ns)
+        backend = watcher._shared.backend  # type: ignore[attr-defined]
+        assert isinstance(backend, RedisBackend)
+        await backend.changes.wait(0, 10.0)  # the listener has subscribed
+        # From a cursor taken now: a watcher slow to start still finds the write.
+        events = watcher.watch(ns, after=await watcher.head())
         first = asyncio.ensure_future(anext(events))
         await asyncio.sleep(0.5)
         started = time.monotonic()
@@ -786,6 +790,7 @@ def failover_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis
 
 
 @pytest.mark.slow
+@pytest.mark.matrix
 async def test_cluster_failover_writes_continue_without_duplicates(
     failover_cluster: RedisClusterServers,
 ) -> None:

@@ -148,6 +148,7 @@ async def test_replicas_over_postgres_survive_a_killed_replica(
     await run_with_disruption(replicas, f"chaos{int(time.time() * 1000)}", disrupt)
 
 
+@pytest.mark.matrix
 async def test_replicas_over_redis_cluster_survive_a_killed_replica_and_master(
     tmp_path: Path, stop_all: list[ServiceProcess]
 ) -> None:

@@ -130,7 +130,7 @@ async def make_case(b: Backend, kind: str, ns: str) -> Case:
 
     async def messages(sid: str) -> Any:
         try:
-            return await b.read_messages(sid, 0, 100)
+            return await b.read_messages(sid, 0, 100, time.time())
         except NotFound:
             return None
 

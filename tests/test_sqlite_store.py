@@ -224,15 +224,17 @@ async def test_a_live_sessions_stale_state_save_is_a_conflict(store: Backend) ->
 
 
 async def test_reading_an_expired_sessions_messages_is_not_found(store: Backend) -> None:
-    """read_messages judges expiry at the time it is called (the contract passes none)."""
+    """read_messages judges expiry at the ``now`` it is given."""
     now = time.time()
     live = await store.create_session(session(now - 100, 1000.0))
     expired = await store.create_session(session(now - 100, 50.0))
     for row in (live, expired):
         await store.append_messages(row.id, [MESSAGE], author="t", now=now - 99)
-    assert [m.seq for m in await store.read_messages(live.id, 0, 10)] == [1]
+    assert [m.seq for m in await store.read_messages(live.id, 0, 10, now)] == [1]
     with pytest.raises(NotFound):
-        await store.read_messages(expired.id, 0, 10)
+        await store.read_messages(expired.id, 0, 10, now)
+    # The same session read as of a time before it expired.
+    assert [m.seq for m in await store.read_messages(expired.id, 0, 10, now - 60)] == [1]
 
 
 async def test_deleting_an_expired_session_finds_nothing_and_writes_nothing(
@@ -288,11 +290,11 @@ async def test_sweep_deletes_expired_sessions_with_their_messages_and_events(
         ("session.expired", "hivemem"),
     ]
     for row in (forever, long):
-        assert [m.seq for m in await store.read_messages(row.id, 0, 10)] == [1, 2]
+        assert [m.seq for m in await store.read_messages(row.id, 0, 10, t0 + 11)] == [1, 2]
     assert await store.sweep(t0 + 11, 0.0, 0.0) == (0, 0)
     # The id is free again, and the old messages are gone with the session.
     again = await store.create_session(session(t0 + 12, None, id=short.id))
-    assert await store.read_messages(again.id, 0, 10) == []
+    assert await store.read_messages(again.id, 0, 10, t0 + 12) == []
 
 
 async def test_an_expired_session_holds_its_id_until_swept(store: Backend) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 import hivemem
 from hivemem import Conflict, InvalidInput, OnceFailed
+from tests.conftest import Clock
 
 
 async def test_a_lease_has_one_holder_and_tokens_only_grow(hive: hivemem.Hive, ns: str) -> None:
@@ -29,11 +30,13 @@ async def test_a_lease_has_one_holder_and_tokens_only_grow(hive: hivemem.Hive, n
     assert lost.value.field == "lease"
 
 
-async def test_the_older_holders_fenced_write_is_refused(hive: hivemem.Hive, ns: str) -> None:
+async def test_the_older_holders_fenced_write_is_refused(
+    hive: hivemem.Hive, ns: str, clock: Clock
+) -> None:
     a, b = hive.as_agent("a"), hive.as_agent("b")
     old = await a.acquire(f"{ns}/doc", 0.3)
     await a.put(ns, "report", "draft by a", fence=(f"{ns}/doc", old.token))
-    await asyncio.sleep(0.5)  # a pauses past its ttl
+    await clock.sleep(0.5)  # a pauses past its ttl
     new = await b.acquire(f"{ns}/doc", 5)
     assert new.token > old.token
     await b.put(ns, "report", "final by b", fence=(f"{ns}/doc", new.token))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 import hivemem
 from hivemem import Conflict, DeleteOp, Item, PutOp
+from tests.conftest import Clock
 
 from ._feed import events_after, mine, summary
 
@@ -157,7 +156,7 @@ async def test_put_after_delete_creates_the_item_anew_at_version_one(
 
 
 async def test_expired_item_is_not_returned_by_get_list_or_list_namespaces(
-    hive: hivemem.Hive, ns: str
+    hive: hivemem.Hive, ns: str, clock: Clock
 ) -> None:
     short = await hive.put(f"{ns}/ttl", "k", "soon gone", ttl=0.3)
     await hive.put(f"{ns}/keep", "k", "stays")
@@ -166,7 +165,7 @@ async def test_expired_item_is_not_returned_by_get_list_or_list_namespaces(
     got = await hive.get(f"{ns}/ttl", "k")
     assert got is not None and got.value == "soon gone"
 
-    await asyncio.sleep(0.5)
+    await clock.sleep(0.5)
 
     assert await hive.get(f"{ns}/ttl", "k") is None
     assert [(i.namespace, i.key) for i in (await hive.list(ns)).items] == [(f"{ns}/keep", "k")]
@@ -175,20 +174,20 @@ async def test_expired_item_is_not_returned_by_get_list_or_list_namespaces(
 
 
 async def test_expired_item_can_be_created_again_with_if_version_zero(
-    hive: hivemem.Hive, ns: str
+    hive: hivemem.Hive, ns: str, clock: Clock
 ) -> None:
     await hive.put(ns, "k", "first", ttl=0.3)
-    await asyncio.sleep(0.5)
+    await clock.sleep(0.5)
     again = await hive.put(ns, "k", "second", if_version=0)
     assert again.version == 1
     assert again.value == "second"
 
 
-async def test_each_write_sets_the_expiry_anew(hive: hivemem.Hive, ns: str) -> None:
+async def test_each_write_sets_the_expiry_anew(hive: hivemem.Hive, ns: str, clock: Clock) -> None:
     await hive.put(ns, "k", "short-lived", ttl=0.3)
     rewritten = await hive.put(ns, "k", "forever")
     assert rewritten.expires_at is None
-    await asyncio.sleep(0.5)
+    await clock.sleep(0.5)
     got = await hive.get(ns, "k")
     assert got is not None and (got.value, got.version) == ("forever", 2)
 
@@ -422,8 +421,10 @@ async def test_list_with_a_key_prefix_lists_one_namespace_by_key(
     assert seen == sorted(k for k in keys if k.startswith("me"))
 
 
-async def test_list_with_a_key_prefix_skips_expired_items(hive: hivemem.Hive, ns: str) -> None:
+async def test_list_with_a_key_prefix_skips_expired_items(
+    hive: hivemem.Hive, ns: str, clock: Clock
+) -> None:
     await hive.put(ns, "doc-1", "stays")
     await hive.put(ns, "doc-2", "soon gone", ttl=0.3)
-    await asyncio.sleep(0.5)
+    await clock.sleep(0.5)
     assert [i.key for i in (await hive.list(ns, key_prefix="doc-")).items] == ["doc-1"]

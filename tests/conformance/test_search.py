@@ -12,7 +12,7 @@ import pytest
 
 import hivemem
 from hivemem import Hive, InvalidInput
-from tests.conftest import ServiceProcess
+from tests.conftest import Clock, ServiceProcess
 
 MODES = ("hybrid", "vector", "lexical")
 
@@ -98,12 +98,14 @@ async def test_search_applies_metadata_author_and_time_filters(
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_search_never_returns_expired_items(hive: Hive, ns: str, mode: str) -> None:
+async def test_search_never_returns_expired_items(
+    hive: Hive, ns: str, mode: str, clock: Clock
+) -> None:
     await hive.search(ns, "warm up the model", mode=mode)  # type: ignore[arg-type]
     await hive.put(ns, "brief", "a short lived note about volcanoes", ttl=1.0)
     await hive.put(ns, "lasting", "a lasting note about volcanoes")
     assert "brief" in await keys(hive, ns, "volcanoes", mode=mode)
-    await asyncio.sleep(1.2)
+    await clock.sleep(1.2)
     assert await keys(hive, ns, "volcanoes", mode=mode) == ["lasting"]
 
 

@@ -161,11 +161,11 @@ class Backend(ABC):
         Session TTL: ``row.ttl`` (seconds, None = never) is stored with the session; the
         session expires ``ttl`` seconds after ``last_activity_at``, which every append
         and state save moves to its ``now`` (a sliding expiry). Once expired at a call's
-        ``now``, :meth:`append_messages`, :meth:`read_messages` (at the time it is
-        called), :meth:`save_state` and :meth:`delete_session` treat it as absent
-        (NotFound / False) and write nothing; :meth:`get_session` still returns the row
-        (the core hides it, see :func:`~hivemem.backends.rows.session_expired`);
-        :meth:`list_sessions` leaves it out; :meth:`sweep` deletes it."""
+        ``now``, :meth:`append_messages`, :meth:`read_messages`, :meth:`save_state` and
+        :meth:`delete_session` treat it as absent (NotFound / False) and write nothing;
+        :meth:`get_session` still returns the row (the core hides it, see
+        :func:`~hivemem.backends.rows.session_expired`); :meth:`list_sessions` leaves it
+        out; :meth:`sweep` deletes it."""
 
     @abstractmethod
     async def get_session(self, session_id: str) -> SessionRow | None:
@@ -204,8 +204,11 @@ class Backend(ABC):
         (event ``session.messages``, version = last seq). Raises NotFound."""
 
     @abstractmethod
-    async def read_messages(self, session_id: str, after: int, limit: int) -> list[MessageRow]:
-        """Messages with seq > ``after``, in order. Raises NotFound."""
+    async def read_messages(
+        self, session_id: str, after: int, limit: int, now: float
+    ) -> list[MessageRow]:
+        """Messages with seq > ``after``, in order. Raises NotFound, also when the session
+        has expired at ``now`` (UNIX seconds)."""
 
     @abstractmethod
     async def save_state(

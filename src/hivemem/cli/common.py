@@ -23,7 +23,7 @@ import typer
 from pydantic_core import to_json
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 import hivemem
@@ -265,8 +265,18 @@ def preview(value: Any, width: int = 60) -> str:
 
 
 def table(columns: list[str], rows: list[list[Any]], title: str | None = None) -> None:
-    """Print a table on stdout; cells are shown literally (no rich markup), None as empty."""
-    shown = Table(*columns, title=title, header_style="bold")
-    for row in rows:
-        shown.add_row(*(Text("" if cell is None else str(cell)) for cell in row))
+    """Print a table on stdout; cells are shown literally (no rich markup), None as empty.
+
+    The first column (the key, id or name a user copies into the next command) is never
+    cut or wrapped, up to 64 characters; the others share what width is left."""
+    cells = [["" if cell is None else str(cell) for cell in row] for row in rows]
+    first = min(64, max([len(columns[0]), *(len(row[0]) for row in cells if row)]))
+    shown = Table(
+        Column(columns[0], no_wrap=True, min_width=first),
+        *columns[1:],
+        title=title,
+        header_style="bold",
+    )
+    for row in cells:
+        shown.add_row(*(Text(cell) for cell in row))
     out.print(shown)

@@ -248,7 +248,7 @@ class SessionsMixin(Area):
         check.limit(limit, self._settings)
         await self._ready()
         await self._visible_session(session_id)
-        rows = await self._backend.read_messages(session_id, after, limit)
+        rows = await self._backend.read_messages(session_id, after, limit, self._now())
         return [to_message(r) for r in rows]
 
     async def save_state(

@@ -74,7 +74,6 @@ database or role configured with ``synchronous_commit = off`` trades that away
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -837,7 +836,9 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
 
         return await self._write(request_id, now, run)
 
-    async def read_messages(self, session_id: str, after: int, limit: int) -> list[MessageRow]:
+    async def read_messages(
+        self, session_id: str, after: int, limit: int, now: float
+    ) -> list[MessageRow]:
         cols = ", ".join(f"m.{c}" for c in MESSAGE_COLS.split(", "))
         sql = (
             f"SELECT s.id, {cols} FROM hivemem_sessions s LEFT JOIN LATERAL ("
@@ -845,8 +846,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             "AND seq > %(after)s ORDER BY seq LIMIT %(limit)s) m ON true "
             f"WHERE s.id = %(id)s AND {SESSION_LIVE} ORDER BY m.seq"
         )
-        # Expiry as of the call (the contract passes no time).
-        args = {"after": after, "limit": limit, "id": session_id, "now": time.time()}
+        args = {"after": after, "limit": limit, "id": session_id, "now": now}
 
         async def run(c: Conn) -> list[MessageRow]:
             cur = await c.execute(sql, args, binary=True)

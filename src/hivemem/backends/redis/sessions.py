@@ -19,7 +19,6 @@ sweep reads to delete expired sessions without scanning every session.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -244,12 +243,14 @@ class RedisSessions(RedisEngine):
             self.changes.notify()
         return [message_from(unpack(rec)) for rec in unpack(reply[1]) if rec is not None]
 
-    async def read_messages(self, session_id: str, after: int, limit: int) -> list[MessageRow]:
+    async def read_messages(
+        self, session_id: str, after: int, limit: int, now: float
+    ) -> list[MessageRow]:
         p = session_partition(session_id)
         reply = await self._script(
             "read_messages",
             [meta_key(p)],
-            [tag(p), session_id, str(after), str(limit), num(time.time())],
+            [tag(p), session_id, str(after), str(limit), num(now)],
         )
         if reply[0] == b"notfound":
             raise _no_session(session_id)

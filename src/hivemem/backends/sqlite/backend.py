@@ -8,7 +8,6 @@ later finds an event below it.
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -509,8 +508,9 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
 
         return await self._engine.write(once(request_id, now, run))
 
-    async def read_messages(self, session_id: str, after: int, limit: int) -> list[MessageRow]:
-        now = time.time()  # expiry as of the call (the contract passes no time)
+    async def read_messages(
+        self, session_id: str, after: int, limit: int, now: float
+    ) -> list[MessageRow]:
 
         def run(c: sqlite3.Connection) -> list[MessageRow]:
             live = c.execute(
