@@ -385,7 +385,17 @@ def test_serve_rejects_bad_settings_naming_the_field(
 
 
 def test_watch_on_a_quiet_feed_says_on_stderr_that_it_waits_and_how_to_stop(url: str) -> None:
-    cmd = [sys.executable, "-m", "hivemem", "--url", url, "watch", "team/research"]
+    cmd = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-m",
+        "hivemem",
+        "--url",
+        url,
+        "watch",
+        "team/research",
+    ]
     env = {**os.environ, "HIVEMEM_EMBEDDER": "none", "COLUMNS": "200"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     try:
@@ -396,7 +406,12 @@ def test_watch_on_a_quiet_feed_says_on_stderr_that_it_waits_and_how_to_stop(url:
         assert "waiting for events under 'team/research'" in line
         assert "new events only" in line and "Ctrl-C to stop" in line
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=30)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # -X faulthandler: every thread's stack
+            _, stacks = proc.communicate(timeout=10)
+            raise AssertionError(f"Ctrl-C did not stop watch within 30 s:\n{stacks}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

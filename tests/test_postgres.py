@@ -129,7 +129,8 @@ async def test_feed_has_no_gaps_under_concurrent_writers(
     deletes, expiries by a concurrent sweeper, publishes, session writes; a random delay
     between the events' append and COMMIT, as a slow commit would have) while a reader
     follows the feed in small pages. The reader must see every committed event exactly
-    once, in the order of the feed, with cursors that only move forward."""
+    once, in the order of the feed, with cursors that only move forward. Each of the 12
+    writers goes on for 3 s and at least 10 writes, however busy the machine."""
     real_append = pg_backend.append_events
 
     async def slow_append(conn: Any, events: Any, *, fetch: bool = False) -> int | None:
@@ -152,7 +153,7 @@ async def test_feed_has_no_gaps_under_concurrent_writers(
             rng = random.Random(slot)
             n = 0
             deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline or n < 10:
                 now = time.time()
                 roll = rng.random()
                 if roll < 0.6:
@@ -199,7 +200,7 @@ async def test_feed_has_no_gaps_under_concurrent_writers(
                     await asyncio.sleep(0.001)
 
         reader = asyncio.create_task(follow())
-        counts = await asyncio.gather(*(write(b, i) for i, b in enumerate(writers * 3)))
+        await asyncio.gather(*(write(b, i) for i, b in enumerate(writers * 3)))
         done.set()
         await reader
         # Everything committed, read afterwards in one pass.
@@ -210,7 +211,6 @@ async def test_feed_has_no_gaps_under_concurrent_writers(
             everything.extend((r.cursor, (r.type, r.namespace, r.key, r.version)) for r in rows)
             if not rows:
                 break
-    assert sum(counts) > 100
     assert len(seen) == len(set(seen)), "an event was delivered twice"
     assert seen == [c for c, _ in everything], "the live reader missed events"
     assert seen_events == [e for _, e in everything]
