@@ -29,6 +29,7 @@ __all__ = [
     "TaskRow",
     "TaskStats",
     "add_task_error",
+    "at_or_under",
     "key_range",
     "prefix_range",
     "session_expired",
@@ -258,6 +259,12 @@ def prefix_range(prefix: str) -> tuple[str, str, str]:
     prefix condition uses it; their text comparisons are bytewise (SQLite BINARY,
     PostgreSQL ``COLLATE "C"``, Redis lexicographic ranges)."""
     return prefix, prefix + "/", prefix + "0"
+
+
+def at_or_under(namespace: str, prefix: str) -> bool:
+    """Whether ``namespace`` is at or under ``prefix`` (whole segments; ``""`` is every
+    namespace): the test :func:`prefix_range` makes in an index, on one value."""
+    return prefix == "" or namespace == prefix or namespace.startswith(prefix + "/")
 
 
 def key_range(key_prefix: str) -> tuple[str, str | None]:

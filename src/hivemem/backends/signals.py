@@ -84,13 +84,16 @@ class ChangeSignal:
 
     async def wait(self, generation: int, max_wait: float) -> None:
         """Return when :attr:`generation` differs from ``generation`` or after
-        ``max_wait`` seconds."""
+        ``max_wait`` seconds. A cancellation is never lost, even one that lands as the
+        change is signalled (Python 3.11's ``asyncio.wait_for`` then returns normally
+        instead: a watcher so cancelled, by Ctrl-C say, would go on waiting)."""
         if self.generation != generation:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.add(fut)
         try:
-            await asyncio.wait_for(fut, max_wait)
+            async with asyncio.timeout(max_wait):
+                await fut
         except TimeoutError:
             pass
         finally:

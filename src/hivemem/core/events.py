@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import builtins
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import orjson
 
 from hivemem import validation as check
-from hivemem.backends.rows import EventRow
+from hivemem.backends.rows import EventRow, at_or_under
 from hivemem.core.area import Area, timestamp
+from hivemem.core.feedtail import FeedTail
 from hivemem.errors import InvalidInput
 from hivemem.models import Event, Page
 from hivemem.policy.rules import session_namespace
@@ -23,6 +25,22 @@ _SESSION_MEMO = 4096
 
 #: Events fetched per feed query while replaying or following.
 WATCH_BATCH = 500
+
+
+def _join(tail: FeedTail, cursor: str, last: str) -> int | None:
+    """The tail's position after ``cursor``, or else after ``last``, if it holds one."""
+    position = tail.position(cursor)
+    return tail.position(last) if position is None else position
+
+
+async def _either(*waits: Coroutine[Any, Any, None]) -> None:
+    """Return when the first of ``waits`` returns; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def to_event(row: EventRow) -> Event:
@@ -136,17 +154,54 @@ class EventsMixin(Area):
         if after is not None and not isinstance(after, str):
             raise InvalidInput("after must be a cursor string", field="after")
         await self._ready()
-        cursor = await self._backend.head() if after is None else after
+        tail = self._feed_tail()
+        tail.subscribe()
+        try:
+            cursor = await self._backend.head() if after is None else after
+            async for event in self._follow(tail, prefix, cursor):
+                yield event
+        finally:
+            tail.unsubscribe()
+
+    def _feed_tail(self) -> FeedTail:
+        """The process's shared reader of the feed (see core/feedtail.py)."""
+        raise NotImplementedError
+
+    async def _follow(self, tail: FeedTail, prefix: str, cursor: str) -> AsyncIterator[Event]:
+        """The events after ``cursor`` this view may see, at or under ``prefix``: from
+        the shared tail once it holds what follows the cursor, else read on our own
+        (joining the tail at the first event it also holds)."""
         changes = self._backend.changes
+        poll = self._settings.feed_poll_seconds
+        position = tail.position(cursor)
         while True:
-            generation = changes.generation
-            rows, cursor, more = await self._read_visible(prefix, cursor, WATCH_BATCH)
-            for row in rows:
-                yield to_event(row)
-            if not rows and not more:
-                # Woken at once by a local commit or another process's notification;
-                # the timeout is only a safety net.
-                await changes.wait(generation, self._settings.feed_poll_seconds)
+            if position is not None and tail.held(position):
+                generation = tail.grown.generation
+                rows = tail.events(position)
+                for row in rows:
+                    position += 1
+                    if at_or_under(row.namespace, prefix) and await self._visible_event(row):
+                        yield to_event(row)
+                    cursor = row.cursor
+                if not rows:
+                    await tail.grown.wait(generation, poll)
+                continue
+            # On our own: a cursor older than the tail's oldest event, or one it has not
+            # read yet. ``last`` is the cursor of the last event we passed on (past it
+            # our reads skipped only what this view does not see): the tail joins there.
+            last, position = cursor, None
+            while position is None:
+                generation, grown = changes.generation, tail.grown.generation
+                rows, cursor, more = await self._read_visible(prefix, cursor, WATCH_BATCH)
+                for row in rows:
+                    yield to_event(row)
+                last = rows[-1].cursor if rows else last
+                position = _join(tail, cursor, last)
+                if position is None and not rows and not more:
+                    # Woken at once by a local commit, another process's notification
+                    # or the tail's growth; the timeout is only a safety net.
+                    await _either(changes.wait(generation, poll), tail.grown.wait(grown, poll))
+                    position = _join(tail, cursor, last)
 
     async def publish(self, channel: str, payload: Any) -> Event:
         check.namespace(channel, self._settings, field="channel")

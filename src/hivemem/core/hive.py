@@ -14,6 +14,7 @@ from hivemem.backends.base import Backend
 from hivemem.config import Settings
 from hivemem.core.coordination import CoordinationMixin, mark_down
 from hivemem.core.events import EventsMixin
+from hivemem.core.feedtail import FeedTail
 from hivemem.core.items import ItemsMixin
 from hivemem.core.lexical import LexicalIndex
 from hivemem.core.rowcache import RowCache
@@ -50,6 +51,7 @@ class _Shared:
         self.lexical: LexicalIndex | None = None
         self.lexical_loading: asyncio.Task[None] | None = None
         self.rows: RowCache | None = None
+        self.tail: FeedTail | None = None
         self.lock = asyncio.Lock()
         self.opened = False
         self.sweeper: asyncio.Task[None] | None = None
@@ -114,6 +116,11 @@ class _Shared:
         except Exception:  # the next search starts another load
             log.exception("loading the in-process BM25 index failed")
 
+    def feed_tail(self) -> FeedTail:
+        if self.tail is None:
+            self.tail = FeedTail(self.backend, self.settings.feed_poll_seconds)
+        return self.tail
+
     def row_cache(self) -> RowCache:
         if self.rows is None:
             self.rows = RowCache(self.backend, self.settings.feed_poll_seconds)
@@ -147,6 +154,9 @@ class _Shared:
                     # turn (it checks ``closing``); never wait on it forever.
                     await asyncio.wait({task}, timeout=CLOSE_WAIT_SECONDS)
             self.sweeper = self.coordinator = None
+            if self.tail is not None:
+                await self.tail.close()
+                self.tail = None
             if self.opened:
                 await self.backend.close()
                 self.opened = False
@@ -333,6 +343,9 @@ class LocalHive(
 
     def _lexical_index(self) -> LexicalIndex | None:
         return self._shared.lexical_index()
+
+    def _feed_tail(self) -> FeedTail:
+        return self._shared.feed_tail()
 
     def _row_cache(self) -> RowCache:
         return self._shared.row_cache()

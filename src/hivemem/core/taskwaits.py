@@ -114,8 +114,11 @@ class TaskWaits:
 
     async def sleep(self, fut: asyncio.Future[None], seconds: float) -> None:
         """Wait until ``fut`` is set or ``seconds`` (at most the poll interval) pass."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
+        # that lands as ``fut`` is set (see ChangeSignal.wait).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(fut), min(seconds, self._poll))
+            async with asyncio.timeout(min(seconds, self._poll)):
+                await asyncio.shield(fut)
 
     def _wake(self, table: dict[str, set[asyncio.Future[None]]], name: str) -> None:
         for fut in table.pop(name, ()):

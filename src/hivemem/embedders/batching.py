@@ -221,8 +221,11 @@ class MicroBatcher:
                     delay = self._queue[0].arrival + self.max_wait_ms / 1000.0 - loop.time()
                     if delay > 0:
                         self._wake.clear()
+                        # asyncio.timeout, not wait_for (on Python 3.11 wait_for
+                        # loses a cancellation that lands as the event is set).
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wake.wait(), delay)
+                            async with asyncio.timeout(delay):
+                                await self._wake.wait()
                         continue
                 await self._slots.acquire()
                 texts, slices = self._take()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hivemem.backends.rows import at_or_under
 from hivemem.errors import InvalidInput
 from hivemem.policy.principal import ACTIONS, BUILTIN_ROLES, Principal
 
@@ -97,9 +98,7 @@ def glob_root(pattern: str) -> str:
     return "/".join(root)
 
 
-def _under(namespace: str, prefix: str) -> bool:
-    """Whether ``namespace`` is at or under ``prefix`` (whole segments; "" is everything)."""
-    return prefix == "" or namespace == prefix or namespace.startswith(prefix + "/")
+_under = at_or_under
 
 
 @dataclass(frozen=True, slots=True)

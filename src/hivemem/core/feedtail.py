@@ -1,0 +1,157 @@
+"""One reader of the feed per process: every watcher of a hive shares its tail.
+
+Without it each watcher (an in-process ``watch()`` or a service's SSE stream) runs its
+own feed query after every commit, so a write costs one query per open watcher. The
+:class:`FeedTail` of a hive reads the whole feed (prefix ``""``) once per change, in
+order and without gaps (the backend's promise), and keeps the newest
+:data:`TAIL_EVENTS` events in memory; watchers filter those by prefix and permission.
+
+A watcher joins the tail at a cursor the tail has seen (one of its events' cursors, or
+the cursor it started from). Until then it reads the feed on its own, as before, and
+it joins at the first event it reads that the tail also holds — cursors are opaque
+(each backend orders them its own way), so joining is by equality, never by comparing
+them. A watcher that falls behind the oldest event kept reads on its own again from
+its cursor, so nothing is lost or repeated: the tail is a cache of the feed, never its
+source of truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from hivemem.backends.base import Backend
+from hivemem.backends.rows import EventRow
+from hivemem.backends.signals import ChangeSignal
+from hivemem.errors import CursorExpired, HivememError
+
+log = logging.getLogger("hivemem.feed")
+
+#: Events the tail keeps (about 1 KB each with a small value): a watcher further behind
+#: reads on its own until it catches up.
+TAIL_EVENTS = 10_000
+#: Events per feed query of the tail.
+TAIL_BATCH = 500
+#: Wait after a failed feed query before the next (seconds).
+TAIL_RETRY_SECONDS = 0.5
+
+
+class FeedTail:
+    """The newest events of the feed, read once per change for every watcher of a process.
+
+    Positions are absolute: the event at position ``p`` is the ``p``-th the tail has read
+    since it started (0 = the first); :attr:`end` is one past the newest. Cursors map to
+    the position that follows them.
+    """
+
+    def __init__(self, backend: Backend, poll_seconds: float) -> None:
+        self._backend = backend
+        self._poll = poll_seconds
+        self._events: deque[EventRow] = deque()
+        self._start = 0  # position of self._events[0]
+        self.end = 0
+        self._after: dict[str, int] = {}  # cursor -> position of the event after it
+        self._cursor: str | None = None  # where the next query starts
+        #: Signalled each time events were added (or the tail restarted).
+        self.grown = ChangeSignal()
+        self._subscribers = 0
+        self._task: asyncio.Task[None] | None = None
+        self.reads = 0  # feed queries made (tests and metrics)
+
+    # Watchers -----------------------------------------------------------------------
+
+    def subscribe(self) -> None:
+        """Count a watcher in; starts the reader with the first one."""
+        self._subscribers += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._follow(), name="hivemem-feed-tail")
+
+    def unsubscribe(self) -> None:
+        """Count a watcher out; stops the reader with the last one."""
+        self._subscribers -= 1
+        if self._subscribers <= 0 and self._task is not None:
+            self._subscribers = 0
+            self._task.cancel()
+            self._task = None
+            self._reset()
+
+    def position(self, cursor: str) -> int | None:
+        """The position after ``cursor`` if the tail still holds what follows it."""
+        at = self._after.get(cursor)
+        return at if at is not None and at >= self._start else None
+
+    def events(self, position: int) -> list[EventRow]:
+        """The events from ``position`` to :attr:`end` (empty when ``position`` is
+        no longer held: the caller reads on its own)."""
+        if position < self._start:
+            return []
+        first = position - self._start
+        return [self._events[i] for i in range(first, len(self._events))]
+
+    def held(self, position: int) -> bool:
+        """Whether events from ``position`` on are still in memory."""
+        return self._start <= position <= self.end
+
+    async def close(self) -> None:
+        """Stop the reader (the hive is closing)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait({task}, timeout=5.0)
+        self._subscribers = 0
+        self._reset()
+
+    # The reader ---------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        """Forget every event; positions go on from a hole no watcher can hold, so a
+        watcher that was reading from the tail reads on its own from its cursor."""
+        self._events.clear()
+        self._after.clear()
+        self.end += 1
+        self._start = self.end
+        self._cursor = None
+        self.grown.notify()
+
+    def _add(self, rows: list[EventRow], next_cursor: str) -> None:
+        for row in rows:
+            self._events.append(row)
+            self.end += 1
+            self._after[row.cursor] = self.end
+        self._after[next_cursor] = self.end
+        while len(self._events) > TAIL_EVENTS:
+            self._events.popleft()
+            self._start += 1
+        if len(self._after) > 2 * TAIL_EVENTS:  # forget cursors of events no longer held
+            self._after = {c: p for c, p in self._after.items() if p >= self._start}
+        if rows:
+            self.grown.notify()
+
+    async def _follow(self) -> None:
+        changes = self._backend.changes
+        while True:
+            try:
+                if self._cursor is None:
+                    self._cursor = await self._backend.head()
+                    self._after[self._cursor] = self.end
+                    self.grown.notify()  # watchers waiting to join at the head can
+                generation = changes.generation
+                rows, next_cursor = await self._backend.read_events("", self._cursor, TAIL_BATCH)
+                self.reads += 1
+            except asyncio.CancelledError:
+                raise
+            except CursorExpired:
+                log.warning("feed tail: its cursor was trimmed; starting again at the head")
+                self._reset()
+                continue
+            except (HivememError, OSError) as exc:
+                log.warning("feed tail: reading the feed failed (%s); retrying", exc)
+                await asyncio.sleep(TAIL_RETRY_SECONDS)
+                continue
+            self._add(rows, next_cursor)
+            self._cursor = next_cursor
+            if len(rows) < TAIL_BATCH:
+                await changes.wait(generation, self._poll)
