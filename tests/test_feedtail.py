@@ -98,6 +98,27 @@ async def test_a_watcher_further_behind_than_the_tail_keeps_reads_the_rest_on_it
     assert [e.cursor for e in events] == [e.cursor for e in fast]
 
 
+async def test_the_tail_keeps_a_bounded_number_of_bytes(
+    hive: LocalHive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(feedtail, "TAIL_BYTES", 20_000)
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    got: list[Event] = []
+    follower = asyncio.create_task(collect(hive, ns, 21, got))
+    await asyncio.sleep(0.2)
+    for _ in range(20):
+        await hive.publish(ns, "x" * 5_000)  # about 5 KB each
+    await until(lambda: len(got) == 20)
+    tail = hive._shared.tail
+    assert tail is not None and tail._subscribers == 1
+    # 20 events went through; about 5.3 KB each, the tail holds the newest 3.
+    assert tail.end - tail._start == len(tail._events) == 3, (tail._start, tail.end)
+    assert tail._bytes <= 20_000
+    await hive.publish(ns, "last")
+    await asyncio.wait_for(follower, 20)
+    assert len(got) == 21
+
+
 async def test_watchers_of_other_prefixes_and_a_replay_share_the_tail(hive: LocalHive) -> None:
     ns = f"t{uuid.uuid4().hex[:8]}"
     await hive.put(f"{ns}/a", "old", 0)

@@ -29,13 +29,21 @@ from hivemem.errors import CursorExpired, HivememError
 
 log = logging.getLogger("hivemem.feed")
 
-#: Events the tail keeps (about 1 KB each with a small value): a watcher further behind
-#: reads on its own until it catches up.
+#: Events the tail keeps at most: a watcher further behind reads on its own until it
+#: catches up.
 TAIL_EVENTS = 10_000
+#: ... and bytes of event data (publish payloads may be 64 KiB each): 16 MiB.
+TAIL_BYTES = 16 * 1024 * 1024
+#: What an event costs besides its data (the row and its cursor's entry), in bytes.
+_EVENT_OVERHEAD = 300
 #: Events per feed query of the tail.
 TAIL_BATCH = 500
 #: Wait after a failed feed query before the next (seconds).
 TAIL_RETRY_SECONDS = 0.5
+
+
+def _size(row: EventRow) -> int:
+    return _EVENT_OVERHEAD + (len(row.data) if row.data is not None else 0)
 
 
 class FeedTail:
@@ -51,6 +59,7 @@ class FeedTail:
         self._poll = poll_seconds
         self._events: deque[EventRow] = deque()
         self._start = 0  # position of self._events[0]
+        self._bytes = 0  # estimated size of self._events
         self.end = 0
         self._after: dict[str, int] = {}  # cursor -> position of the event after it
         self._cursor: str | None = None  # where the next query starts
@@ -110,6 +119,7 @@ class FeedTail:
         """Forget every event; positions go on from a hole no watcher can hold, so a
         watcher that was reading from the tail reads on its own from its cursor."""
         self._events.clear()
+        self._bytes = 0
         self._after.clear()
         self.end += 1
         self._start = self.end
@@ -119,11 +129,12 @@ class FeedTail:
     def _add(self, rows: list[EventRow], next_cursor: str) -> None:
         for row in rows:
             self._events.append(row)
+            self._bytes += _size(row)
             self.end += 1
             self._after[row.cursor] = self.end
         self._after[next_cursor] = self.end
-        while len(self._events) > TAIL_EVENTS:
-            self._events.popleft()
+        while self._events and (len(self._events) > TAIL_EVENTS or self._bytes > TAIL_BYTES):
+            self._bytes -= _size(self._events.popleft())
             self._start += 1
         if len(self._after) > 2 * TAIL_EVENTS:  # forget cursors of events no longer held
             self._after = {c: p for c, p in self._after.items() if p >= self._start}
