@@ -384,6 +384,14 @@ def test_serve_rejects_bad_settings_naming_the_field(
 # --- watch says what it waits for; Conflict states its version once; serve names /docs ---
 
 
+def as_from_a_terminal() -> None:
+    """In the child before it runs: SIGINT handled by default, as for a command typed at
+    a terminal. A suite started as a background job (``pytest &`` in a script) runs
+    with SIGINT ignored, and its children rightly inherit that (POSIX), so Ctrl-C could
+    not be tested there otherwise."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_watch_on_a_quiet_feed_says_on_stderr_that_it_waits_and_how_to_stop(url: str) -> None:
     cmd = [
         sys.executable,
@@ -397,7 +405,14 @@ def test_watch_on_a_quiet_feed_says_on_stderr_that_it_waits_and_how_to_stop(url:
         "team/research",
     ]
     env = {**os.environ, "HIVEMEM_EMBEDDER": "none", "COLUMNS": "200"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=as_from_a_terminal,
+    )
     try:
         assert proc.stderr is not None
         ready, _, _ = select.select([proc.stderr], [], [], 30)
