@@ -72,7 +72,8 @@ async def test_a_write_costs_one_feed_query_however_many_watch(
     assert calls[0] - before <= 2 * writes, calls[0] - before
     keys = ["warm-up", *(f"k{n}" for n in range(writes))]
     assert all([e.key for e in g] == keys for g in got)
-    assert hive._shared.tail is not None and hive._shared.tail._subscribers == 0
+    tail = hive._shared.tail
+    assert tail is not None and tail._subscribers == 0 and not tail._prefixes
 
 
 async def test_a_watcher_further_behind_than_the_tail_keeps_reads_the_rest_on_its_own(
@@ -150,3 +151,20 @@ async def test_watchers_of_other_prefixes_and_a_replay_share_the_tail(hive: Loca
         (f"{ns}/b", "old"),
         *((f"{ns}/{p}", k) for k in ("x", "y") for p in ("a", "ab", "b")),
     ]
+
+
+async def test_a_write_wakes_only_the_watchers_of_prefixes_above_it(hive: LocalHive) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    tail = hive._feed_tail()
+    signals = {p: tail.subscribe(p) for p in ("", ns, f"{ns}/a", f"{ns}/a/b", f"{ns}/ab")}
+    try:
+        await asyncio.sleep(0.1)  # the reader has started at the head
+        before = {p: s.generation for p, s in signals.items()}
+        await hive.put(f"{ns}/a", "k", 1)
+        await until(lambda: signals[""].generation > before[""])
+        woken = {p for p, s in signals.items() if s.generation > before[p]}
+        assert woken == {"", ns, f"{ns}/a"}
+    finally:
+        for p in signals:
+            tail.unsubscribe(p)
+    assert not tail._prefixes and tail._subscribers == 0

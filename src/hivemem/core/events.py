@@ -11,6 +11,7 @@ import orjson
 
 from hivemem import validation as check
 from hivemem.backends.rows import EventRow, at_or_under
+from hivemem.backends.signals import ChangeSignal
 from hivemem.core.area import Area, timestamp
 from hivemem.core.feedtail import FeedTail
 from hivemem.errors import InvalidInput
@@ -22,6 +23,9 @@ from hivemem.policy.rules import session_namespace
 _SCAN_PAGES = 10
 #: Session namespaces remembered per view (for checking session events).
 _SESSION_MEMO = 4096
+
+#: The longest a watcher on the shared tail sleeps without being woken (seconds).
+_TAIL_WAIT_SECONDS = 60.0
 
 #: Events fetched per feed query while replaying or following.
 WATCH_BATCH = 500
@@ -155,28 +159,31 @@ class EventsMixin(Area):
             raise InvalidInput("after must be a cursor string", field="after")
         await self._ready()
         tail = self._feed_tail()
-        tail.subscribe()
+        mine = tail.subscribe(prefix)
         try:
             cursor = await self._backend.head() if after is None else after
-            async for event in self._follow(tail, prefix, cursor):
+            async for event in self._follow(tail, mine, prefix, cursor):
                 yield event
         finally:
-            tail.unsubscribe()
+            tail.unsubscribe(prefix)
 
     def _feed_tail(self) -> FeedTail:
         """The process's shared reader of the feed (see core/feedtail.py)."""
         raise NotImplementedError
 
-    async def _follow(self, tail: FeedTail, prefix: str, cursor: str) -> AsyncIterator[Event]:
+    async def _follow(
+        self, tail: FeedTail, mine: ChangeSignal, prefix: str, cursor: str
+    ) -> AsyncIterator[Event]:
         """The events after ``cursor`` this view may see, at or under ``prefix``: from
-        the shared tail once it holds what follows the cursor, else read on our own
-        (joining the tail at the first event it also holds)."""
+        the shared tail once it holds what follows the cursor (woken by ``mine``, the
+        tail's signal for the prefix), else read on our own (joining the tail at the
+        first event it also holds)."""
         changes = self._backend.changes
         poll = self._settings.feed_poll_seconds
         position = tail.position(cursor)
         while True:
             if position is not None and tail.held(position):
-                generation = tail.grown.generation
+                generation = mine.generation
                 rows = tail.events(position)
                 for row in rows:
                     position += 1
@@ -184,7 +191,9 @@ class EventsMixin(Area):
                         yield to_event(row)
                     cursor = row.cursor
                 if not rows:
-                    await tail.grown.wait(generation, poll)
+                    # The tail raises ``mine`` for every event under the prefix and when
+                    # it restarts; the limit is only a safety net.
+                    await mine.wait(generation, _TAIL_WAIT_SECONDS)
                 continue
             # On our own: a cursor older than the tail's oldest event, or one it has not
             # read yet. ``last`` is the cursor of the last event we passed on (past it

@@ -65,20 +65,35 @@ class FeedTail:
         self._cursor: str | None = None  # where the next query starts
         #: Signalled each time events were added (or the tail restarted).
         self.grown = ChangeSignal()
+        #: Per watched prefix: signalled when events at or under it were added (or the
+        #: tail restarted), so a write wakes only the watchers it concerns.
+        self._prefixes: dict[str, tuple[ChangeSignal, int]] = {}
         self._subscribers = 0
         self._task: asyncio.Task[None] | None = None
         self.reads = 0  # feed queries made (tests and metrics)
 
     # Watchers -----------------------------------------------------------------------
 
-    def subscribe(self) -> None:
-        """Count a watcher in; starts the reader with the first one."""
+    def subscribe(self, prefix: str) -> ChangeSignal:
+        """Count a watcher of ``prefix`` in (the first one starts the reader); returns
+        the signal raised when events at or under ``prefix`` arrive."""
         self._subscribers += 1
+        signal, count = self._prefixes.get(prefix, (None, 0))
+        if signal is None:
+            signal = ChangeSignal()
+        self._prefixes[prefix] = (signal, count + 1)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._follow(), name="hivemem-feed-tail")
+        return signal
 
-    def unsubscribe(self) -> None:
-        """Count a watcher out; stops the reader with the last one."""
+    def unsubscribe(self, prefix: str) -> None:
+        """Count a watcher of ``prefix`` out; the last one stops the reader."""
+        signal, count = self._prefixes.get(prefix, (None, 0))
+        if signal is not None:
+            if count <= 1:
+                del self._prefixes[prefix]
+            else:
+                self._prefixes[prefix] = (signal, count - 1)
         self._subscribers -= 1
         if self._subscribers <= 0 and self._task is not None:
             self._subscribers = 0
@@ -125,6 +140,8 @@ class FeedTail:
         self._start = self.end
         self._cursor = None
         self.grown.notify()
+        for signal, _ in self._prefixes.values():
+            signal.notify()
 
     def _add(self, rows: list[EventRow], next_cursor: str) -> None:
         for row in rows:
@@ -140,6 +157,21 @@ class FeedTail:
             self._after = {c: p for c, p in self._after.items() if p >= self._start}
         if rows:
             self.grown.notify()
+            self._wake(rows)
+
+    def _wake(self, rows: list[EventRow]) -> None:
+        """Raise the signal of every watched prefix some event of ``rows`` is at or under
+        (a namespace's ancestors: ``""``, ``a``, ``a/b`` for ``a/b``)."""
+        if not self._prefixes:
+            return
+        woken: set[str] = set()
+        for row in rows:
+            parts = row.namespace.split("/")
+            for depth in range(len(parts) + 1):
+                prefix = "/".join(parts[:depth])
+                if prefix not in woken and prefix in self._prefixes:
+                    woken.add(prefix)
+                    self._prefixes[prefix][0].notify()
 
     async def _follow(self) -> None:
         changes = self._backend.changes
