@@ -34,9 +34,9 @@ async def test_the_older_holders_fenced_write_is_refused(
     hive: hivemem.Hive, ns: str, clock: Clock
 ) -> None:
     a, b = hive.as_agent("a"), hive.as_agent("b")
-    old = await a.acquire(f"{ns}/doc", 0.3)
+    old = await a.acquire(f"{ns}/doc", 1.0)
     await a.put(ns, "report", "draft by a", fence=(f"{ns}/doc", old.token))
-    await clock.sleep(0.5)  # a pauses past its ttl
+    await clock.sleep(1.2)  # a pauses past its ttl
     new = await b.acquire(f"{ns}/doc", 5)
     assert new.token > old.token
     await b.put(ns, "report", "final by b", fence=(f"{ns}/doc", new.token))

@@ -102,10 +102,10 @@ async def test_search_never_returns_expired_items(
     hive: Hive, ns: str, mode: str, clock: Clock
 ) -> None:
     await hive.search(ns, "warm up the model", mode=mode)  # type: ignore[arg-type]
-    await hive.put(ns, "brief", "a short lived note about volcanoes", ttl=1.0)
+    await hive.put(ns, "brief", "a short lived note about volcanoes", ttl=2.0)
     await hive.put(ns, "lasting", "a lasting note about volcanoes")
     assert "brief" in await keys(hive, ns, "volcanoes", mode=mode)
-    await clock.sleep(1.2)
+    await clock.sleep(2.2)
     assert await keys(hive, ns, "volcanoes", mode=mode) == ["lasting"]
 
 

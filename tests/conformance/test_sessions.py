@@ -225,10 +225,10 @@ async def test_a_session_with_a_ttl_says_when_it_expires(hive: hivemem.Hive) -> 
 async def test_an_expired_session_is_absent_to_every_call(hive: hivemem.Hive, clock: Clock) -> None:
     app = new_id("app")
     sid = new_id()
-    await hive.create_session(app=app, session_id=sid, ttl=0.3)
+    await hive.create_session(app=app, session_id=sid, ttl=1.0)
     keep = await hive.create_session(app=app)
     await hive.append_messages(sid, [MessageIn(role="user", content="hi")])
-    await clock.sleep(0.5)
+    await clock.sleep(1.2)
 
     with pytest.raises(NotFound):
         await hive.get_session(sid)
@@ -248,13 +248,13 @@ async def test_an_expired_session_is_absent_to_every_call(hive: hivemem.Hive, cl
 async def test_appends_and_state_saves_restart_a_sessions_ttl(
     hive: hivemem.Hive, clock: Clock
 ) -> None:
-    session = await hive.create_session(app=new_id("app"), ttl=0.8)
-    for turn in range(3):  # 1.5 s in all, never 0.8 s idle
-        await clock.sleep(0.5)
+    session = await hive.create_session(app=new_id("app"), ttl=1.6)
+    for turn in range(3):  # 3 s in all, never 1.6 s idle
+        await clock.sleep(1.0)
         await hive.append_messages(session.id, [MessageIn(role="user", content=turn)])
-    await clock.sleep(0.5)
+    await clock.sleep(1.0)
     saved = await hive.save_state(session.id, {"step": 3})
     assert saved.expires_at is not None and saved.expires_at > session.expires_at  # type: ignore[operator]
-    await clock.sleep(0.5)
+    await clock.sleep(1.0)
     got = await hive.get_session(session.id)
     assert got.messages == 3 and got.state == {"step": 3}
