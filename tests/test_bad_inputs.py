@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import ServiceProcess
 
 BODY_TIMEOUT = 0.5
+#: The slowest /healthz answer allowed while a bad request is handled (seconds).
+HEALTHY_SECONDS = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +203,9 @@ async def test_bad_input_gets_its_4xx_in_a_second_while_health_answers(
             await poller
     assert status == expected, (case, status)
     assert elapsed < 1.0, (case, elapsed)
-    assert health and max(health) < 0.1, (case, max(health), len(health))
+    # A request that blocked the event loop would hold /healthz for as long as it ran
+    # (seconds, a minute for a long $in list); 0.5 s leaves room for a busy machine.
+    assert health and max(health) < HEALTHY_SECONDS, (case, max(health), len(health))
 
 
 async def test_nothing_was_written_by_the_bad_inputs(svc: ServiceProcess) -> None:
