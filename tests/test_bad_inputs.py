@@ -17,8 +17,10 @@ import pytest
 from tests.conftest import ServiceProcess
 
 BODY_TIMEOUT = 0.5
-#: The slowest /healthz answer allowed while a bad request is handled (seconds).
-HEALTHY_SECONDS = 0.5
+#: The slowest /healthz answer allowed while a bad request is handled (seconds): a loop
+#: blocked by one is held for as long as it runs (a minute for the long $in list once);
+#: 1 s leaves room for two cores that also run other work.
+HEALTHY_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +205,6 @@ async def test_bad_input_gets_its_4xx_in_a_second_while_health_answers(
             await poller
     assert status == expected, (case, status)
     assert elapsed < 1.0, (case, elapsed)
-    # A request that blocked the event loop would hold /healthz for as long as it ran
-    # (seconds, a minute for a long $in list); 0.5 s leaves room for a busy machine.
     assert health and max(health) < HEALTHY_SECONDS, (case, max(health), len(health))
 
 
