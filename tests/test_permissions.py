@@ -342,6 +342,17 @@ async def probe_events(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     assert any(e["namespace"] == f"_tasks/{s['ns_b']}/q" for e in page["items"])
 
 
+async def probe_index(a: Caller, b: Caller, s: dict[str, Any]) -> None:
+    # Counts over the whole store, no namespace or key: open to every principal.
+    status, body = await a("GET", "/v1/index")
+    assert status == 200 and set(body) >= {"pending", "lag_seconds"}
+
+
+async def probe_index_wait(a: Caller, b: Caller, s: dict[str, Any]) -> None:
+    status, body = await a("POST", "/v1/index/wait", {"timeout": 5})
+    assert status == 200 and body == {"indexed": True}
+
+
 async def probe_head(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     status, head = await a("GET", "/v1/events/head")
     assert status == 200 and set(head) == {"cursor"}
@@ -601,6 +612,8 @@ PROBES: dict[tuple[str, str], Probe] = {
     ("put", "/v1/sessions/{session_id}/state"): probe_state_put,
     ("get", "/v1/events"): probe_events,
     ("get", "/v1/events/head"): probe_head,
+    ("get", "/v1/index"): probe_index,
+    ("post", "/v1/index/wait"): probe_index_wait,
     ("get", "/v1/watch"): probe_watch,
     ("post", "/v1/publish/{channel}"): probe_publish,
     ("post", "/v1/queues/{queue}/tasks"): probe_submit,
@@ -811,6 +824,8 @@ async def test_embedded_hive_applies_the_same_policy(embedded: tuple[Hive, Hive]
         "read_events": lambda: _none_of_b(a.read_events("", limit=1000), internal=True),
         "watch": lambda: _none_of_b(watched(), internal=True),
         "head": lambda: _ok(a.head()),
+        "index_status": lambda: _ok(a.index_status()),
+        "wait_indexed": lambda: _ok(a.wait_indexed(timeout=5)),
         "publish": lambda: denied(a.publish(f"{ns_b}/chan", 1), PermissionDenied),
         "create_session": lambda: denied(a.create_session(app="team", user="b"), PermissionDenied),
         "get_session": lambda: denied(a.get_session(session.id), NotFound),

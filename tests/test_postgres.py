@@ -583,11 +583,30 @@ async def test_vectors_round_trip_as_float32_bytes(postgres_url: str) -> None:
         new = rng.standard_normal(4).astype("<f4").tobytes()
         stale = IndexEntry(ns, "k0", rows[0].version + 1, "t", new, "m2")
         fresh = IndexEntry(ns, "k0", rows[0].version, "t", new, "m2")
-        assert await b.set_index([stale]) == 0
-        assert await b.set_index([fresh]) == 1
+        assert await b.set_index([stale], time.time()) == 0
+        assert await b.set_index([fresh], time.time()) == 1
         assert await b.vectors_of([(ns, "k0")], "m2") == {(ns, "k0"): new}
         pending = await b.unindexed_items("m", (ns, ""), 100, time.time())
         assert [r.key for r in pending if r.namespace == ns] == ["k0", "plain"]
+        # A deferred entry (model named, no vector) waits in exactly one part until set.
+        await b.write_items(
+            [put(ns, "later", 1, index_text="t", model="m3")],
+            author="t",
+            now=time.time(),
+            history_limit=1,
+        )
+        parts = [await b.pending_vectors("m3", p, 4, 100, time.time()) for p in range(4)]
+        assert sorted(r.key for rows in parts for r in rows if r.namespace == ns) == ["later"]
+        waiting, oldest = await b.pending_count("m3", time.time())
+        assert waiting >= 1 and oldest is not None
+        assert await b.set_index([IndexEntry(ns, "later", 1, "t", new, "m3")], time.time()) == 1
+        parts = [await b.pending_vectors("m3", p, 4, 100, time.time()) for p in range(4)]
+        assert not [r for rows in parts for r in rows if r.namespace == ns]
+        events, _ = await b.read_events(ns, None, 100)
+        assert [(e.type, e.key) for e in events if e.type == "item.indexed"] == [
+            ("item.indexed", "k0"),
+            ("item.indexed", "later"),
+        ]
 
 
 # Schema -------------------------------------------------------------------------------

@@ -319,7 +319,8 @@ async def test_index_entries_follow_versions(backend: RedisBackend) -> None:
     assert [(r.namespace, r.key) for r in pending][:2] == [(ns, "a"), (ns, "b")]
     vec = b"\x00\x00\x80?" * 4
     stored = await backend.set_index(
-        [IndexEntry(ns, "a", 1, "text a", vec, "m1"), IndexEntry(ns, "b", 9, "stale", vec, "m1")]
+        [IndexEntry(ns, "a", 1, "text a", vec, "m1"), IndexEntry(ns, "b", 9, "stale", vec, "m1")],
+        now,
     )
     assert stored == 1
     assert await backend.vectors_of([(ns, "a"), (ns, "b")], "m1") == {(ns, "a"): vec}
@@ -330,6 +331,18 @@ async def test_index_entries_follow_versions(backend: RedisBackend) -> None:
     assert [(r.namespace, r.key) for r in await backend.unindexed_items("m2", (ns, ""), 10, now)][
         :2
     ] == [(ns, "a"), (ns, "b")]
+    # A deferred entry (model named, no vector) waits in exactly one part until set.
+    deferred = PutWrite(ns, "c", b"1", None, None, None, None, index_text="text c", model="m1")
+    await backend.write_items([deferred], author="x", now=now, history_limit=5)
+    parts = [await backend.pending_vectors("m1", p, 4, 100, now) for p in range(4)]
+    assert [r.key for rows in parts for r in rows if r.namespace == ns] == ["c"]
+    waiting, oldest = await backend.pending_count("m1", now)
+    assert waiting >= 1 and oldest is not None
+    assert await backend.set_index([IndexEntry(ns, "c", 1, "text c", vec, "m1")], now) == 1
+    parts = [await backend.pending_vectors("m1", p, 4, 100, now) for p in range(4)]
+    assert not [r for rows in parts for r in rows if r.namespace == ns]
+    events, _ = await backend.read_events(ns, None, 100)
+    assert [e.key for e in events if e.type == "item.indexed"] == ["a", "c"]
 
 
 # Listing by key prefix --------------------------------------------------------------------

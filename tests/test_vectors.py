@@ -350,7 +350,8 @@ class FakeEmbedder:
 
 
 def local_hive(path: Path, agent: str) -> LocalHive:
-    settings = Settings(embedder="none", feed_poll_seconds=0.05)
+    # Vectors at write time: these tests follow the in-process index, not the indexer.
+    settings = Settings(embedder="none", feed_poll_seconds=0.05, index_mode="sync")
     return LocalHive(
         SqliteBackend(str(path), settings), agent=agent, settings=settings, embedder=FakeEmbedder()
     )

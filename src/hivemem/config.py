@@ -136,6 +136,36 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="How long a request waits for others to share its call."
     )
     embed_threads: int = Field(default=2, gt=0, description="onnxruntime intra-op threads.")
+    index_mode: Literal["deferred", "sync"] = Field(
+        default="deferred",
+        description="deferred: a put commits its item, lexical entry and event at once and "
+        "the indexer adds the vector soon after (search(consistency='indexed') or "
+        "wait_indexed() wait for it); sync: a put embeds its text before it commits.",
+    )
+    index_batch_size: int = Field(
+        default=256, gt=0, description="Most texts the indexer embeds in one model call."
+    )
+    index_partitions: int = Field(
+        default=4,
+        gt=0,
+        le=16,
+        description="Parts the indexing work is split into; each is held by one process at "
+        "a time under a lease, so replicas share the work and never do it twice.",
+    )
+    index_lease_seconds: float = Field(
+        default=15.0,
+        ge=0.5,
+        le=3600,
+        description="How long an indexer holds a part of the work without renewing "
+        "(renewed every third of it): after a crash the part waits this long for its next "
+        "holder.",
+    )
+    index_wait_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Longest search(consistency='indexed') waits for pending vectors before "
+        "it raises Unavailable.",
+    )
     search_fusion: Literal["rrf", "score"] = Field(
         default="rrf",
         description="How hybrid search merges BM25 and vectors. rrf: reciprocal rank fusion, "

@@ -25,6 +25,7 @@ from hivemem.models import (
     AgentRecord,
     DeleteOp,
     Event,
+    IndexStatus,
     Item,
     Lease,
     Message,
@@ -297,6 +298,7 @@ class Hive(ABC):
         updated_before: datetime | float | None = None,
         mode: Literal["hybrid", "vector", "lexical"] = "hybrid",
         limit: int = 10,
+        consistency: Literal["eventual", "indexed"] = "eventual",
     ) -> builtins.list[SearchHit]:
         """Find live items at or under ``prefix`` by meaning and by words.
 
@@ -317,6 +319,12 @@ class Hive(ABC):
                 neighbouring turns (context expansion); see :mod:`hivemem.core.search`
                 and the ``search_*`` settings.
             limit: 1..``max_search_limit`` (100).
+            consistency: ``"eventual"``: rank what is indexed now. A write's words are
+                searchable at once; with ``index_mode=deferred`` (the default) its vector
+                follows within moments (the indexer embeds in batches after the
+                commit), so until then only its words can find it. ``"indexed"``: first
+                wait (up to ``index_wait_seconds``) for the vectors of every write made
+                before the call.
 
         Returns:
             Hits, best first, each with its fused score and per-mode rank and score.
@@ -324,8 +332,37 @@ class Hive(ABC):
         Raises:
             InvalidInput: bad argument (field named, e.g. ``filter.tags.$near``), or
                 ``mode="vector"`` without an embedder (field ``mode``).
-            Unavailable: the embedder cannot be reached.
+            Unavailable: the embedder cannot be reached, or (``consistency="indexed"``)
+                the vectors were not all stored within ``index_wait_seconds``.
         """
+
+    @abstractmethod
+    async def wait_indexed(
+        self,
+        cursor: str | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> bool:
+        """Wait until every write made before this call has its vector stored (so a
+        vector search finds it); with ``index_mode=sync`` or no embedder, at once.
+
+        Args:
+            cursor: a feed cursor the caller has seen; its writes are covered (they
+                committed before the call).
+            timeout: seconds to wait at most (default ``index_wait_seconds``, 30).
+
+        Returns:
+            True when indexed, False when ``timeout`` passed first.
+
+        Raises:
+            InvalidInput: ``cursor`` not a string or ``timeout`` not a number >= 0.
+        """
+
+    @abstractmethod
+    async def index_status(self) -> IndexStatus:
+        """How far the vectors lag behind the writes: an
+        :class:`~hivemem.models.IndexStatus` (entries waiting, the oldest one's age in
+        seconds, whether the answering process indexes and which parts it holds)."""
 
     # Sessions --------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ __all__ = [
     "AgentRecord",
     "DeleteOp",
     "Event",
+    "IndexStatus",
     "Item",
     "Lease",
     "Message",
@@ -187,6 +188,23 @@ class SearchHit(_Record):
     vector_rank: int | None = Field(default=None, description="1-based similarity rank.")
     lexical_score: float | None = Field(default=None, description="BM25 score (higher better).")
     vector_score: float | None = Field(default=None, description="Cosine similarity.")
+
+
+class IndexStatus(_Record):
+    """How far the vectors of search lag behind the writes (``index_mode=deferred``)."""
+
+    mode: str = Field(description="deferred or sync (the index_mode setting).")
+    model: str | None = Field(description="The embedder's model; None: lexical search only.")
+    pending: int = Field(description="Index entries waiting for their vector.")
+    lag_seconds: float | None = Field(
+        description="Age of the oldest waiting entry in seconds; None when none wait."
+    )
+    indexing: bool = Field(
+        default=False, description="Whether the answering process runs an indexer."
+    )
+    parts: list[int] = Field(
+        default_factory=list, description="The parts of the work that process holds now."
+    )
 
 
 class TaskError(_Record):

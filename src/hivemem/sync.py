@@ -29,6 +29,7 @@ from hivemem.models import (
     AgentRecord,
     DeleteOp,
     Event,
+    IndexStatus,
     Item,
     Lease,
     Message,
@@ -428,6 +429,7 @@ class SyncHive:
         updated_before: datetime | float | None = None,
         mode: Literal["hybrid", "vector", "lexical"] = "hybrid",
         limit: int = 10,
+        consistency: Literal["eventual", "indexed"] = "eventual",
     ) -> builtins.list[SearchHit]:
         """Find live items at or under ``prefix`` by meaning and by words, best first.
 
@@ -446,6 +448,9 @@ class SyncHive:
             mode: ``"hybrid"`` (BM25 and vectors fused by rank; BM25 alone without an
                 embedder), ``"vector"`` or ``"lexical"``.
             limit: most hits, 1..``max_search_limit`` (100).
+            consistency: ``"eventual"``: rank what is indexed now (a write's words at
+                once, its vector moments later: the indexer embeds after the commit);
+                ``"indexed"``: first wait for the vectors of every earlier write.
 
         Returns:
             A list of :class:`SearchHit`: the item, its fused score and per-mode rank and score.
@@ -453,7 +458,8 @@ class SyncHive:
         Raises:
             InvalidInput: a bad argument (``field`` names it), or ``mode="vector"`` without
                 an embedder.
-            Unavailable: the embedder cannot be reached.
+            Unavailable: the embedder cannot be reached, or (``"indexed"``) the vectors
+                took longer than ``index_wait_seconds`` (30).
         """
 
         async def run() -> builtins.list[SearchHit]:
@@ -466,9 +472,31 @@ class SyncHive:
                 updated_before=updated_before,
                 mode=mode,
                 limit=limit,
+                consistency=consistency,
             )
 
         return self._portal.call(run)
+
+    def wait_indexed(self, cursor: str | None = None, *, timeout: float | None = None) -> bool:
+        """Wait until every write made before the call has its vector (see
+        :meth:`hivemem.Hive.wait_indexed`).
+
+        Args:
+            cursor: a feed cursor the caller has seen (covered in any case).
+            timeout: seconds to wait at most (default ``index_wait_seconds``, 30).
+
+        Returns:
+            True when indexed, False when ``timeout`` passed first.
+
+        Raises:
+            InvalidInput: ``cursor`` not a string or ``timeout`` not a number >= 0.
+        """
+        return self._portal.call(lambda: self._hive.wait_indexed(cursor, timeout=timeout))
+
+    def index_status(self) -> IndexStatus:
+        """How far the vectors lag behind the writes: an :class:`IndexStatus` (entries
+        waiting, the oldest one's age in seconds, whether the answering process indexes)."""
+        return self._portal.call(self._hive.index_status)
 
     # Sessions
 

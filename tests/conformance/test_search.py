@@ -48,13 +48,14 @@ async def load(hive: Hive, ns: str) -> None:
 
 
 async def keys(hive: Hive, prefix: str, query: str, **kw: object) -> list[str]:
+    kw.setdefault("consistency", "indexed")  # every write's vector searchable
     return [h.item.key for h in await hive.search(prefix, query, **kw)]  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_search_finds_the_matching_item_first(hive: Hive, ns: str, mode: str) -> None:
     await load(hive, ns)
-    hits = await hive.search(ns, "tyres for the sports car", mode=mode)  # type: ignore[arg-type]
+    hits = await hive.search(ns, "tyres for the sports car", mode=mode, consistency="indexed")  # type: ignore[arg-type]
     assert hits[0].item.key == "car"
     assert hits[0].item.namespace == f"{ns}/garage"
     assert hits[0].score > 0
@@ -68,7 +69,9 @@ async def test_search_finds_the_matching_item_first(hive: Hive, ns: str, mode: s
 async def test_search_returns_only_items_under_the_prefix(hive: Hive, ns: str, mode: str) -> None:
     await load(hive, ns)
     await hive.put(f"{ns}x/garage", "car", "red sports car tyres")  # same words, other prefix
-    found = await hive.search(f"{ns}/garage", "car tyres cat soup", mode=mode, limit=20)  # type: ignore[arg-type]
+    found = await hive.search(
+        f"{ns}/garage", "car tyres cat soup", mode=mode, limit=20, consistency="indexed"
+    )  # type: ignore[arg-type]
     assert found
     assert {h.item.namespace for h in found} == {f"{ns}/garage"}
 
@@ -115,7 +118,7 @@ async def test_changed_item_is_found_by_its_new_text_only(hive: Hive, ns: str) -
     assert "doc" in await keys(hive, ns, "orchard apples", mode="lexical")
     await hive.put(ns, "doc", "submarines diving under the arctic ice")
     assert "doc" not in await keys(hive, ns, "orchard apples", mode="lexical")
-    hits = await hive.search(ns, "submarine under ice", mode="vector")
+    hits = await hive.search(ns, "submarine under ice", mode="vector", consistency="indexed")
     assert hits[0].item.key == "doc"
     assert hits[0].item.value == "submarines diving under the arctic ice"
     for mode in MODES:
@@ -193,8 +196,8 @@ async def test_embedded_and_remote_search_return_the_same_results(tmp_path: Path
             await load(hive, "kb")
         for mode in MODES:
             for query in ("tyres for the sports car", "sleepy cat", "garlic"):
-                a = await remote.search("kb", query, mode=mode, limit=5)  # type: ignore[arg-type]
-                b = await local.search("kb", query, mode=mode, limit=5)  # type: ignore[arg-type]
+                a = await remote.search("kb", query, mode=mode, limit=5, consistency="indexed")  # type: ignore[arg-type]
+                b = await local.search("kb", query, mode=mode, limit=5, consistency="indexed")  # type: ignore[arg-type]
                 assert [(h.item.key, h.lexical_rank, h.vector_rank) for h in a] == [
                     (h.item.key, h.lexical_rank, h.vector_rank) for h in b
                 ], (mode, query)

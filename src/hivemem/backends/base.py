@@ -329,9 +329,27 @@ class Backend(ABC):
         """How many live items the store holds."""
 
     @abstractmethod
-    async def set_index(self, entries: Sequence[IndexEntry]) -> int:
+    async def set_index(self, entries: Sequence[IndexEntry], now: float) -> int:
         """Store index entries of items still at the entry's version (others are
-        skipped: a newer write indexed them already). Returns how many were stored."""
+        skipped: a newer write indexed them already), each with an
+        :data:`~hivemem.backends.rows.INDEXED` feed event (author ``hivemem``, at
+        ``now``) in the same atomic step, so every process's in-memory index learns of
+        it. Returns how many were stored."""
+
+    @abstractmethod
+    async def pending_vectors(
+        self, model: str, part: int, parts: int, limit: int, now: float
+    ) -> list[ItemRow]:
+        """Up to ``limit`` live items whose index entry waits for a vector by ``model``
+        (written at their current version with the model named and no vector), among
+        part ``part`` of ``parts`` (0 <= part < parts): each engine splits the items its
+        own stable way, so indexers holding different parts never share an item."""
+
+    @abstractmethod
+    async def pending_count(self, model: str, now: float) -> tuple[int, float | None]:
+        """How many index entries wait for a vector by ``model``, and when the oldest of
+        them was written (UNIX seconds; None when none wait). Redis counts the entries
+        of every model and expired items not yet swept."""
 
     # Tasks
     #

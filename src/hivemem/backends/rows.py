@@ -61,8 +61,10 @@ class PutWrite:
     (0 = absent; ``None`` = any).
 
     ``index_text`` is what search indexes (``None``: the item is not searchable);
-    ``vector`` its embedding as float32 bytes from model ``model`` (``None``: no
-    vector, lexical search only).
+    ``vector`` its embedding as float32 bytes from model ``model``. No vector with a
+    model named: the vector is deferred, and the entry waits for the indexer
+    (:meth:`~hivemem.backends.base.Backend.pending_vectors`); no vector and no model:
+    lexical search only.
     """
 
     namespace: str
@@ -90,6 +92,25 @@ class IndexEntry:
     text: str | None
     vector: bytes | None
     model: str | None
+
+
+#: The feed event of an index entry stored after its write (``set_index``): the item's
+#: vector is searchable. The in-process indexes follow it; watchers never see it.
+INDEXED = "item.indexed"
+
+#: The author of the events hivemem writes on its own (expiry, indexing).
+SYSTEM = "hivemem"
+
+
+def own_event(type_: str, namespace: str) -> bool:
+    """Whether a feed event is hivemem's own bookkeeping, which no watcher sees: an
+    ``item.indexed`` note, or a change under ``_hivemem/`` (the indexers' membership)
+    or to a lease of hivemem's own (``_leases/_hivemem/``)."""
+    return (
+        type_ == INDEXED
+        or namespace.startswith("_hivemem/")
+        or namespace.startswith("_leases/_hivemem/")
+    )
 
 
 @dataclass(slots=True, frozen=True)

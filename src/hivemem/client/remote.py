@@ -45,6 +45,7 @@ from hivemem.models import (
     AgentRecord,
     DeleteOp,
     Event,
+    IndexStatus,
     Item,
     Lease,
     Message,
@@ -733,8 +734,11 @@ class RemoteHive(Hive):
         updated_before: datetime | float | None = None,
         mode: Literal["hybrid", "vector", "lexical"] = "hybrid",
         limit: int = 10,
+        consistency: Literal["eventual", "indexed"] = "eventual",
     ) -> builtins.list[SearchHit]:
         payload: dict[str, Any] = {"prefix": prefix, "query": query, "mode": mode, "limit": limit}
+        if consistency != "eventual":
+            payload["consistency"] = consistency
         for name, arg in (
             ("filter", filter),
             ("author", author),
@@ -745,6 +749,36 @@ class RemoteHive(Hive):
                 payload[name] = arg.isoformat() if isinstance(arg, datetime) else arg
         _, data = await self._request("POST", "/v1/search", body=_body(payload, "filter"))
         return SearchResult.model_validate_json(data).hits
+
+    async def wait_indexed(
+        self,
+        cursor: str | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> bool:
+        if cursor is not None and not isinstance(cursor, str):
+            raise InvalidInput("cursor must be a cursor string", field="cursor")
+        wait = 30.0 if timeout is None else timeout
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < 1e9:
+            raise InvalidInput("timeout must be a number of seconds >= 0", field="timeout")
+        # The service answers within its max_wait_seconds; ask again until ours ends.
+        deadline = time.monotonic() + wait
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            _, data = await self._request(
+                "POST",
+                "/v1/index/wait",
+                body=_body({"cursor": cursor, "timeout": left}, "timeout"),
+                seconds=self._timeout(left),
+            )
+            if orjson.loads(data)["indexed"]:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    async def index_status(self) -> IndexStatus:
+        _, data = await self._request("GET", "/v1/index")
+        return IndexStatus.model_validate_json(data)
 
     # Sessions --------------------------------------------------------------------
 

@@ -35,6 +35,8 @@ class Area:
     _embedder: Embedder | None
     #: The caller's request id for the next write (set on per-request views).
     _request_id: str | None = None
+    #: hivemem's own view (the indexer): may use the reserved names ``_hivemem/...``.
+    _system: bool = False
     #: The name of the request id in error messages (the HTTP header over HTTP).
     _request_field: str = "request_id"
     #: What this view's principal may do; None: everything (no policy in force).

@@ -84,6 +84,8 @@ class CoordinationMixin(Area):
         await self._backend.changes.wait(generation, min(left, self._settings.feed_poll_seconds))
 
     def _name(self, name: object, field: str = "name") -> str:
+        if self._system and isinstance(name, str) and name.startswith("_hivemem/"):
+            return name
         n = check.namespace(name, self._settings, field=field)
         self._must("tasks", n, field)
         return n

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from hivemem import validation as check
-from hivemem.backends.rows import EventRow, at_or_under
+from hivemem.backends.rows import EventRow, at_or_under, own_event
 from hivemem.backends.signals import ChangeSignal
 from hivemem.core.area import Area, timestamp
 from hivemem.core.feedtail import FeedTail
@@ -85,7 +85,11 @@ class EventsMixin(Area):
         session deleted since is known only to principals who may see every one); for
         a queue's task events (``_tasks/<queue>``) ``tasks`` on the queue; for the
         registry's (``_agents``) ``tasks`` anywhere; for hivemem's other own events
-        (``_auth``, ``_admin``, ``_leases``...), ``admin``."""
+        (``_auth``, ``_admin``, ``_leases``...), ``admin``. Nobody sees hivemem's own
+        bookkeeping (:func:`~hivemem.backends.rows.own_event`: ``item.indexed`` notes for
+        the in-process indexes, the indexers' membership and leases)."""
+        if own_event(row.type, row.namespace):
+            return False
         access = self._access
         if access is None:
             return True
@@ -121,7 +125,8 @@ class EventsMixin(Area):
         whether more events may follow at once (the scan stopped before the head)."""
         if self._access is None:
             rows, next_cursor = await self._backend.read_events(prefix, after, limit)
-            return rows, next_cursor, len(rows) == limit
+            more = len(rows) == limit
+            return [r for r in rows if not own_event(r.type, r.namespace)], next_cursor, more
         read_prefix = self._feed_prefix(prefix)
         out: builtins.list[EventRow] = []
         cursor = after

@@ -9,13 +9,17 @@ import logging
 import re
 import time
 
+import orjson
+
 from hivemem import validation as check
 from hivemem.backends.base import Backend
+from hivemem.backends.rows import SYSTEM
 from hivemem.config import Settings
 from hivemem.core.coordination import CoordinationMixin, mark_down
 from hivemem.core.events import EventsMixin
 from hivemem.core.feedtail import FeedTail
-from hivemem.core.items import ItemsMixin
+from hivemem.core.indexer import Indexer
+from hivemem.core.items import ItemsMixin, searchable_text
 from hivemem.core.lexical import LexicalIndex
 from hivemem.core.rowcache import RowCache
 from hivemem.core.search import SearchMixin
@@ -58,6 +62,7 @@ class _Shared:
         self.coordinator: asyncio.Task[None] | None = None
         self.heartbeats = Heartbeats()
         self.task_waits: TaskWaits | None = None
+        self.indexer: Indexer | None = None
         #: Set when closing: background loops stop at their next turn even if a
         #: cancellation was swallowed (redis-py can swallow one landing in a read).
         self.closing = False
@@ -142,6 +147,9 @@ class _Shared:
 
     async def close(self) -> None:
         async with self.lock:
+            if self.indexer is not None:
+                await self.indexer.close()
+                self.indexer = None
             await self.heartbeats.close()
             if self.task_waits is not None:
                 await self.task_waits.close()
@@ -350,6 +358,33 @@ class LocalHive(
     def _row_cache(self) -> RowCache:
         return self._shared.row_cache()
 
+    def _start_indexer(self) -> None:
+        shared = self._shared
+        if self._embedder is None or shared.closing or not shared.opened:
+            return
+        if shared.indexer is None:
+            system = LocalHive(self._backend, agent=SYSTEM, settings=self._settings, _shared=shared)
+            system._access = None
+            system._system = True
+            shared.indexer = Indexer(
+                system,
+                self._embedder,
+                lambda row: searchable_text(row.text, orjson.loads(row.value)),
+                batch=self._settings.index_batch_size,
+                parts=self._settings.index_partitions,
+                lease=self._settings.index_lease_seconds,
+            )
+        shared.indexer.start()
+
+    def _indexer_state(self) -> tuple[bool, list[int]]:
+        indexer = self._shared.indexer
+        return (False, []) if indexer is None else (indexer.running, indexer.held)
+
+    @property
+    def indexer(self) -> Indexer | None:
+        """This process's indexer of deferred vectors, once a search started it."""
+        return self._shared.indexer
+
     def _task_waits(self) -> TaskWaits:
         shared = self._shared
         if shared.task_waits is None:
@@ -362,9 +397,9 @@ class LocalHive(
         return self._embedder
 
     async def warm(self) -> None:
-        """Load the in-process search indexes now rather than on the first search (the
-        service does this in the background at start). Failures are logged, not raised:
-        the first search retries."""
+        """Load the in-process search indexes and start the indexer of deferred vectors
+        now rather than on the first search (the service does this in the background at
+        start). Failures are logged, not raised: the first search retries."""
         try:
             await self._ready()
             lexical = self._lexical_index()
@@ -374,6 +409,7 @@ class LocalHive(
                 await asyncio.shield(self._shared.lexical_loading)
             if self._embedder is not None and not self._vectors_in_engine():
                 await self._vector_index(self._embedder.dim).sync()
+            self._start_indexer()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -115,16 +115,29 @@ class ItemsMixin(Area):
     async def _index(
         self, writes: Sequence[PutWrite], texts: Sequence[str | None], now: Callable[[], float]
     ) -> tuple[builtins.list[PutWrite], float]:
-        """Attach what search indexes to each write, embedding outside any transaction
-        (one model call for all of them), then stamp the expiry times from the clock
-        read after the embedding. Returns the writes and that time.
+        """Attach what search indexes to each write, then stamp the expiry times from
+        the clock read after it. With ``index_mode=sync`` the texts are embedded here,
+        outside any transaction (one model call for all of them); with ``deferred`` each
+        entry names the model and waits for the indexer (core/indexer.py). Returns the
+        writes and that time.
 
         Raises:
-            Unavailable: the embedder failed; nothing is written.
+            Unavailable: the embedder failed (sync); nothing is written.
         """
         model = None if self._embedder is None else self._embedder.name
         embedded = [i for i, t in enumerate(texts) if t is not None]
         vectors: dict[int, bytes] = {}
+        if model is not None and self._settings.index_mode == "deferred":
+            stamp = now()
+            return [
+                replace(
+                    w,
+                    index_text=t,
+                    model=None if t is None else model,
+                    expires_at=None if w.expires_at is None else stamp + w.expires_at,
+                )
+                for w, t in zip(writes, texts, strict=True)
+            ], stamp
         if self._embedder is not None and embedded:
             rows = await self._embedder.embed([texts[i] for i in embedded])  # type: ignore[misc]
             vectors = {i: row.tobytes() for i, row in zip(embedded, rows, strict=True)}

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from hivemem.backends.base import Backend
+from hivemem.backends.rows import INDEXED
 from hivemem.errors import CursorExpired
 
 Key = tuple[str, str]
@@ -84,6 +85,10 @@ class FeedMirror:
         poll_seconds: catch up at least this often even without a change signal.
     """
 
+    #: Whether ``item.indexed`` events (a vector stored after its write) change what
+    #: this copy holds; only the vector index says yes.
+    follows_indexed = False
+
     def __init__(self, backend: Backend, poll_seconds: float) -> None:
         self.backend = backend
         self.poll_seconds = poll_seconds
@@ -92,15 +97,18 @@ class FeedMirror:
         self._generation = -1
         self._synced_at = 0.0
 
-    async def sync(self) -> None:
-        """Catch up with the store (see the module notes)."""
+    async def sync(self, *, force: bool = False) -> None:
+        """Catch up with the store (see the module notes); with ``force``, read the feed
+        even if no change was signalled (a change another process committed may not
+        have been signalled yet)."""
         async with self._lock:
             changes = self.backend.changes
             if self._cursor is None:
                 await self._reload()
                 return
             if (
-                changes.generation == self._generation
+                not force
+                and changes.generation == self._generation
                 and time.monotonic() - self._synced_at < self.poll_seconds
             ):
                 return
@@ -113,7 +121,9 @@ class FeedMirror:
                     changed.update(
                         (r.namespace, r.key)
                         for r in rows
-                        if r.key is not None and r.type.startswith("item.")
+                        if r.key is not None
+                        and r.type.startswith("item.")
+                        and (self.follows_indexed or r.type != INDEXED)
                     )
                     if len(rows) < _SYNC_BATCH:
                         break

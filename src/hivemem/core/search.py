@@ -49,15 +49,18 @@ from hivemem.backends.filters import Condition, row_matches
 from hivemem.backends.rows import IndexEntry, ItemRow
 from hivemem.config import Settings
 from hivemem.core.area import Area
+from hivemem.core.indexer import until
 from hivemem.core.items import searchable_text, to_item
 from hivemem.core.lexical import LexicalIndex, tokens
 from hivemem.core.rowcache import RowCache
 from hivemem.core.vectors import VectorIndex
 from hivemem.errors import InvalidInput, Unavailable
-from hivemem.models import SearchHit
+from hivemem.models import IndexStatus, SearchHit
 
 Mode = Literal["hybrid", "vector", "lexical"]
 MODES = ("hybrid", "vector", "lexical")
+Consistency = Literal["eventual", "indexed"]
+CONSISTENCIES = ("eventual", "indexed")
 Fusion = Literal["rrf", "score"]
 Key = tuple[str, str]
 
@@ -280,8 +283,13 @@ class SearchMixin(Area):
         updated_before: datetime | float | None = None,
         mode: Mode = "hybrid",
         limit: int = 10,
+        consistency: Consistency = "eventual",
     ) -> builtins.list[SearchHit]:
         s = self._settings
+        if consistency not in CONSISTENCIES:
+            raise InvalidInput(
+                f"consistency must be one of {', '.join(CONSISTENCIES)}", field="consistency"
+            )
         check.namespace(prefix, s, field="prefix", allow_empty=True)
         if mode not in MODES:
             raise InvalidInput(f"mode must be one of {', '.join(MODES)}", field="mode")
@@ -302,11 +310,23 @@ class SearchMixin(Area):
         roots = self._roots("search", prefix)
         if not roots:
             return []
+        waited = False
+        if self._embedder is not None and mode != "lexical":
+            self._start_indexer()
+            if consistency == "indexed":
+                if not await self.wait_indexed(timeout=s.index_wait_seconds):
+                    status = await self.index_status()
+                    raise Unavailable(
+                        f"{status.pending} writes still wait for their vectors after "
+                        f"index_wait_seconds ({s.index_wait_seconds:g} s); search with "
+                        "consistency='eventual' to rank them by their words meanwhile"
+                    )
+                waited = True
         budget = s.search_timeout_seconds
         try:
             async with asyncio.timeout(budget):
                 return await self._search(
-                    roots, query, conditions, mode, limit, s.search_candidates
+                    roots, query, conditions, mode, limit, s.search_candidates, waited
                 )
         except TimeoutError:
             raise Unavailable(
@@ -322,10 +342,12 @@ class SearchMixin(Area):
         mode: Mode,
         limit: int,
         search_candidates: int,
+        waited: bool = False,
     ) -> builtins.list[SearchHit]:
         """The search proper, over the prefixes ``roots`` (the request's prefix, or the
         narrower prefixes the principal may search under it); hits the principal may
-        not search are dropped before fusion."""
+        not search are dropped before fusion. ``waited``: the vectors were waited for,
+        so the in-process vector index reads the feed even without a change signal."""
         s = self._settings
         now = self._now()
         candidates = max(search_candidates, limit)
@@ -387,7 +409,7 @@ class SearchMixin(Area):
                 rankings["vector"] = await ranked(vectors_in_engine)
             else:
                 index = self._vector_index(int(q.shape[0]))
-                await index.sync()
+                await index.sync(force=waited)
 
                 async def vectors_in_process(root: str) -> builtins.list[tuple[Key, float]]:
                     return await self._filtered(
@@ -560,6 +582,79 @@ class SearchMixin(Area):
                             gains[key] = gain
         return gains
 
+    def _start_indexer(self) -> None:
+        """Start this process's indexer of deferred vectors, if not running."""
+        raise NotImplementedError
+
+    def _indexer_state(self) -> tuple[bool, builtins.list[int]]:
+        """Whether this process's indexer runs, and the parts it holds."""
+        raise NotImplementedError
+
+    async def wait_indexed(
+        self,
+        cursor: str | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> bool:
+        """Wait until every write made before this call (and so every event at or before
+        ``cursor``, any cursor the caller has seen) has its vector stored, so that a
+        vector search finds it. Starts this process's indexer if it is not running.
+
+        Args:
+            cursor: a feed cursor; accepted for symmetry with the feed (every cursor a
+                caller holds was committed before this call, so it is covered).
+            timeout: seconds to wait at most (default ``index_wait_seconds``).
+
+        Returns:
+            True when indexed; False when ``timeout`` passed first.
+
+        Raises:
+            InvalidInput: ``cursor`` not a string, ``timeout`` not a number >= 0.
+        """
+        if cursor is not None and not isinstance(cursor, str):
+            raise InvalidInput("cursor must be a cursor string", field="cursor")
+        wait = self._settings.index_wait_seconds if timeout is None else timeout
+        if isinstance(wait, bool) or not isinstance(wait, int | float) or not 0 <= wait < 1e9:
+            raise InvalidInput("timeout must be a number of seconds >= 0", field="timeout")
+        await self._ready()
+        embedder = self._embedder
+        if embedder is None:
+            return True
+        self._start_indexer()
+        since = self._now()
+
+        async def indexed() -> bool:
+            waiting, oldest = await self._backend.pending_count(embedder.name, self._now())
+            return waiting == 0 or (oldest is not None and oldest > since)
+
+        return await until(indexed, self._backend, float(wait), self._settings.feed_poll_seconds)
+
+    async def index_status(self) -> IndexStatus:
+        """How far the vectors lag behind the writes.
+
+        Returns:
+            An :class:`~hivemem.models.IndexStatus`: the mode, the model, how many
+            entries wait for a vector, the age of the oldest (seconds), and whether this
+            process indexes (and which parts it holds).
+        """
+        await self._ready()
+        embedder = self._embedder
+        running, parts = self._indexer_state()
+        if embedder is None:
+            return IndexStatus(
+                mode=self._settings.index_mode, model=None, pending=0, lag_seconds=None
+            )
+        now = self._now()
+        waiting, oldest = await self._backend.pending_count(embedder.name, now)
+        return IndexStatus(
+            mode=self._settings.index_mode,
+            model=embedder.name,
+            pending=waiting,
+            lag_seconds=None if oldest is None or waiting == 0 else max(0.0, now - oldest),
+            indexing=running,
+            parts=parts,
+        )
+
     async def reindex(self, *, batch: int = 64, progress: Any = None) -> int:
         """Index every item whose entry is missing, stale or by another model.
 
@@ -594,7 +689,7 @@ class SearchMixin(Area):
                     IndexEntry(e.namespace, e.key, e.version, e.text, v.tobytes(), model)
                     for e, v in zip(entries, vectors, strict=True)
                 ]
-            done += await self._backend.set_index(entries)
+            done += await self._backend.set_index(entries, self._now())
             scanned += len(rows)
             if progress is not None:
                 progress(scanned, done, total)

@@ -69,6 +69,7 @@ class VectorIndex(FeedMirror):
             package installed (field ``vector_index``).
     """
 
+    follows_indexed = True
     #: A selection of at most this share of the rows is scored by gathering just
     #: those rows; a larger one by scoring every row and masking the rest.
     gather_share = 0.25

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from starlette.responses import Response
 
-from hivemem.models import JsonInt
+from hivemem.models import IndexStatus, JsonInt
 from hivemem.service.deps import SearchHive
 from hivemem.service.routing import JSONRoute, model_response
 from hivemem.wire import SearchResult
@@ -38,6 +38,30 @@ class SearchBody(BaseModel):
     )
     mode: Literal["hybrid", "vector", "lexical"] = "hybrid"
     limit: JsonInt = Field(default=10, le=2**63 - 1, description="Most hits, 1..100.")
+    consistency: Literal["eventual", "indexed"] = Field(
+        default="eventual",
+        description="eventual: rank what is indexed now (words at once, vectors as the "
+        "indexer stores them); indexed: first wait for the vectors of every earlier write.",
+    )
+
+
+class IndexWaitBody(BaseModel):
+    """Body of POST /v1/index/wait."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cursor: StrictStr | None = Field(
+        default=None, description="A feed cursor the caller has seen (covered in any case)."
+    )
+    timeout: StrictFloat | StrictInt = Field(
+        default=10, ge=0, description="Seconds to wait at most (capped by max_wait_seconds)."
+    )
+
+
+class IndexWaitResult(BaseModel):
+    """Answer of POST /v1/index/wait."""
+
+    indexed: bool = Field(description="True when every earlier write has its vector.")
 
 
 @router.post(
@@ -55,5 +79,26 @@ async def search(body: SearchBody, hive: SearchHive) -> Response:
         updated_before=body.updated_before,
         mode=body.mode,
         limit=body.limit,
+        consistency=body.consistency,
     )
     return model_response(SearchResult(hits=hits))
+
+
+@router.get(
+    "/v1/index",
+    response_model=IndexStatus,
+    summary="How far the vectors lag behind the writes (entries waiting, oldest's age).",
+)
+async def index_status(hive: SearchHive) -> Response:
+    return model_response(await hive.index_status())
+
+
+@router.post(
+    "/v1/index/wait",
+    response_model=IndexWaitResult,
+    summary="Wait (long-poll) until every earlier write has its vector.",
+)
+async def index_wait(body: IndexWaitBody, hive: SearchHive) -> Response:
+    wait = min(float(body.timeout), hive.settings.max_wait_seconds)
+    indexed = await hive.wait_indexed(body.cursor, timeout=wait)
+    return model_response(IndexWaitResult(indexed=indexed))

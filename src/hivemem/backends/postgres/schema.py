@@ -199,6 +199,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX hivemem_sessions_expiry ON hivemem_sessions ((last_activity_at + ttl))
         WHERE ttl IS NOT NULL;
     """,
+    # 4: deferred embedding. An index entry written with its model named and no vector
+    # waits for the indexer; this index finds those (the rows the indexer's work is).
+    """
+    CREATE INDEX hivemem_search_pending ON hivemem_search (ns, key)
+        WHERE vec IS NULL AND model IS NOT NULL;
+    """,
 ]
 
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"

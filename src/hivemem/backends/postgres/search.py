@@ -44,7 +44,7 @@ from psycopg.pq import Format
 from hivemem.backends.filters import Condition
 from hivemem.backends.postgres.engine import Conn, PostgresEngine, lock_keys
 from hivemem.backends.postgres.schema import ITEM_COLS, index_text, item_row, under
-from hivemem.backends.rows import IndexEntry, ItemRow
+from hivemem.backends.rows import INDEXED, SYSTEM, IndexEntry, ItemRow
 from hivemem.errors import Unavailable
 
 log = logging.getLogger("hivemem")
@@ -106,7 +106,7 @@ def index_put(
     )
     return sql, {
         "itext": index_text(text),
-        "model": model if vector is not None else None,
+        "model": model,
         "dim": None if vector is None else len(vector) // 4,
         "vec": None if vector is None else Vector(vector),
     }
@@ -392,7 +392,7 @@ class SearchMixin:
         where = [
             "(i.expires_at IS NULL OR i.expires_at > %(now)s)",
             "(d.ns IS NULL OR d.version <> i.version OR (%(model)s::text IS NOT NULL AND "
-            "(d.model IS NULL OR d.model <> %(model)s::text)))",
+            "(d.model IS NULL OR d.model <> %(model)s::text OR d.vec IS NULL)))",
         ]
         args: dict[str, Any] = {"now": now, "model": model, "limit": limit}
         if after is not None:
@@ -421,9 +421,11 @@ class SearchMixin:
 
         return await self._engine.read(run)
 
-    async def set_index(self, entries: Sequence[IndexEntry]) -> int:
+    async def set_index(self, entries: Sequence[IndexEntry], now: float) -> int:
         if not entries:
             return 0
+        # The feed's append lives with the write transactions (backend.py imports this).
+        from hivemem.backends.postgres.backend import Events, append_events
 
         async def run(c: Conn) -> int:
             # The writers' key locks, then the rows (shared): a concurrent write or
@@ -436,7 +438,7 @@ class SearchMixin:
                 _keys_args(keys),
             )
             versions = {(r[0], r[1]): r[2] for r in await cur.fetchall()}
-            stored = 0
+            events = Events()
             for e in entries:
                 if versions.get((e.namespace, e.key)) != e.version:
                     continue
@@ -445,7 +447,46 @@ class SearchMixin:
                     f"WITH {sql} SELECT 1",
                     {"ns": e.namespace, "key": e.key, "version": e.version, **extra},
                 )
-                stored += 1
-            return stored
+                events.add(INDEXED, e.namespace, e.key, e.version, SYSTEM, now)
+            if events.rows:
+                await append_events(c, events)
+            return len(events.rows)
 
-        return await self._engine.write(run, notify=False)
+        return await self._engine.write(run)
+
+    async def pending_vectors(
+        self, model: str, part: int, parts: int, limit: int, now: float
+    ) -> list[ItemRow]:
+        # The split: a hash of the key (hashtext is PostgreSQL's own, stable across
+        # sessions and servers of one major version).
+        sql = (
+            f"SELECT {_ITEM_COLS_I} FROM hivemem_search d "
+            "JOIN hivemem_items i ON i.ns = d.ns AND i.key = d.key "
+            "WHERE d.vec IS NULL AND d.model IS NOT NULL AND d.model = %(model)s "
+            "AND d.version = i.version "
+            "AND ((hashtext(d.ns || '/' || d.key) & 2147483647) %% %(parts)s) = %(part)s "
+            "AND (i.expires_at IS NULL OR i.expires_at > %(now)s) LIMIT %(limit)s"
+        )
+        args = {"model": model, "parts": parts, "part": part, "now": now, "limit": limit}
+
+        async def run(c: Conn) -> list[ItemRow]:
+            cur = await c.execute(sql, args, binary=True)
+            return [item_row(r) for r in await cur.fetchall()]
+
+        return await self._engine.read(run)
+
+    async def pending_count(self, model: str, now: float) -> tuple[int, float | None]:
+        sql = (
+            "SELECT count(*), min(i.updated_at) FROM hivemem_search d "
+            "JOIN hivemem_items i ON i.ns = d.ns AND i.key = d.key "
+            "WHERE d.vec IS NULL AND d.model IS NOT NULL AND d.model = %(model)s "
+            "AND (i.expires_at IS NULL OR i.expires_at > %(now)s)"
+        )
+
+        async def run(c: Conn) -> tuple[int, float | None]:
+            cur = await c.execute(sql, {"model": model, "now": now})
+            row = await cur.fetchone()
+            assert row is not None
+            return int(row[0]), row[1]
+
+        return await self._engine.read(run)

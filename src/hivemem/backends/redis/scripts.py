@@ -168,6 +168,16 @@ local function drop_item(tag, m)
   redis.call('ZREM', tag .. ':keys', m)
   redis.call('ZREM', tag .. ':exp', m)
   redis.call('ZREM', tag .. ':idx', m)
+  redis.call('ZREM', tag .. ':pend', m)
+end
+-- An index entry written with a model and no vector waits for the indexer in the
+-- partition's ``pend`` set (score: the time it began waiting).
+local function pend(tag, m, itext, vec, model, now_s)
+  if itext and model and not vec then
+    redis.call('ZADD', tag .. ':pend', now_s, m)
+  else
+    redis.call('ZREM', tag .. ':pend', m)
+  end
 end
 local function session_rec(tag, sid)
   local h = redis.call('HMGET', tag .. ':s:' .. sid, unpack(SESSION))
@@ -272,6 +282,7 @@ for i = 1, n do
       else
         redis.call('ZREM', tag .. ':idx', m)
       end
+      pend(tag, m, itext, vec, model, now_s)
       redis.call('HSET', ik, unpack(f))
       redis.call('ZADD', tag .. ':keys', 0, m)
       local rec = enc({ns, key, value, ver, author, created, now_s, exp, text, meta}, 10)
@@ -474,13 +485,14 @@ feed_done()
 return {expired, trimmed, gone}
 """
 
-#: ARGV: tag, n, then per entry: member, version, text?, vector?, model?.
-#: Stores entries whose item is at that version. Returns how many were stored.
+#: ARGV: tag, now, n, then per entry: member, version, text?, vector?, model?.
+#: Stores entries whose item is at that version, each with an ``item.indexed`` event.
+#: Returns how many were stored.
 SET_INDEX = r"""
-local tag, n = ARGV[1], tonumber(ARGV[2])
+local tag, now_s, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local stored = 0
 for i = 1, n do
-  local b = 2 + (i - 1) * 5
+  local b = 3 + (i - 1) * 5
   local m, ver = ARGV[b + 1], ARGV[b + 2]
   local text, vec, model = opt(ARGV[b + 3]), opt(ARGV[b + 4]), opt(ARGV[b + 5])
   local ik = tag .. ':i:' .. m
@@ -496,9 +508,13 @@ for i = 1, n do
     else
       redis.call('ZREM', tag .. ':idx', m)
     end
+    pend(tag, m, text, vec, model, now_s)
+    local ns, key = split(m)
+    emit(tag, 'item.indexed', ns, key, ver, 'hivemem', now_s)
     stored = stored + 1
   end
 end
+feed_done()
 return stored
 """
 
@@ -665,7 +681,7 @@ while true do
     local ik = tag .. ':i:' .. m
     local x = redis.call('HMGET', ik, 'ver', 'e', 'xv', 'xm')
     if live(x[1], x[2], now) and ((not x[3]) or x[3] ~= x[1] or
-        (model and ((not x[4]) or x[4] ~= model))) then
+        (model and ((not x[4]) or x[4] ~= model or redis.call('HEXISTS', ik, 'xe') == 0))) then
       out[#out + 1] = item_rec(m, redis.call('HMGET', ik, unpack(ITEM)))
       if #out >= limit then return {out, false} end
     end
@@ -675,6 +691,31 @@ while true do
   scanned = scanned + #ms
   if scanned >= 2000 then return {out, lo} end
 end
+"""
+
+#: ARGV: tag, now, model, limit. Returns records of live items of the partition whose
+#: index entry waits for a vector by ``model``, longest waiting first (of the first
+#: ``limit`` members of the set: expired items wait there until swept).
+PENDING = r"""
+local tag, now, model, limit = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local out = {}
+local ms = redis.call('ZRANGE', tag .. ':pend', 0, limit - 1)
+for _, m in ipairs(ms) do
+  local ik = tag .. ':i:' .. m
+  local x = redis.call('HMGET', ik, 'ver', 'e', 'xv', 'xm', 'xe')
+  if live(x[1], x[2], now) and x[3] == x[1] and x[4] == model and not x[5] then
+    out[#out + 1] = item_rec(m, redis.call('HMGET', ik, unpack(ITEM)))
+  end
+end
+return out
+"""
+
+#: ARGV: tag. Returns {entries waiting for a vector, the oldest one's wait start or
+#: false} (expired items not yet swept included).
+PENDING_COUNT = r"""
+local tag = ARGV[1]
+local first = redis.call('ZRANGE', tag .. ':pend', 0, 0, 'WITHSCORES')
+return {redis.call('ZCARD', tag .. ':pend'), first[2] or false}
 """
 
 #: ARGV: tag, now. Returns the number of live items of the partition.
@@ -715,6 +756,8 @@ READ_SCRIPTS = {
     "fields": FIELDS,
     "scan": SCAN,
     "unindexed": UNINDEXED,
+    "pending": PENDING,
+    "pending_count": PENDING_COUNT,
     "count": COUNT,
     "read_messages": READ_MESSAGES,
     **TASK_READ_SCRIPTS,

@@ -203,7 +203,7 @@ class RedisSearch(RedisEngine):
         )
         return sum(int(r) for r in replies)
 
-    async def set_index(self, entries: Sequence[IndexEntry]) -> int:
+    async def set_index(self, entries: Sequence[IndexEntry], now: float) -> int:
         groups: dict[int, list[Any]] = defaultdict(list)
         counts: dict[int, int] = defaultdict(int)
         for e in entries:
@@ -218,8 +218,31 @@ class RedisSearch(RedisEngine):
             counts[p] += 1
         replies = await asyncio.gather(
             *(
-                self._script("set_index", [meta_key(p)], [tag(p), str(counts[p]), *args])
+                self._script("set_index", [meta_key(p)], [tag(p), num(now), str(counts[p]), *args])
                 for p, args in groups.items()
             )
         )
         return sum(int(r) for r in replies)
+
+    async def pending_vectors(
+        self, model: str, part: int, parts: int, limit: int, now: float
+    ) -> list[ItemRow]:
+        # The split: the store's own partitions (part k takes partitions p with
+        # p % parts == k), so each script reads one slot.
+        mine = [p for p in range(PARTITIONS) if p % parts == part]
+        replies = await asyncio.gather(
+            *(
+                self._script("pending", [meta_key(p)], [tag(p), num(now), model, str(limit)])
+                for p in mine
+            )
+        )
+        rows = [item_from(unpack(rec)) for reply in replies for rec in reply]
+        return sorted(rows, key=lambda r: r.updated_at)[:limit]
+
+    async def pending_count(self, model: str, now: float) -> tuple[int, float | None]:
+        replies = await asyncio.gather(
+            *(self._script("pending_count", [meta_key(p)], [tag(p)]) for p in range(PARTITIONS))
+        )
+        waiting = sum(int(r[0]) for r in replies)
+        starts = [float(r[1]) for r in replies if r[1]]
+        return waiting, min(starts) if starts else None

@@ -88,6 +88,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN ttl REAL;
     CREATE INDEX sessions_expiry ON sessions (last_activity_at + ttl) WHERE ttl IS NOT NULL;
     """,
+    # 6: deferred embedding. An index entry written with its model named and no vector
+    # waits for the indexer; this index finds those (the rows the indexer's work is).
+    """
+    CREATE INDEX search_docs_pending ON search_docs (id)
+        WHERE vec IS NULL AND model IS NOT NULL;
+    """,
 ]
 
 TASK_COLS = (

@@ -10,11 +10,11 @@ stale text or a stale vector. Vector similarity itself is computed in process
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hivemem.backends.filters import Condition
-from hivemem.backends.rows import IndexEntry, ItemRow, prefix_range
+from hivemem.backends.rows import INDEXED, SYSTEM, IndexEntry, ItemRow, prefix_range
 from hivemem.backends.sqlite.engine import SqliteEngine
 from hivemem.backends.sqlite.schema import ITEM_COLS, item_row
 
@@ -101,6 +101,8 @@ class SearchMixin:
     """The search primitives of :class:`SqliteBackend`."""
 
     _engine: SqliteEngine
+    #: Appends a feed event in the transaction (``SqliteBackend._event``).
+    _event: Callable[..., int]
 
     async def search_lexical(
         self,
@@ -199,7 +201,7 @@ class SearchMixin:
         where = [
             "(i.expires_at IS NULL OR i.expires_at > ?)",
             "(d.id IS NULL OR d.version <> i.version OR (? IS NOT NULL AND "
-            "(d.model IS NULL OR d.model <> ?)))",
+            "(d.model IS NULL OR d.model <> ? OR d.vec IS NULL)))",
         ]
         args: list[Any] = [now, model, model]
         if after is not None:
@@ -216,7 +218,7 @@ class SearchMixin:
         sql = "SELECT count(*) FROM items WHERE expires_at IS NULL OR expires_at > ?"
         return await self._engine.read(lambda c: int(c.execute(sql, (now,)).fetchone()[0]))
 
-    async def set_index(self, entries: Sequence[IndexEntry]) -> int:
+    async def set_index(self, entries: Sequence[IndexEntry], now: float) -> int:
         def run(c: sqlite3.Connection) -> int:
             stored = 0
             for e in entries:
@@ -226,7 +228,35 @@ class SearchMixin:
                 if current is None or current[0] != e.version:
                     continue
                 index_put(c, e.namespace, e.key, e.version, e.text, e.vector, e.model)
+                self._event(c, INDEXED, e.namespace, e.key, e.version, SYSTEM, now)
                 stored += 1
             return stored
 
         return await self._engine.write(run)
+
+    async def pending_vectors(
+        self, model: str, part: int, parts: int, limit: int, now: float
+    ) -> list[ItemRow]:
+        cols = ", ".join(f"i.{c.strip()}" for c in ITEM_COLS.split(","))
+        sql = (
+            f"SELECT {cols} FROM search_docs d JOIN items i ON i.ns = d.ns AND i.key = d.key "
+            "WHERE d.vec IS NULL AND d.model IS NOT NULL AND d.model = ? "
+            "AND d.version = i.version AND d.id % ? = ? "
+            "AND (i.expires_at IS NULL OR i.expires_at > ?) ORDER BY d.id LIMIT ?"
+        )
+        args = (model, parts, part, now, limit)
+        return await self._engine.read(lambda c: [item_row(r) for r in c.execute(sql, args)])
+
+    async def pending_count(self, model: str, now: float) -> tuple[int, float | None]:
+        sql = (
+            "SELECT count(*), min(i.updated_at) FROM search_docs d "
+            "JOIN items i ON i.ns = d.ns AND i.key = d.key "
+            "WHERE d.vec IS NULL AND d.model IS NOT NULL AND d.model = ? "
+            "AND (i.expires_at IS NULL OR i.expires_at > ?)"
+        )
+
+        def run(c: sqlite3.Connection) -> tuple[int, float | None]:
+            n, oldest = c.execute(sql, (model, now)).fetchone()
+            return int(n), oldest
+
+        return await self._engine.read(run)
