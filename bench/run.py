@@ -14,6 +14,9 @@ Sections (names for ``--only``):
     minimal   a minimal FastAPI dict endpoint under the same clients (the HTTP floor)
     wrk       wrk GET against the minimal endpoint and our GET /v1/items route
     watch     write-to-event latency of watch(): embedded (2 processes) and service
+    writes    embedded puts of text items (default deferred vectors, index_mode=sync,
+              embedder=none; 1 and 8 callers) beside raw sqlite3 upserts from 1 and 8
+              threads, and put-to-vector latency while writing 200 items/s
 
 Each section prints its figures; a final table puts ours beside the baselines with
 ratios, and every figure is written as JSON (default ``bench/results/latest.json``).
@@ -50,8 +53,9 @@ from embedded import bench_embedded, bench_sqlite  # noqa: E402
 from http_bench import CLIENTS, Servers, bench_minimal, bench_service, bench_wrk  # noqa: E402
 from watch_latency import VARIANTS as WATCH_VARIANTS  # noqa: E402
 from watch_latency import bench_watch  # noqa: E402
+from writes import bench_writes  # noqa: E402
 
-SECTIONS = ("embedded", "sqlite", "service", "minimal", "wrk", "watch")
+SECTIONS = ("embedded", "sqlite", "service", "minimal", "wrk", "watch", "writes")
 
 #: The final table: (ours, baseline, what the ratio shows, which CPU figure to compare).
 #: CPU kinds: "cpu" = cpu_ms_per_op (this process, or the server), "client" =
@@ -72,8 +76,13 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("minimal.remote.get", "minimal.aiohttp.get", "client overhead", "client"),
     ("minimal.remote.put", "minimal.aiohttp.put", "client overhead", "client"),
     ("minimal.aiohttp.get", "minimal.wrk.get", "python client vs wrk", "client"),
+    ("writes.default.1", "writes.raw.1", "text put, default (deferred) vs floor", "cpu"),
+    ("writes.default.8", "writes.raw.8", "text put, default (deferred) vs floor", "cpu"),
+    ("writes.sync.1", "writes.raw.1", "text put, index_mode=sync vs floor", "cpu"),
+    ("writes.none.1", "writes.raw.1", "put, embedder=none vs floor", "cpu"),
+    ("writes.none.8", "writes.raw.8", "put, embedder=none vs floor", "cpu"),
 ]
-LATENCY_ONLY = ["watch.embedded", "watch.service"]
+LATENCY_ONLY = ["watch.embedded", "watch.service", "writes.indexed"]
 
 console = Console(width=200)
 
@@ -439,6 +448,11 @@ def _run(args: argparse.Namespace, tmp: Path) -> tuple[int, bool]:
                 "minimal",
                 f"4. minimal FastAPI dict endpoint, {CLIENTS} concurrent clients",
                 lambda: bench_minimal(servers, k, d, w),
+            ),
+            (
+                "writes",
+                "6. writes: text puts beside raw sqlite3 upserts; put-to-vector latency",
+                lambda: bench_writes(tmp, d, w),
             ),
         ]
         try:

@@ -1,0 +1,220 @@
+"""Section ``writes``: embedded puts of text items beside the raw sqlite3 upsert floor.
+
+Rows (each measured in the same run as its floor):
+
+- ``writes.raw.1`` / ``writes.raw.8``: raw sqlite3 upsert (WAL, synchronous=FULL) of a
+  short text row, one transaction per row, from one thread / eight threads (one
+  connection each): the floor.
+- ``writes.default.1`` / ``.8``: ``LocalHive.put`` of a text item with the default
+  settings (MiniLM, ``index_mode=deferred``), one task / eight concurrent tasks.
+- ``writes.sync.1``: the same with ``index_mode=sync`` (each put embeds before it
+  commits: the behaviour before deferred embedding).
+- ``writes.none.1`` / ``.8``: ``embedder=none``.
+- ``writes.indexed``: while one task writes 200 text items per second, the time from a
+  put's return until its vector is stored (the store's ``item.indexed`` event, which the
+  in-process vector index follows), p50/p99 over every item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import Result, percentile, run_async_loop, summarize
+
+TEXTS = (
+    "the deploy of service {i} failed because the database migration timed out",
+    "customer {i} asked for a refund after the March price change",
+    "agent {i} summarised three papers on retrieval augmented generation",
+    "the nightly build {i} is green again after the flaky test was fixed",
+)
+
+
+def text_of(i: int) -> str:
+    return TEXTS[i % len(TEXTS)].format(i=i)
+
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS items (ns TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,"
+    " version INTEGER NOT NULL, PRIMARY KEY (ns, key))"
+)
+_UPSERT = (
+    "INSERT INTO items (ns, key, value, version) VALUES (?, ?, ?, 1) "
+    "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, version = version + 1"
+)
+
+
+def _raw(db: Path, threads: int, duration: float, warmup: float) -> Result:
+    """Raw upserts from ``threads`` threads for ``warmup`` + ``duration`` seconds."""
+    setup = sqlite3.connect(db, isolation_level=None)
+    setup.execute("PRAGMA journal_mode=WAL")
+    setup.execute(_SCHEMA)
+    setup.close()
+    lat: list[list[int]] = [[] for _ in range(threads)]
+    start_at = time.perf_counter() + warmup
+    end_at = start_at + duration
+
+    def work(t: int) -> None:
+        conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA synchronous=FULL")
+        i = t * 10_000_000
+        while True:
+            t0 = time.perf_counter_ns()
+            if t0 / 1e9 >= end_at:
+                break
+            conn.execute(_UPSERT, ("bench", f"k{i % 5000}", text_of(i)))
+            if t0 / 1e9 >= start_at:
+                lat[t].append(time.perf_counter_ns() - t0)
+            i += 1
+        conn.close()
+
+    cpu0 = time.process_time()
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    cpu = time.process_time() - cpu0
+    every = [x for xs in lat for x in xs]
+    r = summarize(
+        f"writes.raw.{threads}",
+        f"raw sqlite3 upsert, {threads} thread(s)",
+        every,
+        duration,
+        concurrency=threads,
+    )
+    return _with_cpu(r, cpu)
+
+
+async def _concurrent(
+    name: str, label: str, hive: Any, tasks: int, duration: float, warmup: float
+) -> Result:
+    """``tasks`` tasks each putting text items one after another."""
+    lat: list[int] = []
+    loop = asyncio.get_running_loop()
+    start_at = loop.time() + warmup
+    end_at = start_at + duration
+
+    async def one(t: int) -> None:
+        i = t * 10_000_000
+        while loop.time() < end_at:
+            t0 = time.perf_counter_ns()
+            await hive.put("bench", f"k{i % 5000}", text_of(i))
+            if loop.time() >= start_at:
+                lat.append(time.perf_counter_ns() - t0)
+            i += 1
+
+    await asyncio.sleep(0)
+    cpu0 = time.process_time()
+    await asyncio.gather(*(one(t) for t in range(tasks)))
+    cpu = time.process_time() - cpu0
+    return _with_cpu(summarize(name, label, lat, duration, concurrency=tasks), cpu)
+
+
+async def _hive_rows(
+    db: Path, tag: str, label: str, duration: float, warmup: float, **settings: Any
+) -> list[Result]:
+    import hivemem
+
+    hive = hivemem.connect(f"sqlite:///{db}", agent="bench", settings=hivemem.Settings(**settings))
+    try:
+        await hive.open()
+        if settings.get("embedder") != "none":
+            await hive.search("bench", "warm up the model")  # load it; start the indexer
+        one = await run_async_loop(
+            f"writes.{tag}.1",
+            f"hivemem put of a text item, {label}, 1 task",
+            lambda i: hive.put("bench", f"k{i % 5000}", text_of(i)),
+            duration,
+            warmup,
+        )
+        if tag == "sync":
+            return [one]
+        eight = await _concurrent(
+            f"writes.{tag}.8", f"hivemem put, {label}, 8 tasks", hive, 8, duration, warmup
+        )
+        return [one, eight]
+    finally:
+        await hive.close()
+
+
+async def _indexed_latency(db: Path, rate: float, duration: float) -> Result:
+    """Put ``rate`` text items per second for ``duration`` seconds; time each until its
+    ``item.indexed`` event is in the feed."""
+    import hivemem
+    from hivemem.backends.rows import INDEXED
+
+    hive = hivemem.connect(f"sqlite:///{db}", agent="bench")
+    done: dict[str, float] = {}
+    written: dict[str, float] = {}
+    try:
+        await hive.open()
+        await hive.search("idx", "warm up the model")
+        backend = hive.backend  # type: ignore[attr-defined]
+        cursor = await backend.head()
+        finished = asyncio.Event()
+
+        async def follow() -> None:
+            nonlocal cursor
+            while not finished.is_set() or len(done) < len(written):
+                generation = backend.changes.generation
+                rows, cursor = await backend.read_events("idx", cursor, 1000)
+                now = time.perf_counter()
+                for r in rows:
+                    if r.type == INDEXED and r.key not in done:
+                        done[r.key] = now
+                if not rows:
+                    await backend.changes.wait(generation, 0.05)
+
+        follower = asyncio.create_task(follow())
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        n = int(rate * duration)
+        for i in range(n):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await hive.put("idx", f"k{i}", text_of(i))
+            written[f"k{i}"] = time.perf_counter()
+        finished.set()
+        await asyncio.wait_for(follower, 120)
+        cpu = time.process_time() - cpu0
+    finally:
+        await hive.close()
+    lat = sorted(done[k] - t for k, t in written.items())
+    r = summarize(
+        "writes.indexed",
+        f"put → vector stored, writing {rate:g} items/s",
+        [int(x * 1e9) for x in lat],
+        duration,
+        extra={"missing": len(written) - len(done), "p99_s": percentile(lat, 99) if lat else None},
+    )
+    return _with_cpu(r, cpu)
+
+
+def _with_cpu(r: Result, cpu_seconds: float) -> Result:
+    r.cpu_ms_per_op = cpu_seconds * 1000 / r.ops if r.ops else None
+    return r
+
+
+def bench_writes(tmp: Path, duration: float, warmup: float) -> list[Result]:
+    """All rows of the section, floors first."""
+    results = [
+        _raw(tmp / "raw1.db", 1, duration, warmup),
+        _raw(tmp / "raw8.db", 8, duration, warmup),
+    ]
+    for tag, label, settings in (
+        ("default", "default settings (deferred vectors)", {}),
+        ("sync", "index_mode=sync", {"index_mode": "sync"}),
+        ("none", "embedder=none", {"embedder": "none"}),
+    ):
+        results += asyncio.run(
+            _hive_rows(tmp / f"{tag}.db", tag, label, duration, warmup, **settings)
+        )
+    results.append(asyncio.run(_indexed_latency(tmp / "idx.db", 200, duration)))
+    return results
