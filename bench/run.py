@@ -14,9 +14,10 @@ Sections (names for ``--only``):
     minimal   a minimal FastAPI dict endpoint under the same clients (the HTTP floor)
     wrk       wrk GET against the minimal endpoint and our GET /v1/items route
     watch     write-to-event latency of watch(): embedded (2 processes) and service
-    writes    embedded puts of text items (default deferred vectors, index_mode=sync,
-              embedder=none; 1 and 8 callers) beside raw sqlite3 upserts from 1 and 8
-              threads, and put-to-vector latency while writing 200 items/s
+    writes    embedded puts of text items (default deferred vectors with and without the
+              indexer in the process, index_mode=sync, embedder=none; 1 and 8 callers)
+              beside raw sqlite3 upserts from 1 and 8 threads, and put-to-vector latency
+              while writing 200 items/s
 
 Each section prints its figures; a final table puts ours beside the baselines with
 ratios, and every figure is written as JSON (default ``bench/results/latest.json``).
@@ -76,8 +77,10 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("minimal.remote.get", "minimal.aiohttp.get", "client overhead", "client"),
     ("minimal.remote.put", "minimal.aiohttp.put", "client overhead", "client"),
     ("minimal.aiohttp.get", "minimal.wrk.get", "python client vs wrk", "client"),
-    ("writes.default.1", "writes.raw.1", "text put, default (deferred) vs floor", "cpu"),
-    ("writes.default.8", "writes.raw.8", "text put, default (deferred) vs floor", "cpu"),
+    ("writes.default.1", "writes.raw.1", "text put, default, writer only vs floor", "cpu"),
+    ("writes.default.8", "writes.raw.8", "text put, default, writer only vs floor", "cpu"),
+    ("writes.indexing.1", "writes.raw.1", "text put, indexer in process vs floor", "cpu"),
+    ("writes.indexing.8", "writes.raw.8", "text put, indexer in process vs floor", "cpu"),
     ("writes.sync.1", "writes.raw.1", "text put, index_mode=sync vs floor", "cpu"),
     ("writes.none.1", "writes.raw.1", "put, embedder=none vs floor", "cpu"),
     ("writes.none.8", "writes.raw.8", "put, embedder=none vs floor", "cpu"),
@@ -197,7 +200,8 @@ def _summary_rows(results: dict[str, Result], rows: list[dict[str, Any]]) -> lis
                     _fmt_ms(r.p50_ms),
                     _fmt_ms(r.p99_ms),
                     *["-"] * 6,
-                    f"write-to-event latency; missed {r.extra.get('missed')}",
+                    r.extra.get("meaning")
+                    or f"write-to-event latency; missed {r.extra.get('missed')}",
                 ]
             )
     return out
