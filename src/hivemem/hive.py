@@ -210,6 +210,12 @@ class Hive(ABC):
     async def get(self, namespace: str, key: str) -> Item | None:
         """The item at (namespace, key), or ``None`` if absent or expired."""
 
+    def _get_here(self, namespace: str, key: str) -> tuple[bool, Item | None]:
+        """:meth:`get` in the calling thread, for :class:`~hivemem.SyncHive`: (True, the
+        item or None), or (False, None) when this hive cannot read outside its event
+        loop (the default; SyncHive then goes through the loop)."""
+        return False, None
+
     @abstractmethod
     async def delete(self, namespace: str, key: str, *, if_version: int | None = None) -> bool:
         """Delete the item and its history.

@@ -302,9 +302,19 @@ class SyncHive:
     def get(self, namespace: str, key: str) -> Item | None:
         """The item at (``namespace``, ``key``).
 
+        On an embedded SQLite file the read runs in the calling thread (a primary-key
+        lookup through that thread's own connection); elsewhere it goes through the
+        hive's event loop.
+
         Returns:
             The current :class:`Item`, or ``None`` when it is absent or expired.
+
+        Raises:
+            InvalidInput: a malformed namespace or key (``field`` names it).
         """
+        done, item = self._hive._get_here(namespace, key)
+        if done:
+            return item
         return self._portal.call(self._hive.get, namespace, key)
 
     def delete(self, namespace: str, key: str, *, if_version: int | None = None) -> bool:

@@ -93,6 +93,12 @@ class Backend(ABC):
     async def get_item(self, namespace: str, key: str, now: float) -> ItemRow | None:
         """The live item, or None if absent or expired at ``now``."""
 
+    def get_item_here(self, namespace: str, key: str, now: float) -> tuple[bool, ItemRow | None]:
+        """:meth:`get_item` run in the calling thread, which is not the event loop's:
+        (True, the row or None), or (False, None) when this store cannot read there
+        (the default), and the caller goes through the event loop."""
+        return False, None
+
     @abstractmethod
     async def write_items(
         self,

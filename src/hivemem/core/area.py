@@ -99,6 +99,10 @@ class Area:
         """Open the backend on first use."""
         raise NotImplementedError
 
+    def _opened(self) -> bool:
+        """Whether the backend is open (so a read may run without :meth:`_ready`)."""
+        raise NotImplementedError
+
     def _fence(self, fence: object) -> CheckWrite:
         """The check of a write fenced by a lease (see core/coordination.py)."""
         raise NotImplementedError

@@ -284,6 +284,9 @@ class LocalHive(
         if not self._shared.opened:
             await self._shared.open()
 
+    def _opened(self) -> bool:
+        return self._shared.opened and not self._shared.closing
+
     async def open(self) -> None:
         await self._shared.open()
 

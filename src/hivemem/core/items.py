@@ -209,6 +209,16 @@ class ItemsMixin(Area):
         row = await self._backend.get_item(namespace, key, self._now())
         return None if row is None else to_item(row)
 
+    def _get_here(self, namespace: str, key: str) -> tuple[bool, Item | None]:
+        if not self._opened():
+            return False, None
+        check.namespace(namespace, self._settings)
+        check.key(key, self._settings)
+        if not self._may("read", namespace):
+            return True, None
+        done, row = self._backend.get_item_here(namespace, key, self._now())
+        return done, None if row is None else to_item(row)
+
     async def delete(self, namespace: str, key: str, *, if_version: int | None = None) -> bool:
         write = DeleteWrite(
             check.namespace(namespace, self._settings),

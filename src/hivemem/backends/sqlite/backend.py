@@ -89,6 +89,21 @@ def once(
     return wrapped
 
 
+def _live_item(
+    namespace: str, key: str, now: float
+) -> Callable[[sqlite3.Connection], ItemRow | None]:
+    """The read of one live item (a primary-key lookup)."""
+
+    def run(c: sqlite3.Connection) -> ItemRow | None:
+        row = c.execute(
+            f"SELECT {ITEM_COLS} FROM items WHERE ns = ? AND key = ? AND {LIVE}",
+            (namespace, key, now),
+        ).fetchone()
+        return item_row(row) if row else None
+
+    return run
+
+
 class SqliteBackend(SearchMixin, TasksMixin, Backend):
     """Items, sessions and the feed in one SQLite database (a file or private memory).
 
@@ -143,14 +158,10 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
     # Items -------------------------------------------------------------------------
 
     async def get_item(self, namespace: str, key: str, now: float) -> ItemRow | None:
-        def run(c: sqlite3.Connection) -> ItemRow | None:
-            row = c.execute(
-                f"SELECT {ITEM_COLS} FROM items WHERE ns = ? AND key = ? AND {LIVE}",
-                (namespace, key, now),
-            ).fetchone()
-            return item_row(row) if row else None
+        return await self._engine.read_point(_live_item(namespace, key, now))
 
-        return await self._engine.read_point(run)
+    def get_item_here(self, namespace: str, key: str, now: float) -> tuple[bool, ItemRow | None]:
+        return self._engine.read_point_here(_live_item(namespace, key, now))
 
     async def write_items(
         self,

@@ -38,6 +38,8 @@ T = TypeVar("T")
 
 #: Most write jobs committed in one transaction by the writer thread.
 GROUP_COMMIT_MAX = 256
+#: Most calling threads with a point-read connection of their own (one per thread).
+HERE_CONNECTIONS = 64
 
 
 class SqliteEngine:
@@ -64,6 +66,10 @@ class SqliteEngine:
         self._conn_lock = threading.Lock()
         self._write_conn: sqlite3.Connection | None = None
         self._inline_conn: sqlite3.Connection | None = None
+        #: Point-read connections of calling threads (SyncHive), per thread and opening.
+        self._here = threading.local()
+        self._here_count = 0
+        self._opening = 0
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]] = []
         self._pending_lock = threading.Lock()
         self._notify_fd: int | None = None
@@ -105,6 +111,8 @@ class SqliteEngine:
                 f"{str(Path(self.path).parent)!r} does not exist"
             )
         self._loop = loop = asyncio.get_running_loop()
+        self._opening += 1
+        self._here_count = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="hivemem-sqlite-writer")
         self._readers = (
             self._writer
@@ -210,6 +218,30 @@ class SqliteEngine:
             return fn(conn)
         except sqlite3.OperationalError:
             return await self.read(fn)
+
+    def read_point_here(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
+        """Run a short read (a primary-key lookup) in the calling thread, which is not the
+        event loop's (a :class:`~hivemem.SyncHive` caller), through that thread's own
+        connection, which never waits for a lock: a hop to the loop's thread and back
+        costs ten times the query. Returns (True, result), or (False, None) when it
+        cannot: an in-memory store, a closed one, the file busy, or more than
+        :data:`HERE_CONNECTIONS` threads already reading this way; the caller then goes
+        through the event loop."""
+        if self.memory or self._writer is None:
+            return False, None
+        here = self._here
+        conn: sqlite3.Connection | None = getattr(here, "conn", None)
+        if conn is None or getattr(here, "opening", None) != self._opening:
+            with self._conn_lock:
+                if self._here_count >= HERE_CONNECTIONS:
+                    return False, None
+                self._here_count += 1
+            conn = self._connect(busy_timeout=0)
+            here.conn, here.opening = conn, self._opening
+        try:
+            return True, fn(conn)
+        except sqlite3.Error:  # busy, or closed by close() meanwhile
+            return False, None
 
     # Writes ------------------------------------------------------------------------
 
