@@ -67,6 +67,7 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("embedded.sync.get", "sqlite.get", "embedded overhead", "cpu"),
     ("embedded.sync.put", "sqlite.put", "embedded overhead", "cpu"),
     ("embedded.async.get", "sqlite.thread.get", "vs one thread hop", "cpu"),
+    ("embedded.sync.get", "embedded.async.get", "SyncHive vs async get", "cpu"),
     ("service.remote.get", "minimal.aiohttp.get", "whole stack vs floor", "total"),
     ("service.remote.put", "minimal.aiohttp.put", "whole stack vs floor", "total"),
     ("service.aiohttp.get", "minimal.aiohttp.get", "server overhead", "cpu"),

@@ -68,6 +68,7 @@ _COMMANDS: list[tuple[typer.Typer, str, Callable[..., Any]]] = [
     (app, "history", items.history),
     (app, "watch", items.watch),
     (app, "search", items.search),
+    (app, "index", items.index),
     (app, "reindex", operations.reindex),
     (app, "publish", items.publish),
     (app, "worker", coordination.worker),

@@ -34,6 +34,7 @@ from hivemem.models import Event, Item
 __all__ = [
     "get",
     "history",
+    "index",
     "list_items",
     "namespaces",
     "publish",
@@ -273,6 +274,13 @@ def search(
         ),
     ] = None,
     author: Annotated[str | None, typer.Option(help="Only items written by this agent.")] = None,
+    consistency: Annotated[
+        Literal["eventual", "indexed"],
+        typer.Option(
+            help="eventual: rank what is indexed now (a write's vector follows it within "
+            "moments); indexed: first wait for the vectors of every earlier write."
+        ),
+    ] = "eventual",
 ) -> None:
     """Search items at or under PREFIX by meaning and by words, best first."""
     conditions = None if filter_json is None else parse(filter_json)
@@ -280,7 +288,13 @@ def search(
         raise InvalidInput("--filter must be a JSON object", field="filter")
     with loading_model(run, lambda: mode != "lexical"):
         hits = run.hive.search(
-            prefix, query, filter=conditions, author=author, mode=mode, limit=limit
+            prefix,
+            query,
+            filter=conditions,
+            author=author,
+            mode=mode,
+            limit=limit,
+            consistency=consistency,
         )
     run.emit(
         [h.model_dump(mode="json") for h in hits],
@@ -299,6 +313,43 @@ def search(
             ],
         ),
     )
+
+
+@client
+def index(
+    run: Run,
+    wait: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="First wait up to this many seconds for the vectors of every earlier write "
+            "(exit 1 if they are not all stored by then).",
+        ),
+    ] = None,
+) -> None:
+    """Show how far the search vectors lag behind the writes.
+
+    Writes commit at once with their words searchable; the indexer (in the service, or in
+    an embedded hive that searches) embeds them in batches soon after. Shows the entries
+    waiting for a vector and the age of the oldest.
+    """
+    indexed = True
+    if wait is not None:
+        with loading_model(run):
+            indexed = run.hive.wait_indexed(timeout=wait)
+    status = run.hive.index_status()
+
+    def show() -> None:
+        lag = "-" if status.lag_seconds is None else f"{status.lag_seconds:.1f} s"
+        typer.echo(
+            f"mode {status.mode} · model {status.model or 'none (lexical only)'} · "
+            f"waiting {status.pending} · oldest {lag}"
+        )
+
+    run.emit(status, show)
+    if not indexed:
+        typer.echo(f"vectors still waiting after {wait:g} s", err=True)
+        raise typer.Exit(1)
 
 
 @client
