@@ -344,6 +344,16 @@ class RedisEngine:
             Unavailable: still failing when the budget ran out, or the server is out of
                 memory (``what`` names the operation in the message).
         """
+        # The first attempt runs outside tenacity, whose bookkeeping (it inspects the
+        # callables on every call) costs more CPU than the round trip; after a transient
+        # failure tenacity takes that failure as its first attempt (raising it again) and
+        # decides every retry from there, as in the PostgreSQL engine.
+        first: BaseException | None = None
+        try:
+            return await op()
+        except Exception as exc:  # decided below, by the same rules as every retry
+            first = exc
+        result: T
         limit = _Budget(self._retry_seconds if budget is None else budget)
         retrying = AsyncRetrying(
             retry=retry_if_exception(_transient),
@@ -355,6 +365,9 @@ class RedisEngine:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if first is not None:
+                        failed, first = first, None
+                        raise failed
                     result = await op()
         except rex.OutOfMemoryError as exc:
             raise Unavailable(f"Redis at {self._where} is out of memory ({what}): {exc}") from exc

@@ -26,6 +26,7 @@ from hivemem.backends.redis.layout import (
     meta_key,
     num,
     opt,
+    pack,
     partition_of,
     partitions_under,
     tag,
@@ -81,26 +82,31 @@ class RedisItems(RedisEngine):
         for w, p in zip(writes, parts, strict=True):
             if_version = "" if w.if_version is None else str(w.if_version)
             if isinstance(w, CheckWrite):
-                args += ["C", tag(p), w.namespace, w.key, if_version, *[""] * 8]
+                args.append(pack(["C", tag(p), w.namespace, w.key, if_version, *[""] * 8]))
                 continue
             if isinstance(w, DeleteWrite):
-                args += ["D", tag(p), w.namespace, w.key, if_version, *[""] * 7, w.event or ""]
+                fields = ["D", tag(p), w.namespace, w.key, if_version, *[""] * 7, w.event or ""]
+                args.append(pack(fields))
                 continue
-            args += [
-                "P",
-                tag(p),
-                w.namespace,
-                w.key,
-                if_version,
-                w.value,
-                opt(w.text),
-                opt(w.metadata),
-                "" if w.expires_at is None else num(w.expires_at),
-                opt(w.index_text),
-                opt(w.vector),
-                opt(w.model),
-                w.event or "",
-            ]
+            args.append(
+                pack(
+                    [
+                        "P",
+                        tag(p),
+                        w.namespace,
+                        w.key,
+                        if_version,
+                        w.value,
+                        opt(w.text),
+                        opt(w.metadata),
+                        "" if w.expires_at is None else num(w.expires_at),
+                        opt(w.index_text),
+                        opt(w.vector),
+                        opt(w.model),
+                        w.event or "",
+                    ]
+                )
+            )
         keys = [meta_key(p) for p in involved]
 
         async def run(rk: str, ttl: str) -> Any:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hivemem.backends.rows import (
@@ -424,6 +425,16 @@ def task_args(row: TaskRow) -> list[str | bytes]:
         else:
             out.append(f"={int(value)}")
     return out
+
+
+def pack(fields: Sequence[str | bytes]) -> bytes:
+    """Script arguments packed into one: ``<len>:<bytes>`` per field (UTF-8 for
+    strings), read by the scripts' ``dec``."""
+    out = []
+    for f in fields:
+        b = f.encode("utf-8", "surrogatepass") if isinstance(f, str) else f
+        out.append(b"%d:%b" % (len(b), b))
+    return b"".join(out)
 
 
 def num(x: float) -> str:
