@@ -159,6 +159,17 @@ class EventsMixin(Area):
         return await self._backend.head()
 
     async def watch(self, prefix: str = "", *, after: str | None = None) -> AsyncIterator[Event]:
+        async for rows in self.watch_batches(prefix, after=after):
+            for row in rows:
+                yield to_event(row)
+
+    async def watch_batches(
+        self, prefix: str = "", *, after: str | None = None
+    ) -> AsyncIterator[builtins.list[EventRow]]:
+        """:meth:`watch` as lists of the stored rows, each what was there to deliver at
+        one wake-up, for callers that encode each event once for many watchers and send
+        a wake-up's events together (the service's SSE streams): the same rows, in the
+        same order, under the same rules."""
         self._prefix(prefix)
         if after is not None and not isinstance(after, str):
             raise InvalidInput("after must be a cursor string", field="after")
@@ -167,8 +178,8 @@ class EventsMixin(Area):
         mine = tail.subscribe(prefix)
         try:
             cursor = await self._backend.head() if after is None else after
-            async for event in self._follow(tail, mine, prefix, cursor):
-                yield event
+            async for rows in self._follow(tail, mine, prefix, cursor):
+                yield rows
         finally:
             tail.unsubscribe(prefix)
 
@@ -178,8 +189,9 @@ class EventsMixin(Area):
 
     async def _follow(
         self, tail: FeedTail, mine: ChangeSignal, prefix: str, cursor: str
-    ) -> AsyncIterator[Event]:
-        """The events after ``cursor`` this view may see, at or under ``prefix``: from
+    ) -> AsyncIterator[builtins.list[EventRow]]:
+        """The events after ``cursor`` this view may see, at or under ``prefix``, a list
+        per wake-up (never empty): from
         the shared tail once it holds what follows the cursor (woken by ``mine``, the
         tail's signal for the prefix), else read on our own (joining the tail at the
         first event it also holds)."""
@@ -190,11 +202,16 @@ class EventsMixin(Area):
             if position is not None and tail.held(position):
                 generation = mine.generation
                 rows = tail.events(position)
-                for row in rows:
-                    position += 1
-                    if at_or_under(row.namespace, prefix) and await self._visible_event(row):
-                        yield to_event(row)
-                    cursor = row.cursor
+                position += len(rows)
+                mine_now = [
+                    row
+                    for row in rows
+                    if at_or_under(row.namespace, prefix) and await self._visible_event(row)
+                ]
+                if rows:
+                    cursor = rows[-1].cursor
+                if mine_now:
+                    yield mine_now
                 if not rows:
                     # The tail raises ``mine`` for every event under the prefix and when
                     # it restarts; the limit is only a safety net.
@@ -207,8 +224,8 @@ class EventsMixin(Area):
             while position is None:
                 generation, grown = changes.generation, tail.grown.generation
                 rows, cursor, more = await self._read_visible(prefix, cursor, WATCH_BATCH)
-                for row in rows:
-                    yield to_event(row)
+                if rows:
+                    yield rows
                 last = rows[-1].cursor if rows else last
                 position = _join(tail, cursor, last)
                 if position is None and not rows and not more:

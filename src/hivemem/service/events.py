@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -11,7 +12,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from hivemem.core.events import WATCH_BATCH
+from hivemem.backends.rows import EventRow
+from hivemem.core.events import WATCH_BATCH, to_event
 from hivemem.models import Event, Page
 from hivemem.service.deps import PublishHive, WatchHive, service_state
 from hivemem.service.routing import JSONRoute, model_response
@@ -26,6 +28,42 @@ class PublishBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     payload: Any = Field(description="Any JSON value (at most 64 KiB by default).")
+
+
+#: Most SSE frames of recent events an app keeps (see :class:`Frames`).
+FRAME_CACHE = 20_000
+
+
+def _sse(event: Event) -> bytes:
+    return ServerSentEvent(data=event.model_dump_json(), id=event.cursor, event=SSE_EVENT).encode()
+
+
+class Frames:
+    """SSE frames of recent feed events by cursor, one cache per app (per store): every
+    stream that delivers an event sends the bytes encoded once, so a write watched by
+    1,000 streams is encoded once, not 1,000 times. What each stream may see is decided
+    per stream before the lookup."""
+
+    def __init__(self, size: int = FRAME_CACHE) -> None:
+        self.size = size
+        self._frames: OrderedDict[str, bytes] = OrderedDict()
+
+    @staticmethod
+    def of(request: Request) -> Frames:
+        """The cache of the app serving ``request``."""
+        frames: Frames | None = getattr(request.app.state, "sse_frames", None)
+        if frames is None:
+            frames = request.app.state.sse_frames = Frames()
+        return frames
+
+    def encoded(self, row: EventRow) -> bytes:
+        """The frame of ``row``, from the cache or encoded (and kept) now."""
+        frame = self._frames.get(row.cursor)
+        if frame is None:
+            frame = self._frames[row.cursor] = _sse(to_event(row))
+            if len(self._frames) > self.size:
+                self._frames.popitem(last=False)
+        return frame
 
 
 @router.get("/v1/events", response_model=Page[Event], summary="One page of the feed.")
@@ -72,16 +110,14 @@ async def watch(
     settings = state.hive.settings
     release = state.open_stream(hive.agent)
 
-    async def stream() -> AsyncIterator[ServerSentEvent]:
+    frames = Frames.of(request)
+
+    async def stream() -> AsyncIterator[bytes]:
         try:
             for event in first.items:
-                yield ServerSentEvent(
-                    data=event.model_dump_json(), id=event.cursor, event=SSE_EVENT
-                )
-            async for event in hive.watch(prefix, after=first.next_cursor):
-                yield ServerSentEvent(
-                    data=event.model_dump_json(), id=event.cursor, event=SSE_EVENT
-                )
+                yield _sse(event)
+            async for rows in hive.watch_batches(prefix, after=first.next_cursor):
+                yield b"".join([frames.encoded(row) for row in rows])
         finally:
             release()
 
