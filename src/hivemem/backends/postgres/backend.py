@@ -89,6 +89,7 @@ from hivemem.backends.postgres.engine import (
     CONNECT_TIMEOUT_SECONDS,
     Conn,
     PostgresEngine,
+    key_lock,
     lock_keys,
 )
 from hivemem.backends.postgres.schema import (
@@ -197,6 +198,86 @@ WITH h AS (
 )
 SELECT value, pg_notify('{CHANNEL}', value::text || %s) FROM h
 """
+
+
+def _put_one_sql(shape: str, history: bool, indexed: bool) -> str:
+    """The statement of :meth:`PostgresBackend._put_one`: ``shape`` ``upsert`` (no
+    ``if_version``, or 0: only if absent) or ``update`` (``if_version`` n), with a
+    history row and with an index entry or not. Returns the item's columns, or no row
+    when it wrote nothing."""
+    # Typed: in INSERT ... SELECT a parameter's type is not taken from the column.
+    values = (
+        "%(ns)s::text, %(key)s::text, %(value)s::bytea, {version}, %(author)s::text, "
+        "{created}, %(now)s::float8, %(expires_at)s::float8, %(text)s::bytea, "
+        "%(metadata)s::bytea, %(meta)s::jsonb"
+    )
+    cols = f"{ITEM_COLS}, meta"
+    if shape == "upsert":
+        dml = (
+            f"INSERT INTO hivemem_items AS t ({cols}) "
+            f"SELECT {values.format(version='1', created='%(now)s::float8')} FROM lk "
+            "ON CONFLICT (ns, key) DO UPDATE SET value = EXCLUDED.value, "
+            "version = t.version + 1, author = EXCLUDED.author, "
+            "updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at, "
+            "text = EXCLUDED.text, metadata = EXCLUDED.metadata, meta = EXCLUDED.meta "
+            "WHERE NOT %(absent_only)s AND (t.expires_at IS NULL OR t.expires_at > %(now)s) "
+            f"RETURNING {ITEM_COLS}"
+        )
+    else:
+        dml = (
+            "UPDATE hivemem_items AS t SET value = %(value)s, version = t.version + 1, "
+            "author = %(author)s, updated_at = %(now)s, expires_at = %(expires_at)s, "
+            "text = %(text)s, metadata = %(metadata)s, meta = %(meta)s::jsonb FROM lk "
+            "WHERE t.ns = %(ns)s AND t.key = %(key)s AND t.version = %(if_version)s "
+            f"AND (t.expires_at IS NULL OR t.expires_at > %(now)s) RETURNING {ITEM_COLS}"
+        )
+    parts = [
+        "lk AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(lock)s))",
+        f"i AS ({dml})",
+    ]
+    if history:
+        parts.append(
+            f"v AS (INSERT INTO hivemem_item_versions ({ITEM_COLS}) SELECT {ITEM_COLS} FROM i "
+            "ON CONFLICT (ns, key, version) DO UPDATE SET value = EXCLUDED.value, "
+            "author = EXCLUDED.author, created_at = EXCLUDED.created_at, "
+            "updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at, "
+            "text = EXCLUDED.text, metadata = EXCLUDED.metadata)"
+        )
+        parts.append(
+            "o AS (DELETE FROM hivemem_item_versions d USING i WHERE d.ns = i.ns "
+            "AND d.key = i.key AND d.version <= i.version - %(hl)s)"
+        )
+    if indexed:
+        parts.append(
+            "s AS (INSERT INTO hivemem_search (ns, key, version, text, model, dim, vec) "
+            "SELECT i.ns, i.key, i.version, %(itext)s::text, %(model)s::text, %(dim)s::int, "
+            "%(vec)s FROM i "
+            "ON CONFLICT (ns, key) DO UPDATE SET version = EXCLUDED.version, "
+            "text = EXCLUDED.text, model = EXCLUDED.model, dim = EXCLUDED.dim, "
+            "vec = EXCLUDED.vec)"
+        )
+    else:
+        parts.append(
+            "s AS (DELETE FROM hivemem_search d USING i WHERE d.ns = i.ns AND d.key = i.key)"
+        )
+    parts += [
+        "h AS (UPDATE hivemem_feed SET value = value + 1 WHERE name = 'head' "
+        "AND EXISTS (SELECT 1 FROM i) RETURNING value)",
+        f"e AS (INSERT INTO hivemem_events ({EVENT_COLS}) SELECT h.value, %(etype)s::text, "
+        "i.ns, i.key, i.version, %(author)s::text, %(now)s::float8, NULL FROM h, i)",
+    ]
+    return (
+        "WITH " + ", ".join(parts) + f" SELECT i.*, (SELECT pg_notify('{CHANNEL}', "
+        "h.value::text || %(note)s::text) FROM h) FROM (SELECT 1) AS one LEFT JOIN i ON true"
+    )
+
+
+_PUT_ONE = {
+    (shape, history, indexed): _put_one_sql(shape, history, indexed)
+    for shape in ("upsert", "update")
+    for history in (False, True)
+    for indexed in (False, True)
+}
 
 
 #: Most bytes of task hints in one NOTIFY payload (PostgreSQL allows 8000).
@@ -449,6 +530,11 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
         history_limit: int,
         request_id: str | None = None,
     ) -> list[ItemRow | bool]:
+        if request_id is None and len(writes) == 1 and isinstance(writes[0], PutWrite):
+            fast = await self._put_one(writes[0], author, now, history_limit)
+            if fast is not None:
+                return [fast]
+
         async def run(c: Conn, events: Events) -> list[ItemRow | bool]:
             keys = list(dict.fromkeys((w.namespace, w.key) for w in writes))
             await lock_keys(c, keys)
@@ -513,6 +599,48 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             return results
 
         return await self._write(request_id, now, run)
+
+    async def _put_one(
+        self, w: PutWrite, author: str, now: float, history_limit: int
+    ) -> ItemRow | None:
+        """A put of one item as one statement on an autocommit connection (one round
+        trip): the common cases only, a new item or a new version of a live one that
+        the write's ``if_version`` allows. Anything else (a version mismatch, an expired
+        item to expire first) writes nothing and returns None: the caller runs the full
+        transaction, which decides it.
+
+        The statement takes the key's advisory lock first, as every item write does,
+        and computes the version from the row it conflicts with or updates (which
+        PostgreSQL reads as committed, after waiting for its lock), never from the
+        statement's snapshot; the feed's head is its last lock (see the module notes).
+        """
+        shape = "update" if w.if_version else "upsert"
+        sql = _PUT_ONE[(shape, history_limit > 0, w.index_text is not None)]
+        args: dict[str, Any] = {
+            "lock": key_lock(w.namespace, w.key),
+            "ns": w.namespace,
+            "key": w.key,
+            "value": w.value,
+            "author": author,
+            "now": now,
+            "expires_at": w.expires_at,
+            "text": text_to_db(w.text),
+            "metadata": w.metadata,
+            "meta": meta_jsonb(w.metadata),
+            "if_version": w.if_version,
+            "absent_only": w.if_version == 0,
+            "hl": history_limit,
+            "etype": w.event or "item.put",
+            "note": task_hints([(w.event or "item.put", w.namespace, w.key)], NOTE_LIMIT),
+        }
+        if w.index_text is not None:
+            _, extra = index_put(w.index_text, w.vector, w.model)
+            args.update(extra)
+        found = await self._engine.write_one(sql, args)
+        if found is None or found[0] is None:
+            return None
+        self.changes.notify()
+        return item_row(found)
 
     @staticmethod
     async def _put_item(c: Conn, row: ItemRow, w: PutWrite, history_limit: int) -> None:
