@@ -328,6 +328,77 @@ async def test_concurrent_compare_and_set_loses_no_update(postgres_url: str) -> 
         assert [orjson.loads(h.value) for h in history] == list(range(total, total - 100, -1))
 
 
+async def test_one_statement_puts_and_transactions_of_one_key_lose_no_version(
+    postgres_url: str,
+) -> None:
+    """Single puts take the one-statement path, puts with a request id the transaction;
+    on one key, from several pools at once, every write gets its own version."""
+    ns = ns_()
+    per_writer = 25
+    async with opened(postgres_url, 4) as backends:
+
+        async def write(b: PostgresBackend, slot: int) -> list[int]:
+            versions = []
+            for i in range(per_writer):
+                rid = f"r{slot}-{i}-{uuid.uuid4().hex[:6]}" if slot % 2 else None
+                (row,) = await b.write_items(
+                    [put(ns, "k", [slot, i], index_text=f"note {slot} {i}")],
+                    author=f"w{slot}",
+                    now=time.time(),
+                    history_limit=5,
+                    request_id=rid,
+                )
+                assert isinstance(row, ItemRow)
+                versions.append(row.version)
+            return versions
+
+        got = await asyncio.gather(*(write(b, i) for i, b in enumerate(backends * 2)))
+        every = sorted(v for vs in got for v in vs)
+        assert every == list(range(1, 8 * per_writer + 1))
+        b0 = backends[0]
+        row = await b0.get_item(ns, "k", time.time())
+        assert row is not None and row.version == 8 * per_writer
+        history = await b0.item_history(ns, "k", 100, time.time())
+        assert [h.version for h in history] == list(range(row.version, row.version - 5, -1))
+        events, _ = await b0.read_events(ns, None, 1000)
+        assert sorted(e.version or 0 for e in events if e.type == "item.put") == every
+
+
+async def test_one_statement_puts_leave_the_unusual_to_the_transaction(postgres_url: str) -> None:
+    ns = ns_()
+    async with opened(postgres_url) as (b,):
+        now = time.time()
+        await b.write_items([put(ns, "a", 1)], author="t", now=now, history_limit=5)
+        with pytest.raises(Conflict) as info:  # only if absent: it is there
+            await b.write_items(
+                [put(ns, "a", 2, if_version=0)], author="t", now=now, history_limit=5
+            )
+        assert info.value.current_version == 1
+        with pytest.raises(Conflict) as info:  # a stale version
+            await b.write_items(
+                [put(ns, "a", 2, if_version=3)], author="t", now=now, history_limit=5
+            )
+        assert info.value.current_version == 1
+        (row,) = await b.write_items(
+            [put(ns, "a", 2, if_version=1)], author="t", now=now, history_limit=5
+        )
+        assert isinstance(row, ItemRow) and row.version == 2
+        # Expired: the write expires it first (its event, its history gone), then creates.
+        await b.write_items(
+            [put(ns, "e", 1, expires_at=now + 0.05)], author="t", now=now, history_limit=5
+        )
+        later = now + 1
+        (row,) = await b.write_items([put(ns, "e", 2)], author="t", now=later, history_limit=5)
+        assert isinstance(row, ItemRow) and row.version == 1 and row.created_at == later
+        events, _ = await b.read_events(ns, None, 100)
+        assert [(e.type, e.key, e.version) for e in events if e.key == "e"] == [
+            ("item.put", "e", 1),
+            ("item.expired", "e", 1),
+            ("item.put", "e", 1),
+        ]
+        assert [h.version for h in await b.item_history(ns, "e", 10, later)] == [1]
+
+
 async def test_batches_in_opposite_key_orders_do_not_deadlock(postgres_url: str) -> None:
     ns = ns_()
     keys = [f"k{i}" for i in range(6)]
