@@ -86,7 +86,7 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("writes.none.1", "writes.raw.1", "put, embedder=none vs floor", "cpu"),
     ("writes.none.8", "writes.raw.8", "put, embedder=none vs floor", "cpu"),
 ]
-LATENCY_ONLY = ["watch.embedded", "watch.service", "writes.indexed"]
+LATENCY_ONLY = ["watch.embedded", "watch.service", "writes.indexed", "writes.bytes"]
 
 console = Console(width=200)
 

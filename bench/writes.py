@@ -17,6 +17,8 @@ Rows (each measured in the same run as its floor):
 - ``writes.indexed``: while one task writes 200 text items per second, the time from a
   put's return until its vector is stored (the store's ``item.indexed`` event, which the
   in-process vector index follows), p50/p99 over every item.
+- ``writes.bytes``: bytes per item of a store of 100,000 small JSON items written once
+  (``embedder=none``), beside the raw table holding the same values.
 """
 
 from __future__ import annotations
@@ -206,6 +208,58 @@ async def _indexed_latency(db: Path, rate: float, duration: float) -> Result:
     return _with_cpu(r, cpu)
 
 
+def _size(db: Path) -> int:
+    """Bytes of a SQLite file once its WAL is checkpointed into it."""
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return db.stat().st_size
+
+
+def _value(i: int) -> dict[str, Any]:
+    return {"agent": f"agent-{i % 97}", "step": i, "status": "done", "score": i % 100 / 100}
+
+
+async def _bytes_per_item(tmp: Path, n: int) -> Result:
+    """``n`` items (a small JSON object each, written once, in batches of 100) through
+    hivemem (``embedder=none``: no vectors) and the same values as rows of the raw
+    table; bytes per item of each file."""
+    import orjson
+
+    import hivemem
+
+    db = tmp / "bytes.db"
+    settings = hivemem.Settings(embedder="none")
+    async with hivemem.connect(f"sqlite:///{db}", agent="bench", settings=settings) as hive:
+
+        async def load(first: int) -> None:
+            await hive.batch(
+                [
+                    {"op": "put", "namespace": "bench", "key": f"k{i}", "value": _value(i)}
+                    for i in range(first, min(n, first + 100))
+                ]
+            )
+
+        for start in range(0, n, 800):  # 8 batches of 100 at once: group commit
+            await asyncio.gather(*(load(f) for f in range(start, min(n, start + 800), 100)))
+    ours = _size(db) / n
+    raw_db = tmp / "bytes-raw.db"
+    conn = sqlite3.connect(raw_db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(_SCHEMA)
+    conn.execute("BEGIN")
+    conn.executemany(
+        _UPSERT, [("bench", f"k{i}", orjson.dumps(_value(i)).decode()) for i in range(n)]
+    )
+    conn.execute("COMMIT")
+    conn.close()
+    raw = _size(raw_db) / n
+    r = summarize("writes.bytes", f"bytes per item at {n:,} items", [], 1.0)
+    r.extra.update({"bytes_per_item": round(ours, 1), "raw_bytes_per_item": round(raw, 1)})
+    r.extra["meaning"] = f"{ours:,.0f} B/item vs raw table {raw:,.0f} B ({ours / raw:.2f}x)"
+    return r
+
+
 def _with_cpu(r: Result, cpu_seconds: float) -> Result:
     r.cpu_ms_per_op = cpu_seconds * 1000 / r.ops if r.ops else None
     return r
@@ -227,4 +281,5 @@ def bench_writes(tmp: Path, duration: float, warmup: float) -> list[Result]:
             _hive_rows(tmp / f"{tag}.db", tag, label, duration, warmup, **settings)
         )
     results.append(asyncio.run(_indexed_latency(tmp / "idx.db", 200, duration)))
+    results.append(asyncio.run(_bytes_per_item(tmp, 100_000)))
     return results

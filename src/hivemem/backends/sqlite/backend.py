@@ -212,6 +212,18 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                     w.text,
                     w.metadata,
                 )
+                if history_limit > 1 and found is not None:
+                    # The version being replaced joins the history; the current version
+                    # lives in ``items`` alone (history = it + the older ones here).
+                    c.execute(
+                        f"INSERT OR REPLACE INTO item_versions ({ITEM_COLS}) "
+                        f"SELECT {ITEM_COLS} FROM items WHERE ns = ? AND key = ?",
+                        (w.namespace, w.key),
+                    )
+                    c.execute(
+                        "DELETE FROM item_versions WHERE ns = ? AND key = ? AND version <= ?",
+                        (w.namespace, w.key, row.version - history_limit),
+                    )
                 c.execute(
                     f"INSERT OR REPLACE INTO items ({ITEM_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
                     (
@@ -227,16 +239,6 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                         row.metadata,
                     ),
                 )
-                if history_limit > 0:
-                    c.execute(
-                        f"INSERT OR REPLACE INTO item_versions ({ITEM_COLS}) "
-                        f"SELECT {ITEM_COLS} FROM items WHERE ns = ? AND key = ?",
-                        (w.namespace, w.key),
-                    )
-                    c.execute(
-                        "DELETE FROM item_versions WHERE ns = ? AND key = ? AND version <= ?",
-                        (w.namespace, w.key, row.version - history_limit),
-                    )
                 index_put(c, w.namespace, w.key, row.version, w.index_text, w.vector, w.model)
                 self._event(c, w.event or "item.put", w.namespace, w.key, row.version, author, now)
                 results.append(row)
@@ -311,17 +313,19 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
 
     async def item_history(self, namespace: str, key: str, limit: int, now: float) -> list[ItemRow]:
         def run(c: sqlite3.Connection) -> list[ItemRow]:
-            live = c.execute(
-                f"SELECT 1 FROM items WHERE ns = ? AND key = ? AND {LIVE}", (namespace, key, now)
+            current = c.execute(
+                f"SELECT {ITEM_COLS} FROM items WHERE ns = ? AND key = ? AND {LIVE}",
+                (namespace, key, now),
             ).fetchone()
-            if live is None:
+            if current is None or limit < 1:
                 return []
-            return [
+            head = item_row(current)
+            return [head] + [
                 item_row(r)
                 for r in c.execute(
                     f"SELECT {ITEM_COLS} FROM item_versions WHERE ns = ? AND key = ? "
-                    "ORDER BY version DESC LIMIT ?",
-                    (namespace, key, limit),
+                    "AND version < ? ORDER BY version DESC LIMIT ?",
+                    (namespace, key, head.version, limit - 1),
                 )
             ]
 

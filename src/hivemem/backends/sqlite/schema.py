@@ -94,6 +94,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX search_docs_pending ON search_docs (id)
         WHERE vec IS NULL AND model IS NOT NULL;
     """,
+    # 7: the current version lives in ``items`` alone; ``item_versions`` keeps the older
+    # ones (it used to hold a copy of the current one too).
+    """
+    DELETE FROM item_versions WHERE EXISTS (
+        SELECT 1 FROM items i
+        WHERE i.ns = item_versions.ns AND i.key = item_versions.key
+        AND i.version <= item_versions.version
+    );
+    """,
 ]
 
 TASK_COLS = (
