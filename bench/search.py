@@ -243,7 +243,9 @@ async def build_store(db: Path, items: int, turns: Sequence[Turn], chunk: int) -
     """Write ``items`` items into ``db`` with ``batch()`` in chunks; returns seconds."""
     from hivemem import PutOp
 
-    settings = make_settings("exact", max_batch_ops=chunk, sqlite_synchronous="NORMAL")
+    settings = make_settings(
+        "exact", max_batch_ops=chunk, sqlite_synchronous="NORMAL", index_mode="sync"
+    )  # vectors with each write: the timed searches find every item's vector at once
     hive = make_hive(db, settings, HashEmbedder())
     started = time.perf_counter()
     try:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hivemem.errors import InvalidInput
+from hivemem.errors import InvalidInput, Unavailable
 from hivemem.hive import Hive
 from hivemem.models import PutOp
 
@@ -77,6 +77,10 @@ CATEGORIES: dict[int, str] = {
 _DIA_ID = re.compile(r"D:?(\d+):(\d+)")
 _SESSION_KEY = re.compile(r"session_(\d+)")
 _SEGMENT_BAD = re.compile(r"[^A-Za-z0-9_.:@+\-]")
+
+
+#: Longest :func:`store` waits for the turns' vectors (seconds).
+_INDEX_WAIT_SECONDS = 3600
 
 
 @dataclass(frozen=True)
@@ -276,14 +280,18 @@ async def load_turns(
     chunk: int = 64,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Store every turn as an item (see the module notes), ``chunk`` turns per batch so
-    that each batch's texts are embedded in one call.
+    """Store every turn as an item (see the module notes), ``chunk`` turns per batch,
+    then wait until every turn's vector is stored (the indexer embeds them in batches
+    after the writes), so that the questions rank every turn by meaning too.
 
     Args:
         progress: called with the number of turns just stored, after each batch.
 
     Returns:
         The number of items written.
+
+    Raises:
+        Unavailable: the vectors were not all stored within an hour.
     """
     written = 0
     for conv in conversations:
@@ -304,6 +312,8 @@ async def load_turns(
             written += len(part)
             if progress is not None:
                 progress(len(part))
+    if not await hive.wait_indexed(timeout=_INDEX_WAIT_SECONDS):
+        raise Unavailable(f"the turns' vectors were not stored within {_INDEX_WAIT_SECONDS} s")
     return written
 
 
