@@ -409,3 +409,40 @@ async def test_sync_picks_up_writes_of_another_hive_on_the_same_file(tmp_path: P
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_sqlite_fills_the_vector_matrix_as_the_default_builds_it(tmp_path: Path) -> None:
+    from hivemem.backends.base import Backend
+    from hivemem.backends.rows import PutWrite
+
+    settings = Settings(embedder="none")
+    backend = SqliteBackend(str(tmp_path / "m.db"), settings)
+    await backend.open()
+    try:
+        rng = np.random.default_rng(7)
+        writes = [
+            PutWrite(
+                "ns",
+                f"k{i}",
+                b"1",
+                None,
+                None,
+                None,
+                None,
+                index_text="t",
+                vector=rng.standard_normal(8 if i % 5 else 4).astype(np.float32).tobytes(),
+                model="m" if i % 7 else "other",
+            )
+            for i in range(60)
+        ]
+        await backend.write_items(writes, author="x", now=1.0, history_limit=0)
+        keys, matrix = await backend.load_vector_matrix("m", 8)
+        want_keys, want = await Backend.load_vector_matrix(backend, "m", 8)
+        assert sorted(keys) == sorted(want_keys) and len(keys) == len(
+            [i for i in range(60) if i % 5 and i % 7]
+        )
+        order = {k: i for i, k in enumerate(want_keys)}
+        assert matrix.dtype == np.float32 and matrix.shape == (len(keys), 8)
+        assert np.array_equal(matrix, want[[order[k] for k in keys]])
+    finally:
+        await backend.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from hivemem.backends.filters import Condition
 from hivemem.backends.rows import (
@@ -312,6 +312,19 @@ class Backend(ABC):
     @abstractmethod
     async def load_vectors(self, model: str) -> list[tuple[str, str, bytes]]:
         """Every stored vector made by ``model``: (namespace, key, float32 bytes)."""
+
+    async def load_vector_matrix(self, model: str, dim: int) -> tuple[list[tuple[str, str]], Any]:
+        """Every stored vector of ``dim`` dimensions made by ``model``, as the items'
+        keys and one float32 numpy matrix of shape (len(keys), ``dim``), row i the
+        vector of keys[i]. The default builds it from :meth:`load_vectors`; an engine
+        that can fill the matrix as it reads (SQLite) never holds every vector twice."""
+        import numpy as np
+
+        rows = [r for r in await self.load_vectors(model) if len(r[2]) == 4 * dim]
+        matrix = np.empty((len(rows), dim), dtype=np.float32)
+        for i, (_, _, vec) in enumerate(rows):
+            matrix[i] = np.frombuffer(vec, dtype=np.float32)
+        return [(ns, key) for ns, key, _ in rows], matrix
 
     @abstractmethod
     async def vectors_of(

@@ -123,17 +123,28 @@ class VectorIndex(FeedMirror):
         self.refresh_graph()
 
     async def _load_all(self) -> None:
-        rows = await self.backend.load_vectors(self.model)
+        keys, matrix = await self.backend.load_vector_matrix(self.model, self.dim)
         self._keys, self._pos, self._ns = [], {}, Namespaces()
-        size = max(_MIN_ROWS, len(rows))
-        self._matrix = np.zeros((size, self.dim), dtype=np.float32)
+        size = max(_MIN_ROWS, len(keys))
+        if matrix.shape[0] < size:  # room to grow by (at least) a few appends
+            grown = np.zeros((size, self.dim), dtype=np.float32)
+            grown[: len(keys)] = matrix
+            matrix = grown
+        self._matrix = matrix
         self._ns_ids = np.zeros(size, dtype=np.int32)
         self._labels = np.zeros(size, dtype=np.int64)
         self._label_pos = {}
         if self._graph is not None:
             self._graph.reset()
-        for ns, key, vec in rows:
-            self.set((ns, key), vec)
+        for pos, key in enumerate(keys):  # the rows are in place: keys, namespaces, labels
+            self._keys.append(key)
+            self._pos[key] = pos
+            self._ns_ids[pos] = self._ns.id_of(key[0])
+            if self._graph is not None:
+                label = self._next_label
+                self._next_label += 1
+                self._labels[pos] = label
+                self._label_pos[label] = pos
 
     def set(self, key: Key, vector: bytes | Floats) -> None:
         """Store the vector of ``key`` (float32 bytes or array of ``dim`` values); one of
@@ -151,7 +162,9 @@ class VectorIndex(FeedMirror):
         if pos is None:
             pos = len(self._keys)
             if pos == self._matrix.shape[0]:
-                self._grow(max(_MIN_ROWS, 2 * pos))
+                # A quarter more (not double): the index holds about the matrix, and a
+                # copy every n/4 appends stays cheap per append.
+                self._grow(pos + max(_MIN_ROWS, pos // 4))
             self._keys.append(key)
             self._pos[key] = pos
         elif self._graph is not None:

@@ -162,6 +162,29 @@ class SearchMixin:
             lambda c: [(r[0], r[1], r[2]) for r in c.execute(sql, (model,))]
         )
 
+    async def load_vector_matrix(self, model: str, dim: int) -> tuple[list[tuple[str, str]], Any]:
+        import numpy as np
+
+        def run(c: sqlite3.Connection) -> tuple[list[tuple[str, str]], Any]:
+            # Sized first, then filled row by row: each vector's bytes are freed once
+            # copied, so the load never holds the vectors twice.
+            where = "model = ? AND dim = ? AND vec IS NOT NULL"
+            (count,) = c.execute(
+                f"SELECT count(*) FROM search_docs WHERE {where}", (model, dim)
+            ).fetchone()
+            matrix = np.empty((count, dim), dtype=np.float32)
+            keys: list[tuple[str, str]] = []
+            for ns, key, vec in c.execute(
+                f"SELECT ns, key, vec FROM search_docs WHERE {where}", (model, dim)
+            ):
+                if len(keys) == count:
+                    break  # (a read sees one snapshot; this is only a bound)
+                matrix[len(keys)] = np.frombuffer(vec, dtype=np.float32)
+                keys.append((ns, key))
+            return keys, matrix[: len(keys)]
+
+        return await self._engine.read(run)
+
     async def vectors_of(
         self, keys: Sequence[tuple[str, str]], model: str
     ) -> dict[tuple[str, str], bytes]:
