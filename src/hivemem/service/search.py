@@ -54,7 +54,10 @@ class IndexWaitBody(BaseModel):
         default=None, description="A feed cursor the caller has seen (covered in any case)."
     )
     timeout: StrictFloat | StrictInt = Field(
-        default=10, ge=0, description="Seconds to wait at most (capped by max_wait_seconds)."
+        default=10,
+        allow_inf_nan=False,
+        description="Seconds to wait at most (capped by max_wait_seconds; 0 or less: "
+        "answer at once).",
     )
 
 
@@ -99,6 +102,6 @@ async def index_status(hive: SearchHive) -> Response:
     summary="Wait (long-poll) until every earlier write has its vector.",
 )
 async def index_wait(body: IndexWaitBody, hive: SearchHive) -> Response:
-    wait = min(float(body.timeout), hive.settings.max_wait_seconds)
+    wait = min(max(0.0, float(body.timeout)), hive.settings.max_wait_seconds)
     indexed = await hive.wait_indexed(body.cursor, timeout=wait)
     return model_response(IndexWaitResult(indexed=indexed))

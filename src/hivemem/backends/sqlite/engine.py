@@ -262,14 +262,22 @@ class SqliteEngine:
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for fn, _ in jobs:
-                    conn.execute("SAVEPOINT job")
+                if len(jobs) == 1:  # alone: its error rolls back the transaction itself
                     try:
-                        outcomes.append((True, fn(conn)))
+                        outcomes.append((True, jobs[0][0](conn)))
                     except Exception as exc:
-                        conn.execute("ROLLBACK TO job")
-                        outcomes.append((False, exc))
-                    conn.execute("RELEASE job")
+                        conn.execute("ROLLBACK")
+                        jobs[0][1].set_exception(exc)
+                        return
+                else:
+                    for fn, _ in jobs:
+                        conn.execute("SAVEPOINT job")
+                        try:
+                            outcomes.append((True, fn(conn)))
+                        except Exception as exc:
+                            conn.execute("ROLLBACK TO job")
+                            outcomes.append((False, exc))
+                        conn.execute("RELEASE job")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
