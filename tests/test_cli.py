@@ -198,6 +198,24 @@ def test_history_lists_versions_newest_first(cli: Cli) -> None:
     assert "three" in ok(cli("history", "t", "k")).stdout
 
 
+def test_index_shows_the_lag_and_waits_for_the_vectors(cli: Cli) -> None:
+    ok(cli("put", "kb", "a", "walruses rest on the arctic ice"))
+    status = as_json(cli("--json", "index"))
+    assert (status["mode"], status["pending"]) == ("deferred", 1)
+    assert status["lag_seconds"] >= 0
+    assert "waiting 1" in ok(cli("index")).stdout
+    waited = as_json(cli("--json", "index", "--wait", "60"))
+    assert waited["pending"] == 0 and waited["lag_seconds"] is None
+    hits = as_json(cli("--json", "search", "kb", "sea mammals", "--mode", "vector"))
+    assert [h["item"]["key"] for h in hits] == ["a"]
+    out = ok(cli("put", "kb", "b", "penguins on the ice"))
+    assert "version 1" in out.stdout
+    hits = as_json(
+        cli("--json", "search", "kb", "birds", "--mode", "vector", "--consistency", "indexed")
+    )
+    assert {h["item"]["key"] for h in hits} == {"a", "b"}
+
+
 def test_watch_from_start_prints_count_events_as_json_lines(cli: Cli) -> None:
     ok(cli("put", "w", "a", "1"))
     ok(cli("put", "w", "a", "2"))
