@@ -364,6 +364,70 @@ async def test_one_statement_puts_and_transactions_of_one_key_lose_no_version(
         assert sorted(e.version or 0 for e in events if e.type == "item.put") == every
 
 
+async def test_concurrent_single_puts_commit_in_groups(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = ns_()
+    async with opened(postgres_url) as (b,):
+        commits = 0
+        real_write = b._engine.write
+
+        async def counting(fn: Any, **kw: Any) -> Any:
+            nonlocal commits
+            commits += 1
+            return await real_write(fn, **kw)
+
+        monkeypatch.setattr(b._engine, "write", counting)
+        start = await b.head()
+        now = time.time()
+        rows = await asyncio.gather(
+            *(
+                b.write_items([put(ns, f"k{i % 10}", i)], author="t", now=now, history_limit=3)
+                for i in range(60)
+            )
+        )
+        assert commits < 60  # several puts shared a transaction
+        versions: dict[str, list[int]] = {}
+        for (row,) in rows:
+            assert isinstance(row, ItemRow)
+            versions.setdefault(row.key, []).append(row.version)
+        assert {k: sorted(v) for k, v in versions.items()} == {
+            f"k{j}": list(range(1, 7)) for j in range(10)
+        }
+        events, _ = await b.read_events(ns, start, 1000)
+        assert len(events) == 60
+        for j in range(10):  # per key, the feed holds its versions in order
+            assert [e.version for e in events if e.key == f"k{j}"] == list(range(1, 7))
+
+
+async def test_a_group_that_fails_lets_each_put_run_alone(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = ns_()
+    async with opened(postgres_url) as (b,):
+        failures = 0
+        real_group = PostgresBackend._put_group
+
+        async def failing(c: Any, group: Any) -> Any:
+            nonlocal failures
+            if failures == 0:
+                failures += 1
+                raise psycopg.errors.DataError("a bad row in the group")
+            return await real_group(c, group)
+
+        monkeypatch.setattr(PostgresBackend, "_put_group", staticmethod(failing))
+        rows = await asyncio.gather(
+            *(
+                b.write_items([put(ns, f"k{i}", i)], author="t", now=time.time(), history_limit=3)
+                for i in range(5)
+            )
+        )
+        assert failures == 1
+        assert sorted((r.key, r.version) for (r,) in rows if isinstance(r, ItemRow)) == [
+            (f"k{i}", 1) for i in range(5)
+        ]
+
+
 async def test_one_statement_puts_leave_the_unusual_to_the_transaction(postgres_url: str) -> None:
     ns = ns_()
     async with opened(postgres_url) as (b,):
