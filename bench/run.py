@@ -85,6 +85,8 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("writes.sync.1", "writes.raw.1", "text put, index_mode=sync vs floor", "cpu"),
     ("writes.none.1", "writes.raw.1", "put, embedder=none vs floor", "cpu"),
     ("writes.none.8", "writes.raw.8", "put, embedder=none vs floor", "cpu"),
+    ("writes.postgres.8", "writes.postgres-raw.8", "PostgreSQL put vs raw psycopg", "cpu"),
+    ("writes.redis.8", "writes.redis-raw.8", "Redis put vs raw redis-py SET", "cpu"),
 ]
 LATENCY_ONLY = ["watch.embedded", "watch.service", "writes.indexed", "writes.bytes"]
 

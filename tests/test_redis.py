@@ -343,6 +343,14 @@ async def test_index_entries_follow_versions(backend: RedisBackend) -> None:
     assert not [r for rows in parts for r in rows if r.namespace == ns]
     events, _ = await backend.read_events(ns, None, 100)
     assert [e.key for e in events if e.type == "item.indexed"] == ["a", "c"]
+    # Entries of another model, and of an expired item, never count as waiting for m1.
+    before = await backend.pending_count("m1", now)
+    other = PutWrite(ns, "d", b"1", None, None, None, None, index_text="text d", model="m9")
+    gone = PutWrite(ns, "e", b"1", None, None, now - 1, None, index_text="text e", model="m1")
+    await backend.write_items([other, gone], author="x", now=now - 2, history_limit=5)
+    assert await backend.pending_count("m1", now) == before
+    parts = [await backend.pending_vectors("m9", p, 4, 100, now) for p in range(4)]
+    assert [r.key for rows in parts for r in rows if r.namespace == ns] == ["d"]
 
 
 # Listing by key prefix --------------------------------------------------------------------

@@ -366,9 +366,10 @@ class Backend(ABC):
 
     @abstractmethod
     async def pending_count(self, model: str, now: float) -> tuple[int, float | None]:
-        """How many index entries wait for a vector by ``model``, and when the oldest of
-        them was written (UNIX seconds; None when none wait). Redis counts the entries
-        of every model and expired items not yet swept."""
+        """How many index entries of live items wait for a vector by ``model``, and when
+        the oldest of them was written (UNIX seconds; None when none wait). Redis looks
+        at the longest-waiting 1,000 entries of each partition and counts any beyond
+        without looking (so the count may include entries of another model there)."""
 
     # Tasks
     #

@@ -708,28 +708,49 @@ end
 """
 
 #: ARGV: tag, now, model, limit. Returns records of live items of the partition whose
-#: index entry waits for a vector by ``model``, longest waiting first (of the first
-#: ``limit`` members of the set: expired items wait there until swept).
+#: index entry waits for a vector by ``model``, longest waiting first. Members that no
+#: longer wait (the item is gone or expired, or its entry has a vector or is of another
+#: version) leave the set on the way; entries of another model stay.
 PENDING = r"""
 local tag, now, model, limit = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local out = {}
-local ms = redis.call('ZRANGE', tag .. ':pend', 0, limit - 1)
+local out, seen, dead = {}, 0, {}
+local ms = redis.call('ZRANGE', tag .. ':pend', 0, 4 * limit - 1)
 for _, m in ipairs(ms) do
+  if #out >= limit then break end
   local ik = tag .. ':i:' .. m
-  local x = redis.call('HMGET', ik, 'ver', 'e', 'xv', 'xm', 'xe')
-  if live(x[1], x[2], now) and x[3] == x[1] and x[4] == model and not x[5] then
+  local x = redis.call('HMGET', ik, 'ver', 'e', 'xv', 'xm')
+  if not live(x[1], x[2], now) or x[3] ~= x[1] or redis.call('HEXISTS', ik, 'xe') == 1 then
+    dead[#dead + 1] = m
+  elseif x[4] == model then
     out[#out + 1] = item_rec(m, redis.call('HMGET', ik, unpack(ITEM)))
   end
 end
+if #dead > 0 then redis.call('ZREM', tag .. ':pend', unpack(dead)) end
 return out
 """
 
-#: ARGV: tag. Returns {entries waiting for a vector, the oldest one's wait start or
-#: false} (expired items not yet swept included).
+#: ARGV: tag, now, model. Returns {entries waiting for a vector by ``model`` among the
+#: partition's longest-waiting 1,000 (plus every later member, uncounted), the write
+#: time of the oldest of them or false}. Members that no longer wait are skipped.
 PENDING_COUNT = r"""
-local tag = ARGV[1]
-local first = redis.call('ZRANGE', tag .. ':pend', 0, 0, 'WITHSCORES')
-return {redis.call('ZCARD', tag .. ':pend'), first[2] or false}
+local tag, now, model = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local ms = redis.call('ZRANGE', tag .. ':pend', 0, 999, 'WITHSCORES')
+local count, oldest = 0, false
+for i = 1, #ms, 2 do
+  local ik = tag .. ':i:' .. ms[i]
+  local x = redis.call('HMGET', ik, 'ver', 'e', 'xv', 'xm')
+  if live(x[1], x[2], now) and x[3] == x[1] and x[4] == model
+      and redis.call('HEXISTS', ik, 'xe') == 0 then
+    count = count + 1
+    if not oldest then oldest = ms[i + 1] end
+  end
+end
+local total = redis.call('ZCARD', tag .. ':pend')
+if total > 1000 then
+  count = count + total - 1000
+  if not oldest then oldest = redis.call('ZRANGE', tag .. ':pend', 1000, 1000, 'WITHSCORES')[2] end
+end
+return {count, oldest}
 """
 
 #: ARGV: tag, now. Returns the number of live items of the partition.
@@ -759,6 +780,7 @@ WRITE_SCRIPTS = {
     "bind_request": BIND_REQUEST,
     "sweep": SWEEP,
     "set_index": SET_INDEX,
+    "pending": PENDING,
     "session_index": SESSION_INDEX,
     **TASK_WRITE_SCRIPTS,
 }
@@ -770,7 +792,6 @@ READ_SCRIPTS = {
     "fields": FIELDS,
     "scan": SCAN,
     "unindexed": UNINDEXED,
-    "pending": PENDING,
     "pending_count": PENDING_COUNT,
     "count": COUNT,
     "read_messages": READ_MESSAGES,

@@ -241,7 +241,10 @@ class RedisSearch(RedisEngine):
 
     async def pending_count(self, model: str, now: float) -> tuple[int, float | None]:
         replies = await asyncio.gather(
-            *(self._script("pending_count", [meta_key(p)], [tag(p)]) for p in range(PARTITIONS))
+            *(
+                self._script("pending_count", [meta_key(p)], [tag(p), num(now), model])
+                for p in range(PARTITIONS)
+            )
         )
         waiting = sum(int(r[0]) for r in replies)
         starts = [float(r[1]) for r in replies if r[1]]
