@@ -322,7 +322,7 @@ async def _store_rows(tmp: Path, duration: float, warmup: float) -> list[Result]
                 warmup,
             )
 
-    with PostgresServer(base_dir=tmp / "pg") as pg:
+    with PostgresServer() as pg:  # its own directory, one its server user can reach
         results.append(await hive_puts(pg.url, "postgres"))
         conns = [await psycopg.AsyncConnection.connect(pg.url, autocommit=True) for _ in range(8)]
         try:
