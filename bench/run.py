@@ -199,7 +199,7 @@ def _summary_rows(results: dict[str, Result], rows: list[dict[str, Any]]) -> lis
             out.append(
                 [
                     r.label,
-                    f"{r.extra.get('rate_per_s', 0):,.0f} w/s",
+                    f"{r.extra['rate_per_s']:,.0f} w/s" if "rate_per_s" in r.extra else "-",
                     _fmt_ms(r.p50_ms),
                     _fmt_ms(r.p99_ms),
                     *["-"] * 6,
