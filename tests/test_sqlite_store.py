@@ -382,3 +382,46 @@ async def test_a_key_prefix_listing_is_one_range_of_the_primary_key(tmp_path: Pa
     (listing,) = [s for s in statements if s.startswith("SELECT") and "FROM items" in s]
     plan = query_plan(listing, ())
     assert "USING INDEX sqlite_autoindex_items_1 (ns=? AND key>? AND key<?)" in plan
+
+
+async def test_a_write_whose_caller_gave_up_leaves_the_others_of_its_group_answered(
+    tmp_path: Path,
+) -> None:
+    """A cancelled await cancels its job's future; the writer must still answer the jobs
+    committed in the same group after it (it used to stop at the cancelled one)."""
+    import asyncio
+    import threading
+
+    from hivemem.backends.signals import ChangeSignal
+    from hivemem.backends.sqlite.engine import SqliteEngine
+
+    engine = SqliteEngine(str(tmp_path / "e.db"), Settings(), ChangeSignal())
+    await engine.open()
+    try:
+        gate = threading.Event()
+
+        def blocked(c: sqlite3.Connection) -> None:
+            gate.wait(10)
+
+        def insert(value: int) -> object:
+            def run(c: sqlite3.Connection) -> int:
+                c.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (f"t{value}", value))
+                return value
+
+            return run
+
+        first = asyncio.create_task(engine.write(blocked))  # holds the writer thread
+        await asyncio.sleep(0.1)
+        gave_up = asyncio.create_task(engine.write(insert(1)))  # type: ignore[arg-type]
+        waiting = asyncio.create_task(engine.write(insert(2)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        gave_up.cancel()  # both queued: they commit in one group after ``first``
+        gate.set()
+        await first
+        assert await asyncio.wait_for(waiting, 5) == 2
+        names = await engine.read(
+            lambda c: sorted(r[0] for r in c.execute("SELECT name FROM meta WHERE name LIKE 't%'"))
+        )
+        assert names == ["t1", "t2"]  # the abandoned write ran all the same
+    finally:
+        await engine.close()

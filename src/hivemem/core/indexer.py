@@ -57,6 +57,8 @@ IDLE_SECONDS = 1.0
 #: After a wake-up, how long a caught-up part lets writes gather before it reads them
 #: (one model call for many texts costs far less per text than one call each).
 GATHER_SECONDS = 0.05
+#: Shortest pause between two looks at the waiting entries of :func:`until`.
+RECHECK_SECONDS = 0.02
 #: Backoff after a failed batch (the embedder or the store failed): doubling, capped.
 RETRY_FIRST_SECONDS = 0.5
 RETRY_MAX_SECONDS = 30.0
@@ -265,7 +267,8 @@ def _member_delete(instance: str) -> DeleteWrite:
 async def until(
     check: Callable[[], Awaitable[bool]], backend: Backend, seconds: float, poll: float
 ) -> bool:
-    """Wait until ``check()`` is true, looking again at each change of the store (and
+    """Wait until ``check()`` is true, looking again after each change of the store (at
+    most every :data:`RECHECK_SECONDS`, so a busy store is not asked on every commit; and
     every ``poll`` seconds); False if ``seconds`` pass first."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
@@ -276,4 +279,5 @@ async def until(
         left = deadline - loop.time()
         if left <= 0:
             return False
-        await backend.changes.wait(generation, min(left, poll))
+        await asyncio.sleep(min(RECHECK_SECONDS, left))
+        await backend.changes.wait(generation, min(max(0.0, deadline - loop.time()), poll))

@@ -25,7 +25,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +40,17 @@ T = TypeVar("T")
 GROUP_COMMIT_MAX = 256
 #: Most calling threads with a point-read connection of their own (one per thread).
 HERE_CONNECTIONS = 64
+
+
+def _settle(fut: Future[Any], ok: bool, value: Any) -> None:
+    """Hand a write job its outcome, unless its caller gave up waiting (a cancelled
+    await cancels the future; setting it then would raise, and the jobs after it in
+    the group would never get theirs). The job itself ran: a cancelled write may apply."""
+    with contextlib.suppress(InvalidStateError):
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 class SqliteEngine:
@@ -267,7 +278,7 @@ class SqliteEngine:
                         outcomes.append((True, jobs[0][0](conn)))
                     except Exception as exc:
                         conn.execute("ROLLBACK")
-                        jobs[0][1].set_exception(exc)
+                        _settle(jobs[0][1], False, exc)
                         return
                 else:
                     for fn, _ in jobs:
@@ -285,15 +296,12 @@ class SqliteEngine:
         except sqlite3.Error as exc:
             error = Unavailable(f"sqlite store unavailable: {exc}")
             for _, fut in jobs:
-                fut.set_exception(error)
+                _settle(fut, False, error)
             return
         if self._notify_fd is not None:
             os.pwrite(self._notify_fd, b"\x01", 0)
         for (_, fut), (ok, value) in zip(jobs, outcomes, strict=True):
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+            _settle(fut, ok, value)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` inside a write transaction and return its result once committed.
