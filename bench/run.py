@@ -88,7 +88,14 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("writes.postgres.8", "writes.postgres-raw.8", "PostgreSQL put vs raw psycopg", "cpu"),
     ("writes.redis.8", "writes.redis-raw.8", "Redis put vs raw redis-py SET", "cpu"),
 ]
-LATENCY_ONLY = ["watch.embedded", "watch.service", "writes.indexed", "writes.bytes"]
+LATENCY_ONLY = [
+    "watch.embedded",
+    "watch.service",
+    "writes.indexed",
+    "writes.bytes",
+    "writes.vectors.memory",
+    "writes.vectors.search",
+]
 
 console = Console(width=200)
 

