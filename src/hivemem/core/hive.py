@@ -376,6 +376,7 @@ class LocalHive(
                 batch=self._settings.index_batch_size,
                 parts=self._settings.index_partitions,
                 lease=self._settings.index_lease_seconds,
+                chunk=self._settings.embed_batch_size,
             )
         shared.indexer.start()
 

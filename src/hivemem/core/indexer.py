@@ -32,7 +32,7 @@ import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -79,6 +79,8 @@ class Indexer:
         parts: how many parts the work is split into.
         lease: how long a part's lease and the membership row last without renewal
             (seconds); both are renewed every third of it.
+        chunk: most texts per embed call (the embedder's own batch size): a batch is
+            embedded a call at a time, so searches' query embeddings interleave.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class Indexer:
         batch: int,
         parts: int,
         lease: float,
+        chunk: int = 32,
     ) -> None:
         self.hive = hive
         self.backend: Backend = hive.backend
@@ -98,6 +101,7 @@ class Indexer:
         self.batch = batch
         self.parts = parts
         self.lease = lease
+        self.chunk = chunk
         #: This process's membership key.
         self.instance = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._task: asyncio.Task[None] | None = None
@@ -243,7 +247,12 @@ class Indexer:
         todo = [i for i, t in enumerate(texts) if t is not None]
         entries = [_entry(r, t) for r, t in zip(rows, texts, strict=True)]
         if todo:
-            vectors = await self.embedder.embed([texts[i] for i in todo])  # type: ignore[misc]
+            # One model call's worth at a time: a search's query embedding queued
+            # meanwhile waits for one call of ours, not for the whole batch.
+            wanted = [t for t in texts if t is not None]
+            vectors: list[Any] = []
+            for start in range(0, len(wanted), self.chunk):
+                vectors.extend(await self.embedder.embed(wanted[start : start + self.chunk]))
             for i, vector in zip(todo, vectors, strict=True):
                 e = entries[i]
                 entries[i] = IndexEntry(
