@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from hivemem.config import Settings
 from hivemem.core.coordination import MAX_CAPABILITIES
 from hivemem.core.tasks import MAX_ERROR_CHARS
+from hivemem.service.deps import bearer
 from hivemem.validation import FEEDS
 from hivemem.wire import (
     AGENT_HEADER,
@@ -452,11 +453,51 @@ def _filter(s: Settings) -> dict[str, Any]:
     }
 
 
+def _header(name: str, description: str, **schema: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "in": "header",
+        "name": name,
+        "required": False,
+        "schema": {"description": description, "title": name, "type": "string", **schema},
+    }
+
+
+#: The headers every route but the probes reads (service/deps.py reads them itself, so
+#: FastAPI does not list them).
+_HIVE_HEADERS = [
+    _header(
+        AGENT_HEADER,
+        "Identity of the calling agent when the service runs without --auth; ignored with "
+        "--auth (the credential names the agent).",
+        maxLength=128,
+    ),
+    _header(
+        REQUEST_ID_HEADER,
+        "Idempotency key of a write (1-128 letters, digits, _ - . :). A write repeated with "
+        "the same request id by the same agent, on any replica, within "
+        "request_retention_seconds, is applied once; the repeat gets the first result. The "
+        "same id with a different request is refused (422).",
+    ),
+    _header(
+        IDEMPOTENCY_KEY_HEADER,
+        f"The IETF {IDEMPOTENCY_KEY_HEADER} header: the same as {REQUEST_ID_HEADER} (which "
+        "wins when both are sent).",
+    ),
+]
+
+
 def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Complete FastAPI's generated document (see the module notes); returns it."""
     pattern = _patterns(settings)
     doc.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
-    if not settings.auth:
+    if settings.auth:
+        doc["components"]["securitySchemes"] = {
+            bearer.scheme_name: bearer.model.model_dump(
+                mode="json", by_alias=True, exclude_none=True
+            )
+        }
+    else:
         doc["components"].pop("securitySchemes", None)
     schemas = doc["components"]["schemas"]
     schemas.pop("HTTPValidationError", None)
@@ -478,6 +519,10 @@ def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 for code in ("200", "201"):
                     if code in responses:
                         responses[code]["headers"] = {ETAG_HEADER: _HEADERS[ETAG_HEADER]}
+            if path not in _PUBLIC:
+                op.setdefault("parameters", []).extend(copy.deepcopy(_HIVE_HEADERS))
+                if settings.auth:
+                    op["security"] = [{bearer.scheme_name: []}]
             _parameters(op, settings, pattern, path)
             example = _EXAMPLES.get((method, path))
             body = op.get("requestBody", {}).get("content", {}).get(JSON_MEDIA_TYPE)
