@@ -70,6 +70,7 @@ class FeedTail:
         self._prefixes: dict[str, tuple[ChangeSignal, int]] = {}
         self._subscribers = 0
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self.reads = 0  # feed queries made (tests and metrics)
 
     # Watchers -----------------------------------------------------------------------
@@ -82,7 +83,7 @@ class FeedTail:
         if signal is None:
             signal = ChangeSignal()
         self._prefixes[prefix] = (signal, count + 1)
-        if self._task is None or self._task.done():
+        if not self._closed and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._follow(), name="hivemem-feed-tail")
         return signal
 
@@ -119,7 +120,9 @@ class FeedTail:
         return self._start <= position <= self.end
 
     async def close(self) -> None:
-        """Stop the reader (the hive is closing)."""
+        """Stop the reader for good (the hive is closing): a watcher that subscribes
+        meanwhile reads on its own instead of starting a reader over a closed store."""
+        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

@@ -147,6 +147,8 @@ class _Shared:
 
     async def close(self) -> None:
         async with self.lock:
+            # First: nothing starts an indexer or a loop while the others stop.
+            self.closing = True
             if self.indexer is not None:
                 await self.indexer.close()
                 self.indexer = None
@@ -154,7 +156,6 @@ class _Shared:
             if self.task_waits is not None:
                 await self.task_waits.close()
                 self.task_waits = None
-            self.closing = True
             for task in (self.sweeper, self.coordinator):
                 if task is not None:
                     task.cancel()

@@ -116,9 +116,9 @@ class Indexer:
     # Lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the membership round and the part loops (idempotent)."""
-        if self._task is None or self._task.done():
-            self._stopping = False
+        """Start the membership round and the part loops (idempotent; never again once
+        closed: a hive that opens again makes a new indexer)."""
+        if not self._stopping and (self._task is None or self._task.done()):
             self._task = asyncio.create_task(self._run(), name="hivemem-indexer")
 
     @property
