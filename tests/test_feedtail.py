@@ -168,3 +168,30 @@ async def test_a_write_wakes_only_the_watchers_of_prefixes_above_it(hive: LocalH
         for p in signals:
             tail.unsubscribe(p)
     assert not tail._prefixes and tail._subscribers == 0
+
+
+async def test_a_closed_tail_and_indexer_start_nothing_again(tmp_path: Any) -> None:
+    """A watcher or a search racing a hive's close must not start a reader or an indexer
+    over the store being closed (they would retry against it forever)."""
+    settings = Settings(embedder="none")
+    hive = hivemem.connect(f"sqlite:///{tmp_path}/c.db", agent="t", settings=settings)
+    assert isinstance(hive, LocalHive)
+    await hive.open()
+    tail = hive._feed_tail()
+    tail.subscribe("a")
+    assert tail._task is not None
+    await tail.close()
+    tail.subscribe("b")  # late: reads on its own, starts no reader
+    assert tail._task is None
+    from tests.test_vectors import FakeEmbedder
+
+    indexed = LocalHive(hive.backend, agent="t", settings=settings, embedder=FakeEmbedder())
+    await indexed.open()
+    indexed._start_indexer()
+    indexer = indexed.indexer
+    assert indexer is not None and indexer.running
+    await indexer.close()
+    indexer.start()
+    assert not indexer.running
+    await indexed.close()
+    await hive.close()
