@@ -321,6 +321,15 @@ class PostgresServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=STOP_TIMEOUT_SECONDS)
+            # The postmaster is gone; its backends (same process group) die a moment
+            # later, and until then one of them could still answer a pooled connection.
+            deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(self.proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.01)
 
     def restart(self) -> None:
         """Start the server again on the same data directory and port (after
