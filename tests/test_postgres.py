@@ -841,7 +841,9 @@ async def test_a_watcher_in_one_replica_sees_another_replicas_write_at_once(
 
 
 async def test_server_gone_is_unavailable_and_the_pool_recovers() -> None:
-    with PostgresServer() as server:
+    # A database name of its own: once killed, its port may be taken by another test
+    # process's server, which must not answer for it.
+    with PostgresServer(database=f"gone{uuid.uuid4().hex[:8]}") as server:
         async with opened(server.url) as (b,):
             await b.write_items([put("x", "k", 1)], author="t", now=time.time(), history_limit=1)
             server.kill9()
