@@ -107,31 +107,6 @@ def _raw(db: Path, threads: int, duration: float, warmup: float) -> Result:
     return _with_cpu(r, cpu)
 
 
-async def _concurrent(
-    name: str, label: str, hive: Any, tasks: int, duration: float, warmup: float
-) -> Result:
-    """``tasks`` tasks each putting text items one after another."""
-    lat: list[int] = []
-    loop = asyncio.get_running_loop()
-    start_at = loop.time() + warmup
-    end_at = start_at + duration
-
-    async def one(t: int) -> None:
-        i = t * 10_000_000
-        while loop.time() < end_at:
-            t0 = time.perf_counter_ns()
-            await hive.put("bench", f"k{i % 5000}", text_of(i))
-            if loop.time() >= start_at:
-                lat.append(time.perf_counter_ns() - t0)
-            i += 1
-
-    await asyncio.sleep(0)
-    cpu0 = time.process_time()
-    await asyncio.gather(*(one(t) for t in range(tasks)))
-    cpu = time.process_time() - cpu0
-    return _with_cpu(summarize(name, label, lat, duration, concurrency=tasks), cpu)
-
-
 async def _hive_rows(
     db: Path, tag: str, label: str, duration: float, warmup: float, **settings: Any
 ) -> list[Result]:
@@ -152,8 +127,13 @@ async def _hive_rows(
         )
         if tag == "sync":
             return [one]
-        eight = await _concurrent(
-            f"writes.{tag}.8", f"hivemem put, {label}, 8 tasks", hive, 8, duration, warmup
+
+        def put(t: int, i: int) -> Any:
+            n = t * 10_000_000 + i
+            return hive.put("bench", f"k{n % 5000}", text_of(n))
+
+        eight = await _tasks(
+            f"writes.{tag}.8", f"hivemem put, {label}, 8 tasks", put, 8, duration, warmup
         )
         return [one, eight]
     finally:
