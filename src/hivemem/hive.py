@@ -190,7 +190,9 @@ class Hive(ABC):
                 item is absent; ``n`` writes only if the item is at version ``n``.
             ttl: seconds until the item expires (> 0); ``None`` never expires.
                 Each write sets the expiry anew.
-            text: what search indexes; at most ``max_text_bytes``.
+            text: what search indexes; at most ``max_text_bytes``. ``""`` keeps the
+                item out of search (without it, a string value or the value's
+                ``text``/``content`` field is indexed).
             metadata: a JSON object of filterable attributes.
             fence: ``(lease name, token)`` from :meth:`acquire`: the write is refused
                 once a newer token of that lease was issued (another agent acquired it
@@ -310,7 +312,7 @@ class Hive(ABC):
 
         What is indexed: the item's ``text`` if given, otherwise its value when it is
         a string, otherwise the value's ``text`` or ``content`` field; items with
-        none of these are not searchable.
+        none of these, or with ``text=""``, are not searchable.
 
         Args:
             query: non-empty text (at most 4096 characters).

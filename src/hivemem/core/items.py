@@ -48,9 +48,10 @@ def to_item(row: ItemRow) -> Item:
 
 
 def searchable_text(text: str | None, value: Any) -> str | None:
-    """What search indexes for an item (see the module notes), or None."""
+    """What search indexes for an item (see the module notes), or None: an empty
+    ``text`` keeps the item out of search (no fallback to its value)."""
     if text is not None:
-        return text
+        return text or None
     if isinstance(value, str):
         return value
     if isinstance(value, Mapping):

@@ -2,7 +2,8 @@
 
 What is indexed: an item's ``text`` if given, otherwise its value when the value
 is a string, otherwise the value's ``text`` or ``content`` field when that is a
-string. Items with none of these are stored but not searchable.
+string. Items with none of these, or with an empty ``text``, are stored but not
+searchable.
 
 A search runs in three steps (every number below is a setting, see
 :class:`~hivemem.config.Settings`):
