@@ -72,6 +72,7 @@ _COMMANDS: list[tuple[typer.Typer, str, Callable[..., Any]]] = [
     (app, "reindex", operations.reindex),
     (app, "publish", items.publish),
     (app, "worker", coordination.worker),
+    (app, "mcp", operations.mcp),
     (session_app, "create", sessions.session_create),
     (session_app, "get", sessions.session_get),
     (session_app, "ls", sessions.session_list),

@@ -14,7 +14,17 @@ from pydantic_core import to_json
 from rich.markup import escape
 
 import hivemem
-from hivemem.cli.common import DEFAULT_URL, JsonOpt, err, fail, guard, progress, table, ts
+from hivemem.cli.common import (
+    DEFAULT_URL,
+    JsonOpt,
+    err,
+    fail,
+    guard,
+    progress,
+    root_options,
+    table,
+    ts,
+)
 from hivemem.config import Settings
 from hivemem.errors import InvalidInput, NotFound
 
@@ -306,3 +316,55 @@ def agents_revoke(
     if not _with_keys(store, lambda keys: keys.revoke(name, by="cli")):
         fail(NotFound(f"no agent {name!r}", field="name"))
     err.print(f"revoked agent [bold]{escape(name)}[/] and its keys")
+
+
+def mcp(
+    ctx: typer.Context,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="A hivemem service to act through (http://host:port). Default: the global "
+            "--url, env HIVEMEM_URL.",
+        ),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="An embedded store to open instead (sqlite:///./hive.db, postgresql://..., "
+            "redis://...).",
+        ),
+    ] = None,
+    agent: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="Agent identity of the calls. Default: the global --agent (with --auth on "
+            "the service, the API key's agent; env HIVEMEM_API_KEY).",
+        ),
+    ] = None,
+) -> None:
+    """Serve the hive's tools to an MCP client over stdio (for clients that start their
+    server themselves: put this command in their configuration).
+
+    Tools: memory_put/get/delete/list/search/history, session_create/append/get,
+    publish, watch_since, task_submit, task_result. Needs `pip install 'hivemem\\[mcp]'`.
+    Nothing but the protocol is written to stdout; notes go to stderr.
+    """
+    import asyncio
+
+    try:
+        from hivemem.integrations.mcp import build_server
+    except ImportError:
+        err.print("[red]the MCP server needs the mcp package: pip install 'hivemem\\[mcp]'[/]")
+        raise typer.Exit(2) from None
+    base = root_options(ctx)
+    target = store or url or base.url
+
+    async def main() -> None:
+        async with hivemem.connect(target, agent=agent or base.agent) as hive:
+            await build_server(hive).run_stdio_async()
+
+    with guard():
+        asyncio.run(main())

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import re
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -22,6 +22,7 @@ from hivemem.service import (
     events,
     guards,
     items,
+    mcp,
     openapi,
     problems,
     search,
@@ -53,10 +54,14 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
             f"the service needs a local store URL, not {redact_url(url)!r}", field="store"
         )
     state = ServiceState(hive, settings)
+    mcp_run: list[Callable[[], contextlib.AbstractAsyncContextManager[None]]] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await hive.open()
+        tools = contextlib.AsyncExitStack()
+        for run in mcp_run:
+            await tools.enter_async_context(run())
         warming = asyncio.create_task(hive.warm(), name="hivemem-warm")
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[None]] = set()
@@ -78,6 +83,7 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
         try:
             yield
         finally:
+            await tools.aclose()
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             warming.cancel()
@@ -108,6 +114,9 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     app.include_router(events.router)
     app.include_router(tasks.router)
     app.include_router(coordination.router)
+    run = mcp.mount(app)
+    if run is not None:
+        mcp_run.append(run)
     openapi.install(app, settings)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive.")

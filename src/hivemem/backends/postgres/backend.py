@@ -31,8 +31,8 @@ cursor of the newest event. Nor would it be faster here: ``bench/pg_feed_lock.py
 replaces the lock by a plain sequence (no guarantee at all) and measured the same
 puts/s from two processes (median 3,835 with the lock, 3,614 without, on 2 cores):
 the writers' client CPU bounds them. The price of this scheme is that commits of
-event-appending transactions are serialised: each holds the head lock from its last statement through its
-commit. Writes run in pipeline mode (see engine.py), so that statement reaches
+event-appending transactions are serialised: each holds the head lock from its last
+statement through its commit. Writes run in pipeline mode (see engine.py), so that statement reaches
 the server in the same flight as the COMMIT and the lock is held for its
 execution and one WAL flush, not for a client round trip (except a ``publish``
 with a request id, whose stored result needs the new cursor). Single puts without a
