@@ -26,9 +26,12 @@ from hivemem.integrations.strands import (
     HivememSessionRepository,
     shared_memory_tools,
 )
-from tests.strands_scripted import ScriptedModel
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "integrations"
+sys.path.insert(0, str(EXAMPLES))
+from scripted import ScriptedModel  # noqa: E402  (the examples' scripted model)
+
 SETTINGS = hivemem.Settings(embedder="none")
 
 
@@ -94,7 +97,8 @@ import hivemem
 from strands import Agent
 from strands.session.repository_session_manager import RepositorySessionManager
 from hivemem.integrations.strands import HivememSessionRepository
-from tests.strands_scripted import ScriptedModel
+sys.path.insert(0, "examples/integrations")
+from scripted import ScriptedModel
 
 url, agent_name = sys.argv[1], sys.argv[2]
 settings = hivemem.Settings(embedder="none")

@@ -11,6 +11,7 @@ for the tool's action. Mounted only when the ``mcp`` package is installed
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
@@ -73,6 +74,8 @@ def mount(app: FastAPI) -> Callable[[], AbstractAsyncContextManager[None]] | Non
             await state.limiter.hit(principal.agent, action)
         return state.view(principal)
 
+    # Its session manager logs its start and stop at INFO: the service says what it serves.
+    logging.getLogger("mcp.server.streamable_http_manager").setLevel(logging.WARNING)
     server = build_server(provider)
     # Host and Origin checks are the deployment's (TrustedHostMiddleware, a proxy):
     # MCP's own default would refuse every host but loopback.

@@ -1,6 +1,6 @@
 """A scripted Strands model: each call to ``stream`` plays the next step of a script (a
-tool call or a text answer), so an agent runs its real loop with no model key. Used by
-tests/test_strands.py and its subprocesses."""
+tool call or a text answer), so an agent runs its real loop with no model key. The
+examples here use it, and so do the tests of the Strands adapters."""
 
 from __future__ import annotations
 

@@ -1,0 +1,34 @@
+"""examples/integrations/ run end to end: each starts a service and two agent processes,
+the second resuming what the first left in hivemem, and checks what it read back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "integrations"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    ("script", "expected"),
+    [
+        ("langgraph_pods.py", "pod-b: published 'v42: faster writes, MCP tools', approved by ana"),
+        ("strands_pods.py", "pod-b: read pod A's entry {'issue': 'refund for order 991'}"),
+    ],
+)
+def test_the_example_runs_and_the_second_pod_resumes(script: str, expected: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert expected in done.stdout
+    assert done.stdout.rstrip().endswith("ok")
+    assert "Traceback" not in done.stderr
