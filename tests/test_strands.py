@@ -261,3 +261,34 @@ def test_the_memory_store_behind_a_memory_manager(hive: hivemem.SyncHive) -> Non
     ]
     assert found["status"] == "success"
     assert "deploys freeze on fridays" in json.dumps(found["content"])
+
+
+def test_a_multi_agent_graph_keeps_its_state_in_the_session(hive: hivemem.SyncHive) -> None:
+    """A Strands Graph of two agents (scripted) persists its execution state through the
+    repository's multi-agent methods: created, then updated as nodes complete."""
+    import warnings
+
+    from strands.multiagent.graph import GraphBuilder
+
+    def build(repo: HivememSessionRepository) -> Any:
+        builder = GraphBuilder()
+        for name, answer in (("research", "facts"), ("write", "report")):
+            node = Agent(name=name, model=ScriptedModel([("text", answer)]), callback_handler=None)
+            builder.add_node(node, name)
+        builder.add_edge("research", "write")
+        builder.set_entry_point("research")
+        builder.set_graph_id("g1")
+        builder.set_session_manager(
+            RepositorySessionManager(session_id="g-1", session_repository=repo)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unbounded execution: two scripted nodes
+            return builder.build()
+
+    result = build(HivememSessionRepository(hive))("write the report")
+    assert str(result.status).endswith("COMPLETED")
+    state = HivememSessionRepository(hive).read_multi_agent("g-1", "g1")
+    assert state is not None and state["status"] == "completed"
+    assert sorted(state["completed_nodes"]) == ["research", "write"]
+    item = hive.get("strands/g-1", "multi.g1")
+    assert item is not None and item.version >= 3  # created, then updated per node
