@@ -36,8 +36,10 @@ SETTINGS = hivemem.Settings(embedder="none")
 
 
 @pytest.fixture
-def hive(tmp_path: Path) -> Iterator[hivemem.SyncHive]:
-    with hivemem.connect_sync(f"sqlite:///{tmp_path}/s.db", agent="pod-a", settings=SETTINGS) as h:
+def hive(hive_url: str) -> Iterator[hivemem.SyncHive]:
+    """A SyncHive acting as ``pod-a`` on each store kind (embedded and the service)."""
+    remote = hive_url.startswith("http")
+    with hivemem.connect_sync(hive_url, agent="pod-a", settings=None if remote else SETTINGS) as h:
         yield h
 
 
@@ -51,7 +53,7 @@ def _tool_results(agent: Agent) -> list[Any]:
     return out
 
 
-def test_the_agent_calls_each_of_the_six_tools(hive: hivemem.SyncHive) -> None:
+def test_the_agent_calls_each_of_the_six_tools(hive: hivemem.SyncHive, ns: str) -> None:
     model = ScriptedModel(
         [
             ("tool", "store_shared_data", {"key": "plan", "value": {"step": 1}, "area": "team"}),
@@ -69,7 +71,7 @@ def test_the_agent_calls_each_of_the_six_tools(hive: hivemem.SyncHive) -> None:
         ]
     )
     head = hive.head()
-    agent = Agent(model=model, tools=shared_memory_tools(hive), callback_handler=None)
+    agent = Agent(model=model, tools=shared_memory_tools(hive, namespace=ns), callback_handler=None)
     reply = agent("remember the plan")
     assert "all stored" in str(reply)
 
@@ -82,10 +84,10 @@ def test_the_agent_calls_each_of_the_six_tools(hive: hivemem.SyncHive) -> None:
     assert fast_read["found"] and fast_read["value"] == "tmp"
     assert broadcast["stored"] == "result"
 
-    item = hive.get("shared/team", "plan")
+    item = hive.get(f"{ns}/team", "plan")
     assert item is not None and item.value == {"step": 1} and item.version == 1
-    assert hive.get("shared", "result").value == [1, 2]  # type: ignore[union-attr]
-    events = hive.read_events("shared/broadcast", after=head).items
+    assert hive.get(ns, "result").value == [1, 2]  # type: ignore[union-attr]
+    events = hive.read_events(f"{ns}/broadcast", after=head).items
     assert [e.data for e in events if e.type == "publish"] == [
         {"key": "result", "version": 1, "author": "pod-a", "note": "ready"}
     ]
@@ -192,8 +194,9 @@ def test_two_processes_appending_to_one_session_keep_every_message_once(
         hive.close()
 
 
-def test_a_stale_copy_of_an_agents_state_is_refused(hive: hivemem.SyncHive) -> None:
-    first, second = HivememSessionRepository(hive), HivememSessionRepository(hive)
+def test_a_stale_copy_of_an_agents_state_is_refused(hive: hivemem.SyncHive, ns: str) -> None:
+    first = HivememSessionRepository(hive, prefix=ns)
+    second = HivememSessionRepository(hive, prefix=ns)
     agent = SessionAgent(agent_id="helper", state={"n": 0}, conversation_manager_state={})
     first.create_agent("s-3", agent)
     assert second.read_agent("s-3", "helper") is not None
@@ -204,8 +207,8 @@ def test_a_stale_copy_of_an_agents_state_is_refused(hive: hivemem.SyncHive) -> N
     assert found is not None and found.state == {"n": 1}
 
 
-def test_messages_are_read_updated_and_listed_by_id(hive: hivemem.SyncHive) -> None:
-    repo = HivememSessionRepository(hive)
+def test_messages_are_read_updated_and_listed_by_id(hive: hivemem.SyncHive, ns: str) -> None:
+    repo = HivememSessionRepository(hive, prefix=ns)
     for i in range(3):
         repo.create_message(
             "s-4", "a", SessionMessage({"role": "user", "content": [{"text": f"m{i}"}]}, i)
@@ -224,8 +227,8 @@ def test_messages_are_read_updated_and_listed_by_id(hive: hivemem.SyncHive) -> N
         repo.update_message("s-4", "a", SessionMessage({"role": "user", "content": []}, 9))
 
 
-def test_the_memory_store_behind_a_memory_manager(hive: hivemem.SyncHive) -> None:
-    store = HivememMemoryStore(hive, namespace="mem")
+def test_the_memory_store_behind_a_memory_manager(hive: hivemem.SyncHive, ns: str) -> None:
+    store = HivememMemoryStore(hive, namespace=f"{ns}/mem")
     import asyncio
 
     async def fill() -> None:
@@ -242,7 +245,7 @@ def test_the_memory_store_behind_a_memory_manager(hive: hivemem.SyncHive) -> Non
         assert await store.add_messages(other, AddMessagesContext([0])) == 1  # type: ignore[arg-type]
 
     asyncio.run(fill())
-    assert len(hive.list("mem").items) == 4
+    assert len(hive.list(f"{ns}/mem").items) == 4
 
     model = ScriptedModel(
         [("tool", "search_memory", {"query": "when do deploys freeze"}), ("text", "fridays")]
@@ -263,7 +266,9 @@ def test_the_memory_store_behind_a_memory_manager(hive: hivemem.SyncHive) -> Non
     assert "deploys freeze on fridays" in json.dumps(found["content"])
 
 
-def test_a_multi_agent_graph_keeps_its_state_in_the_session(hive: hivemem.SyncHive) -> None:
+def test_a_multi_agent_graph_keeps_its_state_in_the_session(
+    hive: hivemem.SyncHive, ns: str
+) -> None:
     """A Strands Graph of two agents (scripted) persists its execution state through the
     repository's multi-agent methods: created, then updated as nodes complete."""
     import warnings
@@ -285,10 +290,10 @@ def test_a_multi_agent_graph_keeps_its_state_in_the_session(hive: hivemem.SyncHi
             warnings.simplefilter("ignore")  # unbounded execution: two scripted nodes
             return builder.build()
 
-    result = build(HivememSessionRepository(hive))("write the report")
+    result = build(HivememSessionRepository(hive, prefix=ns))("write the report")
     assert str(result.status).endswith("COMPLETED")
-    state = HivememSessionRepository(hive).read_multi_agent("g-1", "g1")
+    state = HivememSessionRepository(hive, prefix=ns).read_multi_agent("g-1", "g1")
     assert state is not None and state["status"] == "completed"
     assert sorted(state["completed_nodes"]) == ["research", "write"]
-    item = hive.get("strands/g-1", "multi.g1")
+    item = hive.get(f"{ns}/g-1", "multi.g1")
     assert item is not None and item.version >= 3  # created, then updated per node
