@@ -37,6 +37,8 @@ TOOLS = {
     "watch_since",
     "task_submit",
     "task_result",
+    "once_begin",
+    "once_end",
 }
 SECRET = "m" * 40
 
@@ -103,6 +105,12 @@ async def _every_tool(client: Client, hive: hivemem.Hive, ns: str) -> None:
     await hive.complete(claimed, {"ok": True})
     done = await _call(client, "task_result", task_id=task["id"], wait_seconds=5)
     assert done["state"] == "completed" and done["result"] == {"ok": True}
+
+    ticket = await _call(client, "once_begin", key=f"{ns}:refund")
+    assert ticket["status"] == "run" and ticket["token"] is not None
+    await _call(client, "once_end", key=f"{ns}:refund", token=ticket["token"], result={"id": 7})
+    again = await _call(client, "once_begin", key=f"{ns}:refund")
+    assert again["status"] == "done" and again["result"] == {"id": 7}
 
     deleted = await _call(client, "memory_delete", namespace=ns, key="plan")
     assert deleted == {"deleted": True}

@@ -349,8 +349,8 @@ def mcp(
     server themselves: put this command in their configuration).
 
     Tools: memory_put/get/delete/list/search/history, session_create/append/get,
-    publish, watch_since, task_submit, task_result. Needs `pip install 'hivemem\\[mcp]'`.
-    Nothing but the protocol is written to stdout; notes go to stderr.
+    publish, watch_since, task_submit, task_result, once_begin, once_end.
+    Needs `pip install 'hivemem\\[mcp]'`. Nothing but the protocol is written to stdout; notes go to stderr.
     """
     import asyncio
 

@@ -27,7 +27,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import BaseModel, Field
 
 from hivemem.errors import HivememError
-from hivemem.models import Event, Item, Message, SearchHit, Session, Task
+from hivemem.models import Event, Item, Message, OnceTicket, SearchHit, Session, Task
 
 if TYPE_CHECKING:
     from hivemem.hive import Hive
@@ -87,6 +87,12 @@ class EventsPage(BaseModel):
 
     events: list[Event]
     next_after: str = Field(description="The cursor to pass as `after` next time.")
+
+
+class OnceEnded(BaseModel):
+    """The call's outcome was kept (result) or its key freed (error)."""
+
+    ended: bool
 
 
 class SessionView(BaseModel):
@@ -310,6 +316,39 @@ def build_server(hive: Hive | HiveProvider, *, name: str = "hivemem") -> MCPServ
         failed attempt's error."""
         h = await provider("tasks")
         return await h.result(task_id, wait=min(max(wait_seconds, 0.0), 30.0))
+
+    @tool
+    async def once_begin(
+        key: str, shared: bool = False, lease_seconds: float = 60.0, wait_seconds: float = 0
+    ) -> OnceTicket:
+        """Call before an action that must happen only once even if you are retried or
+        another agent tries it too (sending an email, charging a card, opening a ticket),
+        with a key naming that action (e.g. "ticket-991:refund"). status "run": do it,
+        then call once_end with the token within lease_seconds. "done": it was already
+        done; result is what was kept. "failed": it failed before and the error was kept.
+        "running": someone else is doing it now (wait_seconds, at most 30, to wait).
+        shared: one outcome for all agents instead of per agent."""
+        h = await provider("tasks")
+        return await h.begin_once(
+            key,
+            shared=shared,
+            lease=lease_seconds,
+            wait=min(max(wait_seconds, 0.0), 30.0) or None,
+        )
+
+    @tool
+    async def once_end(
+        key: str,
+        token: int,
+        result: Any = None,
+        error: str | None = None,
+        shared: bool = False,
+    ) -> OnceEnded:
+        """Finish an action begun with once_begin (status "run"): pass its result to keep
+        it for later callers, or error if it failed (the key is then free to try again)."""
+        h = await provider("tasks")
+        await h.end_once(key, token, shared=shared, result=result, error=error)
+        return OnceEnded(ended=True)
 
     return server
 
