@@ -350,7 +350,8 @@ def mcp(
 
     Tools: memory_put/get/delete/list/search/history, session_create/append/get,
     publish, watch_since, task_submit, task_result, once_begin, once_end.
-    Needs `pip install 'hivemem\\[mcp]'`. Nothing but the protocol is written to stdout; notes go to stderr.
+    Needs `pip install 'hivemem\\[mcp]'`. Nothing but the protocol is written to stdout;
+    notes go to stderr.
     """
     import asyncio
 
