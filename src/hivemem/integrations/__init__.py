@@ -5,5 +5,11 @@ framework only when its module is imported; ``import hivemem`` never loads one. 
 works against any hive: embedded (SQLite, PostgreSQL, Redis) or a service
 (``hivemem.connect(url)``).
 
-- :mod:`hivemem.integrations.langgraph`: ``HivememStore`` (LangGraph ``BaseStore``).
+- :mod:`hivemem.integrations.langgraph`: ``HivememStore`` (``BaseStore``) and
+  ``HivememSaver`` (``BaseCheckpointSaver``).
+- :mod:`hivemem.integrations.mcp`: ``build_server`` (the MCP tools; ``hivemem mcp``, and
+  ``/mcp`` on the service).
+- :mod:`hivemem.integrations.strands`: ``shared_memory_tools``,
+  ``HivememSessionRepository``, ``HivememMemoryStore``.
+- :mod:`hivemem.integrations.openai_agents`: ``HivememSession`` (the SDK's ``Session``).
 """
