@@ -19,6 +19,10 @@ pytestmark = pytest.mark.slow
     [
         ("langgraph_pods.py", "pod-b: published 'v42: faster writes, MCP tools', approved by ana"),
         ("strands_pods.py", "pod-b: read pod A's entry {'issue': 'refund for order 991'}"),
+        (
+            "openai_agents_pods.py",
+            "pod-b: the model was given pod A's conversation before the question",
+        ),
     ],
 )
 def test_the_example_runs_and_the_second_pod_resumes(script: str, expected: str) -> None:

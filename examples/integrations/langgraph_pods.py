@@ -26,12 +26,8 @@ Needs ``pip install 'hivemem[langgraph]'``.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
+from pathlib import Path
 from typing import Any
 
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -43,6 +39,9 @@ from typing_extensions import TypedDict
 
 import hivemem
 from hivemem.integrations.langgraph import HivememSaver, HivememStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pods import run_pods
 
 THREAD = {"configurable": {"thread_id": "release-42"}}
 
@@ -109,36 +108,7 @@ def main() -> int:
     if len(sys.argv) == 3:
         pod(sys.argv[1], sys.argv[2])
         return 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "HIVEMEM_EMBEDDER": "none"}
-        serve = [sys.executable, "-m", "hivemem", "serve", "--port", str(port)]
-        server = subprocess.Popen(
-            [*serve, "--store", f"sqlite:///{tmp}/hive.db", "--log-level", "warning"], env=env
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/readyz", timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        print("the service did not start", file=sys.stderr)
-                        return 1
-                    time.sleep(0.1)
-            for name in ("pod-a", "pod-b"):
-                done = subprocess.run([sys.executable, __file__, url, name], timeout=120)
-                if done.returncode != 0:
-                    return 1
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
-    print("ok")
-    return 0
+    return run_pods(__file__, ["pod-a", "pod-b"])
 
 
 if __name__ == "__main__":

@@ -25,13 +25,7 @@ Needs ``pip install 'hivemem[strands]'``.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +36,7 @@ import hivemem
 from hivemem.integrations.strands import HivememSessionRepository, shared_memory_tools
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pods import run_pods
 from scripted import ScriptedModel
 
 SCRIPTS = {
@@ -94,36 +89,7 @@ def main() -> int:
     if len(sys.argv) == 3:
         pod(sys.argv[1], sys.argv[2])
         return 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "HIVEMEM_EMBEDDER": "none"}
-        serve = [sys.executable, "-m", "hivemem", "serve", "--port", str(port)]
-        server = subprocess.Popen(
-            [*serve, "--store", f"sqlite:///{tmp}/hive.db", "--log-level", "warning"], env=env
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/readyz", timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or server.poll() is not None:
-                        print("the service did not start", file=sys.stderr)
-                        return 1
-                    time.sleep(0.1)
-            for name in ("pod-a", "pod-b"):
-                done = subprocess.run([sys.executable, __file__, url, name], timeout=120)
-                if done.returncode != 0:
-                    return 1
-        finally:
-            server.terminate()
-            server.wait(timeout=10)
-    print("ok")
-    return 0
+    return run_pods(__file__, ["pod-a", "pod-b"])
 
 
 if __name__ == "__main__":
