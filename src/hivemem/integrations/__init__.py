@@ -12,4 +12,5 @@ works against any hive: embedded (SQLite, PostgreSQL, Redis) or a service
 - :mod:`hivemem.integrations.strands`: ``shared_memory_tools``,
   ``HivememSessionRepository``, ``HivememMemoryStore``.
 - :mod:`hivemem.integrations.openai_agents`: ``HivememSession`` (the SDK's ``Session``).
+- :mod:`hivemem.integrations.adk`: ``HivememSessionService``, ``HivememMemoryService``.
 """

@@ -1,0 +1,426 @@
+"""Google ADK on hivemem (``pip install 'hivemem[adk]'``; google-adk 2.13).
+
+- :class:`HivememSessionService`: ADK's ``BaseSessionService``, so
+  ``Runner(agent=..., app_name=..., session_service=HivememSessionService(hive))`` keeps
+  sessions, their events and their state in hivemem, shared by every replica.
+- :class:`HivememMemoryService`: ADK's ``BaseMemoryService`` on hivemem's hybrid search.
+
+Layout under ``prefix`` (default ``adk``; names escaped as
+:mod:`hivemem.integrations.labels` says), all under one top-level segment so a batch is
+atomic on every store, Redis Cluster included:
+
+- ``<prefix>/<app>/app``, item ``state``: the ``app:`` state of the app;
+- ``<prefix>/<app>/user/<user>``, item ``state``: the ``user:`` state of a user;
+- ``<prefix>/<app>/s/<user>``, one item per session: its own state, its update time and
+  its event count;
+- ``<prefix>/<app>/e/<user>/<session>``, one item per event, keyed by its number
+  inverted (newest first: ``num_recent_events`` is one page);
+- ``<prefix>/<app>/memory/<user>``: what ``add_session_to_memory`` stored, one item per
+  event with text.
+
+State follows ADK's prefixes: ``app:`` keys are shared by the app's sessions, ``user:``
+keys by a user's sessions, ``temp:`` keys are never stored, the rest belong to the
+session. ``append_event`` writes the event, the session's new state and update time,
+and the app and user state it changes in one hivemem batch, with compare-and-set on
+each item it read: a session copy older than what is stored (its ``last_update_time``
+behind the stored one, or another append landing between this one's read and write)
+raises ADK's ``StaleSessionError``, and nothing is written. Update times strictly
+increase per session, so every append makes earlier copies stale.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from google.adk.errors._stale_session_error import StaleSessionError
+from google.adk.errors.already_exists_error import AlreadyExistsError
+from google.adk.events.event import Event
+from google.adk.memory.base_memory_service import BaseMemoryService, SearchMemoryResponse
+from google.adk.memory.memory_entry import MemoryEntry
+from google.adk.sessions import _session_util
+from google.adk.sessions.base_session_service import (
+    BaseSessionService,
+    GetSessionConfig,
+    ListSessionsResponse,
+)
+from google.adk.sessions.session import Session
+from google.adk.sessions.state import State
+from google.genai import types
+
+from hivemem import models
+from hivemem.errors import Conflict
+from hivemem.integrations.labels import decode, encode_key, encode_label
+
+if TYPE_CHECKING:
+    from hivemem.hive import Hive
+
+_TOP = 10**12 - 1
+_PAGE = 1000
+_BATCH = 100
+#: Rounds an append retries when only the shared app or user state moved meanwhile.
+ATTEMPTS = 20
+
+
+class _Names:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def app(self, app: str) -> str:
+        return f"{self.prefix}/{encode_label(app)}"
+
+    def app_state(self, app: str) -> str:
+        return f"{self.app(app)}/app"
+
+    def user_state(self, app: str, user: str) -> str:
+        return f"{self.app(app)}/user/{encode_label(user)}"
+
+    def sessions(self, app: str, user: str | None = None) -> str:
+        base = f"{self.app(app)}/s"
+        return base if user is None else f"{base}/{encode_label(user)}"
+
+    def events(self, app: str, user: str, session_id: str) -> str:
+        return f"{self.app(app)}/e/{encode_label(user)}/{encode_label(session_id)}"
+
+    def memory(self, app: str, user: str) -> str:
+        return f"{self.app(app)}/memory/{encode_label(user)}"
+
+
+class HivememSessionService(BaseSessionService):
+    """ADK ``BaseSessionService`` on an async :class:`~hivemem.Hive` (embedded or a
+    service; used on the event loop ADK runs in). See the module notes for the layout
+    and the compare-and-set rules.
+
+    Raises (besides ADK's own errors named per method):
+    :class:`~hivemem.errors.Unavailable` when the store or service cannot be reached,
+    :class:`~hivemem.errors.TooLarge` for an event or state over ``max_value_bytes``.
+    """
+
+    def __init__(self, hive: Hive, *, prefix: str = "adk") -> None:
+        self._hive = hive
+        self._names = _Names(prefix)
+
+    async def _list(self, namespace: str, key_prefix: str = "") -> list[models.Item]:
+        found: list[models.Item] = []
+        cursor: str | None = None
+        while True:
+            page = await self._hive.list(
+                namespace, key_prefix=key_prefix, limit=_PAGE, cursor=cursor
+            )
+            found += page.items
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
+
+    async def _state(self, namespace: str) -> tuple[dict[str, Any], int]:
+        item = await self._hive.get(namespace, "state")
+        return (dict(item.value), item.version) if item is not None else ({}, 0)
+
+    async def _merged(self, app: str, user: str, own: dict[str, Any]) -> dict[str, Any]:
+        (app_state, _), (user_state, _) = (
+            await self._state(self._names.app_state(app)),
+            await self._state(self._names.user_state(app, user)),
+        )
+        state = dict(own)
+        state.update({State.APP_PREFIX + k: v for k, v in app_state.items()})
+        state.update({State.USER_PREFIX + k: v for k, v in user_state.items()})
+        return state
+
+    def _shared_ops(
+        self,
+        app: str,
+        user: str,
+        deltas: dict[str, dict[str, Any]],
+        read: dict[str, tuple[dict[str, Any], int]],
+    ) -> list[models.PutOp]:
+        ops = []
+        for kind, namespace in (
+            ("app", self._names.app_state(app)),
+            ("user", self._names.user_state(app, user)),
+        ):
+            if deltas[kind]:
+                current, version = read[kind]
+                ops.append(
+                    models.PutOp(
+                        namespace=namespace,
+                        key="state",
+                        value={**current, **deltas[kind]},
+                        if_version=version,
+                    )
+                )
+        return ops
+
+    async def create_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        state: dict[str, Any] | None = None,
+        session_id: str | None = None,
+    ) -> Session:
+        """A new session (``AlreadyExistsError`` if ``session_id`` is taken)."""
+        session_id = (session_id or "").strip() or str(uuid.uuid4())
+        deltas = _session_util.extract_state_delta(_session_util.make_json_safe_state(state or {}))
+        now = time.time()
+        for attempt in range(ATTEMPTS):
+            read = {
+                "app": await self._state(self._names.app_state(app_name)),
+                "user": await self._state(self._names.user_state(app_name, user_id)),
+            }
+            record = models.PutOp(
+                namespace=self._names.sessions(app_name, user_id),
+                key=encode_key(session_id),
+                value={
+                    "id": session_id,
+                    "state": deltas["session"],
+                    "update_time": now,
+                    "events": 0,
+                },
+                if_version=0,
+            )
+            try:
+                await self._hive.batch([record, *self._shared_ops(app_name, user_id, deltas, read)])
+                break
+            except Conflict as exc:
+                if exc.field in ("if_version", "ops.0.if_version"):
+                    raise AlreadyExistsError(
+                        f"Session with id {session_id} already exists."
+                    ) from exc
+                if attempt == ATTEMPTS - 1:
+                    raise
+        return Session(
+            app_name=app_name,
+            user_id=user_id,
+            id=session_id,
+            state=await self._merged(app_name, user_id, deltas["session"]),
+            last_update_time=now,
+        )
+
+    async def get_session(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        session_id: str,
+        config: GetSessionConfig | None = None,
+    ) -> Session | None:
+        """The session with its events (the latest ``num_recent_events``, those at or
+        after ``after_timestamp``) and its state merged with the app's and the user's;
+        None if absent."""
+        session_id = session_id.strip() if session_id else session_id
+        record = await self._hive.get(
+            self._names.sessions(app_name, user_id), encode_key(session_id)
+        )
+        if record is None:
+            return None
+        namespace = self._names.events(app_name, user_id, session_id)
+        wanted = config.num_recent_events if config else None
+        if wanted == 0:
+            items: list[models.Item] = []
+        elif wanted is not None:
+            items = []
+            cursor: str | None = None
+            while len(items) < wanted:
+                page = await self._hive.list(
+                    namespace, key_prefix="", limit=min(_PAGE, wanted - len(items)), cursor=cursor
+                )
+                items += page.items
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+        else:
+            items = await self._list(namespace)
+        events = [Event.model_validate(i.value) for i in reversed(items)]
+        if config is not None and config.after_timestamp is not None:
+            after = config.after_timestamp
+            events = [e for e in events if e.timestamp >= after]
+        return Session(
+            app_name=app_name,
+            user_id=user_id,
+            id=session_id,
+            state=await self._merged(app_name, user_id, record.value["state"]),
+            events=events,
+            last_update_time=record.value["update_time"],
+        )
+
+    async def list_sessions(
+        self, *, app_name: str, user_id: str | None = None
+    ) -> ListSessionsResponse:
+        """The sessions of a user (every user's when None), without events, oldest
+        update first."""
+        found = []
+        for item in await self._list(self._names.sessions(app_name, user_id)):
+            user = user_id if user_id is not None else decode(item.namespace.rsplit("/", 1)[1])
+            found.append(
+                Session(
+                    app_name=app_name,
+                    user_id=user,
+                    id=item.value["id"],
+                    state=await self._merged(app_name, user, item.value["state"]),
+                    last_update_time=item.value["update_time"],
+                )
+            )
+        found.sort(key=lambda s: (s.last_update_time, s.user_id, s.id))
+        return ListSessionsResponse(sessions=found)
+
+    async def delete_session(self, *, app_name: str, user_id: str, session_id: str) -> None:
+        """Delete the session and its events (the app and user state stay)."""
+        doomed: list[models.PutOp | models.DeleteOp] = [
+            models.DeleteOp(namespace=i.namespace, key=i.key)
+            for i in await self._list(self._names.events(app_name, user_id, session_id))
+        ]
+        doomed.append(
+            models.DeleteOp(
+                namespace=self._names.sessions(app_name, user_id), key=encode_key(session_id)
+            )
+        )
+        for start in range(0, len(doomed), _BATCH):
+            await self._hive.batch(doomed[start : start + _BATCH])
+
+    async def get_user_state(self, *, app_name: str, user_id: str) -> dict[str, Any]:
+        """The user's ``user:`` state, without the prefix."""
+        state, _ = await self._state(self._names.user_state(app_name, user_id))
+        return state
+
+    async def append_event(self, session: Session, event: Event) -> Event:
+        """Store ``event`` and the state it changes; see the module notes.
+
+        Raises:
+            StaleSessionError: ``session`` is older than the stored session.
+            ValueError: the session does not exist.
+        """
+        if event.partial:
+            return event
+        self._apply_temp_state(session, event)
+        event = self._trim_temp_delta_state(event)
+        deltas = _session_util.extract_state_delta(
+            _session_util.make_json_safe_state(
+                event.actions.state_delta if event.actions and event.actions.state_delta else {}
+            )
+        )
+        sessions_ns = self._names.sessions(session.app_name, session.user_id)
+        for attempt in range(ATTEMPTS):
+            record = await self._hive.get(sessions_ns, encode_key(session.id))
+            if record is None:
+                raise ValueError(f"Session {session.id} not found.")
+            stored = record.value
+            if stored["update_time"] > session.last_update_time:
+                raise StaleSessionError(
+                    "The last_update_time provided in the session object is earlier than the "
+                    "update_time in storage. Please check if it is a stale session."
+                )
+            read = {
+                "app": await self._state(self._names.app_state(session.app_name)),
+                "user": await self._state(
+                    self._names.user_state(session.app_name, session.user_id)
+                ),
+            }
+            number = int(stored["events"])
+            update_time = max(float(event.timestamp), float(stored["update_time"]) + 1e-6)
+            ops: list[models.PutOp | models.DeleteOp] = [
+                models.PutOp(
+                    namespace=sessions_ns,
+                    key=encode_key(session.id),
+                    value={
+                        **stored,
+                        "state": {**stored["state"], **deltas["session"]},
+                        "update_time": update_time,
+                        "events": number + 1,
+                    },
+                    if_version=record.version,
+                ),
+                models.PutOp(
+                    namespace=self._names.events(session.app_name, session.user_id, session.id),
+                    key=f"{_TOP - number:012d}",
+                    value=event.model_dump(mode="json", exclude_none=True),
+                    text="",
+                ),
+                *self._shared_ops(session.app_name, session.user_id, deltas, read),
+            ]
+            try:
+                await self._hive.batch(ops)
+            except Conflict as exc:
+                if exc.field in (None, "ops.0.if_version"):
+                    raise StaleSessionError(
+                        f"Session {session.id} was changed by another writer meanwhile."
+                    ) from exc
+                if attempt == ATTEMPTS - 1:
+                    raise
+                continue  # only the shared app or user state moved: read it again
+            self._commit_event_to_session(session, event)
+            session.last_update_time = update_time
+            return event
+        raise AssertionError("unreachable")
+
+
+class HivememMemoryService(BaseMemoryService):
+    """ADK ``BaseMemoryService`` on an async :class:`~hivemem.Hive`: the text of a
+    session's events is stored per user (``<prefix>/<app>/memory/<user>``, one item per
+    event, so adding a session again stores nothing twice) and found by hivemem's
+    hybrid search."""
+
+    def __init__(self, hive: Hive, *, prefix: str = "adk", limit: int = 10) -> None:
+        self._hive = hive
+        self._names = _Names(prefix)
+        self.limit = limit
+
+    async def add_session_to_memory(self, session: Session) -> None:
+        ops: list[models.PutOp | models.DeleteOp] = []
+        for event in session.events:
+            text = (
+                " ".join(p.text for p in (event.content.parts or []) if event.content and p.text)
+                if event.content
+                else ""
+            )
+            if not text.strip():
+                continue
+            ops.append(
+                models.PutOp(
+                    namespace=self._names.memory(session.app_name, session.user_id),
+                    key=encode_key(event.id),
+                    value={
+                        "text": text,
+                        "author": event.author,
+                        "timestamp": event.timestamp,
+                        "session": session.id,
+                    },
+                    text=text,
+                )
+            )
+        for start in range(0, len(ops), _BATCH):
+            await self._hive.batch(ops[start : start + _BATCH])
+
+    async def search_memory(
+        self, *, app_name: str, user_id: str, query: str
+    ) -> SearchMemoryResponse:
+        if not query.strip():
+            return SearchMemoryResponse()
+        hits = await self._hive.search(
+            self._names.memory(app_name, user_id), query, limit=self.limit
+        )
+        return SearchMemoryResponse(
+            memories=[
+                MemoryEntry(
+                    content=types.Content(
+                        parts=[types.Part(text=h.item.value["text"])], role="user"
+                    ),
+                    author=h.item.value.get("author"),
+                    id=decode(h.item.key),
+                    timestamp=_iso(h.item.value.get("timestamp")),
+                    custom_metadata={"score": h.score, "session": h.item.value.get("session")},
+                )
+                for h in hits
+            ]
+        )
+
+
+def _iso(ts: Any) -> str | None:
+    if not isinstance(ts, int | float):
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+__all__ = ["ATTEMPTS", "HivememMemoryService", "HivememSessionService"]
