@@ -249,3 +249,54 @@ async def test_the_memory_service_finds_what_a_session_said(hive: hivemem.Hive, 
     assert len({m.id for m in found.memories}) == len(found.memories)
     other = await memory.search_memory(app_name="app", user_id="bob", query="green tea")
     assert other.memories == []
+
+
+async def test_artifacts_behave_as_adks_in_memory_artifact_service(
+    hive: hivemem.Hive, ns: str
+) -> None:
+    from google.adk.artifacts.in_memory_artifact_service import InMemoryArtifactService
+
+    from hivemem.integrations.adk import HivememArtifactService
+
+    ours, theirs = HivememArtifactService(hive, prefix=ns), InMemoryArtifactService()
+    png = types.Part(inline_data=types.Blob(mime_type="image/png", data=b"\x89PNG\x00\x01"))
+    where = {"app_name": "app", "user_id": "ann"}
+
+    async def both(method: str, **kw: Any) -> tuple[Any, Any]:
+        return await getattr(ours, method)(**where, **kw), await getattr(theirs, method)(
+            **where, **kw
+        )
+
+    for kw in (
+        {"filename": "report.txt", "session_id": "s1", "artifact": types.Part(text="v0")},
+        {"filename": "report.txt", "session_id": "s1", "artifact": types.Part(text="v1")},
+        {"filename": "user:avatar.png", "session_id": "s1", "artifact": png},
+        {"filename": "notes/a b.md", "session_id": "s2", "artifact": {"text": "dict form"}},
+    ):
+        a, b = await both("save_artifact", **kw, custom_metadata={"by": "test"})
+        assert a == b
+    for kw in (
+        {"filename": "report.txt", "session_id": "s1"},
+        {"filename": "report.txt", "session_id": "s1", "version": 0},
+        {"filename": "report.txt", "session_id": "s1", "version": 7},
+        {"filename": "user:avatar.png", "session_id": "s9"},
+        {"filename": "missing", "session_id": "s1"},
+    ):
+        a, b = await both("load_artifact", **kw)
+        assert a == b, kw
+    for session_id in ("s1", "s2", None):
+        a, b = await both("list_artifact_keys", session_id=session_id)
+        assert a == b, session_id
+    a, b = await both("list_versions", filename="report.txt", session_id="s1")
+    assert a == b == [0, 1]
+    a, b = await both("list_artifact_versions", filename="report.txt", session_id="s1")
+    assert [(v.version, v.mime_type, v.custom_metadata) for v in a] == [
+        (v.version, v.mime_type, v.custom_metadata) for v in b
+    ]
+    a, b = await both("get_artifact_version", filename="user:avatar.png", session_id="s1")
+    assert a is not None and b is not None and a.mime_type == b.mime_type == "image/png"
+    await both("delete_artifact", filename="report.txt", session_id="s1")
+    a, b = await both("list_artifact_keys", session_id="s1")
+    assert a == b == ["user:avatar.png"]
+    a, b = await both("save_artifact", filename="report.txt", session_id="s1", artifact=png)
+    assert a == b == 0  # numbering starts again after a delete

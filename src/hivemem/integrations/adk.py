@@ -34,6 +34,11 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from google.adk.artifacts.base_artifact_service import (
+    ArtifactVersion,
+    BaseArtifactService,
+    ensure_part,
+)
 from google.adk.errors._stale_session_error import StaleSessionError
 from google.adk.errors.already_exists_error import AlreadyExistsError
 from google.adk.events.event import Event
@@ -51,7 +56,7 @@ from google.genai import types
 
 from hivemem import models
 from hivemem.errors import Conflict
-from hivemem.integrations.labels import decode, encode_key, encode_label
+from hivemem.integrations.labels import decode, encode_key, encode_label, encode_part
 
 if TYPE_CHECKING:
     from hivemem.hive import Hive
@@ -85,6 +90,10 @@ class _Names:
 
     def memory(self, app: str, user: str) -> str:
         return f"{self.app(app)}/memory/{encode_label(user)}"
+
+    def artifacts(self, app: str, user: str, session_id: str | None) -> str:
+        scope = "+" if session_id is None else encode_label(session_id)
+        return f"{self.app(app)}/a/{encode_label(user)}/{scope}"
 
 
 class HivememSessionService(BaseSessionService):
@@ -415,6 +424,208 @@ class HivememMemoryService(BaseMemoryService):
         )
 
 
+class HivememArtifactService(BaseArtifactService):
+    """ADK ``BaseArtifactService`` on an async :class:`~hivemem.Hive`: versioned files.
+
+    A file ``user:NAME`` belongs to the user (every session of theirs sees it); any other
+    needs a session id. Each version is an item ``v.<file>.<version>`` of the scope's
+    namespace (``<prefix>/<app>/a/<user>/<session or +>``) holding the ``Part`` as JSON
+    (bytes base64, so a version is at most the hive's ``max_value_bytes``) with its
+    metadata; ``h.<file>`` holds the next version number, taken with compare-and-set in
+    the same batch as the version, so two writers never get one number. Versions start
+    at 0. An ``artifact://`` reference is stored and returned as it is, not resolved.
+
+    Raises: ``InputValidationError`` (ADK's) for a session-scoped file without a session
+    id, or an empty part; hivemem's errors as the other services do.
+    """
+
+    def __init__(self, hive: Hive, *, prefix: str = "adk") -> None:
+        self._hive = hive
+        self._names = _Names(prefix)
+
+    def _where(self, app: str, user: str, filename: str, session_id: str | None) -> str:
+        from google.adk.errors.input_validation_error import InputValidationError
+
+        if filename.startswith("user:"):
+            return self._names.artifacts(app, user, None)
+        if session_id is None:
+            raise InputValidationError("Session ID must be provided for session-scoped artifacts.")
+        return self._names.artifacts(app, user, session_id)
+
+    async def save_artifact(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        filename: str,
+        artifact: types.Part | dict[str, Any],
+        session_id: str | None = None,
+        custom_metadata: dict[str, Any] | None = None,
+    ) -> int:
+        from google.adk.errors.input_validation_error import InputValidationError
+
+        part = ensure_part(artifact)
+        if part.inline_data is not None:
+            mime = part.inline_data.mime_type
+        elif part.text is not None:
+            mime = "text/plain"
+        elif part.file_data is not None:
+            mime = part.file_data.mime_type
+        else:
+            raise InputValidationError("Not supported artifact type.")
+        namespace = self._where(app_name, user_id, filename, session_id)
+        name = encode_part(filename)
+        for attempt in range(ATTEMPTS):
+            head = await self._hive.get(namespace, f"h.{name}")
+            version = int(head.value["next"]) if head is not None else 0
+            record = {
+                "filename": filename,
+                "part": part.model_dump(mode="json", exclude_none=True),
+                "mime_type": mime,
+                "custom_metadata": dict(custom_metadata or {}),
+                "create_time": time.time(),
+            }
+            try:
+                await self._hive.batch(
+                    [
+                        models.PutOp(
+                            namespace=namespace,
+                            key=f"h.{name}",
+                            value={"filename": filename, "next": version + 1},
+                            if_version=head.version if head is not None else 0,
+                        ),
+                        models.PutOp(
+                            namespace=namespace,
+                            key=f"v.{name}.{version:08d}",
+                            value=record,
+                            text="",
+                        ),
+                    ]
+                )
+                return version
+            except Conflict:
+                if attempt == ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _versions(
+        self, app_name: str, user_id: str, filename: str, session_id: str | None
+    ) -> list[models.Item]:
+        namespace = self._where(app_name, user_id, filename, session_id)
+        found: list[models.Item] = []
+        cursor: str | None = None
+        while True:
+            page = await self._hive.list(
+                namespace, key_prefix=f"v.{encode_part(filename)}.", limit=_PAGE, cursor=cursor
+            )
+            found += page.items
+            if page.next_cursor is None:
+                return found
+            cursor = page.next_cursor
+
+    @staticmethod
+    def _number(item: models.Item) -> int:
+        return int(item.key.rsplit(".", 1)[1])
+
+    async def load_artifact(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        filename: str,
+        session_id: str | None = None,
+        version: int | None = None,
+    ) -> types.Part | None:
+        namespace = self._where(app_name, user_id, filename, session_id)
+        if version is not None:
+            item = await self._hive.get(namespace, f"v.{encode_part(filename)}.{version:08d}")
+        else:
+            versions = await self._versions(app_name, user_id, filename, session_id)
+            item = versions[-1] if versions else None
+        if item is None:
+            return None
+        part = types.Part.model_validate(item.value["part"])
+        return None if part == types.Part() else part
+
+    async def list_artifact_keys(
+        self, *, app_name: str, user_id: str, session_id: str | None = None
+    ) -> list[str]:
+        names: set[str] = set()
+        scopes = [None] if session_id is None else [session_id, None]
+        for scope in scopes:
+            namespace = self._names.artifacts(app_name, user_id, scope)
+            cursor: str | None = None
+            while True:
+                page = await self._hive.list(namespace, key_prefix="h.", limit=_PAGE, cursor=cursor)
+                names.update(i.value["filename"] for i in page.items)
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+        return sorted(names)
+
+    async def delete_artifact(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        filename: str,
+        session_id: str | None = None,
+    ) -> None:
+        namespace = self._where(app_name, user_id, filename, session_id)
+        doomed: list[models.PutOp | models.DeleteOp] = [
+            models.DeleteOp(namespace=namespace, key=i.key)
+            for i in await self._versions(app_name, user_id, filename, session_id)
+        ]
+        doomed.append(models.DeleteOp(namespace=namespace, key=f"h.{encode_part(filename)}"))
+        for start in range(0, len(doomed), _BATCH):
+            await self._hive.batch(doomed[start : start + _BATCH])
+
+    async def list_versions(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        filename: str,
+        session_id: str | None = None,
+    ) -> list[int]:
+        items = await self._versions(app_name, user_id, filename, session_id)
+        return [self._number(i) for i in items]
+
+    def _version(self, item: models.Item) -> ArtifactVersion:
+        return ArtifactVersion(
+            version=self._number(item),
+            canonical_uri=f"hivemem://{item.namespace}/{item.key}",
+            custom_metadata=dict(item.value.get("custom_metadata") or {}),
+            create_time=float(item.value["create_time"]),
+            mime_type=item.value.get("mime_type"),
+        )
+
+    async def list_artifact_versions(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        filename: str,
+        session_id: str | None = None,
+    ) -> list[ArtifactVersion]:
+        items = await self._versions(app_name, user_id, filename, session_id)
+        return [self._version(i) for i in items]
+
+    async def get_artifact_version(
+        self,
+        *,
+        app_name: str,
+        user_id: str,
+        filename: str,
+        session_id: str | None = None,
+        version: int | None = None,
+    ) -> ArtifactVersion | None:
+        items = await self._versions(app_name, user_id, filename, session_id)
+        if version is not None:
+            items = [i for i in items if self._number(i) == version]
+        return self._version(items[-1]) if items else None
+
+
 def _iso(ts: Any) -> str | None:
     if not isinstance(ts, int | float):
         return None
@@ -423,4 +634,9 @@ def _iso(ts: Any) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
-__all__ = ["ATTEMPTS", "HivememMemoryService", "HivememSessionService"]
+__all__ = [
+    "ATTEMPTS",
+    "HivememArtifactService",
+    "HivememMemoryService",
+    "HivememSessionService",
+]
