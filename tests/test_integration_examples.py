@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
     [
         ("langgraph_pods.py", "pod-b: published 'v42: faster writes, MCP tools', approved by ana"),
         ("strands_pods.py", "pod-b: read pod A's entry {'issue': 'refund for order 991'}"),
+        ("adk_pods.py", "pod-b: a new session of ann starts with {'user:home': 'Lisbon'}"),
         (
             "openai_agents_pods.py",
             "pod-b: the model was given pod A's conversation before the question",
