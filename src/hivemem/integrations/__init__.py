@@ -12,5 +12,7 @@ works against any hive: embedded (SQLite, PostgreSQL, Redis) or a service
 - :mod:`hivemem.integrations.strands`: ``shared_memory_tools``,
   ``HivememSessionRepository``, ``HivememMemoryStore``.
 - :mod:`hivemem.integrations.openai_agents`: ``HivememSession`` (the SDK's ``Session``).
-- :mod:`hivemem.integrations.adk`: ``HivememSessionService``, ``HivememMemoryService``.
+- :mod:`hivemem.integrations.adk`: ``HivememSessionService``, ``HivememMemoryService``,
+  ``HivememArtifactService``.
+- :mod:`hivemem.integrations.a2a`: ``HivememTaskStore`` (``VersionedTaskStore``).
 """
