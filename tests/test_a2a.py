@@ -5,6 +5,11 @@ matches the SDK's own in-memory store; an owner sees only its tasks."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
 
 import pytest
 from a2a.auth.user import User
@@ -12,10 +17,14 @@ from a2a.server.cluster.task_store import ConcurrentTaskModificationError
 from a2a.server.cluster.version import TaskVersion
 from a2a.server.context import ServerCallContext
 from a2a.server.tasks.inmemory_task_store import InMemoryTaskStore
+from a2a.types import a2a_pb2 as pb
 from a2a.types.a2a_pb2 import ListTasksRequest, Task, TaskState, TaskStatusUpdateEvent
 
 import hivemem
 from hivemem.integrations.a2a import HivememTaskStore
+from tests.conftest import ServiceProcess, free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Named(User):
@@ -185,3 +194,66 @@ async def test_listing_matches_the_sdks_store_and_owners_are_apart(
     assert await ours.get("t1", BOB) is None
     await ours.delete("t1", ANN)
     assert await ours.get("t1", ANN) is None
+
+
+@pytest.mark.slow
+async def test_two_server_replicas_serve_one_task_found_through_the_registry(
+    tmp_path: Path,
+) -> None:
+    """A client finds the greeter in the registry, starts a task on one replica and
+    finishes it on the other: the task keeps both turns, whichever replica is asked."""
+    from a2a.client.client_factory import create_client
+    from a2a.helpers.proto_helpers import get_message_text
+
+    svc = ServiceProcess(tmp_path / "hive.db", env={"HIVEMEM_EMBEDDER": "none"})
+    svc.start()
+    ports = [free_port(), free_port()]
+    replicas = [
+        subprocess.Popen(  # noqa: ASYNC220  (started once, not awaited on)
+            [sys.executable, "-m", "tests._a2a_server", svc.url, str(port), f"greeter-{i}"],
+            cwd=REPO,
+        )
+        for i, port in enumerate(ports)
+    ]
+    try:
+        async with hivemem.connect(svc.url, agent="client") as hive:
+            for _ in range(200):
+                found = await hive.agents(capability="greet")
+                if len(found) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert sorted(a.name for a in found) == ["greeter-0", "greeter-1"]
+            assert all(
+                a.metadata["a2a_card"].endswith("/.well-known/agent-card.json") for a in found
+            )
+            first, second = [await create_client(a.endpoint) for a in found]
+
+            async def send(client: Any, text: str, task_id: str = "", context_id: str = "") -> Any:
+                msg = pb.Message(
+                    role=pb.Role.ROLE_USER,
+                    message_id=uuid.uuid4().hex,
+                    task_id=task_id,
+                    context_id=context_id,
+                    parts=[pb.Part(text=text)],
+                )
+                last = None
+                async for response in client.send_message(pb.SendMessageRequest(message=msg)):
+                    last = response
+                return last.task
+
+            started = await send(first, "hi")
+            assert started.status.state == TaskState.TASK_STATE_INPUT_REQUIRED
+            assert get_message_text(started.status.message) == "greeter-0: your name?"
+            done = await send(second, "Ada", started.id, started.context_id)
+            assert done.id == started.id
+            assert done.status.state == TaskState.TASK_STATE_COMPLETED
+            assert get_message_text(done.status.message) == "greeter-1: hello Ada"
+            again = await first.get_task(pb.GetTaskRequest(id=started.id))
+            texts = [get_message_text(m) for m in again.history]
+            assert "hi" in texts and "Ada" in texts  # neither replica's turn was lost
+            assert again.status.state == TaskState.TASK_STATE_COMPLETED
+    finally:
+        for proc in replicas:
+            proc.terminate()
+            proc.wait(timeout=10)
+        svc.terminate()

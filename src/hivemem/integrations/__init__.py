@@ -14,5 +14,6 @@ works against any hive: embedded (SQLite, PostgreSQL, Redis) or a service
 - :mod:`hivemem.integrations.openai_agents`: ``HivememSession`` (the SDK's ``Session``).
 - :mod:`hivemem.integrations.adk`: ``HivememSessionService``, ``HivememMemoryService``,
   ``HivememArtifactService``.
-- :mod:`hivemem.integrations.a2a`: ``HivememTaskStore`` (``VersionedTaskStore``).
+- :mod:`hivemem.integrations.a2a`: ``HivememTaskStore`` (``VersionedTaskStore``) and
+  ``serve_agent`` (an A2A server registered in the agent registry).
 """

@@ -20,6 +20,12 @@ the same batch, under ``<prefix>/<owner>/events/<task id>``, keyed by the new ve
 ``list`` reads the owner's tasks and lets the SDK's own ``InMemoryTaskStore`` filter,
 order and page them, so its results (and page tokens) are the SDK's; it reads every task
 of the owner.
+
+:func:`serve_agent` builds the ASGI app of an A2A server (the SDK's
+``DefaultRequestHandlerV2`` over ``HivememTaskStore``, JSON-RPC at ``/``, the card at
+``/.well-known/agent-card.json``) that registers the agent in the hive's agent registry
+while it runs, so several replicas serve one agent and a client finds it with
+``hive.agents(capability=...)``.
 """
 
 from __future__ import annotations
@@ -44,8 +50,13 @@ from hivemem.errors import Conflict
 from hivemem.integrations.labels import encode_key, encode_label
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from a2a.server.agent_execution.agent_executor import AgentExecutor
     from a2a.server.context import ServerCallContext
     from a2a.server.events.event_queue import Event
+    from a2a.types.a2a_pb2 import AgentCard
+    from starlette.applications import Starlette
 
     from hivemem.hive import Hive
 
@@ -170,10 +181,70 @@ class HivememTaskStore(VersionedTaskStore):
         await self._hive.delete(self._space(context), encode_key(task_id))
 
 
+def serve_agent(
+    executor: AgentExecutor,
+    card: AgentCard,
+    hive: Hive,
+    *,
+    name: str | None = None,
+    ttl: float = 15.0,
+    prefix: str = "a2a",
+) -> Starlette:
+    """The ASGI app serving ``executor`` as the A2A agent ``card`` describes, its tasks in
+    ``hive`` (run it with ``uvicorn.run(app, ...)``; start as many replicas as you like).
+
+    While the app runs, the agent is registered as ``name`` (default: ``card.name``) with
+    ``endpoint`` the URL of the card's first interface, ``capabilities`` its skills' ids
+    and tags, and ``metadata`` ``{"a2a_card": <card URL>, "skills": [...]}``, heartbeating
+    every ``ttl``/3 seconds; it is unregistered when the app stops. Find it with
+    ``await hive.agents(capability="<skill>")`` and call ``record.endpoint`` with the
+    SDK's client (``a2a.client.client_factory.create_client``).
+
+    Raises:
+        ValueError: the card has no interface (no URL to register).
+    """
+    from contextlib import asynccontextmanager
+
+    from a2a.server.request_handlers.default_request_handler_v2 import (
+        DefaultRequestHandlerV2,
+    )
+    from a2a.server.routes.agent_card_routes import create_agent_card_routes
+    from a2a.server.routes.jsonrpc_routes import create_jsonrpc_routes
+    from a2a.utils.constants import AGENT_CARD_WELL_KNOWN_PATH
+    from starlette.applications import Starlette
+
+    if not card.supported_interfaces:
+        raise ValueError("the agent card has no supported_interfaces: no URL to register")
+    url = card.supported_interfaces[0].url.rstrip("/")
+    agent = name or card.name
+    capabilities = sorted({s.id for s in card.skills} | {t for s in card.skills for t in s.tags})
+    handler = DefaultRequestHandlerV2(executor, HivememTaskStore(hive, prefix=prefix), card)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await hive.register(
+            agent,
+            capabilities=capabilities[:64],
+            endpoint=url,
+            metadata={
+                "a2a_card": url + AGENT_CARD_WELL_KNOWN_PATH,
+                "skills": [s.id for s in card.skills],
+            },
+            ttl=ttl,
+        )
+        try:
+            yield
+        finally:
+            await hive.unregister(agent)
+
+    routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/")
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
 def _task(value: dict[str, Any]) -> Task:
     task = Task()
     ParseDict(value["task"], task)
     return task
 
 
-__all__ = ["TERMINAL", "HivememTaskStore"]
+__all__ = ["TERMINAL", "HivememTaskStore", "serve_agent"]
