@@ -25,6 +25,8 @@ from hivemem.integrations.a2a import HivememTaskStore
 from tests.conftest import ServiceProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
+#: The greeter replica of the A2A example (``a2a_pods.py URL PORT NAME`` serves one).
+REPLICA = REPO / "examples" / "integrations" / "a2a_pods.py"
 
 
 class Named(User):
@@ -210,7 +212,7 @@ async def test_two_server_replicas_serve_one_task_found_through_the_registry(
     ports = [free_port(), free_port()]
     replicas = [
         subprocess.Popen(  # noqa: ASYNC220  (started once, not awaited on)
-            [sys.executable, "-m", "tests._a2a_server", svc.url, str(port), f"greeter-{i}"],
+            [sys.executable, str(REPLICA), svc.url, str(port), f"greeter-{i}"],
             cwd=REPO,
         )
         for i, port in enumerate(ports)

@@ -1,5 +1,8 @@
 """examples/integrations/ run end to end: each starts a service and two agent processes,
-the second resuming what the first left in hivemem, and checks what it read back."""
+the second resuming what the first left in hivemem, and checks what it read back.
+
+Each takes 10-20 s of process starts, so they run in ``.ci/run``'s ``-m matrix`` pass
+after the default suite (the adapters themselves are tested in the default run)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "integrations"
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.matrix
 
 
 @pytest.mark.parametrize(
@@ -19,6 +22,7 @@ pytestmark = pytest.mark.slow
     [
         ("langgraph_pods.py", "pod-b: published 'v42: faster writes, MCP tools', approved by ana"),
         ("strands_pods.py", "pod-b: read pod A's entry {'issue': 'refund for order 991'}"),
+        ("a2a_pods.py", "turn 2: greeter-1: hello Ada"),
         ("adk_pods.py", "pod-b: a new session of ann starts with {'user:home': 'Lisbon'}"),
         (
             "openai_agents_pods.py",
