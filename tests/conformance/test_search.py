@@ -108,10 +108,12 @@ async def test_search_never_returns_expired_items(
     # Vectors of other tests' writes first, so that "brief" is searchable well within
     # its TTL on a busy shared service.
     assert await hive.wait_indexed(timeout=60)
-    await hive.put(ns, "brief", "a short lived note about volcanoes", ttl=3.0)
+    # A TTL of seconds, not less: a busy machine once stalled 3 s between the put and
+    # the search (Redis Cluster, 4 workers on 2 cores) and "brief" had expired already.
+    await hive.put(ns, "brief", "a short lived note about volcanoes", ttl=6.0)
     await hive.put(ns, "lasting", "a lasting note about volcanoes")
     assert "brief" in await keys(hive, ns, "volcanoes", mode=mode)
-    await clock.sleep(3.2)
+    await clock.sleep(6.2)
     assert await keys(hive, ns, "volcanoes", mode=mode) == ["lasting"]
 
 
