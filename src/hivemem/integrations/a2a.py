@@ -47,6 +47,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict  # type: ignore
 
 from hivemem import models
 from hivemem.errors import Conflict
+from hivemem.integrations._common import every_item
 from hivemem.integrations.labels import encode_key, encode_label
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
 
     from hivemem.hive import Hive
 
-_PAGE = 1000
 #: States after which a task never changes (the SDK's own list).
 TERMINAL = frozenset(
     {
@@ -166,14 +166,8 @@ class HivememTaskStore(VersionedTaskStore):
         """The owner's tasks, filtered, ordered and paged as the SDK's in-memory store does."""
         space = self._space(context)
         sdk = InMemoryTaskStore(owner_resolver=lambda _: "owner")
-        cursor: str | None = None
-        while True:
-            page = await self._hive.list(space, key_prefix="", limit=_PAGE, cursor=cursor)
-            for item in page.items:
-                await sdk.save(_task(item.value), context)
-            if page.next_cursor is None:
-                break
-            cursor = page.next_cursor
+        async for item in every_item(self._hive, space, key_prefix=""):
+            await sdk.save(_task(item.value), context)
         return await sdk.list(params, context)
 
     async def delete(self, task_id: str, context: ServerCallContext) -> None:

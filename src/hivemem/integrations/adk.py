@@ -56,13 +56,13 @@ from google.genai import types
 
 from hivemem import models
 from hivemem.errors import Conflict
+from hivemem.integrations._common import PAGE, every_item
 from hivemem.integrations.labels import decode, encode_key, encode_label, encode_part
 
 if TYPE_CHECKING:
     from hivemem.hive import Hive
 
 _TOP = 10**12 - 1
-_PAGE = 1000
 _BATCH = 100
 #: Rounds an append retries when only the shared app or user state moved meanwhile.
 ATTEMPTS = 20
@@ -111,16 +111,7 @@ class HivememSessionService(BaseSessionService):
         self._names = _Names(prefix)
 
     async def _list(self, namespace: str, key_prefix: str = "") -> list[models.Item]:
-        found: list[models.Item] = []
-        cursor: str | None = None
-        while True:
-            page = await self._hive.list(
-                namespace, key_prefix=key_prefix, limit=_PAGE, cursor=cursor
-            )
-            found += page.items
-            if page.next_cursor is None:
-                return found
-            cursor = page.next_cursor
+        return [i async for i in every_item(self._hive, namespace, key_prefix=key_prefix)]
 
     async def _state(self, namespace: str) -> tuple[dict[str, Any], int]:
         item = await self._hive.get(namespace, "state")
@@ -232,7 +223,7 @@ class HivememSessionService(BaseSessionService):
             cursor: str | None = None
             while len(items) < wanted:
                 page = await self._hive.list(
-                    namespace, key_prefix="", limit=min(_PAGE, wanted - len(items)), cursor=cursor
+                    namespace, key_prefix="", limit=min(PAGE, wanted - len(items)), cursor=cursor
                 )
                 items += page.items
                 if page.next_cursor is None:
@@ -512,16 +503,8 @@ class HivememArtifactService(BaseArtifactService):
         self, app_name: str, user_id: str, filename: str, session_id: str | None
     ) -> list[models.Item]:
         namespace = self._where(app_name, user_id, filename, session_id)
-        found: list[models.Item] = []
-        cursor: str | None = None
-        while True:
-            page = await self._hive.list(
-                namespace, key_prefix=f"v.{encode_part(filename)}.", limit=_PAGE, cursor=cursor
-            )
-            found += page.items
-            if page.next_cursor is None:
-                return found
-            cursor = page.next_cursor
+        versions = f"v.{encode_part(filename)}."
+        return [i async for i in every_item(self._hive, namespace, key_prefix=versions)]
 
     @staticmethod
     def _number(item: models.Item) -> int:
@@ -554,13 +537,8 @@ class HivememArtifactService(BaseArtifactService):
         scopes = [None] if session_id is None else [session_id, None]
         for scope in scopes:
             namespace = self._names.artifacts(app_name, user_id, scope)
-            cursor: str | None = None
-            while True:
-                page = await self._hive.list(namespace, key_prefix="h.", limit=_PAGE, cursor=cursor)
-                names.update(i.value["filename"] for i in page.items)
-                if page.next_cursor is None:
-                    break
-                cursor = page.next_cursor
+            async for head in every_item(self._hive, namespace, key_prefix="h."):
+                names.add(head.value["filename"])
         return sorted(names)
 
     async def delete_artifact(

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from hivemem import models
 from hivemem.errors import Conflict
+from hivemem.integrations._common import PAGE, Bridge
 from hivemem.integrations.labels import encode_label
 
 if TYPE_CHECKING:
@@ -39,9 +39,7 @@ if TYPE_CHECKING:
     from hivemem.hive import Hive
     from hivemem.sync import SyncHive
 
-T = TypeVar("T")
 _TOP = 10**12 - 1
-_PAGE = 1000
 _BATCH = 100
 #: Compare-and-set attempts before an append or pop gives up (raising Conflict).
 ATTEMPTS = 50
@@ -72,23 +70,11 @@ class HivememSession:
         prefix: str = "openai-agents",
         session_settings: SessionSettings | None = None,
     ) -> None:
-        from hivemem.sync import SyncHive
-
         self.session_id = session_id
         self.session_settings = session_settings
-        if isinstance(hive, SyncHive):
-            self._hive: Hive = hive.hive
-            self._portal: Any = hive._portal
-        else:
-            self._hive = hive
-            self._portal = None
+        self._bridge = Bridge(hive, "HivememSession")
+        self._hive = self._bridge.hive
         self.namespace = f"{prefix}/{encode_label(session_id)}"
-
-    async def _on_hive(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn`` on the hive's event loop (the caller's, or the SyncHive's)."""
-        if self._portal is None:
-            return await fn()
-        return await asyncio.wrap_future(self._portal.start_task_soon(fn))
 
     @staticmethod
     def _key(seq: int) -> str:
@@ -104,7 +90,7 @@ class HivememSession:
             newest_first: list[Any] = []
             cursor: str | None = None
             while limit is None or len(newest_first) < limit:
-                size = _PAGE if limit is None else min(_PAGE, limit - len(newest_first))
+                size = PAGE if limit is None else min(PAGE, limit - len(newest_first))
                 page = await self._hive.list(
                     self.namespace, key_prefix="i.", limit=size, cursor=cursor
                 )
@@ -116,7 +102,7 @@ class HivememSession:
 
         if limit is not None and limit <= 0:
             return []
-        return await self._on_hive(run)
+        return await self._bridge.on_hive(run)
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Append ``items`` after every item already kept (see the module notes)."""
@@ -154,7 +140,7 @@ class HivememSession:
                     await self._hive.batch(list(puts[start : start + _BATCH]))
                 return
 
-        await self._on_hive(run)
+        await self._bridge.on_hive(run)
 
     async def pop_item(self) -> TResponseInputItem | None:
         """Remove and return the newest item, or None when the session is empty."""
@@ -174,7 +160,7 @@ class HivememSession:
                 return newest.value
             return None
 
-        return await self._on_hive(run)
+        return await self._bridge.on_hive(run)
 
     async def clear_session(self) -> None:
         """Delete every item of the conversation."""
@@ -188,7 +174,7 @@ class HivememSession:
                     [models.DeleteOp(namespace=self.namespace, key=i.key) for i in page.items]
                 )
 
-        await self._on_hive(run)
+        await self._bridge.on_hive(run)
 
 
 __all__ = ["ATTEMPTS", "HivememSession"]

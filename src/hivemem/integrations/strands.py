@@ -29,6 +29,7 @@ from strands.types.exceptions import SessionException
 from strands.types.session import Session, SessionAgent, SessionMessage
 
 from hivemem.errors import Conflict, HivememError
+from hivemem.integrations._common import PAGE
 from hivemem.integrations.labels import encode_label, encode_part
 
 if TYPE_CHECKING:
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from hivemem.models import Item
     from hivemem.sync import SyncHive
 
-_PAGE = 1000
 #: Width of a message id in its key, so keys sort as the ids do.
 _ID_WIDTH = 12
 
@@ -388,7 +388,7 @@ class HivememSessionRepository(SessionRepository):
         skipped = 0
         cursor: str | None = None
         while limit is None or len(out) < limit:
-            page = self._hive.list(ns, key_prefix="", limit=_PAGE, cursor=cursor)
+            page = self._hive.list(ns, key_prefix="", limit=PAGE, cursor=cursor)
             for item in page.items:
                 if skipped < offset:
                     skipped += 1

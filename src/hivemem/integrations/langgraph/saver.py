@@ -57,13 +57,13 @@ from langgraph.checkpoint.serde.base import SerializerProtocol
 
 from hivemem import models
 from hivemem.errors import Conflict
+from hivemem.integrations._common import Bridge, every_item, every_namespace
 from hivemem.integrations.labels import decode, encode_label, encode_part
 
 if TYPE_CHECKING:
     from hivemem.hive import Hive
     from hivemem.sync import SyncHive
 
-_PAGE = 1000
 _BATCH = 100
 _INVERT = str.maketrans("0123456789abcdef", "fedcba9876543210")
 _ID = re.compile(r"[0-9a-f-]+")
@@ -111,19 +111,8 @@ class HivememSaver(BaseCheckpointSaver[str]):
         serde: SerializerProtocol | None = None,
     ) -> None:
         super().__init__(serde=serde)
-        from hivemem.sync import SyncHive
-
-        if isinstance(hive, SyncHive):
-            self._hive: Hive = hive.hive
-            self._portal: Any = hive._portal
-        else:
-            self._hive = hive
-            self._portal = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            pass
+        self._bridge = Bridge(hive, "HivememSaver")
+        self._hive = self._bridge.hive
         if not prefix or prefix.startswith("/") or prefix.endswith("/"):
             raise ValueError(f"prefix {prefix!r} must be a hivemem namespace")
         self.prefix = prefix
@@ -148,20 +137,7 @@ class HivememSaver(BaseCheckpointSaver[str]):
     # Blocking forms ------------------------------------------------------------------
 
     def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._portal is not None:
-            return self._portal.call(lambda: fn(*args, **kwargs))
-        loop = self._loop
-        try:
-            asyncio.get_running_loop()
-            here = True
-        except RuntimeError:
-            here = False
-        if loop is None or here or not loop.is_running():
-            raise RuntimeError(
-                "HivememSaver's blocking methods need a SyncHive (hivemem.connect_sync), "
-                "or use the async ones (graph.ainvoke) with an async hive"
-            )
-        return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), loop).result()
+        return self._bridge.blocking(fn, *args, **kwargs)
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         return self._run(self.aget_tuple, config)  # type: ignore[no-any-return]
@@ -288,27 +264,13 @@ class HivememSaver(BaseCheckpointSaver[str]):
         found.sort(key=lambda w: (w["path"], w["task"], w["idx"]))
         return found
 
-    async def _items(self, prefix: str, *, key_prefix: str | None = None) -> AsyncIterator[Any]:
-        cursor: str | None = None
-        while True:
-            page = await self._hive.list(prefix, key_prefix=key_prefix, limit=_PAGE, cursor=cursor)
-            for item in page.items:
-                yield item
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+    def _items(self, prefix: str, *, key_prefix: str | None = None) -> AsyncIterator[Any]:
+        return every_item(self._hive, prefix, key_prefix=key_prefix)
 
     async def _spaces(self, under: str) -> builtins.list[str]:
         """The checkpoint namespaces (hivemem namespaces of :meth:`_space`) under ``under``."""
-        found: builtins.list[str] = []
-        cursor: str | None = None
         depth = self.prefix.count("/") + 3
-        while True:
-            page = await self._hive.list_namespaces(under, limit=_PAGE, cursor=cursor)
-            found += [ns for ns in page.items if ns.count("/") + 1 == depth]
-            if page.next_cursor is None:
-                return found
-            cursor = page.next_cursor
+        return [ns async for ns in every_namespace(self._hive, under) if ns.count("/") + 1 == depth]
 
     async def alist(
         self,

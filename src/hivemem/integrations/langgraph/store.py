@@ -37,7 +37,7 @@ the hive embeds with its own embedder; only ``fields`` is read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from langgraph.store.base import (
@@ -61,6 +61,7 @@ from langgraph.store.base import (
 
 from hivemem import models
 from hivemem.errors import Conflict
+from hivemem.integrations._common import Bridge, every_item, every_namespace
 from hivemem.integrations.labels import decode, encode_key, encode_label
 
 if TYPE_CHECKING:
@@ -72,8 +73,7 @@ TTL_FIELD = "langgraph_ttl"
 #: Largest text taken from an item's index fields, in UTF-8 bytes (hivemem's default
 #: ``max_text_bytes`` is 256 KiB; longer texts are cut at a character boundary).
 MAX_TEXT_BYTES = 64 * 1024
-#: hivemem's page size and batch size limits (their defaults).
-_PAGE = 1000
+#: hivemem's batch size and search limits (their defaults).
 _BATCH = 100
 _SEARCH = 100
 
@@ -116,19 +116,8 @@ class HivememStore(BaseStore):
         ttl: TTLConfig | None = None,
         consistency: Literal["eventual", "indexed"] = "eventual",
     ) -> None:
-        from hivemem.sync import SyncHive
-
-        if isinstance(hive, SyncHive):
-            self._hive: Hive = hive.hive
-            self._portal: Any = hive._portal
-        else:
-            self._hive = hive
-            self._portal = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        try:
-            self._loop = asyncio.get_running_loop()
-        except RuntimeError:
-            pass
+        self._bridge = Bridge(hive, "HivememStore")
+        self._hive = self._bridge.hive
         if not prefix or prefix.startswith("/") or prefix.endswith("/"):
             raise ValueError(f"prefix {prefix!r} must be a hivemem namespace")
         self.prefix = prefix
@@ -161,22 +150,7 @@ class HivememStore(BaseStore):
 
     def batch(self, ops: Iterable[Op]) -> list[Result]:
         """Run ``ops`` and return one result per op (blocking); see the module notes."""
-        ops = list(ops)
-        if self._portal is not None:
-            result: list[Result] = self._portal.call(self.abatch, ops)
-            return result
-        loop = self._loop
-        try:
-            asyncio.get_running_loop()
-            here = True
-        except RuntimeError:
-            here = False
-        if loop is None or here or not loop.is_running():
-            raise RuntimeError(
-                "HivememStore.batch blocks: give it a SyncHive (hivemem.connect_sync), "
-                "or use the async methods (graph.ainvoke) with an async hive"
-            )
-        return asyncio.run_coroutine_threadsafe(self.abatch(ops), loop).result()
+        return self._bridge.blocking(self.abatch, list(ops))
 
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         """Run ``ops`` and return one result per op; see the module notes."""
@@ -233,7 +207,7 @@ class HivememStore(BaseStore):
                 ]
             kept = kept[offset : offset + limit]
         else:
-            async for item in self._under(prefix):
+            async for item in every_item(self._hive, prefix):
                 if op.filter and not matches(item.value, op.filter):
                     continue
                 kept.append((item, None))
@@ -254,16 +228,6 @@ class HivememStore(BaseStore):
         if op.refresh_ttl:
             await self._refresh([item for item, _ in kept])
 
-    async def _under(self, prefix: str) -> AsyncIterator[models.Item]:
-        cursor: str | None = None
-        while True:
-            page = await self._hive.list(prefix, limit=_PAGE, cursor=cursor)
-            for item in page.items:
-                yield item
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
-
     async def _list_namespaces(self, i: int, op: ListNamespacesOp, results: list[Result]) -> None:
         # The leading labels of a prefix condition without wildcards narrow the listing.
         fixed: list[str] = []
@@ -276,17 +240,11 @@ class HivememStore(BaseStore):
                 break
         base = self.namespace_of(fixed)
         found: list[tuple[str, ...]] = []
-        cursor: str | None = None
-        while True:
-            page = await self._hive.list_namespaces(base, limit=_PAGE, cursor=cursor)
-            for ns in page.items:
-                if ns == base or ns.startswith(base + "/"):
-                    labels = self._labels(ns)
-                    if labels and all(_does_match(c, labels) for c in op.match_conditions or ()):
-                        found.append(labels)
-            if page.next_cursor is None:
-                break
-            cursor = page.next_cursor
+        async for ns in every_namespace(self._hive, base):
+            if ns == base or ns.startswith(base + "/"):
+                labels = self._labels(ns)
+                if labels and all(_does_match(c, labels) for c in op.match_conditions or ()):
+                    found.append(labels)
         if op.max_depth is not None:
             found = list({ns[: op.max_depth] for ns in found})
         found.sort()
