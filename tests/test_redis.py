@@ -199,16 +199,20 @@ async def test_trimmed_cursor_raises_cursor_expired_and_zero_still_reads(
     backend: RedisBackend,
 ) -> None:
     ns = f"t{uuid.uuid4().hex[:8]}"
+    # An event before the cursor: on an empty feed head() is "0", the start, which
+    # never expires (this test once ran first on a fresh server and failed so).
+    await backend.write_items([put(ns, "seed")], author="x", now=time.time(), history_limit=5)
     old = await backend.head()
+    assert old != "0"
     await backend.write_items([put(ns, "a")], author="x", now=time.time(), history_limit=5)
     page, _ = await backend.read_events(ns, old, 10)
     assert [r.key for r in page] == ["a"]
-    await asyncio.sleep(0.01)
-    cut = time.time()
-    await asyncio.sleep(0.01)
     await backend.write_items([put(ns, "b")], author="x", now=time.time(), history_limit=5)
-    # trims every partition's events before `cut` (shared server: others' too, harmless)
-    _, trimmed = await backend.sweep(time.time(), cut, 0.0)
+    # The cut is taken from the server's own event ids (the feed's clock), not this
+    # process's clock: just after a's event, so a is trimmed and b kept. It trims every
+    # partition's events before it (shared server: others' too, harmless).
+    a_ts = parse_cursor(page[0].cursor).ts
+    _, trimmed = await backend.sweep(time.time(), (a_ts + 1.5) / 1e6, 0.0)
     assert trimmed >= 1
     with pytest.raises(CursorExpired) as info:
         await backend.read_events(ns, old, 10)
