@@ -16,55 +16,16 @@ from typing import Any
 
 import pytest
 from agentscope.agent import Agent
-from agentscope.formatter import OpenAIChatFormatter
-from agentscope.message import TextBlock, ToolCallBlock, UserMsg
-from agentscope.model import ChatModelBase, ChatResponse
+from agentscope.message import UserMsg
 from agentscope.tool import Toolkit
-from pydantic import BaseModel
 
 import hivemem
 from hivemem.errors import Conflict
 from hivemem.integrations.agentscope import HivememMemoryMiddleware, HivememStateStore
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class ScriptedModel(ChatModelBase):
-    """Plays its steps in order: ``("call", name, args)`` or ``("text", words)``; keeps
-    what it was sent, formatted as the OpenAI formatter formats it."""
-
-    class Parameters(BaseModel):
-        pass
-
-    def __init__(self, steps: list[tuple[Any, ...]]) -> None:
-        from agentscope.credential import CredentialBase
-
-        super().__init__(
-            credential=CredentialBase(),
-            model="scripted",
-            parameters=self.Parameters(),
-            stream=False,
-            max_retries=0,
-        )
-        self.formatter = OpenAIChatFormatter()
-        self.steps = list(steps)
-        self.seen: list[list[dict[str, Any]]] = []
-
-    async def _call_api(  # type: ignore[override]
-        self, model_name: str, messages: list[Any], **_: Any
-    ) -> ChatResponse:
-        self.seen.append(await self.formatter.format(messages))
-        step = self.steps.pop(0) if self.steps else ("text", "done")
-        if step[0] == "call":
-            block = ToolCallBlock(
-                id=f"call-{len(self.seen)}", name=step[1], input=json.dumps(step[2])
-            )
-            return ChatResponse(content=[block], is_last=True)
-        return ChatResponse(content=[TextBlock(text=step[1])], is_last=True)
-
-    def sent(self, call: int = -1) -> str:
-        """Every text of the ``call``-th request, joined (what the model could read)."""
-        return json.dumps(self.seen[call])
+sys.path.insert(0, str(REPO / "examples" / "integrations"))
+from agentscope_pods import ScriptedModel  # noqa: E402  (the example's scripted model)
 
 
 def make_agent(steps: list[tuple[Any, ...]], **kwargs: Any) -> tuple[Agent, ScriptedModel]:

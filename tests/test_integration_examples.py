@@ -24,6 +24,7 @@ pytestmark = pytest.mark.matrix
         ("strands_pods.py", "pod-b: read pod A's entry {'issue': 'refund for order 991'}"),
         ("a2a_pods.py", "turn 2: greeter-1: hello Ada"),
         ("adk_pods.py", "pod-b: a new session of ann starts with {'user:home': 'Lisbon'}"),
+        ("agentscope_pods.py", "pod-b: a new session recalled the tea from long-term memory"),
         (
             "openai_agents_pods.py",
             "pod-b: the model was given pod A's conversation before the question",
