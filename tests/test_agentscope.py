@@ -1,6 +1,7 @@
 """AgentScope 2.x adapters, through AgentScope's own agent loop (``Agent.reply``) with a
 scripted model: an agent's state is kept per session and a second pod continues it (in
-this process and in another); two pods that resumed one session cannot both save; the
+this process and in another), keeping what one Agent object kept in memory keeps on the
+same script with tool calls; two pods that resumed one session cannot both save; the
 memory middleware puts what one agent learnt into another agent's context, and its
 tools store and find facts."""
 
@@ -17,7 +18,8 @@ from typing import Any
 import pytest
 from agentscope.agent import Agent
 from agentscope.message import UserMsg
-from agentscope.tool import Toolkit
+from agentscope.permission import PermissionBehavior, PermissionDecision
+from agentscope.tool import FunctionTool, Toolkit
 
 import hivemem
 from hivemem.errors import Conflict
@@ -67,6 +69,64 @@ async def test_state_is_kept_per_session_and_another_pod_continues_it(
     assert await other.list_sessions("ann", "helper") == ["s1"]
     # Sessions are per (user, agent): the same id for another user is another session.
     assert await other.load("bob", "helper", "s1") is None
+
+
+def lookup_order(order_id: str) -> str:
+    """The shipping status of an order.
+
+    Args:
+        order_id: the order's number.
+    """
+    return f"order {order_id} shipped on monday"
+
+
+def order_tools() -> Toolkit:
+    allow = PermissionDecision(behavior=PermissionBehavior.ALLOW, message="test")
+    return Toolkit(tools=[FunctionTool(lookup_order, permission=allow)])
+
+
+TURNS = [
+    ("where is order 991?", [("call", "lookup_order", {"order_id": "991"}), ("text", "Monday.")]),
+    ("thanks, and 992?", [("call", "lookup_order", {"order_id": "992"}), ("text", "Monday too.")]),
+]
+
+
+def shape(state: Any) -> list[Any]:
+    """What two runs' contexts are compared on (ids and times differ by design)."""
+    out = []
+    for msg in state.context:
+        blocks = []
+        for b in msg.content if isinstance(msg.content, list) else []:
+            if b.type == "text":
+                blocks.append(("text", b.text))
+            elif b.type == "tool_call":
+                blocks.append(("call", b.name, b.input))
+            elif b.type == "tool_result":
+                output = b.model_dump(mode="json")["output"]
+                words = [o.get("text") for o in output] if isinstance(output, list) else output
+                blocks.append(("result", b.name, words))
+            else:
+                blocks.append((b.type,))
+        out.append((msg.role, msg.name, blocks))
+    return out
+
+
+async def test_two_pods_keep_what_one_agent_in_memory_keeps(hive: hivemem.Hive, ns: str) -> None:
+    """The same two turns with tool calls: one Agent object kept in memory (AgentScope's
+    own behaviour), and two pods with the state in hivemem between the turns."""
+    alone, _ = make_agent([step for _, steps in TURNS for step in steps], toolkit=order_tools())
+    for text, _ in TURNS:
+        await alone.reply(ask(text))
+    for i, (text, steps) in enumerate(TURNS):
+        pod, model = make_agent(steps, toolkit=order_tools())
+        async with HivememStateStore(hive, prefix=ns).session(pod, user_id="ann", session_id="s1"):
+            await pod.reply(ask(text))
+        if i == 1:  # the second pod's model was given the first pod's turn, tool call included
+            assert "order 991 shipped on monday" in model.sent(0)
+    kept = await HivememStateStore(hive, prefix=ns).load("ann", "helper", "s1")
+    assert kept is not None
+    assert shape(kept) == shape(alone.state)
+    assert [b[0] for m in shape(kept) for b in m[2]].count("call") == 2
 
 
 async def test_two_pods_that_resumed_one_session_cannot_both_save(
