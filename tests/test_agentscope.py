@@ -82,7 +82,7 @@ def lookup_order(order_id: str) -> str:
 
 def order_tools() -> Toolkit:
     allow = PermissionDecision(behavior=PermissionBehavior.ALLOW, message="test")
-    return Toolkit(tools=[FunctionTool(lookup_order, permission=allow)])
+    return Toolkit(tools=[FunctionTool(lookup_order, permission=allow)])  # type: ignore[arg-type]
 
 
 TURNS = [
@@ -95,7 +95,7 @@ def shape(state: Any) -> list[Any]:
     """What two runs' contexts are compared on (ids and times differ by design)."""
     out = []
     for msg in state.context:
-        blocks = []
+        blocks: list[tuple[Any, ...]] = []
         for b in msg.content if isinstance(msg.content, list) else []:
             if b.type == "text":
                 blocks.append(("text", b.text))
