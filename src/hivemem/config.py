@@ -285,6 +285,16 @@ class Settings(BaseSettings):
     max_watch_streams_per_agent: int = Field(
         default=32, gt=0, description="Most open watch streams of one agent on one process."
     )
+    access_log: bool = Field(
+        default=False,
+        description="The service logs one line per request (logger hivemem.access): time, "
+        "agent, method, route, status, duration, request id, trace id; never values or "
+        "credentials.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Format of the access log lines: key=value text, or one JSON object per line.",
+    )
     allowed_hosts: str = Field(
         default="",
         description="Comma-separated Host header values the service answers (e.g. "

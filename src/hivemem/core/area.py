@@ -16,6 +16,7 @@ from hivemem.config import Settings
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput, PermissionDenied
 from hivemem.hive import Heartbeats
+from hivemem.metrics import Metrics
 from hivemem.policy.rules import Access
 
 T = TypeVar("T")
@@ -94,6 +95,11 @@ class Area:
     def _now(self) -> float:
         """The time stamped on writes and used for TTLs: UNIX seconds."""
         return time.time()
+
+    @property
+    def metrics(self) -> Metrics:
+        """The hive's Prometheus metrics (see :mod:`hivemem.metrics`)."""
+        raise NotImplementedError
 
     async def _ready(self) -> None:
         """Open the backend on first use."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -176,11 +177,16 @@ class EventsMixin(Area):
         await self._ready()
         tail = self._feed_tail()
         mine = tail.subscribe(prefix)
+        metrics = self.metrics
+        metrics.feed_watchers.inc()
+        lag = metrics.feed_lag.observe
         try:
             cursor = await self._backend.head() if after is None else after
             async for rows in self._follow(tail, mine, prefix, cursor):
+                lag(max(0.0, time.time() - rows[-1].at))
                 yield rows
         finally:
+            metrics.feed_watchers.dec()
             tail.unsubscribe(prefix)
 
     def _feed_tail(self) -> FeedTail:

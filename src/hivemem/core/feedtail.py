@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from hivemem.backends.base import Backend
 from hivemem.backends.rows import EventRow
@@ -54,9 +55,13 @@ class FeedTail:
     the position that follows them.
     """
 
-    def __init__(self, backend: Backend, poll_seconds: float) -> None:
+    def __init__(
+        self, backend: Backend, poll_seconds: float, on_rows: Callable[[float], None] | None = None
+    ) -> None:
         self._backend = backend
         self._poll = poll_seconds
+        #: Called with the commit time of the newest event of each batch read.
+        self._on_rows = on_rows
         self._events: deque[EventRow] = deque()
         self._start = 0  # position of self._events[0]
         self._bytes = 0  # estimated size of self._events
@@ -159,6 +164,8 @@ class FeedTail:
         if len(self._after) > 2 * TAIL_EVENTS:  # forget cursors of events no longer held
             self._after = {c: p for c, p in self._after.items() if p >= self._start}
         if rows:
+            if self._on_rows is not None:
+                self._on_rows(rows[-1].at)
             self.grown.notify()
             self._wake(rows)
 

@@ -30,6 +30,7 @@ from hivemem.core.vectors import VectorIndex
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput
 from hivemem.hive import Heartbeats, Hive
+from hivemem.metrics import Metrics
 from hivemem.policy.principal import Principal
 from hivemem.policy.rules import Access, PolicyHolder
 
@@ -41,6 +42,23 @@ log = logging.getLogger("hivemem")
 CLOSE_WAIT_SECONDS = 5.0
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
+
+
+#: The backend calls timed by the store metrics (every async method of
+#: :class:`~hivemem.backends.base.Backend`).
+STORE_OPERATIONS = tuple(
+    name
+    for name, fn in vars(Backend).items()
+    if not name.startswith("_") and asyncio.iscoroutinefunction(fn)
+)
+
+
+def backend_kind(backend: Backend) -> str:
+    """``sqlite``, ``postgres``, ``redis`` or ``redis-cluster`` (the ``backend`` label)."""
+    name = type(backend).__name__.removesuffix("Backend").lower()
+    if name == "redis" and getattr(backend, "is_cluster", False):
+        return "redis-cluster"
+    return name
 
 
 class _Shared:
@@ -72,6 +90,20 @@ class _Shared:
         )
         #: The built-in roles alone, for principals when no policy file is in force.
         self.builtin_policy = PolicyHolder()
+        #: This hive's Prometheus metrics (every backend call is timed).
+        self.metrics = Metrics(backend_kind(backend))
+        self.metrics.instrument_backend(backend, STORE_OPERATIONS)
+        self.metrics.add_index_source(self._index_sizes)
+
+    def _index_sizes(self) -> list[tuple[str, int, int]]:
+        out: list[tuple[str, int, int]] = []
+        if self.lexical is not None:
+            out.append(("bm25", len(self.lexical), self.lexical.memory_bytes()))
+        if self.vectors is not None:
+            out.append(("vectors", len(self.vectors), self.vectors.memory_bytes()))
+        if self.rows is not None:
+            out.append(("rows", len(self.rows), 200 * len(self.rows)))
+        return out
 
     def vector_index(self, dim: int) -> VectorIndex:
         if self.vectors is None:
@@ -123,7 +155,9 @@ class _Shared:
 
     def feed_tail(self) -> FeedTail:
         if self.tail is None:
-            self.tail = FeedTail(self.backend, self.settings.feed_poll_seconds)
+            self.tail = FeedTail(
+                self.backend, self.settings.feed_poll_seconds, self.metrics.feed_head.set
+            )
         return self.tail
 
     def row_cache(self) -> RowCache:
@@ -275,6 +309,12 @@ class LocalHive(
     def backend(self) -> Backend:
         """The storage backend."""
         return self._backend
+
+    @property
+    def metrics(self) -> Metrics:
+        """This hive's Prometheus metrics (shared by its views); see
+        :mod:`hivemem.metrics`."""
+        return self._shared.metrics
 
     @property
     def settings(self) -> Settings:

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -250,9 +251,17 @@ class Indexer:
             # One model call's worth at a time: a search's query embedding queued
             # meanwhile waits for one call of ours, not for the whole batch.
             wanted = [t for t in texts if t is not None]
+            metrics = self.hive.metrics
+            now = time.time()
+            for i in todo:
+                metrics.embed_wait.observe(max(0.0, now - rows[i].updated_at))
             vectors: list[Any] = []
             for start in range(0, len(wanted), self.chunk):
-                vectors.extend(await self.embedder.embed(wanted[start : start + self.chunk]))
+                chunk = wanted[start : start + self.chunk]
+                began = time.perf_counter()
+                vectors.extend(await self.embedder.embed(chunk))
+                metrics.embed_seconds.observe(time.perf_counter() - began)
+                metrics.embed_batch.observe(len(chunk))
             for i, vector in zip(todo, vectors, strict=True):
                 e = entries[i]
                 entries[i] = IndexEntry(

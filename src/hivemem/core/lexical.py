@@ -556,6 +556,22 @@ class LexicalIndex(FeedMirror):
             mask = keep if mask is None else mask & keep
         return mask
 
+    def memory_bytes(self) -> int:
+        """Estimated memory (bytes): the numpy arrays exactly, plus about 100 bytes per
+        vocabulary term, 150 per key and 8 per posting of each document's term list and
+        of the recent postings (Python objects, estimated)."""
+        arrays = (
+            self._ns_ids.nbytes
+            + self._lengths.nbytes
+            + self._alive.nbytes
+            + self._offsets.nbytes
+            + self._docs.nbytes
+            + self._tf.nbytes
+        )
+        terms = sum(t[0].nbytes + t[1].nbytes for t in self._doc_terms if t is not None)
+        objects = 100 * len(self._vocab) + 150 * len(self._keys) + 16 * self._recent_postings
+        return arrays + terms + objects
+
     def stats(self) -> dict[str, Any]:
         """Sizes, for diagnostics: live and dead documents, terms, postings."""
         return {

@@ -38,6 +38,7 @@ import asyncio
 import builtins
 import heapq
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, Literal
@@ -324,11 +325,16 @@ class SearchMixin(Area):
                     )
                 waited = True
         budget = s.search_timeout_seconds
+        where: builtins.list[str] = []
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(budget):
-                return await self._search(
-                    roots, query, conditions, mode, limit, s.search_candidates, waited
+                hits = await self._search(
+                    roots, query, conditions, mode, limit, s.search_candidates, waited, where
                 )
+            index = "+".join(sorted(set(where))) or "none"
+            self.metrics.search_seconds.labels(mode, index).observe(time.perf_counter() - started)
+            return hits
         except TimeoutError:
             raise Unavailable(
                 f"the search took longer than search_timeout_seconds ({budget:g} s); "
@@ -344,12 +350,15 @@ class SearchMixin(Area):
         limit: int,
         search_candidates: int,
         waited: bool = False,
+        where: builtins.list[str] | None = None,
     ) -> builtins.list[SearchHit]:
         """The search proper, over the prefixes ``roots`` (the request's prefix, or the
         narrower prefixes the principal may search under it); hits the principal may
         not search are dropped before fusion. ``waited``: the vectors were waited for,
-        so the in-process vector index reads the feed even without a change signal."""
+        so the in-process vector index reads the feed even without a change signal.
+        ``where`` collects where each ranking ran (``engine``, ``memory``)."""
         s = self._settings
+        where = [] if where is None else where
         now = self._now()
         candidates = max(search_candidates, limit)
         rankings: dict[str, builtins.list[tuple[Key, float]]] = {}
@@ -380,6 +389,7 @@ class SearchMixin(Area):
                     )
                     return [((ns, key), score) for ns, key, score in found]
 
+                where.append("engine")
                 rankings["lexical"] = await ranked(lexical_in_engine)
             else:
                 await lexical_index.sync()
@@ -394,6 +404,7 @@ class SearchMixin(Area):
                         rows,
                     )
 
+                where.append("memory")
                 rankings["lexical"] = await ranked(lexical_in_process)
         if mode != "lexical" and self._embedder is not None:
             (vector,) = await self._embedder.embed([query])
@@ -407,6 +418,7 @@ class SearchMixin(Area):
                     )
                     return [((ns, key), score) for ns, key, score in nearest]
 
+                where.append("engine")
                 rankings["vector"] = await ranked(vectors_in_engine)
             else:
                 index = self._vector_index(int(q.shape[0]))
@@ -422,6 +434,7 @@ class SearchMixin(Area):
                         rows,
                     )
 
+                where.append("memory")
                 rankings["vector"] = await ranked(vectors_in_process)
         fused = fuse(
             rankings,
@@ -504,6 +517,10 @@ class SearchMixin(Area):
                 passing, unknown = await asyncio.to_thread(cache.check, fresh, conditions, now)
             else:
                 passing, unknown = cache.check(fresh, conditions, now)
+                cache_requests = self.metrics.cache
+                cache_requests.labels("rows", "hit").inc(len(fresh) - len(unknown))
+                if unknown:
+                    cache_requests.labels("rows", "miss").inc(len(unknown))
             checked.update((key, key in passing) for key in fresh)
             if unknown:  # written since the cache caught up: ask the store
                 for row in await self._backend.get_items(unknown, now):

@@ -219,7 +219,30 @@ class SessionsMixin(Area):
                 session_id, new, author=self.agent, now=self._now(), request_id=request_id
             )
         )
+        if any(m.tokens_in or m.tokens_out or m.cost for m in new):
+            await self._count_usage(session_id, new)
         return [to_message(r) for r in rows]
+
+    async def _count_usage(self, session_id: str, new: builtins.list[NewMessage]) -> None:
+        """Add the messages' tokens and cost to the metrics, labelled by the session's
+        app (read once per session and remembered)."""
+        metrics = self.metrics
+        app = metrics.session_apps.get(session_id)
+        if app is None:
+            row = await self._backend.get_session(session_id)
+            app = metrics.app_label(row.app if row is not None else None)
+            if len(metrics.session_apps) >= 10_000:
+                metrics.session_apps.clear()
+            metrics.session_apps[session_id] = app
+        tokens_in = sum(m.tokens_in or 0 for m in new)
+        tokens_out = sum(m.tokens_out or 0 for m in new)
+        cost = sum(m.cost or 0.0 for m in new)
+        if tokens_in:
+            metrics.session_tokens.labels(app, "input").inc(tokens_in)
+        if tokens_out:
+            metrics.session_tokens.labels(app, "output").inc(tokens_out)
+        if cost > 0:
+            metrics.session_cost.labels(app).inc(cost)
 
     def _new_message(self, message: MessageIn | dict[str, Any], index: int) -> NewMessage:
         field = f"messages.{index}"

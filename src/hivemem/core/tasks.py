@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from typing import Any
 
 import orjson
@@ -224,6 +225,7 @@ class TasksMixin(Area):
         # Claims carry no request id: a claim whose answer was lost is not repeated,
         # its task returns to the queue when the lease ends.
         deadline = self._now() + remaining
+        started = time.monotonic()
         waits = self._task_waits()
         # The first look goes without registering: a busy worker finds a task at once
         # and never makes this process follow the feed.
@@ -234,9 +236,11 @@ class TasksMixin(Area):
                     q, worker=self.agent, now=self._now(), lease=hold
                 )
                 if row is not None:
+                    self._claimed(q, row.id, row.attempt, started)
                     return to_task(row, self._now())
                 left = deadline - self._now()
                 if left <= 0:
+                    self._claimed(q, None, 0, started)
                     return None
                 if woken is not None:
                     await waits.sleep(woken, left)
@@ -244,6 +248,25 @@ class TasksMixin(Area):
                 if woken is not None:
                     waits.done(woken)
             woken = await waits.queue(q)  # registered before the next look
+
+    def _claimed(self, queue: str, tid: str | None, attempt: int, started: float) -> None:
+        """Record a claim's wait, and when a task was handed out (for its duration)."""
+        metrics = self.metrics
+        now = time.monotonic()
+        metrics.task_claim_wait.labels(metrics.queue_label(queue)).observe(now - started)
+        if tid is not None:
+            if len(metrics.claimed) >= 10_000:
+                metrics.claimed.clear()
+            metrics.claimed[(tid, attempt)] = now
+
+    def _finished(self, row: TaskRow, attempt: int, outcome: str) -> None:
+        """Record a task's duration when this process handed it out."""
+        metrics = self.metrics
+        claimed = metrics.claimed.pop((row.id, attempt), None)
+        if claimed is not None:
+            metrics.task_seconds.labels(metrics.queue_label(row.queue), outcome).observe(
+                time.monotonic() - claimed
+            )
 
     async def _may_hold(self, tid: str) -> None:
         """With a policy in force, refuse (as absent) a task of a queue this principal
@@ -296,6 +319,7 @@ class TasksMixin(Area):
                 request_id=request_id,
             )
         )
+        self._finished(row, attempt, "completed")
         return to_task(row, self._now())
 
     async def fail(self, task: Task, error: str, *, retryable: bool = True) -> Task:
@@ -327,6 +351,7 @@ class TasksMixin(Area):
                 request_id=request_id,
             )
         )
+        self._finished(row, attempt, "failed")
         return to_task(row, self._now())
 
     async def release_task(self, task: Task) -> Task:

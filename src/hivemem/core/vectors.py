@@ -109,6 +109,13 @@ class VectorIndex(FeedMirror):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def memory_bytes(self) -> int:
+        """Estimated memory (bytes): the matrix and label arrays exactly, about 150 bytes
+        per key (Python objects), and the HNSW graph's own estimate when there is one."""
+        graph = self._graph.memory_bytes() if self._graph is not None else 0
+        arrays = self._matrix.nbytes + self._ns_ids.nbytes + self._labels.nbytes
+        return arrays + 150 * len(self._keys) + graph
+
     # Coherence with the store ------------------------------------------------------------
 
     async def _apply(self, changed: list[Key]) -> None:
@@ -435,6 +442,11 @@ class _Graph:
         self._stop: threading.Event | None = None  # of the build in flight
         self._epoch = 0
         self._threads = max(1, (os.cpu_count() or 2) // 2)
+
+    def memory_bytes(self) -> int:
+        """The graph's memory as usearch reports it (0 before the first build)."""
+        index = self.index
+        return 0 if index is None else int(index.memory_usage)
 
     def reset(self) -> None:
         """Forget the graph (a full reload follows); a build in flight is discarded."""

@@ -70,6 +70,36 @@ class ServiceState:
         """
         if not self.auth:
             return Principal("anonymous" if agent_header is None else agent_header, via="header")
+        try:
+            return await self._authenticate(credentials)
+        except Unauthenticated as exc:
+            if not credentials:
+                reason = "missing"
+            elif looks_like_api_key(credentials):
+                reason = "api_key"
+            elif looks_like_jwt(credentials):
+                reason = "expired" if "expired" in exc.message else "jwt"
+            else:
+                reason = "malformed"
+            self.hive.metrics.auth_failures.labels(reason).inc()
+            raise
+
+    async def limit(self, agent: str, action: str) -> None:
+        """Apply the rate limit of ``action`` to ``agent`` (nothing when limits are off).
+
+        Raises:
+            RateLimited: the agent is over its limit (counted in the metrics).
+        """
+        if not self.limiter.enabled:
+            return
+        try:
+            await self.limiter.hit(agent, action)
+        except RateLimited:
+            metrics = self.hive.metrics
+            metrics.rate_limited.labels(metrics.agent_label(agent)).inc()
+            raise
+
+    async def _authenticate(self, credentials: str | None) -> Principal:
         if not credentials:
             raise Unauthenticated(
                 f"credentials required: send '{AUTHORIZATION_HEADER}: Bearer <API key or JWT>'",

@@ -112,8 +112,7 @@ def hive_for(action: Action) -> Any:
             headers.get(AGENT_HEADER),
         )
         request.state.principal = principal
-        if state.limiter.enabled:
-            await state.limiter.hit(principal.agent, action)
+        await state.limit(principal.agent, action)
         view = state.view(principal)
         found = _request_id(headers.get(REQUEST_ID_HEADER), headers.get(IDEMPOTENCY_KEY_HEADER))
         if found is not None:

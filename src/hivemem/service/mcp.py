@@ -70,8 +70,7 @@ def mount(app: FastAPI) -> Callable[[], AbstractAsyncContextManager[None]] | Non
 
     async def provider(action: Action) -> Any:
         state, principal = _CALLER.get()
-        if state.limiter.enabled:
-            await state.limiter.hit(principal.agent, action)
+        await state.limit(principal.agent, action)
         return state.view(principal)
 
     # Its session manager logs its start and stop at INFO: the service says what it serves.

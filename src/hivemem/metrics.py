@@ -1,0 +1,372 @@
+"""Prometheus metrics of a hive (prometheus-client).
+
+Every :class:`~hivemem.core.LocalHive` family (a hive and its views) has one
+:class:`Metrics` with a registry of its own, so several hives in one process never mix
+their figures. The service exposes its hive's registry at ``GET /metrics``; an embedded
+hive exposes it on a port of the agent's choosing with :func:`serve`::
+
+    hive = hivemem.connect("sqlite:///hive.db", agent="planner")
+    server, thread = hivemem.metrics.serve(hive, port=9464)
+
+Names and units follow the Prometheus conventions (``_seconds``, ``_bytes``,
+``_total``). Labels are bounded: routes are path templates (``/v1/items/{namespace}``,
+never a key), and the names a client chooses (agents, apps, queues) are kept as labels
+for the first :data:`MAX_LABEL_VALUES` seen per metric family, then counted as
+``"other"``.
+
+The metric list (label names in brackets):
+
+- ``hivemem_http_requests_total`` [route, method, status],
+  ``hivemem_http_request_duration_seconds`` [route, method] (histogram),
+  ``hivemem_http_requests_in_flight``;
+- ``hivemem_store_operation_duration_seconds`` [backend, operation] (histogram; every
+  backend call, errors included), ``hivemem_store_errors_total`` [backend, operation,
+  error];
+- ``hivemem_feed_head_timestamp_seconds`` (commit time of the newest event this process
+  has seen), ``hivemem_feed_watchers`` (open watches: SSE streams and ``watch``
+  iterators), ``hivemem_feed_delivery_lag_seconds`` (histogram: commit to delivery to a
+  watcher);
+- ``hivemem_search_duration_seconds`` [mode, index] (histogram; index ``memory``: the
+  in-process indexes, ``engine``: the store ranked);
+- ``hivemem_embedding_batch_size`` (histogram of texts per model call),
+  ``hivemem_embedding_duration_seconds`` (histogram),
+  ``hivemem_embedding_queue_wait_seconds`` (histogram: a write's commit to its vector
+  being embedded, deferred indexing);
+- ``hivemem_index_entries`` [index], ``hivemem_index_memory_bytes`` [index] (the
+  in-process BM25, vector and filter-row indexes, read at scrape time);
+- ``hivemem_tasks`` [queue, state] (ready, running, delayed, dead; refreshed at each
+  scrape of ``/metrics``), ``hivemem_task_oldest_ready_age_seconds`` [queue],
+  ``hivemem_task_claim_wait_seconds`` [queue] (histogram: a claim call's wait),
+  ``hivemem_task_duration_seconds`` [queue, outcome] (histogram: claim to complete or
+  fail);
+- ``hivemem_rate_limited_total`` [agent], ``hivemem_auth_failures_total`` [reason];
+- ``hivemem_session_tokens_total`` [app, kind] (input, output),
+  ``hivemem_session_cost_total`` [app] (the unit the agents report, e.g. USD);
+- ``hivemem_cache_requests_total`` [cache, result] (``rows``: the filter-row cache,
+  ``hit`` when it knew an item, ``miss`` when the store had to be asked);
+- prometheus-client's ``process_*`` (CPU seconds, resident memory, open files) and
+  ``python_gc_*`` / ``python_info``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from hivemem.hive import Hive
+
+__all__ = ["CONTENT_TYPE", "MAX_LABEL_VALUES", "Metrics", "exposition", "serve"]
+
+#: Distinct values a client-chosen label (agent, app, queue) keeps per metric family;
+#: later ones are counted as ``"other"``.
+MAX_LABEL_VALUES = 100
+#: The text exposition format's content type.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Request and store latency buckets (seconds): 0.5 ms .. 10 s.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+#: Waits that may last minutes: task claims (long polls), durations, embedding queue.
+WAIT_BUCKETS = (0.005, 0.05, 0.25, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0)
+
+
+class _Bounded:
+    """Keeps the first ``limit`` values of a client-chosen label, then ``"other"``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        value = value or "none"
+        if value in self.seen:
+            return value
+        with self.lock:
+            if len(self.seen) < self.limit:
+                self.seen.add(value)
+                return value
+        return "other"
+
+
+class Metrics:
+    """The metric families of one hive, in a registry of their own.
+
+    Args:
+        backend: the store kind (``sqlite``, ``postgres``, ``redis``), the ``backend``
+            label of the store metrics.
+        process: also collect the process and Python runtime figures (one registry per
+            process should; the service's does).
+
+    Attributes:
+        registry: the :class:`prometheus_client.CollectorRegistry` holding them.
+    """
+
+    def __init__(self, backend: str, *, process: bool = True) -> None:
+        self.backend = backend
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if process:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.http_requests = Counter(
+            "hivemem_http_requests",
+            "HTTP requests answered.",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "hivemem_http_request_duration_seconds",
+            "Time from a request's arrival to its response's last byte (SSE: to the stream's end).",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_in_flight = Gauge(
+            "hivemem_http_requests_in_flight", "HTTP requests being served.", registry=r
+        )
+        self.store_seconds = Histogram(
+            "hivemem_store_operation_duration_seconds",
+            "Time of each call into the store backend.",
+            ["backend", "operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "hivemem_store_errors",
+            "Store backend calls that raised, by error type.",
+            ["backend", "operation", "error"],
+            registry=r,
+        )
+        self.feed_head = Gauge(
+            "hivemem_feed_head_timestamp_seconds",
+            "Commit time (UNIX seconds) of the newest feed event this process has seen.",
+            registry=r,
+        )
+        self.feed_watchers = Gauge(
+            "hivemem_feed_watchers",
+            "Open feed watches (SSE streams, watch iterators).",
+            registry=r,
+        )
+        self.feed_lag = Histogram(
+            "hivemem_feed_delivery_lag_seconds",
+            "Time from an event's commit to its delivery to a watcher.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.search_seconds = Histogram(
+            "hivemem_search_duration_seconds",
+            "Time of a search, by mode and by where it ranked (memory: in-process indexes; "
+            "engine: the store).",
+            ["mode", "index"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.embed_batch = Histogram(
+            "hivemem_embedding_batch_size",
+            "Texts per embedding model call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.embed_seconds = Histogram(
+            "hivemem_embedding_duration_seconds",
+            "Time of one embedding model call.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.embed_wait = Histogram(
+            "hivemem_embedding_queue_wait_seconds",
+            "Time from a write's commit to its text being embedded (deferred indexing).",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.tasks = Gauge(
+            "hivemem_tasks",
+            "Tasks by queue and state (ready, running, delayed, dead), as of the last scrape.",
+            ["queue", "state"],
+            registry=r,
+        )
+        self.task_oldest = Gauge(
+            "hivemem_task_oldest_ready_age_seconds",
+            "Age of the oldest ready task of each queue, as of the last scrape.",
+            ["queue"],
+            registry=r,
+        )
+        self.task_claim_wait = Histogram(
+            "hivemem_task_claim_wait_seconds",
+            "Time a claim call waited (long poll included) before it returned.",
+            ["queue"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.task_seconds = Histogram(
+            "hivemem_task_duration_seconds",
+            "Time from a task's claim to its completion or failure.",
+            ["queue", "outcome"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "hivemem_rate_limited",
+            "Requests refused by the rate limits, by agent.",
+            ["agent"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "hivemem_auth_failures",
+            "Requests refused for missing or invalid credentials, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.session_tokens = Counter(
+            "hivemem_session_tokens",
+            "Tokens reported with session messages, by app and kind (input, output).",
+            ["app", "kind"],
+            registry=r,
+        )
+        self.session_cost = Counter(
+            "hivemem_session_cost",
+            "Cost reported with session messages, by app (the agents' unit, e.g. USD).",
+            ["app"],
+            registry=r,
+        )
+        self.cache = Counter(
+            "hivemem_cache_requests",
+            "Lookups in the in-process caches, by cache and result (hit, miss).",
+            ["cache", "result"],
+            registry=r,
+        )
+        #: session id -> its app's label (apps never change; cleared at 10,000)
+        self.session_apps: dict[str, str] = {}
+        #: (task id, attempt) -> when this process handed it to a worker (monotonic)
+        self.claimed: dict[tuple[str, int], float] = {}
+        self.agent_label = _Bounded()
+        self.app_label = _Bounded()
+        self.queue_label = _Bounded()
+        self._index_sources: list[Callable[[], Iterable[tuple[str, int, int]]]] = []
+        r.register(_IndexCollector(self._index_sources))
+
+    def add_index_source(self, source: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        """Report ``source()``'s (index name, entries, bytes) at each scrape."""
+        self._index_sources.append(source)
+
+    def observe_store(self, operation: str, seconds: float, error: BaseException | None) -> None:
+        self.store_seconds.labels(self.backend, operation).observe(seconds)
+        if error is not None:
+            self.store_errors.labels(self.backend, operation, type(error).__name__).inc()
+
+    def instrument_backend(self, backend: Any, operations: Iterable[str]) -> None:
+        """Time every call of ``backend``'s async ``operations`` (instance attributes
+        replace the methods; the backend's type is unchanged)."""
+        for name in operations:
+            method = getattr(backend, name, None)
+            if method is None or not inspect.iscoroutinefunction(method):
+                continue
+            setattr(backend, name, _timed(method, name, self))
+
+
+def _timed(method: Callable[..., Any], name: str, metrics: Metrics) -> Callable[..., Any]:
+    observe = metrics.store_seconds.labels(metrics.backend, name).observe
+
+    @functools.wraps(method)
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            result = await method(*args, **kwargs)
+        except BaseException as exc:
+            observe(time.perf_counter() - start)
+            if isinstance(exc, Exception):  # not a cancellation or an exit
+                metrics.store_errors.labels(metrics.backend, name, type(exc).__name__).inc()
+            raise
+        observe(time.perf_counter() - start)
+        return result
+
+    return timed
+
+
+class _IndexCollector:
+    """Reads the in-process indexes' sizes when scraped."""
+
+    def __init__(self, sources: list[Callable[[], Iterable[tuple[str, int, int]]]]) -> None:
+        self.sources = sources
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        entries = GaugeMetricFamily(
+            "hivemem_index_entries", "Entries in each in-process index.", labels=["index"]
+        )
+        size = GaugeMetricFamily(
+            "hivemem_index_memory_bytes",
+            "Estimated memory of each in-process index.",
+            labels=["index"],
+        )
+        for source in self.sources:
+            for name, count, nbytes in source():
+                entries.add_metric([name], count)
+                size.add_metric([name], nbytes)
+        yield entries
+        yield size
+
+
+def exposition(metrics: Metrics) -> bytes:
+    """The registry in Prometheus's text format (:data:`CONTENT_TYPE`)."""
+    return generate_latest(metrics.registry)
+
+
+def serve(hive: Hive, port: int, addr: str = "127.0.0.1") -> tuple[WSGIServer, threading.Thread]:
+    """Expose an embedded hive's metrics at ``http://addr:port/metrics`` from a daemon
+    thread (prometheus-client's own server).
+
+    Args:
+        hive: a :class:`~hivemem.core.LocalHive` (or a SyncHive over one).
+        port: TCP port; 0 picks a free one (read it from ``server.server_port``).
+        addr: address to bind; ``0.0.0.0`` for all.
+
+    Returns:
+        The server (``server.shutdown()`` stops it) and its thread.
+
+    Raises:
+        TypeError: ``hive`` is remote (the service it talks to has ``/metrics``).
+    """
+    inner = getattr(hive, "hive", hive)
+    metrics = getattr(inner, "metrics", None)
+    if not isinstance(metrics, Metrics):
+        raise TypeError("only an embedded hive has metrics here; a service has GET /metrics")
+    return start_http_server(port, addr=addr, registry=metrics.registry)

@@ -1,0 +1,132 @@
+"""What the service tells its operators: request metrics, one log line per request, and
+``GET /metrics``.
+
+:class:`RequestTelemetry` is a pure ASGI middleware (no ``BaseHTTPMiddleware``: it
+neither buffers bodies nor runs the app in another task), outermost, so requests the
+guards refuse are counted too. Per HTTP request it
+
+- counts ``hivemem_http_requests_total`` by route template, method and status, and
+  observes ``hivemem_http_request_duration_seconds`` (arrival to the response's last
+  byte; for an SSE stream, its whole life);
+- writes one line to the ``hivemem.access`` logger when ``access_log`` is on: in
+  ``json`` format ``{"time", "agent", "method", "route", "status", "duration_ms",
+  "request_id", "trace_id"}`` (no values, no credentials, no query string); in ``text``
+  format the same fields as ``key=value``.
+
+The route label is the matched path template (``/v1/items/{namespace}/{key}``), the
+mount for mounted apps (``/mcp``), or ``unmatched``: never a concrete key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hivemem.metrics import CONTENT_TYPE, Metrics, exposition
+from hivemem.wire import REQUEST_ID_HEADER
+
+__all__ = ["RequestTelemetry", "metrics_response", "refresh_task_gauges"]
+
+access = logging.getLogger("hivemem.access")
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_REQUEST_ID = REQUEST_ID_HEADER.lower().encode("latin-1")
+_TRACEPARENT = b"traceparent"
+
+
+def route_of(scope: Scope) -> str:
+    """The bounded ``route`` label of a served request."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if isinstance(path, str):
+        return path
+    root = scope.get("root_path") or ""
+    if root:
+        return str(root)
+    return "unmatched"
+
+
+class RequestTelemetry:
+    """ASGI middleware counting, timing and (optionally) logging each HTTP request.
+
+    Args:
+        app: the wrapped application.
+        metrics: where the counts go.
+        log_format: ``json``, ``text``, or ``None`` for no access log.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_format: str | None = None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_format = log_format
+        self.requests = metrics.http_requests
+        self.seconds = metrics.http_seconds
+        self.in_flight = metrics.http_in_flight
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        self.in_flight.inc()
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            self.in_flight.dec()
+            elapsed = time.perf_counter() - started
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            route = route_of(scope)
+            self.requests.labels(route, method, str(status)).inc()
+            self.seconds.labels(route, method).observe(elapsed)
+            if self.log_format is not None and access.isEnabledFor(logging.INFO):
+                self._log(scope, method, route, status, elapsed)
+
+    def _log(self, scope: Scope, method: str, route: str, status: int, elapsed: float) -> None:
+        headers = dict(scope.get("headers") or [])
+        state = scope.get("state") or {}
+        principal = state.get("principal")
+        trace = headers.get(_TRACEPARENT, b"").decode("latin-1").split("-")
+        fields: dict[str, Any] = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "agent": getattr(principal, "agent", None),
+            "method": method,
+            "route": route,
+            "status": status,
+            "duration_ms": round(elapsed * 1000, 3),
+            "request_id": headers.get(_REQUEST_ID, b"").decode("latin-1")[:128] or None,
+            "trace_id": state.get("trace_id") or (trace[1] if len(trace) == 4 else None),
+        }
+        if self.log_format == "json":
+            access.info(json.dumps(fields, separators=(",", ":")))
+        else:
+            access.info(" ".join(f"{k}={v}" for k, v in fields.items() if v is not None))
+
+
+async def refresh_task_gauges(metrics: Metrics, backend: Any) -> None:
+    """Read the stats of every queue this process has seen into ``hivemem_tasks`` and
+    ``hivemem_task_oldest_ready_age_seconds`` (one store call per queue)."""
+    now = time.time()
+    for queue in sorted(metrics.queue_label.seen):
+        stats = await backend.task_stats(queue, now)
+        for state in ("ready", "running", "delayed", "dead"):
+            metrics.tasks.labels(queue, state).set(getattr(stats, state))
+        oldest = 0.0 if stats.oldest_ready_at is None else max(0.0, now - stats.oldest_ready_at)
+        metrics.task_oldest.labels(queue).set(oldest)
+
+
+def metrics_response(metrics: Metrics) -> tuple[bytes, str]:
+    """The exposition body and its content type."""
+    return exposition(metrics), CONTENT_TYPE
