@@ -388,6 +388,11 @@ async def probe_publish(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     assert (await a("POST", f"/v1/publish/{s['ns_a']}/chan", {"payload": 1}))[0] == 200
 
 
+async def probe_metrics(a: Caller, b: Caller, s: dict[str, Any]) -> None:
+    status, body = await a("GET", "/metrics")
+    assert status == 403 and body["field"] == "Authorization", body
+
+
 async def probe_health(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     anonymous = Caller(a.http, a.base, None)
     assert (await anonymous("GET", "/healthz"))[0] == 200
@@ -642,6 +647,7 @@ PROBES: dict[tuple[str, str], Probe] = {
     ("get", "/v1/registry"): probe_registry_list,
     ("get", "/healthz"): probe_health,
     ("get", "/readyz"): probe_health,
+    ("get", "/metrics"): probe_metrics,
 }
 
 

@@ -285,6 +285,11 @@ class Settings(BaseSettings):
     max_watch_streams_per_agent: int = Field(
         default=32, gt=0, description="Most open watch streams of one agent on one process."
     )
+    metrics: bool = Field(
+        default=True,
+        description="Collect Prometheus metrics (GET /metrics on the service): every "
+        "request and store call is counted and timed. Off: no /metrics and no timing.",
+    )
     access_log: bool = Field(
         default=False,
         description="The service logs one line per request (logger hivemem.access): time, "

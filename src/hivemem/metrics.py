@@ -34,6 +34,9 @@ The metric list (label names in brackets):
   being embedded, deferred indexing);
 - ``hivemem_index_entries`` [index], ``hivemem_index_memory_bytes`` [index] (the
   in-process BM25, vector and filter-row indexes, read at scrape time);
+- ``hivemem_store_file_bytes`` [file] (SQLite stores: the database and its WAL),
+  ``hivemem_store_disk_free_bytes`` and ``hivemem_store_disk_size_bytes`` (their file
+  system); for PostgreSQL and Redis use those engines' own exporters;
 - ``hivemem_tasks`` [queue, state] (ready, running, delayed, dead; refreshed at each
   scrape of ``/metrics``), ``hivemem_task_oldest_ready_age_seconds`` [queue],
   ``hivemem_task_claim_wait_seconds`` [queue] (histogram: a claim call's wait),
@@ -279,11 +282,17 @@ class Metrics:
         self.app_label = _Bounded()
         self.queue_label = _Bounded()
         self._index_sources: list[Callable[[], Iterable[tuple[str, int, int]]]] = []
-        r.register(_IndexCollector(self._index_sources))
+        self._file_sources: list[Callable[[], Iterable[tuple[str, int]]]] = []
+        r.register(_IndexCollector(self._index_sources, self._file_sources))
 
     def add_index_source(self, source: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
         """Report ``source()``'s (index name, entries, bytes) at each scrape."""
         self._index_sources.append(source)
+
+    def add_file_source(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Report ``source()``'s (file role, bytes) as ``hivemem_store_file_bytes`` at
+        each scrape; the roles ``disk_free`` and ``disk_size`` go to the disk gauges."""
+        self._file_sources.append(source)
 
     def observe_store(self, operation: str, seconds: float, error: BaseException | None) -> None:
         self.store_seconds.labels(self.backend, operation).observe(seconds)
@@ -322,8 +331,13 @@ def _timed(method: Callable[..., Any], name: str, metrics: Metrics) -> Callable[
 class _IndexCollector:
     """Reads the in-process indexes' sizes when scraped."""
 
-    def __init__(self, sources: list[Callable[[], Iterable[tuple[str, int, int]]]]) -> None:
+    def __init__(
+        self,
+        sources: list[Callable[[], Iterable[tuple[str, int, int]]]],
+        files: list[Callable[[], Iterable[tuple[str, int]]]],
+    ) -> None:
         self.sources = sources
+        self.files = files
 
     def describe(self) -> list[Any]:
         return []
@@ -343,6 +357,30 @@ class _IndexCollector:
                 size.add_metric([name], nbytes)
         yield entries
         yield size
+        if self.files:
+            stored = GaugeMetricFamily(
+                "hivemem_store_file_bytes",
+                "Size of the embedded store's files (SQLite: db, wal).",
+                labels=["file"],
+            )
+            free = GaugeMetricFamily(
+                "hivemem_store_disk_free_bytes",
+                "Bytes free (for unprivileged users) on the file system of the store's files.",
+            )
+            total = GaugeMetricFamily(
+                "hivemem_store_disk_size_bytes", "Size of the file system of the store's files."
+            )
+            for files in self.files:
+                for role, nbytes in files():
+                    if role == "disk_free":
+                        free.add_metric([], nbytes)
+                    elif role == "disk_size":
+                        total.add_metric([], nbytes)
+                    else:
+                        stored.add_metric([role], nbytes)
+            yield stored
+            yield free
+            yield total
 
 
 def exposition(metrics: Metrics) -> bytes:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import logging
+import os
 import re
 import time
 
@@ -53,6 +55,19 @@ STORE_OPERATIONS = tuple(
 )
 
 
+def _file_sizes(path: str) -> list[tuple[str, int]]:
+    """Sizes of a SQLite database and its WAL (absent files are left out), and the free
+    and total bytes of their file system."""
+    out = []
+    for role, name in (("db", path), ("wal", path + "-wal")):
+        with contextlib.suppress(OSError):
+            out.append((role, os.stat(name).st_size))
+    with contextlib.suppress(OSError):
+        fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        out += [("disk_free", fs.f_bavail * fs.f_frsize), ("disk_size", fs.f_blocks * fs.f_frsize)]
+    return out
+
+
 def backend_kind(backend: Backend) -> str:
     """``sqlite``, ``postgres``, ``redis`` or ``redis-cluster`` (the ``backend`` label)."""
     name = type(backend).__name__.removesuffix("Backend").lower()
@@ -92,8 +107,12 @@ class _Shared:
         self.builtin_policy = PolicyHolder()
         #: This hive's Prometheus metrics (every backend call is timed).
         self.metrics = Metrics(backend_kind(backend))
-        self.metrics.instrument_backend(backend, STORE_OPERATIONS)
+        if settings.metrics:
+            self.metrics.instrument_backend(backend, STORE_OPERATIONS)
         self.metrics.add_index_source(self._index_sizes)
+        path = getattr(backend, "path", None)
+        if isinstance(path, str) and path != ":memory:" and backend_kind(backend) == "sqlite":
+            self.metrics.add_file_source(functools.partial(_file_sizes, path))
 
     def _index_sizes(self) -> list[tuple[str, int, int]]:
         out: list[tuple[str, int, int]] = []

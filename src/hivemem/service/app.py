@@ -16,7 +16,7 @@ from starlette.responses import Response
 import hivemem
 from hivemem.config import Settings
 from hivemem.core import LocalHive
-from hivemem.errors import HivememError, InvalidInput, PermissionDenied
+from hivemem.errors import HivememError, InvalidInput
 from hivemem.service import (
     coordination,
     events,
@@ -31,7 +31,7 @@ from hivemem.service import (
 )
 from hivemem.service.auth import ServiceState
 from hivemem.service.routing import json_response
-from hivemem.service.telemetry import RequestTelemetry, metrics_response, refresh_task_gauges
+from hivemem.service.telemetry import RequestTelemetry, serve_metrics
 from hivemem.wire import AGENT_HEADER
 
 __all__ = ["create_app", "redact_url"]
@@ -132,45 +132,31 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
             return problems.problem(exc)
         return json_response({"status": "ready", "store": url.split("://", 1)[0]})
 
-    @app.get(
-        "/metrics",
-        tags=["health"],
-        summary="Prometheus metrics of this replica (text exposition format).",
-        description="With --auth, needs a key or token whose agent has the role `admin` "
-        "or `metrics`. See hivemem.metrics for the list.",
-        response_class=Response,
-    )
-    async def metrics_route(request: Request) -> Response:
-        if state.auth:
-            scheme, _, credentials = (request.headers.get("authorization") or "").partition(" ")
-            principal = await state.authenticate(
-                credentials if scheme.lower() == "bearer" and credentials else None, None
-            )
-            if not principal.roles & {"admin", "metrics"}:
-                return problems.problem(
-                    PermissionDenied(
-                        f"agent {principal.agent!r} may not read metrics: it needs the role "
-                        "'admin' or 'metrics'",
-                        field="Authorization",
-                    )
-                )
-        try:
-            await refresh_task_gauges(hive.metrics, hive.backend)
-        except HivememError:
-            pass  # the figures of the last scrape stay; the store's errors are counted
-        body, content_type = metrics_response(hive.metrics)
-        return Response(body, media_type=content_type)
+    if settings.metrics:
+
+        @app.get(
+            "/metrics",
+            tags=["health"],
+            summary="Prometheus metrics of this replica (text exposition format).",
+            description="With --auth, needs a key or token whose agent has the role `admin` "
+            "or `metrics`. See hivemem.metrics for the list.",
+            response_class=Response,
+        )
+        async def metrics_route(request: Request) -> Response:
+            return await serve_metrics(request, state)
 
     hosts = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
     if hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     guards.install(app, settings)  # header size, UTF-8, body size and time
-    # Outermost: counts and logs every request, the guards' refusals included.
-    app.add_middleware(
-        RequestTelemetry,
-        metrics=hive.metrics,
-        log_format=settings.log_format if settings.access_log else None,
-    )
+    if settings.metrics or settings.access_log:
+        # Outermost: counts and logs every request, the guards' refusals included.
+        app.add_middleware(
+            RequestTelemetry,
+            metrics=hive.metrics,
+            log_format=settings.log_format if settings.access_log else None,
+            count=settings.metrics,
+        )
     return app
 
 

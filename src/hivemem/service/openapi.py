@@ -162,6 +162,7 @@ _EXTRA: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/registry/{name}/heartbeat"): (403, 404),
     ("delete", "/v1/registry/{name}"): (403,),
     ("get", "/v1/registry"): (403,),
+    ("get", "/metrics"): (403,),
 }
 _PUBLIC = {"/healthz": (431,), "/readyz": (431, 503)}
 

@@ -25,12 +25,17 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hivemem.errors import HivememError, PermissionDenied
 from hivemem.metrics import CONTENT_TYPE, Metrics, exposition
+from hivemem.service import problems
+from hivemem.service.auth import ServiceState
 from hivemem.wire import REQUEST_ID_HEADER
 
-__all__ = ["RequestTelemetry", "metrics_response", "refresh_task_gauges"]
+__all__ = ["RequestTelemetry", "refresh_task_gauges", "serve_metrics"]
 
 access = logging.getLogger("hivemem.access")
 
@@ -60,10 +65,17 @@ class RequestTelemetry:
         log_format: ``json``, ``text``, or ``None`` for no access log.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, log_format: str | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        log_format: str | None = None,
+        count: bool = True,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.log_format = log_format
+        self.count = count
         self.requests = metrics.http_requests
         self.seconds = metrics.http_seconds
         self.in_flight = metrics.http_in_flight
@@ -74,7 +86,8 @@ class RequestTelemetry:
             return
         started = time.perf_counter()
         status = 500
-        self.in_flight.inc()
+        if self.count:
+            self.in_flight.inc()
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -85,12 +98,13 @@ class RequestTelemetry:
         try:
             await self.app(scope, receive, sending)
         finally:
-            self.in_flight.dec()
             elapsed = time.perf_counter() - started
             method = scope["method"] if scope["method"] in _METHODS else "other"
             route = route_of(scope)
-            self.requests.labels(route, method, str(status)).inc()
-            self.seconds.labels(route, method).observe(elapsed)
+            if self.count:
+                self.in_flight.dec()
+                self.requests.labels(route, method, str(status)).inc()
+                self.seconds.labels(route, method).observe(elapsed)
             if self.log_format is not None and access.isEnabledFor(logging.INFO):
                 self._log(scope, method, route, status, elapsed)
 
@@ -127,6 +141,26 @@ async def refresh_task_gauges(metrics: Metrics, backend: Any) -> None:
         metrics.task_oldest.labels(queue).set(oldest)
 
 
-def metrics_response(metrics: Metrics) -> tuple[bytes, str]:
-    """The exposition body and its content type."""
-    return exposition(metrics), CONTENT_TYPE
+async def serve_metrics(request: Request, state: ServiceState) -> Response:
+    """``GET /metrics``: with auth on, only for a principal with the role ``admin`` or
+    ``metrics`` (401 without valid credentials, 403 otherwise); refreshes the task
+    gauges, then answers the exposition."""
+    if state.auth:
+        scheme, _, credentials = (request.headers.get("authorization") or "").partition(" ")
+        principal = await state.authenticate(
+            credentials if scheme.lower() == "bearer" and credentials else None, None
+        )
+        if not principal.roles & {"admin", "metrics"}:
+            return problems.problem(
+                PermissionDenied(
+                    f"agent {principal.agent!r} may not read metrics: it needs the role "
+                    "'admin' or 'metrics'",
+                    field="Authorization",
+                )
+            )
+    hive = state.hive
+    try:
+        await refresh_task_gauges(hive.metrics, hive.backend)
+    except HivememError:
+        pass  # the figures of the last scrape stay; the store's errors are counted
+    return Response(exposition(hive.metrics), media_type=CONTENT_TYPE)
