@@ -1,10 +1,20 @@
-"""What the trust layer costs: authentication + a permission policy + rate limits, on vs off.
+"""What a layer of the service costs, on vs off: the trust layer (authentication + a
+permission policy + rate limits; ``--layer auth``, the default) or telemetry (the
+Prometheus metrics: every request and store call counted and timed; ``--layer
+telemetry``).
 
 Usage::
 
     python bench/auth.py                       # 2 rounds x GET,PUT x on,off, 5 s each: ~1.5 min
     python bench/auth.py --quick               # 1 s per figure
     python bench/auth.py --duration 10 --rounds 2 --json /tmp/auth.json
+    python bench/auth.py --layer telemetry     # metrics on (the default) vs metrics=false
+
+``--layer telemetry``: both services run ``--no-auth`` and name their agent with
+``X-Hivemem-Agent``; "on" has the default settings (metrics on, GET /metrics answers),
+"off" adds ``--set metrics=false`` (no request or store timing, /metrics is 404), which
+each side is checked for before measuring. The target ratio is 0.95 (the cost at most
+5 %); the rest below describes the trust layer's run, which is otherwise the same.
 
 Two ``hivemem serve`` subprocesses run side by side for the whole run, each over its
 own SQLite file in a temporary directory, both with ``HIVEMEM_EMBEDDER=none`` (the
@@ -97,7 +107,9 @@ RATE_LIMIT = "1000000/second"
 SERVICE_ENV = {"HIVEMEM_EMBEDDER": "none"}
 CONFIGS = ("on", "off")
 VERBS = ("get", "put")
-TARGET_RATIO = 0.9
+#: The layer measured (``--layer``): its target on ÷ off ops/s ratio, and its output file.
+TARGETS = {"auth": 0.9, "telemetry": 0.95}
+TARGET_RATIO = TARGETS["auth"]
 DEFAULT_JSON = BENCH_DIR / "results" / "auth.json"
 
 
@@ -149,9 +161,12 @@ def add_agents(db: Path, agents: list[str]) -> dict[str, str]:
 
 
 def start_service(
-    procs: Procs, tmp: Path, config: str, agents: list[str], log_level: str
+    procs: Procs, tmp: Path, config: str, agents: list[str], log_level: str, layer: str = "auth"
 ) -> Service:
-    """Start the "on" or "off" service over ``<tmp>/<config>.db``; wait for /readyz."""
+    """Start the "on" or "off" service over ``<tmp>/<config>.db``; wait for /readyz.
+
+    ``layer`` ``telemetry``: neither has auth; "on" has the defaults (metrics on), "off"
+    ``--set metrics=false``."""
     db = tmp / f"{config}.db"
     port = free_port()
     cmd = [
@@ -161,7 +176,10 @@ def start_service(
     ]  # fmt: skip
     if log_level != "info":
         cmd += ["--log-level", log_level]
-    if config == "on":
+    if layer == "telemetry":
+        cmd += ["--no-auth"] + ([] if config == "on" else ["--set", "metrics=false"])
+        identity = {a: {"X-Hivemem-Agent": a} for a in agents}
+    elif config == "on":
         policy = tmp / "policy.toml"
         policy.write_text(POLICY)
         keys = add_agents(db, agents)
@@ -242,6 +260,22 @@ class Driver:
 
         await asyncio.gather(*(one(a, k) for a in self.agents for k in range(self.per_agent)))
 
+    async def check_telemetry(self, on: bool) -> dict[str, int]:
+        """The "on" service must answer /metrics with its request counters, the "off" one
+        404; returns the statuses seen.
+
+        Raises:
+            RuntimeError: otherwise.
+        """
+        async with self.session.get(f"{self.service.url}/metrics") as r:
+            body = await r.text()
+            seen = {"metrics": r.status}
+        if (r.status == 200 and "hivemem_http_requests_total" in body) != on or (
+            not on and r.status != 404
+        ):
+            raise RuntimeError(f"/metrics answered {r.status} on the {self.service.config} side")
+        return seen
+
     async def check_enforced(self) -> dict[str, int]:
         """The "on" service must refuse a request without credentials (401), an agent
         writing in another agent's namespace (403), and must not show it another agent's
@@ -298,24 +332,21 @@ def combine(results: list[Result]) -> dict[str, Any]:
     }
 
 
-def summary(results: dict[str, Result], rounds: int) -> dict[str, dict[str, Any]]:
+def summary(
+    results: dict[str, Result], rounds: int, layer: str = "auth"
+) -> dict[str, dict[str, Any]]:
     """Per verb: both sides combined, the ratios on ÷ off, and the per-round ops/s ratios."""
     out: dict[str, dict[str, Any]] = {}
     for verb in VERBS:
-        sides = {
-            cfg: [results[n] for r in range(rounds) if (n := fig_name(cfg, verb, r)) in results]
-            for cfg in CONFIGS
-        }
+        names = {cfg: [fig_name(cfg, verb, r, layer) for r in range(rounds)] for cfg in CONFIGS}
+        sides = {cfg: [results[n] for n in names[cfg] if n in results] for cfg in CONFIGS}
         if not all(sides.values()):
             continue
         on, off = combine(sides["on"]), combine(sides["off"])
         per_round = [
-            _ratio(
-                results[fig_name("on", verb, r)].ops_per_s,
-                results[fig_name("off", verb, r)].ops_per_s,
-            )
-            for r in range(rounds)
-            if fig_name("on", verb, r) in results and fig_name("off", verb, r) in results
+            _ratio(results[a].ops_per_s, results[b].ops_per_s)
+            for a, b in zip(names["on"], names["off"], strict=True)
+            if a in results and b in results
         ]
         out[verb] = {
             "on": on,
@@ -379,8 +410,8 @@ def print_summary(rows: dict[str, dict[str, Any]]) -> None:
 # Run -------------------------------------------------------------------------------------
 
 
-def fig_name(config: str, verb: str, rnd: int) -> str:
-    return f"auth.{config}.{verb}.r{rnd + 1}"
+def fig_name(config: str, verb: str, rnd: int, layer: str = "auth") -> str:
+    return f"{layer}.{config}.{verb}.r{rnd + 1}"
 
 
 async def measure(
@@ -406,18 +437,23 @@ async def measure(
                 f"preloaded {cfg}: {d.per_agent * len(d.agents):,} items "
                 f"({time.perf_counter() - t0:.1f} s)"
             )
-        checks["on"] = await drivers["on"].check_enforced()
-        console.print(f"'on' service enforces: {checks['on']}")
+        if args.layer == "telemetry":
+            for cfg, d in drivers.items():
+                checks[cfg] = await d.check_telemetry(cfg == "on")
+            console.print(f"/metrics: {checks}")
+        else:
+            checks["on"] = await drivers["on"].check_enforced()
+            console.print(f"'on' service enforces: {checks['on']}")
         for rnd in range(args.rounds):
             order = CONFIGS if rnd % 2 == 0 else CONFIGS[::-1]
             for verb in VERBS:
                 for cfg in order:
                     d = drivers[cfg]
                     op: Callable[[int, int], Awaitable[None]] = d.get if verb == "get" else d.put
-                    name = fig_name(cfg, verb, rnd)
+                    name = fig_name(cfg, verb, rnd, args.layer)
                     r = await run_async_clients(
                         name,
-                        f"{verb.upper()}, trust {cfg}, round {rnd + 1}",
+                        f"{verb.upper()}, {args.layer} {cfg}, round {rnd + 1}",
                         op,
                         args.concurrency,
                         args.duration,
@@ -480,7 +516,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["info", "warning"],
         help="uvicorn log level of both services (access log off either way; %(default)s)",
     )
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output file (%(default)s)")
+    p.add_argument(
+        "--layer",
+        choices=sorted(TARGETS),
+        default="auth",
+        help="what is on in the 'on' service: auth (auth + policy + rate limits) or "
+        "telemetry (metrics; the 'off' one runs with metrics=false) (%(default)s)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="output file (default bench/results/<layer>.json)",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (stores, logs)")
     a = p.parse_args(argv)
     if a.duration is None:
@@ -496,6 +544,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not a.agents <= a.keys <= 100_000:
         p.error("--keys must be within --agents..100000")
     a.warmup = min(1.0, a.duration * 0.2)
+    if a.json is None:
+        a.json = BENCH_DIR / "results" / f"{a.layer}.json"
     return a
 
 
@@ -506,12 +556,14 @@ def _raise_on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run every figure; returns the exit code (1 if the run failed)."""
     args = parse_args(argv)
+    global TARGET_RATIO
+    TARGET_RATIO = TARGETS[args.layer]
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     started = time.perf_counter()
     info = machine_info()
-    tmp = Path(tempfile.mkdtemp(prefix="hivemem-auth-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"hivemem-{args.layer}-"))
     console.print(
-        f"[bold]hivemem auth bench[/] {args.rounds} rounds x GET,PUT x on,off; "
+        f"[bold]hivemem {args.layer} bench[/] {args.rounds} rounds x GET,PUT x on,off; "
         f"{args.duration} s per figure after {args.warmup} s warm-up; "
         f"{args.concurrency} clients, {args.agents} agents, {args.keys:,} keys; tmp {tmp}\n"
         f"nproc={info['nproc']} python={info['python']} cpu={info['cpu_model']!r} "
@@ -536,7 +588,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Procs(tmp) as procs:
             for cfg in CONFIGS:
-                services[cfg] = start_service(procs, tmp, cfg, agents, args.server_log_level)
+                services[cfg] = start_service(
+                    procs, tmp, cfg, agents, args.server_log_level, args.layer
+                )
                 console.print(f"{cfg}: {' '.join(services[cfg].cmd)}")
             asyncio.run(measure(services, args, results, checks))
     except (KeyboardInterrupt, SystemExit):
@@ -552,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     ordered = sorted(results.values(), key=lambda r: (r.name.split(".")[2], r.name))
     if ordered:
         print_results("All figures (server cpu ms/op = the service process)", ordered)
-    rows = summary(results, args.rounds)
+    rows = summary(results, args.rounds, args.layer)
     if rows:
         print_summary(rows)
     elapsed = time.perf_counter() - started
@@ -565,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 1),
         "settings": {
+            "layer": args.layer,
+            "target_ratio": TARGET_RATIO,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "rounds": args.rounds,

@@ -290,6 +290,13 @@ class Settings(BaseSettings):
         description="Collect Prometheus metrics (GET /metrics on the service): every "
         "request and store call is counted and timed. Off: no /metrics and no timing.",
     )
+    tracing: bool = Field(
+        default=False,
+        description="Emit OpenTelemetry spans (needs hivemem[otel]): a client span per "
+        "remote call with its trace context sent along, a server span per request, a span "
+        "per store call, and the trace context kept with submitted tasks. The service "
+        "configures the exporter from the OTEL_* variables.",
+    )
     access_log: bool = Field(
         default=False,
         description="The service logs one line per request (logger hivemem.access): time, "

@@ -299,14 +299,20 @@ class Metrics:
         if error is not None:
             self.store_errors.labels(self.backend, operation, type(error).__name__).inc()
 
-    def instrument_backend(self, backend: Any, operations: Iterable[str]) -> None:
+    def instrument_backend(
+        self, backend: Any, operations: Iterable[str], *, tracer: Any = None
+    ) -> None:
         """Time every call of ``backend``'s async ``operations`` (instance attributes
-        replace the methods; the backend's type is unchanged)."""
+        replace the methods; the backend's type is unchanged); with an OpenTelemetry
+        ``tracer``, each call is also a span ``hivemem.store <operation>``."""
         for name in operations:
             method = getattr(backend, name, None)
             if method is None or not inspect.iscoroutinefunction(method):
                 continue
-            setattr(backend, name, _timed(method, name, self))
+            wrapped = _timed(method, name, self) if tracer is None else None
+            if tracer is not None:
+                wrapped = _traced(_timed(method, name, self), name, self.backend, tracer)
+            setattr(backend, name, wrapped)
 
 
 def _timed(method: Callable[..., Any], name: str, metrics: Metrics) -> Callable[..., Any]:
@@ -326,6 +332,29 @@ def _timed(method: Callable[..., Any], name: str, metrics: Metrics) -> Callable[
         return result
 
     return timed
+
+
+#: OpenTelemetry's db.system of each backend kind.
+_DB_SYSTEM = {
+    "sqlite": "sqlite",
+    "postgres": "postgresql",
+    "redis": "redis",
+    "redis-cluster": "redis",
+}
+
+
+def _traced(method: Callable[..., Any], name: str, backend: str, tracer: Any) -> Callable[..., Any]:
+    from opentelemetry.trace import SpanKind
+
+    span_name = f"hivemem.store {name}"
+    attributes = {"db.system": _DB_SYSTEM.get(backend, backend), "db.operation.name": name}
+
+    @functools.wraps(method)
+    async def traced(*args: Any, **kwargs: Any) -> Any:
+        with tracer.start_as_current_span(span_name, kind=SpanKind.CLIENT, attributes=attributes):
+            return await method(*args, **kwargs)
+
+    return traced
 
 
 class _IndexCollector:

@@ -257,6 +257,11 @@ class Task(_Record):
     updated_at: datetime
     finished_at: datetime | None = None
     errors: list[TaskError] = Field(default_factory=list)
+    traceparent: str | None = Field(
+        default=None,
+        description="W3C trace context of the span that submitted it (tracing on), so the "
+        "worker's span joins that trace.",
+    )
 
     @property
     def done(self) -> bool:

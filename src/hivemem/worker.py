@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from hivemem.errors import Conflict, HivememError, InvalidInput, NotFound
 from hivemem.models import Task
+from hivemem.tracing import task_span
 
 if TYPE_CHECKING:
     from hivemem.hive import Hive
@@ -226,6 +227,11 @@ class Worker:
             )
 
     async def _call(self, task: Task) -> Any:
+        # A task submitted inside a span runs in a span of that trace (hivemem.tracing).
+        with task_span(task) if task.traceparent else contextlib.nullcontext():
+            return await self._run(task)
+
+    async def _run(self, task: Task) -> Any:
         async with asyncio.timeout(task.timeout):
             if inspect.iscoroutinefunction(self.fn):
                 return await self.fn(task)

@@ -56,6 +56,16 @@ def serve(
             "access_log (off).",
         ),
     ] = None,
+    tracing: Annotated[
+        bool | None,
+        typer.Option(
+            "--tracing/--no-tracing",
+            show_default=False,
+            help="OpenTelemetry spans per request and store call, exported as the OTEL_* "
+            "variables say (default OTLP over HTTP to localhost:4318); needs hivemem[otel]. "
+            "Setting tracing (off).",
+        ),
+    ] = None,
     log_format: Annotated[
         Literal["text", "json"] | None,
         typer.Option(
@@ -143,6 +153,7 @@ def serve(
         "allowed_hosts": allowed_hosts,
         "access_log": access_log,
         "log_format": log_format,
+        "tracing": tracing,
     }
     overrides.update({k: v for k, v in flags.items() if v is not None})  # type: ignore[misc]
     try:
@@ -160,6 +171,15 @@ def serve(
     store_url = store or settings.store
     if bool(settings.ssl_certfile) != bool(settings.ssl_keyfile):
         fail(InvalidInput("--ssl-certfile and --ssl-keyfile go together", field="ssl_keyfile"))
+    if settings.tracing:
+        from hivemem import tracing as otel
+
+        try:
+            otel.configure_sdk()
+        except ImportError:
+            fail(InvalidInput("--tracing needs pip install 'hivemem[otel]'", field="tracing"))
+        except ValueError as exc:
+            fail(InvalidInput(str(exc), field="OTEL_TRACES_EXPORTER"))
     with guard():
         service = create_app(store_url, settings)
     scheme = "https" if settings.ssl_certfile else "http"

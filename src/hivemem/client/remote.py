@@ -493,6 +493,45 @@ class RemoteHive(Hive):
             all_headers[REQUEST_ID_HEADER] = uuid.uuid4().hex
         if headers:
             all_headers.update(headers)
+        if self._settings.tracing:
+            return await self._traced(method, path, query, body, all_headers, seconds)
+        return await self._answer(method, path, query, body, all_headers, seconds)
+
+    async def _traced(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes | None,
+        all_headers: dict[str, str],
+        seconds: float | None,
+    ) -> tuple[int, bytes]:
+        """:meth:`_answer` in a CLIENT span ``hivemem <METHOD>`` whose W3C trace context
+        goes with the request (see :mod:`hivemem.tracing`)."""
+        from opentelemetry.trace import SpanKind
+
+        from hivemem import tracing
+
+        with tracing.tracer().start_as_current_span(
+            f"hivemem {method}",
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": method, "url.path": path.split("?", 1)[0]},
+        ) as span:
+            tracing.inject(all_headers)
+            status, data = await self._answer(method, path, query, body, all_headers, seconds)
+            span.set_attribute("http.response.status_code", status)
+            return status, data
+
+    async def _answer(
+        self,
+        method: str,
+        path: str,
+        query: Mapping[str, str],
+        body: bytes | None,
+        all_headers: dict[str, str],
+        seconds: float | None,
+    ) -> tuple[int, bytes]:
+        """Send, and wait out a GET's rate limit (see :meth:`_request`)."""
         try:
             return await self._send(method, path, query, body, all_headers, seconds)
         except RateLimited as exc:

@@ -107,8 +107,19 @@ class _Shared:
         self.builtin_policy = PolicyHolder()
         #: This hive's Prometheus metrics (every backend call is timed).
         self.metrics = Metrics(backend_kind(backend))
-        if settings.metrics:
-            self.metrics.instrument_backend(backend, STORE_OPERATIONS)
+        tracer = None
+        if settings.tracing:
+            from hivemem import tracing
+
+            if not tracing.available():
+                raise InvalidInput(
+                    "tracing needs OpenTelemetry: pip install 'hivemem[otel]'", field="tracing"
+                )
+            tracer = tracing.tracer()
+        if settings.metrics or tracer is not None:
+            self.metrics.instrument_backend(backend, STORE_OPERATIONS, tracer=tracer)
+        #: hivemem's OpenTelemetry tracer when tracing is on, else None.
+        self.tracer = tracer
         self.metrics.add_index_source(self._index_sizes)
         path = getattr(backend, "path", None)
         if isinstance(path, str) and path != ":memory:" and backend_kind(backend) == "sqlite":

@@ -25,6 +25,7 @@ from hivemem.core.area import Area, timestamp
 from hivemem.core.taskwaits import TaskWaits
 from hivemem.errors import InvalidInput, NotFound, TooLarge
 from hivemem.models import Page, QueueStats, Task, TaskError
+from hivemem.tracing import current_traceparent, unwrap_payload, wrap_payload
 from hivemem.validation import integer, optional_wait, seconds
 
 #: Most characters of one attempt's error.
@@ -54,11 +55,13 @@ def to_task(row: TaskRow, now: float) -> Task:
     """The public record of a stored task at time ``now`` (a ready task not yet due is
     ``delayed``)."""
     state = "delayed" if row.state == "ready" and row.run_at > now else row.state
+    payload, traceparent = unwrap_payload(orjson.loads(row.payload))
     return Task.model_construct(
         id=row.id,
         queue=row.queue,
         state=state,
-        payload=orjson.loads(row.payload),
+        payload=payload,
+        traceparent=traceparent,
         result=None if row.result is None else orjson.loads(row.result),
         priority=row.priority,
         attempt=row.attempt,
@@ -189,6 +192,8 @@ class TasksMixin(Area):
         )
         await self._ready()
         now = self._now()
+        if self._settings.tracing:  # the submitter's trace goes with the task
+            data = wrap_payload(data, current_traceparent())
         row = TaskRow(
             id=new_task_id(now),
             queue=q,

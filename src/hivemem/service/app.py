@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import re
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -106,6 +107,7 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
             "`If-None-Match: *` for create-only."
         ),
         lifespan=lifespan,
+        **_no_native_telemetry(),
     )
     app.state.hivemem = state
     problems.install(app)
@@ -149,15 +151,26 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     if hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
     guards.install(app, settings)  # header size, UTF-8, body size and time
-    if settings.metrics or settings.access_log:
+    if settings.metrics or settings.access_log or settings.tracing:
         # Outermost: counts and logs every request, the guards' refusals included.
         app.add_middleware(
             RequestTelemetry,
             metrics=hive.metrics,
             log_format=settings.log_format if settings.access_log else None,
             count=settings.metrics,
+            tracer=hive._shared.tracer,
         )
     return app
+
+
+def _no_native_telemetry() -> dict[str, object]:
+    """FastAPI 0.16x traces and measures requests on its own whenever the process has
+    OpenTelemetry providers; the service's own spans and metrics (the settings ``tracing``
+    and ``metrics``) are the one switch, so FastAPI's are turned off where it has them."""
+    if "telemetry" not in inspect.signature(FastAPI).parameters:
+        return {}
+    off = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+    return {"telemetry": off}
 
 
 def redact_url(url: str) -> str:

@@ -71,23 +71,66 @@ class RequestTelemetry:
         metrics: Metrics,
         log_format: str | None = None,
         count: bool = True,
+        tracer: Any = None,
     ) -> None:
         self.app = app
+        self.tracer = tracer
         self.metrics = metrics
         self.log_format = log_format
         self.count = count
         self.requests = metrics.http_requests
         self.seconds = metrics.http_seconds
-        self.in_flight = metrics.http_in_flight
+        #: requests being served; the gauge reads it at scrape time
+        self.active = 0
+        metrics.http_in_flight.set_function(lambda: self.active)
+        #: (route, method, status) -> the counter and histogram children (labels() is
+        #: a few microseconds; a dict lookup is not)
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.tracer is not None:
+            await self._traced(scope, receive, send)
+            return
+        await self._serve(scope, receive, send)
+
+    async def _traced(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """:meth:`_serve` in a SERVER span continuing the caller's W3C trace context."""
+        from opentelemetry import propagate
+        from opentelemetry.trace import SpanKind, Status, StatusCode
+
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers") or []
+            if k in (b"traceparent", b"tracestate")
+        }
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        with self.tracer.start_as_current_span(
+            method,
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.scheme": scope.get("scheme", "http")},
+        ) as span:
+            state = scope.setdefault("state", {})
+            state["trace_id"] = format(span.get_span_context().trace_id, "032x")
+            status = await self._serve(scope, receive, send)
+            route = route_of(scope)
+            span.update_name(f"{method} {route}")
+            span.set_attribute("http.route", route)
+            span.set_attribute("http.response.status_code", status)
+            principal = state.get("principal")
+            if principal is not None:
+                span.set_attribute("hivemem.agent", principal.agent)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Serve the request, count and log it; returns the status sent."""
         started = time.perf_counter()
         status = 500
-        if self.count:
-            self.in_flight.inc()
+        self.active += 1
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -101,12 +144,21 @@ class RequestTelemetry:
             elapsed = time.perf_counter() - started
             method = scope["method"] if scope["method"] in _METHODS else "other"
             route = route_of(scope)
+            self.active -= 1
             if self.count:
-                self.in_flight.dec()
-                self.requests.labels(route, method, str(status)).inc()
-                self.seconds.labels(route, method).observe(elapsed)
+                children = self._children.get((route, method, status))
+                if children is None:
+                    children = (
+                        self.requests.labels(route, method, str(status)),
+                        self.seconds.labels(route, method),
+                    )
+                    if len(self._children) < 10_000:
+                        self._children[(route, method, status)] = children
+                children[0].inc()
+                children[1].observe(elapsed)
             if self.log_format is not None and access.isEnabledFor(logging.INFO):
                 self._log(scope, method, route, status, elapsed)
+        return status
 
     def _log(self, scope: Scope, method: str, route: str, status: int, elapsed: float) -> None:
         headers = dict(scope.get("headers") or [])
