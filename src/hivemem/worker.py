@@ -156,8 +156,7 @@ class Worker:
         assert stopping is not None
         while not stopping.is_set():
             if budget[0] is not None:
-                if budget[0] <= 0:
-                    stopping.set()
+                if budget[0] <= 0:  # the other slots hold (or ran) the last tasks
                     return
                 budget[0] -= 1
             task = await self._claim(stopping)

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hivemem.cli import coordination, items, operations, sessions
+from hivemem.cli import coordination, items, operations, sessions, top
 from hivemem.cli.common import DEFAULT_URL, Options
 from hivemem.cli.eval import eval_locomo
 
@@ -73,6 +73,7 @@ _COMMANDS: list[tuple[typer.Typer, str, Callable[..., Any]]] = [
     (app, "publish", items.publish),
     (app, "worker", coordination.worker),
     (app, "mcp", operations.mcp),
+    (app, "top", top.top),
     (session_app, "create", sessions.session_create),
     (session_app, "get", sessions.session_get),
     (session_app, "ls", sessions.session_list),

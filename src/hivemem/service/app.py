@@ -8,6 +8,7 @@ import inspect
 import re
 import signal
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -163,7 +164,7 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     return app
 
 
-def _no_native_telemetry() -> dict[str, object]:
+def _no_native_telemetry() -> dict[str, Any]:
     """FastAPI 0.16x traces and measures requests on its own whenever the process has
     OpenTelemetry providers; the service's own spans and metrics (the settings ``tracing``
     and ``metrics``) are the one switch, so FastAPI's are turned off where it has them."""
