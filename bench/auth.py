@@ -161,7 +161,13 @@ def add_agents(db: Path, agents: list[str]) -> dict[str, str]:
 
 
 def start_service(
-    procs: Procs, tmp: Path, config: str, agents: list[str], log_level: str, layer: str = "auth"
+    procs: Procs,
+    tmp: Path,
+    config: str,
+    agents: list[str],
+    log_level: str,
+    layer: str = "auth",
+    tracing: str | None = None,
 ) -> Service:
     """Start the "on" or "off" service over ``<tmp>/<config>.db``; wait for /readyz.
 
@@ -176,8 +182,14 @@ def start_service(
     ]  # fmt: skip
     if log_level != "info":
         cmd += ["--log-level", log_level]
+    env = dict(SERVICE_ENV)
     if layer == "telemetry":
         cmd += ["--no-auth"] + ([] if config == "on" else ["--set", "metrics=false"])
+        if config == "on" and tracing is not None:
+            # Spans made (and sampled as asked) but exported nowhere: what tracing costs
+            # the service itself; an exporter's cost is its batch thread's.
+            cmd += ["--tracing"]
+            env |= {"OTEL_TRACES_EXPORTER": "none", "OTEL_TRACES_SAMPLER": tracing}
         identity = {a: {"X-Hivemem-Agent": a} for a in agents}
     elif config == "on":
         policy = tmp / "policy.toml"
@@ -192,7 +204,7 @@ def start_service(
         cmd += ["--no-auth"]
         identity = {a: {"X-Hivemem-Agent": a} for a in agents}
     log = f"service-{config}.log"
-    proc = procs.start(cmd, log, env=SERVICE_ENV)
+    proc = procs.start(cmd, log, env=env)
     url = f"http://127.0.0.1:{port}"
     wait_http_ready(f"{url}/readyz", proc, 60, tmp / log)
     return Service(config, url, proc.pid, cmd, identity)
@@ -524,6 +536,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "telemetry (metrics; the 'off' one runs with metrics=false) (%(default)s)",
     )
     p.add_argument(
+        "--tracing",
+        default=None,
+        metavar="SAMPLER",
+        help="--layer telemetry: the 'on' service also traces (--tracing, spans not "
+        "exported), with this OTEL_TRACES_SAMPLER (e.g. always_on, or "
+        "parentbased_traceidratio with OTEL_TRACES_SAMPLER_ARG in the environment)",
+    )
+    p.add_argument(
         "--json",
         type=Path,
         default=None,
@@ -589,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         with Procs(tmp) as procs:
             for cfg in CONFIGS:
                 services[cfg] = start_service(
-                    procs, tmp, cfg, agents, args.server_log_level, args.layer
+                    procs, tmp, cfg, agents, args.server_log_level, args.layer, args.tracing
                 )
                 console.print(f"{cfg}: {' '.join(services[cfg].cmd)}")
             asyncio.run(measure(services, args, results, checks))
@@ -620,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(elapsed, 1),
         "settings": {
             "layer": args.layer,
+            "tracing_sampler": args.tracing,
             "target_ratio": TARGET_RATIO,
             "duration_s": args.duration,
             "warmup_s": args.warmup,

@@ -344,13 +344,17 @@ _DB_SYSTEM = {
 
 
 def _traced(method: Callable[..., Any], name: str, backend: str, tracer: Any) -> Callable[..., Any]:
-    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace import SpanKind, get_current_span
 
     span_name = f"hivemem.store {name}"
     attributes = {"db.system": _DB_SYSTEM.get(backend, backend), "db.operation.name": name}
 
     @functools.wraps(method)
     async def traced(*args: Any, **kwargs: Any) -> Any:
+        # Only inside a recorded span: a store call is a step of some traced work (a
+        # request, an agent's span); alone, or under an unsampled span, it is skipped.
+        if not get_current_span().is_recording():
+            return await method(*args, **kwargs)
         with tracer.start_as_current_span(span_name, kind=SpanKind.CLIENT, attributes=attributes):
             return await method(*args, **kwargs)
 

@@ -8,8 +8,9 @@ With it on, hivemem uses the OpenTelemetry API (instrumentation scope ``hivemem`
   request;
 - the service continues that trace: a SERVER span per request, ``<METHOD> <route>``
   (the route template), with the agent, method, route and status as attributes;
-- every store call is a CLIENT span below it, ``hivemem.store <operation>``, with
-  ``db.system`` (sqlite, postgresql, redis);
+- every store call made inside a recorded span (a request's, or the agent's own around
+  embedded calls) is a CLIENT span below it, ``hivemem.store <operation>``, with
+  ``db.system`` (sqlite, postgresql, redis); outside one it makes no span;
 - a task submitted inside a span carries the trace context with it (kept beside the
   payload, never in it: the worker sees the payload it was given), and
   :func:`task_span` lets the worker that runs it open its span as a child, so a

@@ -116,6 +116,8 @@ class RequestTelemetry:
             state = scope.setdefault("state", {})
             state["trace_id"] = format(span.get_span_context().trace_id, "032x")
             status = await self._serve(scope, receive, send)
+            if not span.is_recording():  # not sampled: nothing to add
+                return
             route = route_of(scope)
             span.update_name(f"{method} {route}")
             span.set_attribute("http.route", route)
