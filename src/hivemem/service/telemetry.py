@@ -97,8 +97,11 @@ class RequestTelemetry:
         await self._serve(scope, receive, send)
 
     async def _traced(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """:meth:`_serve` in a SERVER span continuing the caller's W3C trace context."""
-        from opentelemetry import propagate
+        """:meth:`_serve` in a SERVER span continuing the caller's W3C trace context.
+
+        The span is made current only when it is recorded (sampled): an unsampled
+        request then costs one span's creation, and its store calls make none."""
+        from opentelemetry import propagate, trace
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
         carrier = {
@@ -107,17 +110,22 @@ class RequestTelemetry:
             if k in (b"traceparent", b"tracestate")
         }
         method = scope["method"] if scope["method"] in _METHODS else "other"
-        with self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             method,
             context=propagate.extract(carrier),
             kind=SpanKind.SERVER,
             attributes={"http.request.method": method, "url.scheme": scope.get("scheme", "http")},
-        ) as span:
-            state = scope.setdefault("state", {})
-            state["trace_id"] = format(span.get_span_context().trace_id, "032x")
+        )
+        state = scope.setdefault("state", {})
+        state["trace_id"] = format(span.get_span_context().trace_id, "032x")
+        if not span.is_recording():
+            try:
+                await self._serve(scope, receive, send)
+            finally:
+                span.end()
+            return
+        with trace.use_span(span, end_on_exit=True):
             status = await self._serve(scope, receive, send)
-            if not span.is_recording():  # not sampled: nothing to add
-                return
             route = route_of(scope)
             span.update_name(f"{method} {route}")
             span.set_attribute("http.route", route)
