@@ -88,59 +88,17 @@ class RequestTelemetry:
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One coroutine frame for everything: each frame between the server and the app
+        # is resumed again at every await of the request, so a layer costs per await.
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.tracer is not None:
-            await self._traced(scope, receive, send)
-            return
-        await self._serve(scope, receive, send)
-
-    async def _traced(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """:meth:`_serve` in a SERVER span continuing the caller's W3C trace context.
-
-        The span is made current only when it is recorded (sampled): an unsampled
-        request then costs one span's creation, and its store calls make none."""
-        from opentelemetry import propagate, trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        carrier = {
-            k.decode("latin-1"): v.decode("latin-1")
-            for k, v in scope.get("headers") or []
-            if k in (b"traceparent", b"tracestate")
-        }
-        method = scope["method"] if scope["method"] in _METHODS else "other"
-        span = self.tracer.start_span(
-            method,
-            context=propagate.extract(carrier),
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": method, "url.scheme": scope.get("scheme", "http")},
-        )
-        state = scope.setdefault("state", {})
-        state["trace_id"] = format(span.get_span_context().trace_id, "032x")
-        if not span.is_recording():
-            try:
-                await self._serve(scope, receive, send)
-            finally:
-                span.end()
-            return
-        with trace.use_span(span, end_on_exit=True):
-            status = await self._serve(scope, receive, send)
-            route = route_of(scope)
-            span.update_name(f"{method} {route}")
-            span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", status)
-            principal = state.get("principal")
-            if principal is not None:
-                span.set_attribute("hivemem.agent", principal.agent)
-            if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> int:
-        """Serve the request, count and log it; returns the status sent."""
         started = time.perf_counter()
         status = 500
         self.active += 1
+        span = token = None
+        if self.tracer is not None:
+            span, token = self._start_span(scope)
 
         async def sending(message: Message) -> None:
             nonlocal status
@@ -150,6 +108,10 @@ class RequestTelemetry:
 
         try:
             await self.app(scope, receive, sending)
+        except BaseException as exc:
+            if token is not None and isinstance(exc, Exception):
+                span.record_exception(exc)  # type: ignore[union-attr]
+            raise
         finally:
             elapsed = time.perf_counter() - started
             method = scope["method"] if scope["method"] in _METHODS else "other"
@@ -166,9 +128,53 @@ class RequestTelemetry:
                         self._children[(route, method, status)] = children
                 children[0].inc()
                 children[1].observe(elapsed)
+            if span is not None:
+                self._end_span(scope, span, token, method, route, status)
             if self.log_format is not None and access.isEnabledFor(logging.INFO):
                 self._log(scope, method, route, status, elapsed)
-        return status
+
+    def _start_span(self, scope: Scope) -> tuple[Any, Any]:
+        """A SERVER span continuing the caller's W3C trace context, and the context token
+        when it is recorded (then it is made current: the store calls' spans go under
+        it). An unsampled request costs this span's creation and nothing else."""
+        from opentelemetry import context, propagate, trace
+        from opentelemetry.trace import SpanKind
+
+        carrier = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope.get("headers") or []
+            if k in (b"traceparent", b"tracestate")
+        }
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+        span = self.tracer.start_span(
+            method,
+            context=propagate.extract(carrier),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.scheme": scope.get("scheme", "http")},
+        )
+        scope.setdefault("state", {})["trace_id"] = format(span.get_span_context().trace_id, "032x")
+        if not span.is_recording():
+            return span, None
+        return span, context.attach(trace.set_span_in_context(span))
+
+    @staticmethod
+    def _end_span(
+        scope: Scope, span: Any, token: Any, method: str, route: str, status: int
+    ) -> None:
+        if token is not None:
+            from opentelemetry import context
+            from opentelemetry.trace import Status, StatusCode
+
+            span.update_name(f"{method} {route}")
+            span.set_attribute("http.route", route)
+            span.set_attribute("http.response.status_code", status)
+            principal = (scope.get("state") or {}).get("principal")
+            if principal is not None:
+                span.set_attribute("hivemem.agent", principal.agent)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            context.detach(token)
+        span.end()
 
     def _log(self, scope: Scope, method: str, route: str, status: int, elapsed: float) -> None:
         headers = dict(scope.get("headers") or [])
