@@ -133,7 +133,7 @@ def test_the_ecs_task_definition_validates_against_the_ecs_api() -> None:
 
 
 @pytest.mark.matrix
-@pytest.mark.xdist_group("topologies")  # three replicas and Prometheus: one at a time
+@pytest.mark.slow  # three replicas and Prometheus: in the "processes" group, one at a time
 def test_the_compose_topology_runs_natively_and_the_agents_round_trip(
     tmp_path: Path, postgres_url: str, redis_url: str
 ) -> None:

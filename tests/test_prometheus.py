@@ -69,7 +69,7 @@ def test_a_broken_alert_fails_its_unit_test(tmp_path: Path) -> None:
 
 
 @pytest.mark.matrix
-@pytest.mark.xdist_group("topologies")  # three replicas and Prometheus: one at a time
+@pytest.mark.slow  # three replicas and Prometheus: in the "processes" group, one at a time
 def test_prometheus_aggregates_three_replicas_and_sees_one_die(
     tmp_path: Path, redis_url: str
 ) -> None:
