@@ -7,14 +7,11 @@ payload; with tracing off nothing is traced."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -24,7 +21,7 @@ from opentelemetry.trace import SpanKind
 import hivemem
 from hivemem.service.app import create_app
 from hivemem.worker import Worker
-from tests.conftest import free_port
+from tests.test_bounds import ThreadedServer
 
 EXPORTER = InMemorySpanExporter()
 
@@ -47,30 +44,6 @@ def spans() -> Iterator[InMemorySpanExporter]:
     EXPORTER.clear()
 
 
-class Served:
-    """The service app on a free loopback port, in a thread (uvicorn)."""
-
-    def __init__(self, store: str, settings: hivemem.Settings) -> None:
-        self.port = free_port()
-        config = uvicorn.Config(
-            create_app(store, settings), host="127.0.0.1", port=self.port, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive()
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
 def traced() -> hivemem.Settings:
     return hivemem.Settings(embedder="none", tracing=True)
 
@@ -78,12 +51,17 @@ def traced() -> hivemem.Settings:
 async def test_a_client_call_is_one_trace_client_then_service_then_store(
     tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
-    with Served(f"sqlite:///{tmp_path}/t.db", traced()) as url:
+    server = ThreadedServer(create_app(f"sqlite:///{tmp_path}/t.db", traced()), "auto")
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
         async with hivemem.connect(url, agent="planner", settings=traced()) as hive:
             with trace.get_tracer("test").start_as_current_span("agent turn") as root:
                 await hive.put("notes", "k1", {"text": "hello"})
             root_id = root.get_span_context().trace_id
         await asyncio.sleep(0.2)  # the server thread ends its span after the response
+    finally:
+        server.stop()
     finished = spans.get_finished_spans()
     by_name = {s.name: s for s in finished if s.context.trace_id == root_id}
     client = by_name["hivemem PUT"]
