@@ -344,10 +344,18 @@ _DB_SYSTEM = {
 
 
 def _traced(method: Callable[..., Any], name: str, backend: str, tracer: Any) -> Callable[..., Any]:
-    from opentelemetry.trace import SpanKind, get_current_span
+    from opentelemetry import context
+    from opentelemetry.trace import (
+        SpanKind,
+        Status,
+        StatusCode,
+        get_current_span,
+        set_span_in_context,
+    )
 
     span_name = f"hivemem.store {name}"
     attributes = {"db.system": _DB_SYSTEM.get(backend, backend), "db.operation.name": name}
+    client = SpanKind.CLIENT
 
     @functools.wraps(method)
     async def traced(*args: Any, **kwargs: Any) -> Any:
@@ -355,8 +363,20 @@ def _traced(method: Callable[..., Any], name: str, backend: str, tracer: Any) ->
         # request, an agent's span); alone, or under an unsampled span, it is skipped.
         if not get_current_span().is_recording():
             return await method(*args, **kwargs)
-        with tracer.start_as_current_span(span_name, kind=SpanKind.CLIENT, attributes=attributes):
+        # start_span + attach by hand: start_as_current_span's two context managers cost
+        # a fifth of the span again (about 4 µs of 18).
+        span = tracer.start_span(span_name, kind=client, attributes=attributes)
+        token = context.attach(set_span_in_context(span))
+        try:
             return await method(*args, **kwargs)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            context.detach(token)
+            span.end()
 
     return traced
 
