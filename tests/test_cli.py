@@ -516,6 +516,7 @@ def test_serve_prints_its_url_the_docs_url_and_the_store_without_its_password(
     (line,) = result.stdout.splitlines()
     assert line.startswith("hivemem serving http://127.0.0.1:9876 ")
     assert "API docs: http://127.0.0.1:9876/docs" in line
+    assert "console: http://127.0.0.1:9876/ui" in line
     assert "store: postgresql://hive:***@127.0.0.1:1/hive" in line
     assert "s3cret" not in result.output
     assert served and served[0]["port"] == 9876

@@ -235,6 +235,16 @@ async def probe_namespaces(a: Caller, b: Caller, s: dict[str, Any]) -> None:
             ), (prefix, depth, page)
 
 
+async def probe_namespace_counts(a: Caller, b: Caller, s: dict[str, Any]) -> None:
+    for prefix in ("", "team", "team/b"):
+        status, page = await a("GET", "/v1/namespaces/counts", prefix=prefix, limit=1000)
+        assert status == 200, page
+        names = [c["namespace"] for c in page["items"]]
+        assert not any(n == "team/b" or n.startswith("team/b/") for n in names), (prefix, page)
+        listed = (await a("GET", "/v1/namespaces", prefix=prefix, limit=1000))[1]["items"]
+        assert names == listed  # the same namespaces, counted
+
+
 async def probe_batch(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     ops = [
         {"op": "put", "namespace": s["ns_a"], "key": "ok", "value": 1},
@@ -356,6 +366,14 @@ async def probe_index_wait(a: Caller, b: Caller, s: dict[str, Any]) -> None:
 async def probe_head(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     status, head = await a("GET", "/v1/events/head")
     assert status == 200 and set(head) == {"cursor"}
+
+
+async def probe_info(a: Caller, b: Caller, s: dict[str, Any]) -> None:
+    status, info = await a("GET", "/v1/info")
+    assert status == 200 and info["agent"] == "a" and info["auth"] is True, info
+    assert not mentions_b(info)
+    anonymous = Caller(a.http, a.base, None)
+    assert (await anonymous("GET", "/v1/info"))[0] == 401
 
 
 async def probe_watch(a: Caller, b: Caller, s: dict[str, Any]) -> None:
@@ -605,6 +623,7 @@ PROBES: dict[tuple[str, str], Probe] = {
     ("delete", "/v1/items/{path}"): probe_item_delete,
     ("get", "/v1/items"): probe_list,
     ("get", "/v1/namespaces"): probe_namespaces,
+    ("get", "/v1/namespaces/counts"): probe_namespace_counts,
     ("post", "/v1/batch"): probe_batch,
     ("get", "/v1/history/{path}"): probe_history,
     ("post", "/v1/search"): probe_search,
@@ -617,6 +636,7 @@ PROBES: dict[tuple[str, str], Probe] = {
     ("put", "/v1/sessions/{session_id}/state"): probe_state_put,
     ("get", "/v1/events"): probe_events,
     ("get", "/v1/events/head"): probe_head,
+    ("get", "/v1/info"): probe_info,
     ("get", "/v1/index"): probe_index,
     ("post", "/v1/index/wait"): probe_index_wait,
     ("get", "/v1/watch"): probe_watch,
@@ -825,6 +845,7 @@ async def test_embedded_hive_applies_the_same_policy(embedded: tuple[Hive, Hive]
         ),
         "list": lambda: _none_of_b(a.list("", limit=1000)),
         "list_namespaces": lambda: _none_of_b(a.list_namespaces("")),
+        "namespace_counts": lambda: _none_of_b(a.namespace_counts("")),
         "history": lambda: _eq(a.history(ns_b, "k"), []),
         "search": lambda: _none_of_b(a.search("", SECRET_WORD, mode="lexical")),
         "read_events": lambda: _none_of_b(a.read_events("", limit=1000), internal=True),

@@ -30,6 +30,7 @@ from hivemem.models import (
     Lease,
     Message,
     MessageIn,
+    NamespaceCount,
     OnceTicket,
     Page,
     PutOp,
@@ -268,6 +269,28 @@ class Hive(ABC):
 
         Args:
             max_depth: truncate namespaces to this many segments (deduplicated).
+        """
+
+    @abstractmethod
+    async def namespace_counts(
+        self, prefix: str = "", *, limit: int = 100, cursor: str | None = None
+    ) -> Page[NamespaceCount]:
+        """One page of the namespaces holding a live item at or under ``prefix``, sorted,
+        each with its number of live items (of the namespace itself, not of those under
+        it): what :meth:`list_namespaces` lists, counted.
+
+        On SQLite and PostgreSQL one ``GROUP BY`` of the items' index under the prefix; on
+        Redis one ``ZLEXCOUNT`` per namespace, which also counts items whose TTL has
+        passed until the sweeper removes them (every ``sweep_interval`` seconds).
+
+        Args:
+            prefix: a namespace, or ``""`` for all.
+            limit: page size, 1..``max_page_size`` (1000).
+            cursor: ``next_cursor`` of the previous page.
+
+        Raises:
+            InvalidInput: a malformed prefix, a limit out of range, a cursor made by
+                another call.
         """
 
     @abstractmethod

@@ -79,6 +79,13 @@ class Page(_Record, Generic[T]):
     )
 
 
+class NamespaceCount(_Record):
+    """A namespace and its number of live items (:meth:`Hive.namespace_counts`)."""
+
+    namespace: str
+    items: int = Field(description="Live items of this namespace itself, not of those under it.")
+
+
 class PutOp(_Record):
     """A put inside :meth:`Hive.batch`; fields mean what they mean for :meth:`Hive.put`."""
 

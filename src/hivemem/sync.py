@@ -34,6 +34,7 @@ from hivemem.models import (
     Lease,
     Message,
     MessageIn,
+    NamespaceCount,
     OnceTicket,
     Page,
     PutOp,
@@ -390,6 +391,29 @@ class SyncHive:
             return await self._hive.list_namespaces(
                 prefix, max_depth=max_depth, limit=limit, cursor=cursor
             )
+
+        return self._portal.call(run)
+
+    def namespace_counts(
+        self, prefix: str = "", *, limit: int = 100, cursor: str | None = None
+    ) -> Page[NamespaceCount]:
+        """One page of the namespaces holding a live item at or under ``prefix``, sorted,
+        each with its number of live items (see :meth:`Hive.namespace_counts`).
+
+        Args:
+            prefix: a namespace, or ``""`` for all.
+            limit: page size, 1..``max_page_size`` (1000).
+            cursor: ``next_cursor`` of the previous page.
+
+        Returns:
+            A :class:`Page` of :class:`NamespaceCount` (``namespace``, ``items``).
+
+        Raises:
+            InvalidInput: a malformed prefix, a limit out of range, a foreign cursor.
+        """
+
+        async def run() -> Page[NamespaceCount]:
+            return await self._hive.namespace_counts(prefix, limit=limit, cursor=cursor)
 
         return self._portal.call(run)
 

@@ -232,6 +232,40 @@ async def test_list_prefix_matches_whole_segments(hive: hivemem.Hive, ns: str) -
     assert names == [f"{ns}/a/b", f"{ns}/a/b/deeper"]
 
 
+async def test_namespace_counts_count_each_namespace_itself_and_page(
+    hive: hivemem.Hive, ns: str
+) -> None:
+    for sub, n in (("a", 3), ("a/deep", 2), ("b", 1), ("c", 4)):
+        for i in range(n):
+            await hive.put(f"{ns}/{sub}", f"k{i}", i)
+    await hive.delete(f"{ns}/c", "k0")
+    await hive.put(f"{ns}/gone", "only", 1)
+    await hive.delete(f"{ns}/gone", "only")
+
+    everything = await hive.namespace_counts(ns)
+    assert [(c.namespace, c.items) for c in everything.items] == [
+        (f"{ns}/a", 3),
+        (f"{ns}/a/deep", 2),
+        (f"{ns}/b", 1),
+        (f"{ns}/c", 3),
+    ]
+    assert everything.next_cursor is None
+    assert [c.namespace for c in everything.items] == (await hive.list_namespaces(ns)).items
+
+    first = await hive.namespace_counts(ns, limit=3)
+    assert [c.items for c in first.items] == [3, 2, 1] and first.next_cursor is not None
+    rest = await hive.namespace_counts(ns, limit=3, cursor=first.next_cursor)
+    assert [(c.namespace, c.items) for c in rest.items] == [(f"{ns}/c", 3)]
+    assert rest.next_cursor is None
+    assert [c.namespace for c in (await hive.namespace_counts(f"{ns}/a")).items] == [
+        f"{ns}/a",
+        f"{ns}/a/deep",
+    ]
+    with pytest.raises(hivemem.InvalidInput) as bad:
+        await hive.namespace_counts(ns, limit=0)
+    assert bad.value.field == "limit"
+
+
 async def test_list_namespaces_truncates_to_max_depth_and_deduplicates(
     hive: hivemem.Hive, ns: str
 ) -> None:

@@ -144,6 +144,11 @@ class Backend(ABC):
         """Distinct namespaces at or under ``prefix`` holding a live item, sorted."""
 
     @abstractmethod
+    async def namespace_counts(self, prefix: str, now: float) -> list[tuple[str, int]]:
+        """(namespace, live items of it) for each namespace of :meth:`list_namespaces`,
+        sorted by namespace."""
+
+    @abstractmethod
     async def item_history(self, namespace: str, key: str, limit: int, now: float) -> list[ItemRow]:
         """Stored versions of a live item, newest first."""
 

@@ -186,7 +186,8 @@ def serve(
     base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
     mode = "auth on" if settings.auth else "auth off: X-Hivemem-Agent names the caller"
     typer.echo(
-        f"hivemem serving {base} (API docs: {base}/docs; store: {redact_url(store_url)}; {mode})"
+        f"hivemem serving {base} (console: {base}/ui; API docs: {base}/docs; "
+        f"store: {redact_url(store_url)}; {mode})"
     )
     if settings.access_log:
         import logging

@@ -50,6 +50,7 @@ from hivemem.models import (
     Lease,
     Message,
     MessageIn,
+    NamespaceCount,
     OnceTicket,
     Page,
     PutOp,
@@ -747,6 +748,16 @@ class RemoteHive(Hive):
             "GET",
             "/v1/namespaces",
             params={"prefix": prefix, "max_depth": max_depth, "limit": limit, "cursor": cursor},
+        )
+
+    async def namespace_counts(
+        self, prefix: str = "", *, limit: int = 100, cursor: str | None = None
+    ) -> Page[NamespaceCount]:
+        return await self._model(
+            Page[NamespaceCount],
+            "GET",
+            "/v1/namespaces/counts",
+            params={"prefix": prefix, "limit": limit, "cursor": cursor},
         )
 
     async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> builtins.list[Item | bool]:

@@ -18,7 +18,7 @@ from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
 from hivemem.core.lexical import check_terms
 from hivemem.errors import Conflict, InvalidInput
-from hivemem.models import DeleteOp, Item, Page, PutOp
+from hivemem.models import DeleteOp, Item, NamespaceCount, Page, PutOp
 
 #: A listing scans at most this many pages of rows it may not show before it returns a
 #: short page with a cursor.
@@ -347,6 +347,30 @@ class ItemsMixin(Area):
         page = found[:limit]
         next_cursor = cursors.encode(page[-1]) if len(found) > limit else None
         return Page[str](items=page, next_cursor=next_cursor)
+
+    async def namespace_counts(
+        self, prefix: str = "", *, limit: int = 100, cursor: str | None = None
+    ) -> Page[NamespaceCount]:
+        check.namespace(prefix, self._settings, field="prefix", allow_empty=True)
+        check.limit(limit, self._settings)
+        after = cursors.decode(cursor)
+        if after is not None and not isinstance(after, str):
+            raise InvalidInput("cursor was not made by namespace_counts()", field="cursor")
+        await self._ready()
+        roots = self._roots("read", prefix)
+        now = self._now()
+        parts = await asyncio.gather(*(self._backend.namespace_counts(r, now) for r in roots))
+        counted = dict(pair for part in parts for pair in part)
+        found = [
+            (ns, n)
+            for ns, n in sorted(counted.items())
+            if not ns.startswith("_") and self._may("read", ns) and (after is None or ns > after)
+        ]
+        page = found[:limit]
+        next_cursor = cursors.encode(page[-1][0]) if len(found) > limit else None
+        return Page[NamespaceCount](
+            items=[NamespaceCount(namespace=ns, items=n) for ns, n in page], next_cursor=next_cursor
+        )
 
     async def batch(self, ops: Sequence[PutOp | DeleteOp]) -> builtins.list[Item | bool]:
         if not isinstance(ops, Sequence) or isinstance(ops, str | bytes):

@@ -18,6 +18,7 @@ from starlette.responses import Response
 import hivemem
 from hivemem.config import Settings
 from hivemem.core import LocalHive
+from hivemem.core.hive import backend_kind
 from hivemem.errors import HivememError, InvalidInput
 from hivemem.service import (
     coordination,
@@ -30,6 +31,7 @@ from hivemem.service import (
     search,
     sessions,
     tasks,
+    ui,
 )
 from hivemem.service.auth import ServiceState
 from hivemem.service.routing import json_response
@@ -108,6 +110,8 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
             "`If-None-Match: *` for create-only."
         ),
         lifespan=lifespan,
+        docs_url=None,  # ui.install serves /docs and /redoc from the wheel's own files
+        redoc_url=None,
         **_no_native_telemetry(),
     )
     app.state.hivemem = state
@@ -121,6 +125,7 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     run = mcp.mount(app)
     if run is not None:
         mcp_run.append(run)
+    ui.install(app, backend_kind(hive.backend))
     openapi.install(app, settings)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive.")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from hivemem.errors import Conflict, InvalidInput, NotFound
-from hivemem.models import Item, JsonInt, Page
+from hivemem.models import Item, JsonInt, NamespaceCount, Page
 from hivemem.service.deps import ReadHive, WriteHive
 from hivemem.service.problems import PreconditionFailed
 from hivemem.service.routing import JSONRoute, json_response, model_response
@@ -205,6 +205,21 @@ async def list_namespaces(
 ) -> Response:
     page = await hive.list_namespaces(prefix, max_depth=max_depth, limit=limit, cursor=cursor)
     return json_response({"items": page.items, "next_cursor": page.next_cursor})
+
+
+@router.get(
+    "/v1/namespaces/counts",
+    response_model=Page[NamespaceCount],
+    summary="List namespaces holding live items, each with its number of live items.",
+)
+async def namespace_counts(
+    hive: ReadHive,
+    prefix: Annotated[str, Query(description="Namespace prefix; empty for all.")] = "",
+    limit: Annotated[int, Query(le=2**63 - 1, description="Page size, 1..1000.")] = 100,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+) -> Response:
+    page = await hive.namespace_counts(prefix, limit=limit, cursor=cursor)
+    return model_response(page)
 
 
 @router.post(

@@ -821,6 +821,22 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
 
         return await self._engine.read(run)
 
+    async def namespace_counts(self, prefix: str, now: float) -> list[tuple[str, int]]:
+        where, args = [LIVE], dict[str, Any](now=now)
+        if prefix:
+            where.append(UNDER)
+            args.update(under(prefix))
+        sql = (
+            f"SELECT ns, count(*) FROM hivemem_items WHERE {' AND '.join(where)} "
+            "GROUP BY ns ORDER BY ns"
+        )
+
+        async def run(c: Conn) -> list[tuple[str, int]]:
+            cur = await c.execute(sql, args)
+            return [(r[0], r[1]) for r in await cur.fetchall()]
+
+        return await self._engine.read(run)
+
     async def item_history(self, namespace: str, key: str, limit: int, now: float) -> list[ItemRow]:
         sql = (
             f"SELECT {ITEM_COLS} FROM hivemem_item_versions WHERE ns = %(ns)s AND key = %(key)s "

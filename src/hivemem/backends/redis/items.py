@@ -168,6 +168,25 @@ class RedisItems(RedisEngine):
         )
         return sorted({ns.decode("utf-8") for reply in replies for ns in reply})
 
+    async def namespace_counts(self, prefix: str, now: float) -> list[tuple[str, int]]:
+        # The members of a namespace are one lexical range of its partition's key set:
+        # one ZLEXCOUNT each (items past their TTL count until the sweeper removes them).
+        names = await self.list_namespaces(prefix, now)
+        by_partition: dict[int, list[str]] = {}
+        for ns in names:
+            by_partition.setdefault(partition_of(ns), []).append(ns)
+        parts = list(by_partition.items())
+        replies = await asyncio.gather(
+            *(
+                self._script("namespace_counts", [meta_key(p)], [tag(p), *group])
+                for p, group in parts
+            )
+        )
+        counts: dict[str, int] = {}
+        for (_, group), reply in zip(parts, replies, strict=True):
+            counts.update((ns, int(n)) for ns, n in zip(group, reply, strict=True))
+        return [(ns, counts[ns]) for ns in names]
+
     async def item_history(self, namespace: str, key: str, limit: int, now: float) -> list[ItemRow]:
         p = partition_of(namespace)
         reply = await self._script(

@@ -634,6 +634,18 @@ end
 return out
 """
 
+#: ARGV: tag, namespace... Returns the number of members of each namespace in the
+#: partition's key set (live or past their TTL and not yet swept).
+NAMESPACE_COUNTS = r"""
+local keys = ARGV[1] .. ':keys'
+local out = {}
+for i = 2, #ARGV do
+  local ns = ARGV[i]
+  out[#out + 1] = redis.call('ZLEXCOUNT', keys, '[' .. ns .. '\0', '(' .. ns .. '\1')
+end
+return out
+"""
+
 #: ARGV: tag, member, now, limit. Returns history records, newest first (none if the
 #: item is not live).
 HISTORY = r"""
@@ -788,6 +800,7 @@ READ_SCRIPTS = {
     "read_feed": READ_FEED,
     "list_items": LIST_ITEMS,
     "namespaces": NAMESPACES,
+    "namespace_counts": NAMESPACE_COUNTS,
     "history": HISTORY,
     "fields": FIELDS,
     "scan": SCAN,

@@ -311,6 +311,14 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         sql = f"SELECT DISTINCT ns FROM items WHERE {' AND '.join(where)} ORDER BY ns"
         return await self._engine.read(lambda c: [r[0] for r in c.execute(sql, args)])
 
+    async def namespace_counts(self, prefix: str, now: float) -> list[tuple[str, int]]:
+        where, args = [LIVE], list[Any]([now])
+        if prefix:
+            where.append(UNDER)
+            args.extend(prefix_range(prefix))
+        sql = f"SELECT ns, count(*) FROM items WHERE {' AND '.join(where)} GROUP BY ns ORDER BY ns"
+        return await self._engine.read(lambda c: [(r[0], r[1]) for r in c.execute(sql, args)])
+
     async def item_history(self, namespace: str, key: str, limit: int, now: float) -> list[ItemRow]:
         def run(c: sqlite3.Connection) -> list[ItemRow]:
             current = c.execute(

@@ -1,0 +1,163 @@
+"""The web console (``/ui``), the API documentation pages (``/docs``, ``/redoc``) and
+``GET /v1/info``, all served from files in the wheel: no build step, no CDN.
+
+- ``/ui`` is one HTML page; its script and style come from ``/ui/assets/``
+  (``hivemem/service/console/``). The page holds no data: it is served without
+  credentials, and every figure it shows comes from the JSON API, called with the key,
+  token or agent name the user enters (kept in the browser tab's ``sessionStorage``), so
+  the console sees what that agent's policy lets it see and nothing more.
+- ``/docs`` (Swagger UI) and ``/redoc`` (ReDoc) load their scripts from
+  ``/ui/assets/vendor/`` (copies of the npm packages, see ``console/vendor/README.md``).
+- ``/`` redirects to ``/ui``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+import hivemem
+from hivemem.service.deps import ReadHive, service_state
+from hivemem.service.routing import json_response
+
+__all__ = ["ASSETS", "Info", "install"]
+
+#: Where the console's files are (a directory inside the installed package).
+ASSETS = resources.files("hivemem.service") / "console"
+
+_VENDOR = "/ui/assets/vendor"
+
+#: Content-Security-Policy of the pages: their scripts, styles, images and requests come
+#: from this service only (ReDoc's sidebar asks a CDN for a logo: refused without a
+#: request, its image hides itself). Inline scripts and styles are allowed for the
+#: documentation pages (FastAPI's Swagger UI page starts it with an inline script).
+_CSP_DOCS = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; worker-src 'self' blob:; font-src 'self' data:; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+_CSP_CONSOLE = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+class Replica(BaseModel):
+    """The replica that answered."""
+
+    host: str = Field(description="Its host name (a pod's name on Kubernetes).")
+    pid: int
+    started_at: datetime = Field(description="When its service started (UTC).")
+    uptime_seconds: float
+
+
+class Info(BaseModel):
+    """Response of ``GET /v1/info``: what this service is and who is asking."""
+
+    version: str = Field(description="hivemem's version.")
+    store: str = Field(description="The store kind: sqlite, postgres, redis, redis-cluster.")
+    auth: bool = Field(description="Whether credentials are checked (hivemem serve --auth).")
+    agent: str = Field(description="The calling agent, as authenticated.")
+    roles: list[str] = Field(description="The calling agent's roles.")
+    metrics: bool = Field(description="Whether GET /metrics answers (setting metrics).")
+    index_mode: str = Field(description="deferred or sync (setting index_mode).")
+    head: str = Field(description="Cursor of the newest event of the feed.")
+    replica: Replica
+
+
+def install(app: FastAPI, store_kind: str) -> None:
+    """Add the console, the documentation pages and ``GET /v1/info`` to ``app`` (built
+    with ``docs_url=None, redoc_url=None``: the pages here replace FastAPI's, which load
+    their scripts from a CDN)."""
+    started = datetime.now(UTC)
+    host, pid = socket.gethostname(), os.getpid()
+    app.mount("/ui/assets", StaticFiles(directory=str(ASSETS)), name="console-assets")
+    index = (ASSETS / "index.html").read_text(encoding="utf-8")
+    title = f"{app.title} - API"
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return RedirectResponse("/ui", status_code=307)
+
+    @app.get("/ui", include_in_schema=False)
+    async def console() -> Response:
+        return HTMLResponse(
+            index, headers={"Cache-Control": "no-cache", "Content-Security-Policy": _CSP_CONSOLE}
+        )
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> Response:
+        return _docs_page(
+            get_swagger_ui_html(
+                openapi_url=app.openapi_url or "/openapi.json",
+                title=title,
+                swagger_js_url=f"{_VENDOR}/swagger-ui/swagger-ui-bundle.js",
+                swagger_css_url=f"{_VENDOR}/swagger-ui/swagger-ui.css",
+                swagger_favicon_url=f"{_VENDOR}/swagger-ui/favicon-32x32.png",
+                oauth2_redirect_url="/docs/oauth2-redirect",
+            )
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_redirect() -> Response:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> Response:
+        return _docs_page(
+            get_redoc_html(
+                openapi_url=app.openapi_url or "/openapi.json",
+                title=title,
+                redoc_js_url=f"{_VENDOR}/redoc/redoc.standalone.js",
+                redoc_favicon_url=f"{_VENDOR}/swagger-ui/favicon-32x32.png",
+                with_google_fonts=False,
+            )
+        )
+
+    @app.get(
+        "/v1/info",
+        response_model=Info,
+        tags=["health"],
+        summary="What this service is (version, store, auth) and who the caller is.",
+    )
+    async def info(request: Request, hive: ReadHive) -> Response:
+        state = service_state(request)
+        principal = request.state.principal
+        replica = Replica(
+            host=host,
+            pid=pid,
+            started_at=started,
+            uptime_seconds=round(time.time() - started.timestamp(), 3),
+        )
+        body: dict[str, Any] = Info(
+            version=hivemem.__version__,
+            store=store_kind,
+            auth=state.auth,
+            agent=principal.agent,
+            roles=sorted(principal.roles),
+            metrics=state.settings.metrics,
+            index_mode=state.settings.index_mode,
+            head=await hive.head(),
+            replica=replica,
+        ).model_dump(mode="json")
+        return json_response(body)
+
+
+def _docs_page(page: HTMLResponse) -> HTMLResponse:
+    page.headers["Content-Security-Policy"] = _CSP_DOCS
+    return page
