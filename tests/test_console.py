@@ -331,7 +331,12 @@ def test_tasks_and_agents_pages(browser: Any, open_service: Any) -> None:
         assert claimed is not None and claimed.id == task.id
         hive.fail(claimed, "source unreachable")
         sign_in(browser, base, agent="console")
-        visit(browser, base, "#/tasks?queue=research")
+        visit(browser, base, "#/tasks")
+        queues = css(browser, "#queues-table")
+        row = queues.find_element(By.XPATH, ".//tr[td/a[text()='research']]")
+        assert row.text.split()[:7] == ["research", "1", "0", "0", "0", "1", "0"], row.text
+        shot(browser, "queues")
+        row.find_element(By.LINK_TEXT, "research").click()
         stats = css(browser, "#queue-stats")
         assert "dead\n1" in stats.text and "ready\n1" in stats.text, stats.text
         shot(browser, "tasks")

@@ -466,6 +466,13 @@ async def probe_queue_stats(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     assert denied[0] == absent[0] == 403 and denied[1]["field"] == "queue", denied
 
 
+async def probe_queues(a: Caller, b: Caller, s: dict[str, Any]) -> None:
+    await a("POST", f"/v1/queues/{s['ns_a']}/mine/tasks", {"payload": 1})
+    status, found = await a("GET", "/v1/queues")
+    assert status == 200 and f"{s['ns_a']}/mine" in [q["queue"] for q in found], found
+    assert not mentions_b(found), found
+
+
 async def probe_task_get(a: Caller, b: Caller, s: dict[str, Any]) -> None:
     await _task_same_as_absent(a, "GET", "", s)
 
@@ -645,6 +652,7 @@ PROBES: dict[tuple[str, str], Probe] = {
     ("post", "/v1/queues/{queue}/claim"): probe_claim,
     ("get", "/v1/queues/{queue}/tasks"): probe_tasks_list,
     ("get", "/v1/queues/{queue}/stats"): probe_queue_stats,
+    ("get", "/v1/queues"): probe_queues,
     ("get", "/v1/tasks/{task_id}"): probe_task_get,
     ("get", "/v1/tasks/{task_id}/result"): probe_task_result,
     ("post", "/v1/tasks/{task_id}/heartbeat"): probe_task_heartbeat,
@@ -846,6 +854,7 @@ async def test_embedded_hive_applies_the_same_policy(embedded: tuple[Hive, Hive]
         "list": lambda: _none_of_b(a.list("", limit=1000)),
         "list_namespaces": lambda: _none_of_b(a.list_namespaces("")),
         "namespace_counts": lambda: _none_of_b(a.namespace_counts("")),
+        "queues": lambda: _none_of_b(a.queues()),
         "history": lambda: _eq(a.history(ns_b, "k"), []),
         "search": lambda: _none_of_b(a.search("", SECRET_WORD, mode="lexical")),
         "read_events": lambda: _none_of_b(a.read_events("", limit=1000), internal=True),

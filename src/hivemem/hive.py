@@ -702,6 +702,13 @@ class Hive(ABC):
     async def queue_stats(self, queue: str) -> QueueStats:
         """How many tasks of ``queue`` are in each state."""
 
+    @abstractmethod
+    async def queues(self) -> builtins.list[QueueStats]:
+        """The queues holding at least one task (in any state) that this agent may use
+        (action ``tasks``), by name, each with its :meth:`queue_stats`; at most
+        ``max_page_size`` (1000) of them. One store read for the names, one per queue
+        for its figures."""
+
     # Leases and signals -------------------------------------------------------------
 
     @abstractmethod

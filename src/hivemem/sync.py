@@ -1002,6 +1002,11 @@ class SyncHive:
         """How many tasks of ``queue`` are in each state."""
         return self._portal.call(self._hive.queue_stats, queue)
 
+    def queues(self) -> builtins.list[QueueStats]:
+        """The queues holding at least one task that this agent may use, by name, each
+        with its :meth:`queue_stats` (at most ``max_page_size``, 1000)."""
+        return self._portal.call(self._hive.queues)
+
     # Leases and signals
 
     def acquire(self, name: str, ttl: float, *, wait: float | None = None) -> Lease:

@@ -221,3 +221,25 @@ async def test_bad_task_input_names_the_field_and_changes_nothing(
 
 def hive_payload_limit() -> int:
     return hivemem.Settings().max_payload_bytes
+
+
+async def test_queues_lists_each_queue_holding_a_task_with_its_counts(
+    hive: hivemem.Hive, ns: str
+) -> None:
+    await hive.submit(f"{ns}/b", 1)
+    await hive.submit(f"{ns}/b", 2)
+    await hive.submit(f"{ns}/a/deep", 3, delay=60)
+    claimed = await hive.claim(f"{ns}/b")
+    assert claimed is not None
+    mine = [q for q in await hive.queues() if q.queue.startswith(f"{ns}/")]
+    assert [(q.queue, q.ready, q.delayed, q.running) for q in mine] == [
+        (f"{ns}/a/deep", 0, 1, 0),
+        (f"{ns}/b", 1, 0, 1),
+    ]
+    again = await hive.queue_stats(f"{ns}/b")  # the same figures (the age moves on)
+    assert mine[1].model_dump(exclude={"oldest_ready_seconds"}) == again.model_dump(
+        exclude={"oldest_ready_seconds"}
+    )
+    assert mine[1].oldest_ready_seconds is not None
+    await hive.complete(claimed, "done")  # a finished task still holds its queue
+    assert f"{ns}/b" in {q.queue for q in await hive.queues()}

@@ -520,6 +520,10 @@ class Backend(ABC):
         by id (ids sort in submission order)."""
 
     @abstractmethod
+    async def task_queues(self) -> list[str]:
+        """The queues holding at least one task (in any state), sorted."""
+
+    @abstractmethod
     async def task_stats(self, queue: str, now: float) -> TaskStats:
         """How many tasks of ``queue`` are in each state (see :class:`TaskStats`)."""
 

@@ -1247,6 +1247,10 @@ class RemoteHive(Hive):
     async def queue_stats(self, queue: str) -> QueueStats:
         return await self._model(QueueStats, "GET", f"{self._queue_path(queue)}/stats")
 
+    async def queues(self) -> builtins.list[QueueStats]:
+        _, data = await self._request("GET", "/v1/queues")
+        return [QueueStats.model_validate(q) for q in orjson.loads(data)]
+
     # Leases and signals ------------------------------------------------------------
 
     def _lease_path(self, name: Any, field: str = "name") -> str:

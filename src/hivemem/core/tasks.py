@@ -456,6 +456,14 @@ class TasksMixin(Area):
             tasks = [t for t in tasks if t.state == "delayed"]
         return Page[Task](items=tasks, next_cursor=next_cursor)
 
+    async def queues(self) -> list[QueueStats]:
+        await self._ready()
+        names = [q for q in await self._backend.task_queues() if self._may("tasks", q)]
+        names = names[: self._settings.max_page_size]
+        now = self._now()
+        stats = await asyncio.gather(*(self._backend.task_stats(q, now) for q in names))
+        return [to_stats(q, s, now) for q, s in zip(names, stats, strict=True)]
+
     async def queue_stats(self, queue: str) -> QueueStats:
         q = self._queue(queue)
         self._must("tasks", q, "queue")

@@ -35,6 +35,7 @@ from hivemem.errors import NotFound
 from hivemem.models import JsonInt, Page, QueueStats, Task
 from hivemem.service.deps import TasksHive, capped
 from hivemem.service.routing import JSONRoute, model_response
+from hivemem.wire import JSON_MEDIA_TYPE
 
 router = APIRouter(tags=["tasks"], route_class=JSONRoute)
 
@@ -222,6 +223,20 @@ async def list_tasks(
     """One page of the tasks of ``queue``."""
     page = await hive.list_tasks(queue, state=state, limit=limit, cursor=cursor)
     return model_response(page)
+
+
+@router.get(
+    "/v1/queues",
+    response_model=list[QueueStats],
+    summary="The queues holding a task that the caller may use, each with its counts.",
+)
+async def queues(hive: TasksHive) -> Response:
+    """Every queue with at least one task (at most max_page_size), by name."""
+    found = await hive.queues()
+    return Response(
+        b"[" + b",".join(q.model_dump_json().encode() for q in found) + b"]",
+        media_type=JSON_MEDIA_TYPE,
+    )
 
 
 @router.get(

@@ -654,6 +654,13 @@ class TaskMixin:
 
         return await self._engine.read(run)
 
+    async def task_queues(self) -> list[str]:
+        async def run(c: Conn) -> list[str]:
+            cur = await c.execute("SELECT DISTINCT queue FROM hivemem_tasks ORDER BY queue")
+            return [r[0] for r in await cur.fetchall()]
+
+        return await self._engine.read(run)
+
     async def task_stats(self, queue: str, now: float) -> TaskStats:
         async def run(c: Conn) -> TaskStats:
             cur = await c.execute(_STATS, {"queue": queue, "now": now})

@@ -149,6 +149,7 @@ for i = 1, 20 do
 end
 redis.call('HSET', tk, unpack(f))
 redis.call('ZADD', T .. ':tn:' .. q, 0, id)
+redis.call('SADD', T .. ':tqueues', q)
 if ikey then redis.call('HSET', T .. ':tk:' .. q, ikey, id) end
 to_ready(T, id, q, v[6], v[7], tonumber(v[19]))
 emit(T, 'task.submitted', ns_of(q), id, v[8], v[15], v[19])
@@ -417,6 +418,18 @@ return {ready, delayed, redis.call('ZCARD', T .. ':tl:' .. q), card('completed')
   card('cancelled'), oldest}
 """
 
+#: ARGV: tag. Returns the queues that hold a task, sorted (every queue submitted to is in
+#: the set :tqueues; one whose tasks were all swept is left out).
+TASK_QUEUES = r"""
+local T = ARGV[1]
+local out = {}
+for _, q in ipairs(redis.call('SMEMBERS', T .. ':tqueues')) do
+  if redis.call('ZCARD', T .. ':tn:' .. q) > 0 then out[#out + 1] = q end
+end
+table.sort(out)
+return out
+"""
+
 TASK_WRITE_SCRIPTS = {
     "task_submit": SUBMIT,
     "task_claim": CLAIM,
@@ -431,4 +444,5 @@ TASK_READ_SCRIPTS = {
     "task_get": TASK_GET,
     "task_list": TASK_LIST,
     "task_stats": TASK_STATS,
+    "task_queues": TASK_QUEUES,
 }

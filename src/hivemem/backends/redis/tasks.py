@@ -221,6 +221,10 @@ class RedisTasks(RedisEngine):
             rows = rows[:limit]
         return rows
 
+    async def task_queues(self) -> list[str]:
+        reply = await self._script("task_queues", _KEYS, [_TAG])
+        return [q.decode("utf-8") for q in reply]
+
     async def task_stats(self, queue: str, now: float) -> TaskStats:
         r = await self._script("task_stats", _KEYS, [_TAG, queue, num(now)])
         return TaskStats(

@@ -400,6 +400,10 @@ class TasksMixin:
         args.append(limit)
         return await self._engine.read(lambda c: [_row(r) for r in c.execute(sql, args)])
 
+    async def task_queues(self) -> list[str]:
+        sql = "SELECT DISTINCT queue FROM tasks ORDER BY queue"
+        return await self._engine.read(lambda c: [r[0] for r in c.execute(sql)])
+
     async def task_stats(self, queue: str, now: float) -> TaskStats:
         def run(c: sqlite3.Connection) -> TaskStats:
             counts = dict(

@@ -745,24 +745,29 @@ pages.session = async (parts) => {
 // ---------------------------------------------------------------------------------------
 // Tasks
 
-const QUEUES_KEY = "hivemem.console.queues";
-function knownQueues() { try { return JSON.parse(localStorage.getItem(QUEUES_KEY)) || []; } catch { return []; } }
-function rememberQueue(q) { const all = new Set(knownQueues()); all.add(q); localStorage.setItem(QUEUES_KEY, JSON.stringify([...all].sort())); }
-
 pages.tasks = async (_parts, query) => {
   const queue = query.get("queue") || "";
+  const all = await api("GET", "/v1/queues");
   const form = h("form", { class: "inline", onsubmit: (ev) => { ev.preventDefault(); go(`#/tasks?${new URLSearchParams({ queue: ev.target.queue.value.trim(), state: ev.target.state.value })}`); } },
     h("label", {}, "Queue", h("input", { name: "queue", value: queue, required: true, list: "queues", id: "tasks-queue" })),
-    h("datalist", { id: "queues" }, knownQueues().map((q) => h("option", { value: q }))),
+    h("datalist", { id: "queues" }, all.map((q) => h("option", { value: q.queue }))),
     h("label", {}, "State", h("select", { name: "state" }, ["", "ready", "delayed", "running", "completed", "dead", "cancelled"].map((s) => h("option", { value: s, selected: (query.get("state") || "") === s ? true : null }, s || "any")))),
     h("button", { type: "submit" }, "Show"));
-  const known = knownQueues();
-  page("Tasks", form, !queue && known.length ? h("p", {}, "Queues looked at before: ", known.map((q) => [h("a", { href: `#/tasks?queue=${encodeURIComponent(q)}` }, q), " "])) : null);
-  if (!queue) { main.append(h("p", { class: "muted" }, "Name a queue to see its depth, running and dead tasks.")); return; }
+  if (!queue) {
+    const cols = ["ready", "delayed", "running", "completed", "dead", "cancelled"];
+    page("Tasks", form, all.length
+      ? h("div", { class: "scroll" }, h("table", { id: "queues-table" },
+          h("thead", {}, h("tr", {}, h("th", {}, "Queue"), cols.map((c) => h("th", { class: "num" }, c)), h("th", { class: "num" }, "Oldest ready"))),
+          h("tbody", {}, all.map((q) => h("tr", {}, h("td", {}, h("a", { href: `#/tasks?queue=${encodeURIComponent(q.queue)}` }, q.queue)),
+            cols.map((c) => h("td", { class: "num" }, c === "dead" && q.dead ? h("span", { class: "badge bad" }, num(q.dead)) : num(q[c]))),
+            h("td", { class: "num" }, age(q.oldest_ready_seconds)))))))
+      : h("p", { class: "muted" }, "No queue holds a task yet (or none this agent may use)."));
+    return;
+  }
   const stats = await api("GET", `/v1/queues/${encodeURIComponent(queue)}/stats`);
-  rememberQueue(queue);
-  main.append(h("div", { class: "cards", id: "queue-stats" }, ["ready", "delayed", "running", "completed", "dead", "cancelled"].map((k) => stat(k, num(stats[k]))),
-    stat("Oldest ready", age(stats.oldest_ready_seconds))));
+  page(`Queue ${queue}`, h("p", {}, h("a", { href: "#/tasks" }, "← all queues")), form,
+    h("div", { class: "cards", id: "queue-stats" }, ["ready", "delayed", "running", "completed", "dead", "cancelled"].map((k) => stat(k, num(stats[k]))),
+      stat("Oldest ready", age(stats.oldest_ready_seconds))));
   const tbody = h("tbody");
   const more = h("div", { class: "pager" });
   main.append(h("div", { class: "scroll" }, h("table", {}, h("thead", {}, h("tr", {}, ["Task", "State", "Attempt", "Priority", "Submitted by", "Claimed by", "Updated"].map((t) => h("th", {}, t)))), tbody)), more);
