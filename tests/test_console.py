@@ -360,6 +360,8 @@ def test_overview_counts_requests_and_the_page_is_small(browser: Any, open_servi
     css(browser, "#overview-rate")
     wait(browser, lambda d: d.find_element(By.ID, "overview-rate").text.endswith("/s"), timeout=10)
     assert "sqlite" in browser.find_element(By.TAG_NAME, "main").text
+    assert browser.find_element(By.ID, "overview-replicas").text == "1"
+    assert "answered this page" in browser.find_element(By.ID, "replicas").text
     entries = loopback_only(browser, base)
     nav = browser.execute_script(
         "const n = performance.getEntriesByType('navigation')[0]; return n.decodedBodySize"

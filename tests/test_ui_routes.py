@@ -93,3 +93,24 @@ def test_with_auth_on_the_pages_open_but_info_needs_credentials(tmp_path: Path) 
         refused = c.get("/v1/info", headers=AGENT)
         assert refused.status_code == 401
         assert refused.headers["www-authenticate"].lower().startswith("bearer")
+
+
+def test_info_lists_the_replicas_sharing_the_store(tmp_path: Path) -> None:
+    settings = hivemem.Settings(embedder="none")
+    url = f"sqlite:///{tmp_path}/shared.db"
+    with TestClient(create_app(url, settings)) as one:
+        first = one.get("/v1/info", headers=AGENT).json()
+        assert [r["id"] for r in first["replicas"]] == [first["replica"]["id"]]
+        with TestClient(create_app(url, settings)) as two:
+            second = two.get("/v1/info", headers=AGENT).json()
+            seen = one.get("/v1/info", headers=AGENT).json()["replicas"]
+            assert sorted(r["id"] for r in seen) == sorted(
+                [first["replica"]["id"], second["replica"]["id"]]
+            )
+            assert all(r["version"] == hivemem.__version__ for r in seen)
+        # A replica that stops deletes its row; one that dies lets it expire (30 s).
+        after = one.get("/v1/info", headers=AGENT).json()["replicas"]
+        assert [r["id"] for r in after] == [first["replica"]["id"]]
+        # Its rows are bookkeeping: never in the feed.
+        events = one.get("/v1/events", params={"after": "0"}, headers=AGENT).json()["items"]
+        assert not any(e["namespace"].startswith("_hivemem") for e in events), events

@@ -59,6 +59,7 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
             f"the service needs a local store URL, not {redact_url(url)!r}", field="store"
         )
     state = ServiceState(hive, settings)
+    beat = ui.ReplicaBeat(hive)
     mcp_run: list[Callable[[], contextlib.AbstractAsyncContextManager[None]]] = []
 
     @asynccontextmanager
@@ -68,6 +69,9 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
         for run in mcp_run:
             await tools.enter_async_context(run())
         warming = asyncio.create_task(hive.warm(), name="hivemem-warm")
+        with contextlib.suppress(HivememError):  # the store may be away; run() retries
+            await beat.beat()
+        beating = asyncio.create_task(beat.run(), name="hivemem-replica-beat")
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[None]] = set()
 
@@ -92,8 +96,12 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             warming.cancel()
+            beating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await warming
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+            await beat.stop()
             await state.close()
             await hive.close()
 
@@ -125,7 +133,7 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
     run = mcp.mount(app)
     if run is not None:
         mcp_run.append(run)
-    ui.install(app, backend_kind(hive.backend))
+    ui.install(app, backend_kind(hive.backend), beat)
     openapi.install(app, settings)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive.")

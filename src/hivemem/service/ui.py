@@ -9,17 +9,28 @@
 - ``/docs`` (Swagger UI) and ``/redoc`` (ReDoc) load their scripts from
   ``/ui/assets/vendor/`` (copies of the npm packages, see ``console/vendor/README.md``).
 - ``/`` redirects to ``/ui``.
+
+Each service also keeps a row of its own in the store while it runs (namespace
+``_hivemem/replicas``: hivemem's bookkeeping, which no feed shows), written every
+:data:`REPLICA_BEAT` seconds with a TTL of three beats and deleted when it stops, so
+``GET /v1/info`` lists the replicas sharing the store (``replicas``) whichever one
+answers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import socket
 import time
+import uuid
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import (
     get_redoc_html,
@@ -32,10 +43,20 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 import hivemem
+from hivemem.backends.rows import DeleteWrite, PutWrite
+from hivemem.core import LocalHive
+from hivemem.errors import HivememError
 from hivemem.service.deps import ReadHive, service_state
 from hivemem.service.routing import json_response
 
-__all__ = ["ASSETS", "Info", "install"]
+__all__ = ["ASSETS", "REPLICAS", "REPLICA_BEAT", "Info", "ReplicaBeat", "install"]
+
+log = logging.getLogger("hivemem.service")
+
+#: Namespace of the replicas' rows (``_hivemem/``: no watcher sees its events).
+REPLICAS = "_hivemem/replicas"
+#: Seconds between a replica's writes of its row; the row lives three of them.
+REPLICA_BEAT = 10.0
 
 #: Where the console's files are (a directory inside the installed package).
 ASSETS = resources.files("hivemem.service") / "console"
@@ -58,10 +79,12 @@ _CSP_CONSOLE = (
 
 
 class Replica(BaseModel):
-    """The replica that answered."""
+    """A replica of the service (a ``hivemem serve`` process on the store)."""
 
+    id: str = Field(description="host-pid-random: unique per process.")
     host: str = Field(description="Its host name (a pod's name on Kubernetes).")
     pid: int
+    version: str = Field(description="Its hivemem version.")
     started_at: datetime = Field(description="When its service started (UTC).")
     uptime_seconds: float
 
@@ -77,15 +100,84 @@ class Info(BaseModel):
     metrics: bool = Field(description="Whether GET /metrics answers (setting metrics).")
     index_mode: str = Field(description="deferred or sync (setting index_mode).")
     head: str = Field(description="Cursor of the newest event of the feed.")
-    replica: Replica
+    replica: Replica = Field(description="The replica that answered.")
+    replicas: list[Replica] = Field(
+        description=f"The replicas on this store that wrote their row within the last "
+        f"{3 * REPLICA_BEAT:g} s, by id (this one included)."
+    )
 
 
-def install(app: FastAPI, store_kind: str) -> None:
+class ReplicaBeat:
+    """This process's row in :data:`REPLICAS`, written every :data:`REPLICA_BEAT` seconds
+    with a TTL of three beats from :meth:`run` (a task of the service's lifespan), and
+    deleted by :meth:`stop`. A store that is away costs a logged warning per beat."""
+
+    def __init__(self, hive: LocalHive) -> None:
+        self.hive = hive
+        self.started = datetime.now(UTC)
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.id = f"{self.host[:40]}-{self.pid}-{uuid.uuid4().hex[:6]}"
+
+    def _row(self) -> bytes:
+        return orjson.dumps(
+            {
+                "host": self.host,
+                "pid": self.pid,
+                "version": hivemem.__version__,
+                "started_at": self.started.timestamp(),
+            }
+        )
+
+    async def beat(self) -> None:
+        now = self.hive._now()
+        put = PutWrite(REPLICAS, self.id, self._row(), None, None, now + 3 * REPLICA_BEAT, None)
+        await self.hive.backend.write_items([put], author="hivemem", now=now, history_limit=0)
+
+    async def run(self) -> None:
+        """Beat every :data:`REPLICA_BEAT` seconds (the first beat is the lifespan's, at
+        start); until cancelled."""
+        while True:
+            await asyncio.sleep(REPLICA_BEAT)
+            try:
+                await self.beat()
+            except HivememError as exc:
+                log.warning("could not write this replica's row (%s); retrying", exc)
+
+    async def stop(self) -> None:
+        with contextlib.suppress(HivememError):
+            await self.hive.backend.write_items(
+                [DeleteWrite(REPLICAS, self.id, None)],
+                author="hivemem",
+                now=self.hive._now(),
+                history_limit=0,
+            )
+
+    async def seen(self) -> list[Replica]:
+        """The live rows, by id."""
+        now = self.hive._now()
+        rows = await self.hive.backend.list_items(REPLICAS, None, 1000, now, key_prefix="")
+        out = []
+        for row in rows:
+            data = orjson.loads(row.value)
+            started = datetime.fromtimestamp(float(data["started_at"]), UTC)
+            out.append(
+                Replica(
+                    id=row.key,
+                    host=str(data["host"]),
+                    pid=int(data["pid"]),
+                    version=str(data["version"]),
+                    started_at=started,
+                    uptime_seconds=round(max(0.0, now - started.timestamp()), 3),
+                )
+            )
+        return out
+
+
+def install(app: FastAPI, store_kind: str, beat: ReplicaBeat) -> None:
     """Add the console, the documentation pages and ``GET /v1/info`` to ``app`` (built
     with ``docs_url=None, redoc_url=None``: the pages here replace FastAPI's, which load
-    their scripts from a CDN)."""
-    started = datetime.now(UTC)
-    host, pid = socket.gethostname(), os.getpid()
+    their scripts from a CDN). ``beat`` is this process's replica row (the lifespan
+    runs it)."""
     app.mount("/ui/assets", StaticFiles(directory=str(ASSETS)), name="console-assets")
     index = (ASSETS / "index.html").read_text(encoding="utf-8")
     title = f"{app.title} - API"
@@ -139,11 +231,16 @@ def install(app: FastAPI, store_kind: str) -> None:
         state = service_state(request)
         principal = request.state.principal
         replica = Replica(
-            host=host,
-            pid=pid,
-            started_at=started,
-            uptime_seconds=round(time.time() - started.timestamp(), 3),
+            id=beat.id,
+            host=beat.host,
+            pid=beat.pid,
+            version=hivemem.__version__,
+            started_at=beat.started,
+            uptime_seconds=round(time.time() - beat.started.timestamp(), 3),
         )
+        replicas = await beat.seen()
+        if all(r.id != beat.id for r in replicas):  # its first beat has not landed yet
+            replicas = sorted([*replicas, replica], key=lambda r: r.id)
         body: dict[str, Any] = Info(
             version=hivemem.__version__,
             store=store_kind,
@@ -154,6 +251,7 @@ def install(app: FastAPI, store_kind: str) -> None:
             index_mode=state.settings.index_mode,
             head=await hive.head(),
             replica=replica,
+            replicas=replicas,
         ).model_dump(mode="json")
         return json_response(body)
 
