@@ -463,6 +463,7 @@ function editor(ns, key, item, status) {
     try {
       const saved = await api("PUT", `/v1/items/${itemPath(ns, key)}`, { body });
       status.replaceChildren(notice(`Saved as version ${saved.version}.`, "good"));
+      status.scrollIntoView({ block: "nearest" });
       setTimeout(() => route(), 600);
     } catch (e) {
       if (e instanceof ApiError && e.status === 409) {
@@ -472,6 +473,7 @@ function editor(ns, key, item, status) {
           now ? `You edited version ${item.version}; it is now at version ${now}. ` : `You edited version ${item.version}; it has since been deleted. `,
           "Your text is still in the editor. ",
           h("button", { type: "button", class: "plain", onclick: () => route() }, "Load the current version")));
+        status.scrollIntoView({ block: "nearest" });
       } else status.replaceChildren(notice(errorText(e)));
     }
   };
@@ -571,7 +573,7 @@ pages.search = async (_parts, query) => {
     const it = hit.item;
     const found = [];
     if (hit.lexical_rank) found.push(h("span", { class: "badge accent" }, `words #${hit.lexical_rank}`));
-    if (hit.vector_rank) found.push(h("span", { class: "badge ok" }, `meaning #${hit.vector_rank}`));
+    if (hit.vector_rank) found.push(" ", h("span", { class: "badge ok" }, `meaning #${hit.vector_rank}`));
     const preview = it.text || (typeof it.value === "string" ? it.value : JSON.stringify(it.value));
     return h("tr", { class: "hit" },
       h("td", { class: "num" }, i + 1),
