@@ -22,8 +22,8 @@ from hivemem.core.tasks import MAX_LEASE_SECONDS, MIN_LEASE_SECONDS
 from hivemem.errors import NotFound
 from hivemem.models import AgentRecord, JsonInt, Lease, OnceTicket, Signal
 from hivemem.service.deps import TasksHive, capped
-from hivemem.service.routing import JSONRoute, model_response
-from hivemem.wire import HEALTHY, JSON_MEDIA_TYPE, Deleted, Healthy, Released
+from hivemem.service.routing import JSONRoute, model_response, models_response
+from hivemem.wire import HEALTHY, Deleted, Healthy, Released
 
 router = APIRouter(tags=["coordination"], route_class=JSONRoute)
 
@@ -355,7 +355,4 @@ async def agents(
 ) -> Response:
     """The registered agents."""
     found = await hive.agents(capability=capability, healthy=HEALTHY[healthy])
-    return Response(
-        b"[" + b",".join(r.model_dump_json().encode() for r in found) + b"]",
-        media_type=JSON_MEDIA_TYPE,
-    )
+    return models_response(found)

@@ -25,7 +25,7 @@ the returned model again against the route's ``response_model``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -116,6 +116,14 @@ def model_response(
     """A pydantic model as a JSON response, serialised by the model."""
     return Response(
         model.model_dump_json(), status_code=status, media_type=JSON_MEDIA_TYPE, headers=headers
+    )
+
+
+def models_response(models: Sequence[BaseModel]) -> Response:
+    """A JSON array of pydantic models, each serialised by the model."""
+    return Response(
+        b"[" + b",".join(m.model_dump_json().encode() for m in models) + b"]",
+        media_type=JSON_MEDIA_TYPE,
     )
 
 

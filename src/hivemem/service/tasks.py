@@ -34,8 +34,7 @@ from hivemem.core.tasks import (
 from hivemem.errors import NotFound
 from hivemem.models import JsonInt, Page, QueueStats, Task
 from hivemem.service.deps import TasksHive, capped
-from hivemem.service.routing import JSONRoute, model_response
-from hivemem.wire import JSON_MEDIA_TYPE
+from hivemem.service.routing import JSONRoute, model_response, models_response
 
 router = APIRouter(tags=["tasks"], route_class=JSONRoute)
 
@@ -233,10 +232,7 @@ async def list_tasks(
 async def queues(hive: TasksHive) -> Response:
     """Every queue with at least one task (at most max_page_size), by name."""
     found = await hive.queues()
-    return Response(
-        b"[" + b",".join(q.model_dump_json().encode() for q in found) + b"]",
-        media_type=JSON_MEDIA_TYPE,
-    )
+    return models_response(found)
 
 
 @router.get(

@@ -28,7 +28,6 @@ import time
 import uuid
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -47,7 +46,7 @@ from hivemem.backends.rows import DeleteWrite, PutWrite
 from hivemem.core import LocalHive
 from hivemem.errors import HivememError
 from hivemem.service.deps import ReadHive, service_state
-from hivemem.service.routing import json_response
+from hivemem.service.routing import model_response
 
 __all__ = ["ASSETS", "REPLICAS", "REPLICA_BEAT", "Info", "ReplicaBeat", "install"]
 
@@ -152,6 +151,17 @@ class ReplicaBeat:
                 history_limit=0,
             )
 
+    def me(self) -> Replica:
+        """This process as a :class:`Replica`."""
+        return Replica(
+            id=self.id,
+            host=self.host,
+            pid=self.pid,
+            version=hivemem.__version__,
+            started_at=self.started,
+            uptime_seconds=round(time.time() - self.started.timestamp(), 3),
+        )
+
     async def seen(self) -> list[Replica]:
         """The live rows, by id."""
         now = self.hive._now()
@@ -230,30 +240,24 @@ def install(app: FastAPI, store_kind: str, beat: ReplicaBeat) -> None:
     async def info(request: Request, hive: ReadHive) -> Response:
         state = service_state(request)
         principal = request.state.principal
-        replica = Replica(
-            id=beat.id,
-            host=beat.host,
-            pid=beat.pid,
-            version=hivemem.__version__,
-            started_at=beat.started,
-            uptime_seconds=round(time.time() - beat.started.timestamp(), 3),
-        )
+        replica = beat.me()
         replicas = await beat.seen()
         if all(r.id != beat.id for r in replicas):  # its first beat has not landed yet
             replicas = sorted([*replicas, replica], key=lambda r: r.id)
-        body: dict[str, Any] = Info(
-            version=hivemem.__version__,
-            store=store_kind,
-            auth=state.auth,
-            agent=principal.agent,
-            roles=sorted(principal.roles),
-            metrics=state.settings.metrics,
-            index_mode=state.settings.index_mode,
-            head=await hive.head(),
-            replica=replica,
-            replicas=replicas,
-        ).model_dump(mode="json")
-        return json_response(body)
+        return model_response(
+            Info(
+                version=hivemem.__version__,
+                store=store_kind,
+                auth=state.auth,
+                agent=principal.agent,
+                roles=sorted(principal.roles),
+                metrics=state.settings.metrics,
+                index_mode=state.settings.index_mode,
+                head=await hive.head(),
+                replica=replica,
+                replicas=replicas,
+            )
+        )
 
 
 def _docs_page(page: HTMLResponse) -> HTMLResponse:
