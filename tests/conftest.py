@@ -32,7 +32,7 @@ from hivemem.core.area import Area
 
 HEALTH_TIMEOUT_SECONDS = 20.0
 
-pytest_plugins = ["tests.servers.postgres", "tests.servers.redis"]
+pytest_plugins = ["tests.servers.postgres", "tests.servers.redis", "tests.servers.moto"]
 
 #: Every store kind the conformance suite knows: the embedded ones, then
 #: ``remote-<kind>`` for a service over an embedded kind (``remote`` = over a SQLite file).

@@ -195,3 +195,32 @@ async def test_a_closed_tail_and_indexer_start_nothing_again(tmp_path: Any) -> N
     assert not indexer.running
     await indexed.close()
     await hive.close()
+
+
+async def test_the_tail_outlives_an_error_of_the_engine_driver(
+    hive: LocalHive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver error that is not the store's own (as a cluster client raises during a
+    failover) costs the joined watchers a retry, never their events."""
+    monkeypatch.setattr(feedtail, "TAIL_RETRY_SECONDS", 0.01)
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    got: list[Event] = []
+    watcher = asyncio.create_task(collect(hive, ns, 4, got))
+    await hive.put(ns, "k0", 0)
+    await until(lambda: len(got) == 1)
+    backend = hive._shared.backend
+    real = backend.read_events
+    failures = [3]
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise RuntimeError("driver error")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "read_events", flaky)
+    for n in range(1, 4):
+        await hive.put(ns, f"k{n}", n)
+    await asyncio.wait_for(watcher, 20)
+    assert failures[0] == 0
+    assert [e.key for e in got] == ["k0", "k1", "k2", "k3"]

@@ -204,6 +204,13 @@ class FeedTail:
                 log.warning("feed tail: reading the feed failed (%s); retrying", exc)
                 await asyncio.sleep(TAIL_RETRY_SECONDS)
                 continue
+            except Exception:
+                # Whatever an engine's driver raises (a cluster client mid-failover
+                # raises errors of its own): the tail must outlive it, or every watcher
+                # joined to it would wait forever.
+                log.warning("feed tail: reading the feed failed; retrying", exc_info=True)
+                await asyncio.sleep(TAIL_RETRY_SECONDS)
+                continue
             self._add(rows, next_cursor)
             self._cursor = next_cursor
             if len(rows) < TAIL_BATCH:
