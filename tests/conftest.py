@@ -46,6 +46,8 @@ STORES = [
     "remote-redis",
     "redis-cluster",
     "remote-redis-cluster",
+    "dynamodb",
+    "remote-dynamodb",
 ]
 #: Store kinds run when HIVEMEM_TEST_STORES is not set: SQLite (file and memory),
 #: PostgreSQL, Redis and the service over SQLite. Redis Cluster (the Redis backend's code
@@ -61,6 +63,7 @@ _SERVER_FIXTURES = {
     "postgres": "postgres_url",
     "redis": "redis_url",
     "redis-cluster": "redis_cluster_url",
+    "dynamodb": "dynamodb_url",
 }
 
 

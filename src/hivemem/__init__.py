@@ -158,7 +158,8 @@ def open_backend(url: str, settings: Settings) -> Backend:
 
     Args:
         url: ``sqlite:///path`` / ``sqlite://:memory:``; ``postgresql://user:pw@host:port/db``;
-            ``redis://host:port/db``; ``redis+cluster://host:port,host:port``.
+            ``redis://host:port/db``; ``redis+cluster://host:port,host:port``;
+            ``dynamodb://TABLE_PREFIX?region=...&endpoint=...``.
 
     Raises:
         InvalidInput: unknown scheme or malformed URL (field ``url``).
@@ -176,9 +177,14 @@ def open_backend(url: str, settings: Settings) -> Backend:
         from hivemem.backends.redis import RedisBackend
 
         return RedisBackend.from_url(url, settings)
+    if scheme == "dynamodb":
+        from hivemem.backends.dynamodb import DynamoBackend
+
+        return DynamoBackend.from_url(url, settings)
     raise InvalidInput(
         f"unsupported store URL {url!r}: expected sqlite:///path, sqlite://:memory:, "
-        "postgresql://..., redis://..., redis+cluster://... or http://host:port",
+        "postgresql://..., redis://..., redis+cluster://..., dynamodb://PREFIX or "
+        "http://host:port",
         field="url",
     )
 

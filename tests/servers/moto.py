@@ -72,7 +72,7 @@ class MotoServer:
 
     def start(self) -> None:
         os.environ.update(aws_environment())
-        out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
+        out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tests.servers._moto_main", "127.0.0.1", str(self.port)],
             cwd=_ROOT,

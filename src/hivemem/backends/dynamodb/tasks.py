@@ -1,0 +1,574 @@
+"""The task queues of the DynamoDB backend.
+
+Every state change is one transaction of :mod:`.engine` (serializable through the
+head's generation), so a claim's read of the best ready task and its update are one
+step and two claims never take the same task.
+
+Rows (see :mod:`.layout` for the rest of the table):
+
+=========================  =========================  ==================================
+record                     pk                         sk
+=========================  =========================  ==================================
+task                       ``TQ#<queue>``             task id (ids sort by submission)
+task id -> queue           ``TI``                     task id
+ready (and delayed) tasks  ``TR#<queue>``             claim order: priority (descending),
+                                                      run_at, id
+running tasks' leases      ``TL``                     lease_until ``\\0`` task id
+finished tasks             ``D#t``                    finished_at ``\\0`` task id
+idempotency key            ``TK#<queue>``             the key
+queue and its counts       ``TQS``                    queue
+=========================  =========================  ==================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import replace as _replace
+from typing import Any, TypeVar
+
+from hivemem.backends.dynamodb.engine import DynamoEngine, Tx, run_tx
+from hivemem.backends.dynamodb.layout import due_sk
+from hivemem.backends.rows import (
+    LEASE_EXPIRED,
+    TASK_FINISHED,
+    TaskRow,
+    TaskStats,
+    add_task_error,
+    task_namespace,
+)
+from hivemem.errors import Conflict, NotFound
+
+__all__ = ["DynamoTasks"]
+
+T = TypeVar("T")
+
+#: Expired leases a claim settles at most before it takes a task.
+SETTLE_PER_CLAIM = 100
+#: Ready tasks a claim looks through for a due one (the claim order puts priority
+#: first, so delayed tasks of higher priority come before due ones of lower).
+CLAIM_SCAN = 1000
+#: Added to the priority in the ready index's sort key, so that higher sorts first.
+_PRIORITY_OFFSET = 10**12
+#: Counters of stored states kept per queue.
+_COUNTED = ("completed", "dead", "cancelled")
+
+_FIELDS = (
+    "queue",
+    "state",
+    "payload",
+    "result",
+    "priority",
+    "run_at",
+    "attempt",
+    "max_attempts",
+    "timeout",
+    "backoff",
+    "lease",
+    "lease_until",
+    "idempotency_key",
+    "submitted_by",
+    "claimed_by",
+    "errors",
+    "created_at",
+    "updated_at",
+    "finished_at",
+)
+
+
+def _task_to(row: TaskRow) -> dict[str, Any]:
+    out: dict[str, Any] = {"pk": f"TQ#{row.queue}", "sk": row.id}
+    for name in _FIELDS:
+        value = getattr(row, name)
+        out[name] = float(value) if isinstance(value, float) else value
+    return out
+
+
+def _task_from(row: dict[str, Any]) -> TaskRow:
+    def f(name: str) -> float | None:
+        v = row.get(name)
+        return None if v is None else float(v)
+
+    return TaskRow(
+        id=row["sk"],
+        queue=row["queue"],
+        state=row["state"],
+        payload=row["payload"],
+        result=row.get("result"),
+        priority=int(row["priority"]),
+        run_at=float(row["run_at"]),
+        attempt=int(row["attempt"]),
+        max_attempts=int(row["max_attempts"]),
+        timeout=f("timeout"),
+        backoff=float(row["backoff"]),
+        lease=float(row["lease"]),
+        lease_until=f("lease_until"),
+        idempotency_key=row.get("idempotency_key"),
+        submitted_by=row["submitted_by"],
+        claimed_by=row.get("claimed_by"),
+        errors=row["errors"],
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        finished_at=f("finished_at"),
+    )
+
+
+def _ready_sk(row: TaskRow) -> str:
+    return f"{_PRIORITY_OFFSET - row.priority:013d}\0{row.run_at:020.6f}\0{row.id}"
+
+
+class DynamoTasks:
+    """The task primitives of :class:`~.backend.DynamoBackend` (contract in base.py)."""
+
+    db: DynamoEngine
+    _write: Callable[..., Awaitable[Any]]
+
+    # Reading and storing ------------------------------------------------------------
+
+    async def _load(self, tx: Tx, task_id: str) -> tuple[TaskRow, dict[str, Any]]:
+        pointer = await tx.get("TI", task_id)
+        found = None if pointer is None else await tx.get(f"TQ#{pointer['q']}", task_id)
+        if found is None:
+            raise NotFound(f"task {task_id!r} does not exist", field="task_id")
+        full = await self.db.expand(found)
+        if full is None:  # replaced while read: the transaction will run again
+            raise NotFound(f"task {task_id!r} does not exist", field="task_id")
+        return _task_from(full), found
+
+    async def _count(self, tx: Tx, queue: str, changes: dict[str, int]) -> None:
+        """Move the queue's counters (``n``: tasks stored; finished states by name)."""
+        row = await tx.get("TQS", queue)
+        new = dict(row) if row is not None else {"pk": "TQS", "sk": queue, "n": 0}
+        for name, delta in changes.items():
+            new[name] = int(new.get(name, 0)) + delta
+        if int(new["n"]) <= 0:
+            tx.delete("TQS", queue)
+        else:
+            tx.put(new)
+
+    async def _store(self, tx: Tx, old: TaskRow | None, new: TaskRow, stored: Any = None) -> None:
+        """Write ``new`` in place of ``old`` (None: a new task) with its index rows."""
+        if old is not None:
+            if old.state == "ready":
+                tx.delete(f"TR#{old.queue}", _ready_sk(old))
+            if old.state == "running" and old.lease_until is not None:
+                tx.delete("TL", due_sk(old.lease_until, old.id))
+            if old.state in TASK_FINISHED and old.finished_at is not None:
+                tx.delete("D#t", due_sk(old.finished_at, old.id))
+        if new.state == "ready":
+            tx.put(
+                {"pk": f"TR#{new.queue}", "sk": _ready_sk(new), "id": new.id, "run_at": new.run_at}
+            )
+        if new.state == "running" and new.lease_until is not None:
+            tx.put(
+                {"pk": "TL", "sk": due_sk(new.lease_until, new.id), "q": new.queue, "id": new.id}
+            )
+        if new.state in TASK_FINISHED and new.finished_at is not None:
+            tx.put(
+                {"pk": "D#t", "sk": due_sk(new.finished_at, new.id), "q": new.queue, "id": new.id}
+            )
+        changes: dict[str, int] = {}
+        if old is None:
+            changes["n"] = 1
+        elif old.state in _COUNTED:
+            changes[old.state] = -1
+        if new.state in _COUNTED:
+            changes[new.state] = changes.get(new.state, 0) + 1
+        if changes:
+            await self._count(tx, new.queue, changes)
+        tx.put(_task_to(new), old=stored)
+
+    @staticmethod
+    def _event(tx: Tx, type_: str, row: TaskRow, author: str) -> None:
+        tx.event(type_, task_namespace(row.queue), row.id, row.attempt, author, row.updated_at)
+
+    async def _settle(self, tx: Tx, row: TaskRow, stored: Any, now: float) -> TaskRow:
+        """Settle one expired lease (see base.py): dead after the last attempt, else ready."""
+        errors = add_task_error(row.errors, row.attempt, LEASE_EXPIRED, now, row.claimed_by)
+        if row.attempt >= row.max_attempts:
+            new = _replace(
+                row,
+                state="dead",
+                errors=errors,
+                claimed_by=None,
+                lease_until=None,
+                updated_at=now,
+                finished_at=now,
+            )
+            kind = "task.dead"
+        else:
+            new = _replace(
+                row,
+                state="ready",
+                errors=errors,
+                claimed_by=None,
+                lease_until=None,
+                run_at=now,
+                updated_at=now,
+            )
+            kind = "task.expired"
+        await self._store(tx, row, new, stored)
+        self._event(tx, kind, new, "hivemem")
+        return new
+
+    async def _settle_expired(
+        self, tx: Tx, queue: str | None, now: float, limit: int
+    ) -> list[TaskRow]:
+        """Settle up to ``limit`` expired leases (of ``queue`` when given); returns the
+        tasks as settled."""
+        settled: list[TaskRow] = []
+        async for lease in self.db.query("TL", high=due_sk(now, "\U0010ffff")):
+            if queue is not None and lease["q"] != queue:
+                continue
+            found = await tx.get(f"TQ#{lease['q']}", lease["id"])
+            if found is None:
+                continue
+            row = _task_from(found)
+            if row.state != "running" or row.lease_until is None or row.lease_until > now:
+                continue
+            settled.append(await self._settle(tx, row, found, now))
+            if len(settled) >= limit:
+                break
+        return settled
+
+    @staticmethod
+    def _held(row: TaskRow, worker: str, attempt: int) -> None:
+        if row.state != "running" or row.attempt != attempt or row.claimed_by != worker:
+            if row.state != "running":
+                why = f"it is {row.state}"
+            elif row.claimed_by != worker:
+                why = f"attempt {row.attempt} is held by another worker"
+            else:
+                why = f"it runs attempt {row.attempt} now"
+            raise Conflict(
+                f"task {row.id!r}: attempt {attempt} is no longer held by {worker!r} ({why})",
+                field="attempt",
+            )
+
+    # Primitives ---------------------------------------------------------------------
+
+    async def submit_task(
+        self, row: TaskRow, *, request_id: str | None = None
+    ) -> tuple[TaskRow, bool]:
+        async def job(tx: Tx) -> tuple[TaskRow, bool]:
+            if row.idempotency_key is not None:
+                taken = await tx.get(f"TK#{row.queue}", row.idempotency_key)
+                if taken is not None:
+                    found = await tx.get(f"TQ#{row.queue}", taken["id"])
+                    if found is not None:
+                        full = await self.db.expand(found)
+                        if full is not None:
+                            return _task_from(full), False
+            if await tx.get("TI", row.id) is not None:
+                raise Conflict(f"task id {row.id!r} is taken", field="task_id")
+            tx.put({"pk": "TI", "sk": row.id, "q": row.queue})
+            if row.idempotency_key is not None:
+                tx.put({"pk": f"TK#{row.queue}", "sk": row.idempotency_key, "id": row.id})
+            await self._store(tx, None, row)
+            self._event(tx, "task.submitted", row, row.submitted_by)
+            return row, True
+
+        result = await self._write(request_id, row.created_at, job, "submit_task")
+        return result[0], bool(result[1])
+
+    async def claim_task(
+        self,
+        queue: str,
+        *,
+        worker: str,
+        now: float,
+        lease: float,
+        request_id: str | None = None,
+    ) -> TaskRow | None:
+        async def job(tx: Tx) -> TaskRow | None:
+            settled = await self._settle_expired(tx, queue, now, SETTLE_PER_CLAIM)
+            # The best due task: the first due row of the ready index, or one whose
+            # lease this claim just settled (not in the index until it commits).
+            best: tuple[str, str] | None = None
+            async for ready in self.db.query(f"TR#{queue}", limit=CLAIM_SCAN):
+                if float(ready["run_at"]) <= now:
+                    best = (ready["sk"], ready["id"])
+                    break
+            for row in settled:
+                if row.state == "ready" and row.run_at <= now:
+                    best = min(best or (_ready_sk(row), row.id), (_ready_sk(row), row.id))
+            if best is None:
+                return None
+            found = await tx.get(f"TQ#{queue}", best[1])
+            if found is None:
+                return None
+            full = await self.db.expand(found)
+            if full is None:
+                return None
+            row = _task_from(full)
+            if row.state != "ready":
+                return None
+            new = _replace(
+                row,
+                state="running",
+                attempt=row.attempt + 1,
+                claimed_by=worker,
+                lease=lease,
+                lease_until=now + lease,
+                updated_at=now,
+            )
+            await self._store(tx, row, new, found)
+            self._event(tx, "task.claimed", new, worker)
+            return new
+
+        result: TaskRow | None = await self._write(request_id, now, job, "claim_task")
+        return result
+
+    async def heartbeat_task(
+        self,
+        task_id: str,
+        *,
+        worker: str,
+        attempt: int,
+        now: float,
+        lease: float,
+        request_id: str | None = None,
+    ) -> TaskRow:
+        async def job(tx: Tx) -> TaskRow:
+            row, stored = await self._load(tx, task_id)
+            self._held(row, worker, attempt)
+            new = _replace(row, lease=lease, lease_until=now + lease, updated_at=now)
+            await self._store(tx, row, new, stored)
+            return new
+
+        result: TaskRow = await self._write(request_id, now, job, "heartbeat_task")
+        return result
+
+    async def finish_task(
+        self,
+        task_id: str,
+        *,
+        worker: str,
+        attempt: int,
+        now: float,
+        outcome: str,
+        result: bytes | None = None,
+        error: str | None = None,
+        retry_at: float | None = None,
+        request_id: str | None = None,
+    ) -> TaskRow:
+        async def job(tx: Tx) -> TaskRow:
+            row, stored = await self._load(tx, task_id)
+            self._held(row, worker, attempt)
+            if outcome == "completed":
+                new = _replace(
+                    row,
+                    state="completed",
+                    result=result,
+                    lease_until=None,
+                    updated_at=now,
+                    finished_at=now,
+                )
+                kind = "task.completed"
+            elif outcome == "failed":
+                errors = add_task_error(row.errors, attempt, error or "", now, worker)
+                if retry_at is not None and attempt < row.max_attempts:
+                    new = _replace(
+                        row,
+                        state="ready",
+                        errors=errors,
+                        run_at=retry_at,
+                        claimed_by=None,
+                        lease_until=None,
+                        updated_at=now,
+                    )
+                    kind = "task.failed"
+                else:
+                    new = _replace(
+                        row,
+                        state="dead",
+                        errors=errors,
+                        claimed_by=None,
+                        lease_until=None,
+                        updated_at=now,
+                        finished_at=now,
+                    )
+                    kind = "task.dead"
+            elif outcome == "released":
+                new = _replace(
+                    row,
+                    state="ready",
+                    attempt=attempt - 1,
+                    run_at=now,
+                    claimed_by=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+                kind = "task.released"
+            else:
+                raise ValueError(f"unknown outcome {outcome!r}")
+            await self._store(tx, row, new, stored)
+            self._event(tx, kind, new, worker)
+            return new
+
+        done: TaskRow = await self._write(request_id, now, job, "finish_task")
+        return done
+
+    async def cancel_task(
+        self, task_id: str, *, author: str, now: float, request_id: str | None = None
+    ) -> TaskRow:
+        async def job(tx: Tx) -> TaskRow:
+            row, stored = await self._load(tx, task_id)
+            if row.state in TASK_FINISHED:
+                raise Conflict(
+                    f"task {task_id!r} is {row.state}: only a ready or running task can be "
+                    "cancelled",
+                    field="task_id",
+                )
+            new = _replace(
+                row,
+                state="cancelled",
+                claimed_by=None,
+                lease_until=None,
+                updated_at=now,
+                finished_at=now,
+            )
+            await self._store(tx, row, new, stored)
+            self._event(tx, "task.cancelled", new, author)
+            return new
+
+        done: TaskRow = await self._write(request_id, now, job, "cancel_task")
+        return done
+
+    async def requeue_task(
+        self,
+        task_id: str,
+        *,
+        author: str,
+        now: float,
+        run_at: float,
+        request_id: str | None = None,
+    ) -> TaskRow:
+        async def job(tx: Tx) -> TaskRow:
+            row, stored = await self._load(tx, task_id)
+            if row.state not in ("dead", "cancelled"):
+                raise Conflict(
+                    f"task {task_id!r} is {row.state}: only a dead or cancelled task can be "
+                    "requeued",
+                    field="task_id",
+                )
+            new = _replace(
+                row,
+                state="ready",
+                attempt=0,
+                run_at=run_at,
+                result=None,
+                claimed_by=None,
+                lease_until=None,
+                updated_at=now,
+                finished_at=None,
+            )
+            await self._store(tx, row, new, stored)
+            self._event(tx, "task.requeued", new, author)
+            return new
+
+        done: TaskRow = await self._write(request_id, now, job, "requeue_task")
+        return done
+
+    async def get_task(self, task_id: str) -> TaskRow | None:
+        for _ in range(5):
+            pointer = await self.db.get("TI", task_id)
+            if pointer is None:
+                return None
+            found = await self.db.get(f"TQ#{pointer['q']}", task_id)
+            if found is None:
+                return None
+            full = await self.db.expand(found)
+            if full is not None:
+                return _task_from(full)
+        return None
+
+    async def list_tasks(
+        self, queue: str, state: str | None, after: str | None, limit: int
+    ) -> list[TaskRow]:
+        out: list[TaskRow] = []
+        if limit <= 0:
+            return out
+        low = None if after is None else after + "\0"
+        async for found in self.db.query(f"TQ#{queue}", low=low):
+            if state is not None and found.get("state") != state:
+                continue
+            full = await self.db.expand(found)
+            if full is not None:
+                out.append(_task_from(full))
+            if len(out) >= limit:
+                break
+        return out
+
+    async def task_queues(self) -> list[str]:
+        return [r["sk"] for r in await self.db.rows("TQS") if int(r.get("n", 0)) > 0]
+
+    async def task_stats(self, queue: str, now: float) -> TaskStats:
+        counts = await self.db.get("TQS", queue) or {}
+        ready = delayed = 0
+        oldest: float | None = None
+        async for r in self.db.query(f"TR#{queue}", fields=["pk", "sk", "run_at"]):
+            at = float(r["run_at"])
+            if at <= now:
+                ready += 1
+                oldest = at if oldest is None else min(oldest, at)
+            else:
+                delayed += 1
+        running = 0
+        async for lease in self.db.query("TL", fields=["pk", "sk", "q"]):
+            if lease["q"] == queue:
+                running += 1
+        return TaskStats(
+            ready=ready,
+            delayed=delayed,
+            running=running,
+            completed=int(counts.get("completed", 0)),
+            dead=int(counts.get("dead", 0)),
+            cancelled=int(counts.get("cancelled", 0)),
+            oldest_ready_at=oldest,
+        )
+
+    async def expire_leases(self, now: float, limit: int) -> int:
+        # A read first: every hive process runs this each second.
+        if not await self.db.rows("TL", high=due_sk(now, "\U0010ffff"), limit=1):
+            return 0
+
+        async def job(tx: Tx) -> int:
+            return len(await self._settle_expired(tx, None, now, min(limit, 20)))
+
+        settled: int = await run_tx(self.db, job, what="expire_leases")
+        if settled:
+            self.changes_notify()
+        return settled
+
+    def changes_notify(self) -> None:
+        """Wake this process's waiters (the backend's change signal)."""
+        changes = getattr(self, "changes", None)
+        if changes is not None:
+            changes.notify()
+
+    async def sweep_tasks(self, finished_before: float, limit: int) -> int:
+        done = await self.db.rows("D#t", high=due_sk(finished_before, "\0"), limit=min(limit, 20))
+        if not done:
+            return 0
+
+        async def job(tx: Tx) -> int:
+            n = 0
+            for d in done:
+                found = await tx.get(f"TQ#{d['q']}", d["id"])
+                tx.delete(d["pk"], d["sk"])
+                if found is None:
+                    continue
+                row = _task_from(found)
+                tx.delete(f"TQ#{row.queue}", row.id, old=found)
+                tx.delete("TI", row.id)
+                if row.idempotency_key is not None:
+                    tx.delete(f"TK#{row.queue}", row.idempotency_key)
+                changes = {"n": -1}
+                if row.state in _COUNTED:
+                    changes[row.state] = -1
+                await self._count(tx, row.queue, changes)
+                n += 1
+            return n
+
+        swept: int = await run_tx(self.db, job, what="sweep_tasks")
+        return swept
