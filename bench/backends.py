@@ -129,7 +129,7 @@ from common import (  # noqa: E402
 )
 from embedded import make_value  # noqa: E402
 
-BACKENDS = ("sqlite", "postgres", "redis", "redis-cluster")
+BACKENDS = ("sqlite", "postgres", "redis", "redis-cluster", "dynamodb")
 DEFAULT_JSON = BENCH_DIR / "results" / "backends.json"
 #: Namespaces ``bench/g0..g9`` (get/put) and ``search/g0..g9`` (search items).
 NAMESPACES = 10
@@ -326,20 +326,21 @@ def show(r: Result) -> None:
     )
 
 
-async def preload(hive: Any, plan: Plan, corpus: Corpus) -> float:
-    """Write the get/put keys and the search items with ``batch()``; returns seconds."""
+async def preload(hive: Any, plan: Plan, corpus: Corpus, chunk: int = CHUNK) -> float:
+    """Write the get/put keys and the search items with ``batch()`` of ``chunk`` puts
+    (DynamoDB: 40, within its 100 actions per transaction); returns seconds."""
     from hivemem import PutOp
 
     started = time.perf_counter()
     async with asyncio.timeout(PRELOAD_TIMEOUT_S):
-        for start in range(0, plan.keys, CHUNK):
+        for start in range(0, plan.keys, chunk):
             await hive.batch(
                 [
                     PutOp(namespace=kv_namespace(n), key=kv_key(n), value=make_value(n))
-                    for n in range(start, min(plan.keys, start + CHUNK))
+                    for n in range(start, min(plan.keys, start + chunk))
                 ]
             )
-        for start in range(0, plan.search_items, CHUNK):
+        for start in range(0, plan.search_items, chunk):
             await hive.batch(
                 [
                     PutOp(
@@ -349,7 +350,7 @@ async def preload(hive: Any, plan: Plan, corpus: Corpus) -> float:
                         text=corpus.texts[n],
                         metadata={"bucket": (n // NAMESPACES) % 10},
                     )
-                    for n in range(start, min(plan.search_items, start + CHUNK))
+                    for n in range(start, min(plan.search_items, start + chunk))
                 ]
             )
     return time.perf_counter() - started
@@ -406,7 +407,13 @@ class Store:
     pg_url: str | None = None
     redis_port: int | None = None
     cluster: bool = False
+    aws_endpoint: str | None = None
     preloaded: bool = False
+
+    @property
+    def chunk(self) -> int:
+        """Puts per preload batch (DynamoDB takes 100 actions per transaction)."""
+        return 40 if self.kind == "dynamodb" else CHUNK
 
 
 async def bench_embedded(
@@ -419,7 +426,7 @@ async def bench_embedded(
     hive = hivemem.connect(store.url, agent="bench", settings=Settings(embedder="none"))
     await hive.open()
     try:
-        seconds = await preload(hive, plan, corpus)
+        seconds = await preload(hive, plan, corpus, store.chunk)
         store.preloaded = True
         info["preload_s"] = round(seconds, 2)
         console.print(
@@ -456,7 +463,7 @@ async def bench_service(
         await hive.open()
         try:
             if not store.preloaded:
-                seconds = await preload(hive, plan, corpus)
+                seconds = await preload(hive, plan, corpus, store.chunk)
                 store.preloaded = True
                 info["preload_s"] = round(seconds, 2)
                 console.print(f"  preloaded through the service in {seconds:.1f} s")
@@ -639,6 +646,62 @@ async def bench_raw_redis(store: Store, plan: Plan, info: dict[str, Any]) -> lis
         await client.aclose()
 
 
+async def bench_raw_dynamodb(store: Store, plan: Plan, info: dict[str, Any]) -> list[Result]:
+    """aiobotocore (the client the backend uses) GetItem (strongly consistent) and PutItem
+    on a table ``bench_raw_kv`` of ``--keys`` rows, on the same server."""
+    from aiobotocore.session import get_session
+
+    conc, keys = plan.concurrency, plan.keys
+    table = "bench_raw_kv"
+    async with get_session().create_client(
+        "dynamodb", region_name="us-east-1", endpoint_url=store.aws_endpoint
+    ) as client:
+        with contextlib.suppress(Exception):
+            await client.create_table(
+                TableName=table,
+                KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                BillingMode="PAY_PER_REQUEST",
+            )
+        for start in range(0, keys, 25):
+            await client.batch_write_item(
+                RequestItems={
+                    table: [
+                        {
+                            "PutRequest": {
+                                "Item": {
+                                    "pk": {"S": kv_key(n)},
+                                    "v": {"B": orjson.dumps(make_value(n))},
+                                }
+                            }
+                        }
+                        for n in range(start, min(keys, start + 25))
+                    ]
+                }
+            )
+
+        async def get(c: int, i: int) -> None:
+            n = (c + conc * i) % keys
+            reply = await client.get_item(
+                TableName=table, Key={"pk": {"S": kv_key(n)}}, ConsistentRead=True
+            )
+            if "Item" not in reply:
+                raise LookupError(kv_key(n))
+            orjson.loads(reply["Item"]["v"]["B"])
+
+        async def put(c: int, i: int) -> None:
+            n = (c + conc * i) % keys
+            await client.put_item(
+                TableName=table,
+                Item={"pk": {"S": kv_key(n)}, "v": {"B": orjson.dumps(make_value(n))}},
+            )
+
+        return [
+            await clients(f"{store.kind}.raw.get", "raw aiobotocore GetItem", get, conc, plan),
+            await clients(f"{store.kind}.raw.put", "raw aiobotocore PutItem", put, conc, plan),
+        ]
+
+
 # Servers and the run ---------------------------------------------------------------------
 
 
@@ -662,6 +725,13 @@ def started_store(kind: str, tmp: Path, info: dict[str, Any]) -> Iterator[Store]
         with RedisServer(tmp / "redis") as server:
             info["server_start_s"] = round(time.perf_counter() - started, 2)
             yield Store(kind, server.url, tmp, redis_port=server.port)
+        return
+    if kind == "dynamodb":
+        from tests.servers.moto import MotoServer
+
+        with MotoServer(tmp / "moto.log") as aws:
+            info["server_start_s"] = round(time.perf_counter() - started, 2)
+            yield Store(kind, aws.dynamodb_url("bench"), tmp, aws_endpoint=aws.endpoint)
         return
     if kind == "redis-cluster":
         from tests.servers.redis import RedisClusterServers
@@ -720,6 +790,8 @@ def run_backend(
                     record(bench_raw_sqlite(store, plan))
                 elif kind == "postgres":
                     record(asyncio.run(bench_raw_postgres(store, plan, info)))
+                elif kind == "dynamodb":
+                    record(asyncio.run(bench_raw_dynamodb(store, plan, info)))
                 else:
                     record(asyncio.run(bench_raw_redis(store, plan, info)))
             except Exception:

@@ -54,8 +54,12 @@ STORES = [
 #: with keys spread over slots; its own cases stay in test_redis*.py and
 #: test_task_store.py) and the service over the network stores (``remote-postgres``,
 #: ``remote-redis``, ``remote-redis-cluster``: the same service code over backends the
-#: embedded kinds already cover) run in ``.ci/run`` after the default suite.
-DEFAULT_STORES = [k for k in STORES if not k.startswith("remote-") and k != "redis-cluster"]
+#: embedded kinds already cover) run in ``.ci/run`` after the default suite, and so do
+#: ``dynamodb`` and ``remote-dynamodb`` (moto's server serves one request at a time: the
+#: DynamoDB store's own cases stay in test_dynamodb.py).
+DEFAULT_STORES = [
+    k for k in STORES if not k.startswith("remote-") and k not in ("redis-cluster", "dynamodb")
+]
 #: What ``.ci/run`` adds to the default run.
 MATRIX_STORES = [k for k in STORES if k not in DEFAULT_STORES]
 #: The fixture giving the URL of each embedded server-backed kind.

@@ -147,7 +147,9 @@ async def put_create_only(http: aiohttp.ClientSession, url: str, ns: str, key: s
 # a. No lost update ------------------------------------------------------------------------
 
 
-def run_cas_counter(url: str, ns: str, processes: int = 10, increments: int = 100) -> None:
+def run_cas_counter(
+    url: str, ns: str, processes: int = 10, increments: int = 100, timeout: float = 120
+) -> None:
     key = "counter"
     with hivemem.connect_sync(url, agent="setup") as hive:
         assert hive.put(ns, key, 0, if_version=0).version == 1
@@ -165,7 +167,7 @@ def run_cas_counter(url: str, ns: str, processes: int = 10, increments: int = 10
             proc.stdin.write("go\n")
             proc.stdin.flush()
         for proc in procs:
-            out, err = proc.communicate(timeout=120)
+            out, err = proc.communicate(timeout=timeout)
             assert proc.returncode == 0, f"worker failed: {out} {err}"
             assert out.startswith("done"), out
             conflicts += int(out.split()[1])

@@ -101,6 +101,34 @@ class Settings(BaseSettings):
         "once); clients repeat requests to wait longer.",
     )
 
+    # Large values (docs/blobs.md).
+    blob_store: str | None = Field(
+        default=None,
+        description="Where item values and texts over blob_threshold_bytes are kept, the "
+        "store's row holding a small reference: s3://bucket/prefix (optional query "
+        "?endpoint=URL&region=NAME; needs hivemem[aws]), file:///abs/dir or a directory "
+        "path. Unset: every value lives in the store.",
+    )
+    blob_threshold_bytes: int = Field(
+        default=64 * KiB,
+        gt=0,
+        description="With blob_store: a value (as JSON) or text (UTF-8) longer than this "
+        "goes to the blob store.",
+    )
+    blob_grace_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="How old an object no stored version references must be before the "
+        "blob sweeper removes it (an upload whose commit never happened); a write whose "
+        "upload took more than half of it is refused (Unavailable) rather than committed.",
+    )
+    blob_sweep_interval_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="How often the sweeper looks through the blob store for objects no "
+        "stored version references.",
+    )
+
     # SQLite tuning.
     sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
         default="FULL",

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 
@@ -64,6 +65,7 @@ class MotoServer:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
 
     def dynamodb_url(self, prefix: str | None = None) -> str:
         """A ``dynamodb://`` store URL on this server (a fresh table prefix by default)."""
@@ -72,7 +74,9 @@ class MotoServer:
 
     def start(self) -> None:
         os.environ.update(aws_environment())
-        out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
+        out: Any = subprocess.DEVNULL
+        if self._log_path is not None:
+            out = self._log = open(self._log_path, "ab")
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "tests.servers._moto_main", "127.0.0.1", str(self.port)],
             cwd=_ROOT,
@@ -95,6 +99,9 @@ class MotoServer:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
+        log, self._log = self._log, None
+        if log is not None:
+            log.close()
         if proc is None:
             return
         proc.terminate()

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hivemem.cli import coordination, items, operations, sessions, top
+from hivemem.cli import bridges, coordination, items, operations, sessions, top
 from hivemem.cli.common import DEFAULT_URL, Options
 from hivemem.cli.eval import eval_locomo
 
@@ -81,6 +81,8 @@ _COMMANDS: list[tuple[typer.Typer, str, Callable[..., Any]]] = [
     (session_app, "append", sessions.session_append),
     (session_app, "messages", sessions.session_messages),
     (session_app, "state", sessions.session_state),
+    (session_app, "export", sessions.session_export),
+    (session_app, "import", sessions.session_import),
     (eval_app, "locomo", eval_locomo),
     (agents_app, "add", operations.agents_add),
     (agents_app, "ls", operations.agents_list),
@@ -98,6 +100,7 @@ app.add_typer(session_app, name="session")
 app.add_typer(eval_app, name="eval")
 app.add_typer(agents_app, name="agents")
 app.add_typer(tasks_app, name="tasks")
+app.add_typer(bridges.app, name="bridge")
 
 
 @app.callback()

@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 
 from hivemem.backends.base import Backend
 from hivemem.backends.results import RequestIdReused
-from hivemem.backends.rows import CheckWrite
+from hivemem.backends.rows import CheckWrite, ItemRow
 from hivemem.config import Settings
+from hivemem.core.blobs import Blobs, resolve
 from hivemem.embedders.base import Embedder
 from hivemem.errors import InvalidInput, PermissionDenied
 from hivemem.hive import Heartbeats
@@ -44,6 +45,8 @@ class Area:
     _access: Access | None = None
     #: The registry heartbeats this hive sends (shared by its views).
     _heartbeats: Heartbeats
+    #: Where values and texts over ``blob_threshold_bytes`` go (None: ``blob_store`` unset).
+    _blobs: Blobs | None = None
 
     def _scoped_request_id(self, *request: Any) -> str | None:
         """The request id as the backend stores it: scoped by agent, so two agents
@@ -69,6 +72,15 @@ class Area:
                 "send a new id for a new request",
                 field=self._request_field,
             ) from None
+
+    async def _resolve(self, rows: list[ItemRow]) -> list[ItemRow]:
+        """``rows`` with the values and texts kept in the blob store put back (see
+        core/blobs.py).
+
+        Raises:
+            Unavailable: the blob store failed, or an object is missing or corrupt.
+        """
+        return await resolve(self._blobs, rows)
 
     # Permissions -----------------------------------------------------------------
 

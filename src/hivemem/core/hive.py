@@ -17,6 +17,7 @@ from hivemem import validation as check
 from hivemem.backends.base import Backend
 from hivemem.backends.rows import SYSTEM
 from hivemem.config import Settings
+from hivemem.core.blobs import Blobs
 from hivemem.core.coordination import CoordinationMixin, mark_down
 from hivemem.core.events import EventsMixin
 from hivemem.core.feedtail import FeedTail
@@ -96,6 +97,8 @@ class _Shared:
         self.heartbeats = Heartbeats()
         self.task_waits: TaskWaits | None = None
         self.indexer: Indexer | None = None
+        #: The blob store of large values, or None (core/blobs.py).
+        self.blobs = Blobs.from_settings(settings)
         #: Set when closing: background loops stop at their next turn even if a
         #: cancellation was swallowed (redis-py can swallow one landing in a read).
         self.closing = False
@@ -235,6 +238,8 @@ class _Shared:
                 self.opened = False
             if self.embedder is not None:
                 await self.embedder.close()
+            if self.blobs is not None:
+                await self.blobs.close()
             if self.vectors is not None:
                 await self.vectors.close()  # stops a background HNSW build
             self.vectors = None
@@ -282,6 +287,13 @@ class _Shared:
                     log.debug("swept %d expired items, trimmed %d events", expired, trimmed)
             except Exception:  # keep sweeping; the next round retries
                 log.exception("sweep failed")
+            if self.blobs is not None and self.blobs.due():
+                try:
+                    removed = await self.blobs.sweep(self.backend, time.time())
+                    if removed:
+                        log.debug("removed %d unreferenced objects from the blob store", removed)
+                except Exception:
+                    log.exception("blob sweep failed")
 
 
 class LocalHive(
@@ -328,6 +340,7 @@ class LocalHive(
         self._shared = _shared or _Shared(backend, self._settings, embedder)
         self._embedder = self._shared.embedder
         self._heartbeats = self._shared.heartbeats
+        self._blobs = self._shared.blobs
         holder = self._shared.policy
         if holder is not None:
             self._access = Access(principal or Principal(self.agent), holder)
@@ -499,3 +512,25 @@ class LocalHive(
         every ``sweep_interval_seconds``). Returns (items expired, events trimmed)."""
         await self._ready()
         return await self._shared.sweep()
+
+    async def sweep_blobs(self, *, grace: float | None = None) -> int:
+        """One round of the blob sweeper now (the background task runs one every
+        ``blob_sweep_interval_seconds``): delete objects of the blob store that no stored
+        version refers to and that are older than ``grace`` seconds (default
+        ``blob_grace_seconds``). ``grace=0`` also removes uploads whose commit may still
+        be on its way: use it only when no process is writing. Returns how many objects
+        were deleted (0 without a blob store); see docs/blobs.md.
+
+        Raises:
+            InvalidInput: ``grace`` is negative or not a number (field ``grace``).
+            Unavailable: the blob store or the store failed.
+        """
+        if grace is not None and (
+            isinstance(grace, bool) or not isinstance(grace, int | float) or not grace >= 0
+        ):
+            raise InvalidInput("grace must be a number of seconds >= 0", field="grace")
+        blobs = self._shared.blobs
+        if blobs is None:
+            return 0
+        await self._ready()
+        return await blobs.sweep(self._backend, time.time(), grace=grace)

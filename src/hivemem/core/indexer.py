@@ -244,6 +244,7 @@ class Indexer:
         )
         if not rows:
             return 0
+        rows = await self.hive._resolve(rows)  # values and texts in the blob store
         texts = [self.text_of(r) for r in rows]
         todo = [i for i, t in enumerate(texts) if t is not None]
         entries = [_entry(r, t) for r, t in zip(rows, texts, strict=True)]

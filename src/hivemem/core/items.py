@@ -16,6 +16,7 @@ from hivemem import validation as check
 from hivemem.backends.rows import CheckWrite, DeleteWrite, ItemRow, PutWrite
 from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
+from hivemem.core.blobs import check_not_reference, object_names
 from hivemem.core.lexical import check_terms
 from hivemem.errors import Conflict, InvalidInput
 from hivemem.models import DeleteOp, Item, NamespaceCount, Page, PutOp
@@ -93,7 +94,41 @@ class ItemsMixin(Area):
             if if_version is None
             else check.version(if_version, field=f"{field}if_version"),
         )
+        check_not_reference(write.value, write.text, field)
         return write
+
+    async def _commit_items(
+        self,
+        writes: Sequence[PutWrite | DeleteWrite | CheckWrite],
+        now: float,
+        request_id: str | None,
+    ) -> builtins.list[ItemRow | bool]:
+        """Apply ``writes`` in one backend call; with a blob store, large values and
+        texts are uploaded first and replaced objects freed after (core/blobs.py).
+
+        Raises:
+            Conflict, InvalidInput: as :meth:`Backend.write_items` (and a reused request
+                id); Unavailable: the store or the blob store failed.
+        """
+
+        async def commit(
+            batch: builtins.list[PutWrite | DeleteWrite | CheckWrite],
+        ) -> builtins.list[ItemRow | bool]:
+            return await self._once(
+                self._backend.write_items(
+                    batch,
+                    author=self.agent,
+                    now=now,
+                    history_limit=self._settings.history_limit,
+                    request_id=request_id,
+                )
+            )
+
+        if self._blobs is None:
+            return await commit(builtins.list(writes))
+        return await self._blobs.write(
+            self._backend, writes, self._settings.history_limit, now, commit
+        )
 
     async def _check_terms(self, texts: Sequence[tuple[str | None, str]]) -> None:
         """Refuse texts with more than ``max_text_terms`` distinct terms; ``texts`` are
@@ -176,15 +211,7 @@ class ItemsMixin(Area):
         (write,), now = await self._index([write], [indexed], self._now)
         writes: builtins.list[PutWrite | CheckWrite] = [write] if guard is None else [guard, write]
         try:
-            *_, row = await self._once(
-                self._backend.write_items(
-                    writes,
-                    author=self.agent,
-                    now=now,
-                    history_limit=self._settings.history_limit,
-                    request_id=request_id,
-                )
-            )
+            *_, row = await self._commit_items(writes, now, request_id)
         except Conflict as exc:
             if guard is None:
                 raise
@@ -208,7 +235,10 @@ class ItemsMixin(Area):
             return None  # indistinguishable from an absent item
         await self._ready()
         row = await self._backend.get_item(namespace, key, self._now())
-        return None if row is None else to_item(row)
+        if row is None:
+            return None
+        (row,) = await self._resolve([row])
+        return to_item(row)
 
     def _get_here(self, namespace: str, key: str) -> tuple[bool, Item | None]:
         if not self._opened():
@@ -218,6 +248,8 @@ class ItemsMixin(Area):
         if not self._may("read", namespace):
             return True, None
         done, row = self._backend.get_item_here(namespace, key, self._now())
+        if row is not None and object_names(row):
+            return False, None  # its value is in the blob store: read through the loop
         return done, None if row is None else to_item(row)
 
     async def delete(self, namespace: str, key: str, *, if_version: int | None = None) -> bool:
@@ -229,15 +261,7 @@ class ItemsMixin(Area):
         self._must("write", write.namespace, "namespace")
         request_id = self._scoped_request_id("delete", write)
         await self._ready()
-        (deleted,) = await self._once(
-            self._backend.write_items(
-                [write],
-                author=self.agent,
-                now=self._now(),
-                history_limit=self._settings.history_limit,
-                request_id=request_id,
-            )
-        )
+        (deleted,) = await self._commit_items([write], self._now(), request_id)
         return bool(deleted)
 
     async def list(
@@ -270,6 +294,7 @@ class ItemsMixin(Area):
             roots, None if after is None else (after[0], after[1]), limit, key_prefix
         )
         next_cursor = None if last is None else cursors.encode(list(last))
+        rows = await self._resolve(rows)
         return Page[Item](items=[to_item(r) for r in rows], next_cursor=next_cursor)
 
     async def _visible_items(
@@ -420,15 +445,7 @@ class ItemsMixin(Area):
         indexed, now = await self._index([w for _, w in puts], texts, self._now)
         for (i, _), write in zip(puts, indexed, strict=True):
             writes[i] = write
-        results = await self._once(
-            self._backend.write_items(
-                writes,
-                author=self.agent,
-                now=now,
-                history_limit=self._settings.history_limit,
-                request_id=request_id,
-            )
-        )
+        results = await self._commit_items(writes, now, request_id)
         return [to_item(r) if isinstance(r, ItemRow) else r for r in results]
 
     async def history(self, namespace: str, key: str, *, limit: int = 100) -> builtins.list[Item]:
@@ -439,7 +456,7 @@ class ItemsMixin(Area):
             return []  # as for an absent item
         await self._ready()
         rows = await self._backend.item_history(namespace, key, limit, self._now())
-        return [to_item(r) for r in rows]
+        return [to_item(r) for r in await self._resolve(rows)]
 
 
 def _text_of(op: PutOp | DeleteOp) -> str | None:

@@ -465,9 +465,13 @@ class SearchMixin(Area):
             rows.update(
                 ((r.namespace, r.key), r) for r in await self._backend.get_items(missing, now)
             )
+        resolved = {
+            (r.namespace, r.key): r
+            for r in await self._resolve([rows[key] for key in best if key in rows])
+        }
         hits = []
         for key in best:
-            row = rows.get(key)
+            row = resolved.get(key)
             if row is None:  # deleted or expired since it was ranked
                 continue
             lex, vec = modes.get(key, {}).get("lexical"), modes.get(key, {}).get("vector")
@@ -699,7 +703,7 @@ class SearchMixin(Area):
             if not rows:
                 return done
             after = (rows[-1].namespace, rows[-1].key)
-            entries = [e for e in (_entry(r) for r in rows) if e is not None]
+            entries = [e for e in (_entry(r) for r in await self._resolve(rows)) if e is not None]
             texts = [e.text for e in entries if e.text is not None]
             if self._embedder is not None and texts:
                 vectors = await self._embedder.embed(texts)

@@ -9,7 +9,9 @@ with an RFC 9457 problem+json body naming the field:
 - a path or a query string whose percent-decoded bytes are not UTF-8: 422, field
   ``path`` / ``query`` (servers decode them leniently, so the route would see U+FFFD);
 - a body longer than ``max_request_bytes``: 413, field ``body``, at once when
-  ``Content-Length`` says so, else as soon as the chunks read exceed it;
+  ``Content-Length`` says so, else as soon as the chunks read exceed it (with a
+  ``blob_store``, the limit is at least one put of ``max_value_bytes``:
+  :func:`body_limit`);
 - a body that has not arrived in full ``body_timeout_seconds`` after the app first asked
   for it: 408, field ``body`` (:class:`RequestTimeout`), and the connection is closed.
   Each wait for the next chunk is cut at that deadline, so a client trickling a body
@@ -37,7 +39,7 @@ from hivemem.config import Settings
 from hivemem.errors import HivememError, InvalidInput, TooLarge
 from hivemem.service import problems
 
-__all__ = ["Guards", "HeadersTooLarge", "RequestTimeout", "install"]
+__all__ = ["Guards", "HeadersTooLarge", "RequestTimeout", "body_limit", "install"]
 
 
 class RequestTimeout(InvalidInput):
@@ -75,7 +77,7 @@ class Guards:
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.max_header_bytes = settings.max_header_bytes
-        self.max_body_bytes = settings.max_request_bytes
+        self.max_body_bytes = body_limit(settings)
         self.body_timeout = settings.body_timeout_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -117,6 +119,17 @@ class Guards:
             f"request body is over {self.max_body_bytes} bytes (the setting max_request_bytes)",
             field="body",
         )
+
+
+def body_limit(settings: Settings) -> int:
+    """The largest request body accepted, in bytes: ``max_request_bytes``, raised with a
+    ``blob_store`` to what one put of a value of ``max_value_bytes`` with a text and
+    metadata of their largest sizes needs (the value is written to the blob store, so a
+    large ``max_value_bytes`` is meant to be accepted), plus 64 KiB for the rest."""
+    if not settings.blob_store:
+        return settings.max_request_bytes
+    put = settings.max_value_bytes + 2 * settings.max_text_bytes + settings.max_metadata_bytes
+    return max(settings.max_request_bytes, put + 64 * 1024)
 
 
 class _GuardedBody:

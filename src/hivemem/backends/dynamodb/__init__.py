@@ -27,13 +27,13 @@ uses (Streams would need a consumer per shard).
 Limits: DynamoDB takes at most 100 actions per transaction, so a batch whose writes
 need more (about 2 to 4 per put) is refused (InvalidInput, field ``ops``); rows over
 400 KB are split into chunk rows (values up to ``max_value_bytes`` fit, within
-DynamoDB's 4 MB per transaction). Task queues are not built on DynamoDB yet.
+DynamoDB's 4 MB per transaction). Task queues: see :mod:`.tasks`.
 
-IAM: the role needs ``dynamodb:DescribeTable``, ``CreateTable``,
-``UpdateTimeToLive`` (on first start only), ``GetItem``, ``BatchGetItem``,
-``Query``, ``PutItem``, ``BatchWriteItem``, ``ConditionCheckItem``, ``DeleteItem``,
-``UpdateItem`` and ``TransactWriteItems`` permission comes through those on the
-table ``arn:aws:dynamodb:REGION:ACCOUNT:table/hivemem_PREFIX``.
+IAM: the role needs, on ``arn:aws:dynamodb:REGION:ACCOUNT:table/hivemem_PREFIX``:
+``dynamodb:DescribeTable``, ``CreateTable`` and ``UpdateTimeToLive`` (the first start
+only), ``GetItem``, ``BatchGetItem``, ``Query``, ``PutItem``, ``UpdateItem``,
+``DeleteItem``, ``BatchWriteItem`` and ``ConditionCheckItem`` (a
+``TransactWriteItems`` call needs the permissions of the actions it carries).
 """
 
 from hivemem.backends.dynamodb.backend import DynamoBackend

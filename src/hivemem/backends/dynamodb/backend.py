@@ -23,6 +23,7 @@ from hivemem.backends.dynamodb.engine import (
 )
 from hivemem.backends.dynamodb.layout import (
     ITEM_FIELDS,
+    SORT_KEY_BYTES,
     due_sk,
     events_from,
     item_from,
@@ -88,6 +89,18 @@ async def _merge(streams: list[AsyncIterator[dict[str, Any]]]) -> AsyncIterator[
         nxt = await anext(streams[i], None)
         if nxt is not None:
             heapq.heappush(heap, (nxt["sk"], i, nxt))
+
+
+def _span(low: str, high: str) -> tuple[str, str]:
+    """Sort-key bounds ``[low, high)`` of a range of items, widened to every key that
+    starts with the part :func:`~.layout.fit` keeps when a bound is too long for a key
+    (the caller filters the rows by namespace and key)."""
+    cut = SORT_KEY_BYTES - 40
+    if len(low.encode("utf-8")) <= cut and len(high.encode("utf-8")) <= cut:
+        return low, high
+    head = low.encode("utf-8")[:cut].decode("utf-8", "ignore")
+    upper = key_range(head)[1]
+    return head, upper if upper is not None else head + "\U0010ffff"
 
 
 def _ttl(at: float | None) -> int | None:
@@ -157,7 +170,12 @@ class DynamoBackend(DynamoTasks, Backend):
     # Writes -------------------------------------------------------------------------
 
     async def _write(
-        self, request_id: str | None, now: float, job: Callable[[Tx], Awaitable[T]], what: str
+        self,
+        request_id: str | None,
+        now: float,
+        job: Callable[[Tx], Awaitable[T]],
+        what: str,
+        reads: Sequence[tuple[str, str]] = (),
     ) -> T:
         """Run ``job`` as one transaction, at most once per request id (a repeat returns
         the stored result and writes nothing)."""
@@ -187,7 +205,9 @@ class DynamoBackend(DynamoTasks, Backend):
                 tx.put({"pk": "D#r", "sk": due_sk(now, rid), "rid": rid})
             return result
 
-        result = await run_tx(self.db, wrapped, what=what)
+        if rid is not None:
+            reads = [*reads, (f"RQ#{rid}", "-")]
+        result: T = await run_tx(self.db, wrapped, what=what, reads=reads)
         self.changes.notify()
         return result
 
@@ -269,7 +289,8 @@ class DynamoBackend(DynamoTasks, Backend):
                 results.append(await self._put(tx, w, cur, author, now, history_limit))
             return results
 
-        return await self._write(request_id, now, job, "write")
+        keys = [item_key(w.namespace, w.key) for w in writes]
+        return await self._write(request_id, now, job, "write", keys)
 
     async def _put(
         self,
@@ -332,7 +353,7 @@ class DynamoBackend(DynamoTasks, Backend):
         if w.expires_at is not None:
             tx.put({"pk": "D#i", "sk": due_sk(w.expires_at, sk), "ipk": pk, "isk": sk})
         if row.get("pend"):
-            tx.put({"pk": f"P#{row['mo']}", "sk": sk, "ipk": pk, "at": now})
+            tx.put({"pk": f"P#{row['mo']}", "sk": sk, "ipk": pk, "at": now, "ex": w.expires_at})
         tx.put(row, old=None if kept or cur is None else cur)
         tx.event(w.event or "item.put", w.namespace, w.key, version, author, now)
         return ItemRow(
@@ -368,14 +389,13 @@ class DynamoBackend(DynamoTasks, Backend):
         so their partitions are merged."""
         if key_prefix is not None:
             low, high = key_range(key_prefix)
-            lo: str | None = f"{prefix}\0{low}"
-            hi: str | None = f"{prefix}\0{high}" if high is not None else f"{prefix}\x01"
+            lo, hi = _span(f"{prefix}\0{low}", f"{prefix}\0{high}" if high else f"{prefix}\x01")
         elif prefix:
-            lo, hi = f"{prefix}\0", f"{prefix}0"
+            lo, hi = _span(f"{prefix}\0", f"{prefix}0")
         else:
             lo, hi = None, None
         if after is not None:
-            start = f"{after[0]}\0{after[1]}\0"  # the least sort key above ``after``
+            start = item_key(*after)[1] + "\0"  # the least sort key above ``after``
             if hi is not None and start >= hi:
                 return
             if lo is None or start > lo:
@@ -392,7 +412,7 @@ class DynamoBackend(DynamoTasks, Backend):
             rows = streams[0] if len(streams) == 1 else _merge(streams)
             async for row in rows:
                 if key_prefix is not None:
-                    if row["ns"] != prefix:
+                    if row["ns"] != prefix or not row["key"].startswith(key_prefix):
                         continue
                 elif prefix and not at_or_under(row["ns"], prefix):
                     continue
@@ -624,7 +644,7 @@ class DynamoBackend(DynamoTasks, Backend):
             await self._drop_session(tx, row, "session.deleted", author, now)
             return True
 
-        return await self._write(request_id, now, job, "delete_session")
+        return await self._write(request_id, now, job, "delete_session", [("S", session_id)])
 
     async def append_messages(
         self,
@@ -691,7 +711,7 @@ class DynamoBackend(DynamoTasks, Backend):
             tx.event("session.messages", f"_sessions/{session_id}", None, new["nm"], author, now)
             return out
 
-        return await self._write(request_id, now, job, "append_messages")
+        return await self._write(request_id, now, job, "append_messages", [("S", session_id)])
 
     async def read_messages(
         self, session_id: str, after: int, limit: int, now: float
@@ -741,7 +761,7 @@ class DynamoBackend(DynamoTasks, Backend):
             tx.event("session.state", f"_sessions/{session_id}", None, new["sv"], author, now)
             return result
 
-        return await self._write(request_id, now, job, "save_state")
+        return await self._write(request_id, now, job, "save_state", [("S", session_id)])
 
     # Feed -------------------------------------------------------------------------------
 
@@ -950,7 +970,15 @@ class DynamoBackend(DynamoTasks, Backend):
                             new["vec"] = e.vector
                         elif e.model is not None:
                             new["pend"] = True
-                            tx.put({"pk": f"P#{e.model}", "sk": sk, "ipk": pk, "at": now})
+                            tx.put(
+                                {
+                                    "pk": f"P#{e.model}",
+                                    "sk": sk,
+                                    "ipk": pk,
+                                    "at": now,
+                                    "ex": full.get("ex"),
+                                }
+                            )
                     tx.put(new, old=cur)
                     tx.event(INDEXED, e.namespace, e.key, e.version, SYSTEM, now)
                     stored += 1
@@ -964,24 +992,30 @@ class DynamoBackend(DynamoTasks, Backend):
     async def pending_vectors(
         self, model: str, part: int, parts: int, limit: int, now: float
     ) -> list[ItemRow]:
-        out: list[ItemRow] = []
+        wanted: list[dict[str, Any]] = []
         async for p in self.db.query(f"P#{model}"):
-            if zlib.crc32(p["sk"].encode("utf-8")) % parts != part:
+            if zlib.crc32(p["sk"].encode("utf-8")) % parts != part or not live(p, now):
                 continue
-            cur = await self.db.get(p["ipk"], p["sk"])
+            wanted.append(p)
+            if len(wanted) >= limit:
+                break
+        found = await self.db.get_many([(p["ipk"], p["sk"]) for p in wanted])
+        out: list[ItemRow] = []
+        for p in wanted:
+            cur = found.get((p["ipk"], p["sk"]))
             if cur is None or not cur.get("pend") or cur.get("mo") != model or not live(cur, now):
                 continue
             full = await self._item(cur, cur["ns"], cur["key"])
             if full is not None:
                 out.append(item_from(full))
-            if len(out) >= limit:
-                break
         return out
 
     async def pending_count(self, model: str, now: float) -> tuple[int, float | None]:
         n = 0
         oldest: float | None = None
         async for p in self.db.query(f"P#{model}"):
+            if not live(p, now):
+                continue
             n += 1
             at = float(p["at"])
             oldest = at if oldest is None else min(oldest, at)

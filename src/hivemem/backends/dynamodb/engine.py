@@ -386,6 +386,10 @@ class Tx:
         """The sequence number the next event of this transaction gets."""
         return int(self.head["seq"]) + len(self.events) + 1
 
+    def seen(self, rows: dict[tuple[str, str], dict[str, Any] | None]) -> None:
+        """Rows read with the head (None: absent), as if read by :meth:`get`."""
+        self._read.update(rows)
+
     def leftovers(self) -> list[tuple[str, str]]:
         """Rows to delete once committed: :attr:`after_commit` and dropped chunks no
         written row keeps."""
@@ -538,20 +542,29 @@ def feed_sk(seq: int) -> str:
     return f"{seq:020d}"
 
 
-async def run_tx(engine: DynamoEngine, job: Any, *, what: str) -> Any:
+async def run_tx(
+    engine: DynamoEngine, job: Any, *, what: str, reads: Sequence[tuple[str, str]] = ()
+) -> Any:
     """Run ``job(tx)`` (an async function building the transaction and returning the
     result) and commit, again from fresh reads while another write's commit cancels
-    this one; ``job`` may raise (Conflict, NotFound...) to write nothing.
+    this one; ``job`` may raise (Conflict, NotFound...) to write nothing. ``reads``: rows
+    the job will read, fetched with the head in one round trip.
 
     Raises:
         InvalidInput: the write needs more than 100 DynamoDB actions (field ``ops``).
         Unavailable: DynamoDB failed, or the write kept losing to others.
     """
     for attempt in range(TX_ATTEMPTS):
-        head = await engine.get(*HEAD)
+        if reads:
+            found = await engine.get_many([HEAD, *reads])
+            head = found.get(HEAD)
+        else:
+            head = await engine.get(*HEAD)
         if head is None:
             raise Unavailable(f"{engine._where} has no head row (was the table emptied?)")
         tx = Tx(engine, head)
+        if reads:
+            tx.seen({k: found.get(k) for k in reads})
         result = await job(tx)
         if tx.empty:
             return result

@@ -32,6 +32,7 @@ chunk group, ``_cf`` the fields it holds, ``_cn`` how many chunks).
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import uuid
 from typing import Any
@@ -44,6 +45,24 @@ SPILL_BYTES = 300_000
 CHUNK_BYTES = 350_000
 
 
+#: DynamoDB's limits on a sort key and a partition key, in bytes of UTF-8.
+SORT_KEY_BYTES = 1024
+PARTITION_KEY_BYTES = 2048
+
+
+def fit(text: str, limit: int = SORT_KEY_BYTES) -> str:
+    """``text`` if it fits a key of ``limit`` bytes; else its first bytes (cut at a
+    character boundary) then ``\x01`` and 32 hex digits of its SHA-256. Keys that long
+    (a deep namespace and a long key) sort by that prefix, then by the hash: listing
+    stays a total order that pages consistently, but among such keys it is not the
+    (namespace, key) order."""
+    raw = text.encode("utf-8")
+    if len(raw) <= limit:
+        return text
+    head = raw[: limit - 40].decode("utf-8", "ignore")
+    return f"{head}\x01{hashlib.sha256(raw).hexdigest()[:32]}"
+
+
 def root_of(namespace: str) -> str:
     """The first segment of a namespace."""
     return namespace.split("/", 1)[0]
@@ -51,7 +70,7 @@ def root_of(namespace: str) -> str:
 
 def item_key(namespace: str, key: str) -> tuple[str, str]:
     """(pk, sk) of an item's row."""
-    return f"I#{root_of(namespace)}", f"{namespace}\0{key}"
+    return f"I#{root_of(namespace)}", fit(f"{namespace}\0{key}")
 
 
 def version_key(inc: str, version: int) -> tuple[str, str]:
@@ -66,7 +85,7 @@ def message_key(inc: str, seq: int) -> tuple[str, str]:
 
 def due_sk(at: float, what: str) -> str:
     """The sort key of a due-index row: ``at`` (UNIX seconds) then what is due."""
-    return f"{max(at, 0.0):020.6f}\0{what}"
+    return fit(f"{max(at, 0.0):020.6f}\0{what}")
 
 
 def new_id() -> str:

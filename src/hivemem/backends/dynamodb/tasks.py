@@ -137,7 +137,7 @@ class DynamoTasks:
     async def _count(self, tx: Tx, queue: str, changes: dict[str, int]) -> None:
         """Move the queue's counters (``n``: tasks stored; finished states by name)."""
         row = await tx.get("TQS", queue)
-        new = dict(row) if row is not None else {"pk": "TQS", "sk": queue, "n": 0}
+        new: dict[str, Any] = dict(row) if row is not None else {"pk": "TQS", "sk": queue, "n": 0}
         for name, delta in changes.items():
             new[name] = int(new.get(name, 0)) + delta
         if int(new["n"]) <= 0:
