@@ -205,7 +205,15 @@ async def test_the_tail_outlives_an_error_of_the_engine_driver(
     monkeypatch.setattr(feedtail, "TAIL_RETRY_SECONDS", 0.01)
     ns = f"t{uuid.uuid4().hex[:8]}"
     got: list[Event] = []
-    watcher = asyncio.create_task(collect(hive, ns, 4, got))
+    start = await hive.head()
+
+    async def watch() -> None:
+        async for event in hive.watch(ns, after=start):
+            got.append(event)
+            if len(got) == 4:
+                return
+
+    watcher = asyncio.create_task(watch())
     await hive.put(ns, "k0", 0)
     await until(lambda: len(got) == 1)
     backend = hive._shared.backend
