@@ -18,6 +18,7 @@ import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from hivemem.backends.dynamodb.layout import chunk_keys, spill, unspill
@@ -111,6 +112,8 @@ class DynamoEngine:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._where = f"dynamodb table {table} ({endpoint or region})"
+        #: Group commit of this process's writes (see :class:`Committer`).
+        self.committer = Committer(self)
 
     # Lifecycle ----------------------------------------------------------------------
 
@@ -386,6 +389,39 @@ class Tx:
         """The sequence number the next event of this transaction gets."""
         return int(self.head["seq"]) + len(self.events) + 1
 
+    def mark(self) -> tuple[Any, ...]:
+        """The transaction's state now, for :meth:`rollback` (a write of a group that
+        raised, or did not fit, leaves no trace)."""
+        return (
+            dict(self._writes),
+            len(self.events),
+            len(self._conditions),
+            len(self.after_commit),
+            dict(self._dropped_groups),
+            self.trim,
+        )
+
+    def rollback(self, mark: tuple[Any, ...]) -> None:
+        """Forget what was written since :meth:`mark` gave ``mark``."""
+        writes, events, conditions, after, dropped, trim = mark
+        self._writes = writes
+        del self.events[events:]
+        del self._conditions[conditions:]
+        del self.after_commit[after:]
+        self._dropped_groups = dropped
+        self.trim = trim
+
+    def size(self) -> int:
+        """Bytes of str and bytes data in the rows and events to write (an estimate of
+        the transaction's size)."""
+        total = 0
+        for row in self._writes.values():
+            if row is not None:
+                total += sum(len(v) if isinstance(v, bytes) else len(str(v)) for v in row.values())
+        for e in self.events:
+            total += 100 + len(e.get("d") or b"") + len(e["n"]) + len(e.get("k") or "")
+        return total
+
     def seen(self, rows: dict[tuple[str, str], dict[str, Any] | None]) -> None:
         """Rows read with the head (None: absent), as if read by :meth:`get`."""
         self._read.update(rows)
@@ -542,50 +578,145 @@ def feed_sk(seq: int) -> str:
     return f"{seq:020d}"
 
 
+#: Bytes of row data one group commit carries at most (DynamoDB takes 4 MB per
+#: transaction; the rest is headroom for names and encoding).
+GROUP_BYTES = 3_000_000
+
+
+@dataclass(slots=True)
+class _Job:
+    """One write waiting for the committer."""
+
+    run: Any
+    reads: Sequence[tuple[str, str]]
+    what: str
+    done: asyncio.Future[Any]
+
+
+class Committer:
+    """Group commit: the writes of one process that arrive while a commit is on its way
+    go together in the next transaction (as many as fit in 100 actions and
+    :data:`GROUP_BYTES`), so they do not race each other for the head row — only other
+    processes' commits can cancel one. A write that raises (Conflict, NotFound) leaves
+    the others of its group untouched; a cancelled group runs every write again from
+    fresh reads."""
+
+    def __init__(self, engine: DynamoEngine) -> None:
+        self.engine = engine
+        self._queue: list[_Job] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, run: Any, reads: Sequence[tuple[str, str]], what: str) -> Any:
+        """Run ``run(tx)`` in the next group and return what it returned."""
+        job = _Job(run, reads, what, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="hivemem-dynamodb-commit")
+        return await job.done
+
+    async def _drain(self) -> None:
+        while self._queue:
+            group, self._queue = self._queue, []
+            try:
+                deferred = await self._commit(group)
+            except BaseException as exc:
+                for job in group:
+                    if not job.done.done():
+                        job.done.set_exception(
+                            exc if isinstance(exc, Exception) else Unavailable(str(exc))
+                        )
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self._queue[:0] = deferred
+
+    async def _commit(self, group: list[_Job]) -> list[_Job]:
+        """Run and commit ``group``; returns the jobs that did not fit (for the next)."""
+        engine = self.engine
+        for attempt in range(TX_ATTEMPTS):
+            group = [job for job in group if not job.done.done()]
+            if not group:
+                return []
+            reads = list(dict.fromkeys(k for job in group for k in job.reads))
+            if reads:
+                found = await engine.get_many([HEAD, *reads])
+                head = found.get(HEAD)
+            else:
+                found = {}
+                head = await engine.get(*HEAD)
+            if head is None:
+                raise Unavailable(f"{engine._where} has no head row (was the table emptied?)")
+            tx = Tx(engine, head)
+            tx.seen({k: found.get(k) for k in reads})
+            outcomes: list[tuple[_Job, bool, Any]] = []
+            deferred: list[_Job] = []
+            for job in group:
+                if deferred:
+                    deferred.append(job)
+                    continue
+                mark = tx.mark()
+                try:
+                    result = await job.run(tx)
+                except Exception as exc:
+                    tx.rollback(mark)
+                    outcomes.append((job, False, exc))
+                    continue
+                if len(tx.actions()) > MAX_ACTIONS or tx.size() > GROUP_BYTES:
+                    tx.rollback(mark)
+                    if any(ok for _, ok, _ in outcomes):
+                        deferred.append(job)  # the next group takes it
+                        continue
+                    outcomes.append(
+                        (
+                            job,
+                            False,
+                            InvalidInput(
+                                "this write needs more than one DynamoDB transaction takes "
+                                f"({MAX_ACTIONS} actions, 4 MB): split the batch",
+                                field="ops",
+                            ),
+                        )
+                    )
+                    continue
+                outcomes.append((job, True, result))
+            if not tx.empty:
+                try:
+                    await engine.call(
+                        "transact_write_items",
+                        TransactItems=tx.actions(),
+                        ClientRequestToken=uuid.uuid4().hex,
+                    )
+                except Cancelled:
+                    await asyncio.sleep(random.random() * min(0.2, 0.002 * 2 ** min(attempt, 7)))
+                    continue
+                leftovers = tx.leftovers()
+                if leftovers:
+                    await engine.delete_quietly(leftovers)
+            for job, ok, value in outcomes:
+                if job.done.done():
+                    continue
+                if ok:
+                    job.done.set_result(value)
+                else:
+                    job.done.set_exception(value)
+            return deferred
+        raise Unavailable(
+            f"{engine._where}: {group[0].what} lost to other writes {TX_ATTEMPTS} times"
+        )
+
+
 async def run_tx(
     engine: DynamoEngine, job: Any, *, what: str, reads: Sequence[tuple[str, str]] = ()
 ) -> Any:
     """Run ``job(tx)`` (an async function building the transaction and returning the
-    result) and commit, again from fresh reads while another write's commit cancels
-    this one; ``job`` may raise (Conflict, NotFound...) to write nothing. ``reads``: rows
-    the job will read, fetched with the head in one round trip.
+    result) and commit it, with the other writes of this process that are waiting
+    (:class:`Committer`), again from fresh reads while another process's commit cancels
+    it; ``job`` may raise (Conflict, NotFound...) to write nothing. ``reads``: rows the
+    job will read, fetched with the head in one round trip.
 
     Raises:
-        InvalidInput: the write needs more than 100 DynamoDB actions (field ``ops``).
+        InvalidInput: the write alone needs more than one transaction takes (100
+            actions, 4 MB; field ``ops``).
         Unavailable: DynamoDB failed, or the write kept losing to others.
     """
-    for attempt in range(TX_ATTEMPTS):
-        if reads:
-            found = await engine.get_many([HEAD, *reads])
-            head = found.get(HEAD)
-        else:
-            head = await engine.get(*HEAD)
-        if head is None:
-            raise Unavailable(f"{engine._where} has no head row (was the table emptied?)")
-        tx = Tx(engine, head)
-        if reads:
-            tx.seen({k: found.get(k) for k in reads})
-        result = await job(tx)
-        if tx.empty:
-            return result
-        actions = tx.actions()
-        if len(actions) > MAX_ACTIONS:
-            raise InvalidInput(
-                f"this write needs {len(actions)} DynamoDB actions; one transaction takes at "
-                f"most {MAX_ACTIONS}: split the batch",
-                field="ops",
-            )
-        try:
-            await engine.call(
-                "transact_write_items",
-                TransactItems=actions,
-                ClientRequestToken=uuid.uuid4().hex,
-            )
-        except Cancelled:
-            await asyncio.sleep(random.random() * min(0.2, 0.002 * 2 ** min(attempt, 7)))
-            continue
-        leftovers = tx.leftovers()
-        if leftovers:
-            await engine.delete_quietly(leftovers)
-        return result
-    raise Unavailable(f"{engine._where}: {what} lost to other writes {TX_ATTEMPTS} times")
+    return await engine.committer.submit(job, reads, what)
