@@ -189,15 +189,19 @@ class DynamoBackend(DynamoTasks, Backend):
                     full = await self.db.expand(found)
                     if full is None:
                         raise InvalidInput("request id result unreadable", field="request_id")
-                    stored: T = decode_stored_result(full["r"], fingerprint)
+                    raw = full["r"] if "r" in full else zlib.decompress(full["rz"])
+                    stored: T = decode_stored_result(raw, fingerprint)
                     return stored
             result = await job(tx)
             if rid is not None:
+                encoded = encode_stored_result(result, fingerprint)
+                big = len(encoded) > 4096  # a put's result holds its value: compress it
                 tx.put(
                     {
                         "pk": f"RQ#{rid}",
                         "sk": "-",
-                        "r": encode_stored_result(result, fingerprint),
+                        "r": None if big else encoded,
+                        "rz": zlib.compress(encoded, 1) if big else None,
                         "at": now,
                         "ttl": _ttl(now + retention),
                     }

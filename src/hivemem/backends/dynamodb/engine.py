@@ -580,7 +580,7 @@ def feed_sk(seq: int) -> str:
 
 #: Bytes of row data one group commit carries at most (DynamoDB takes 4 MB per
 #: transaction; the rest is headroom for names and encoding).
-GROUP_BYTES = 3_000_000
+GROUP_BYTES = 3_800_000
 
 
 @dataclass(slots=True)

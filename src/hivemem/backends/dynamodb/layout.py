@@ -26,7 +26,7 @@ incarnation is a random id an item (or session) gets when it is created: version
 and are removed after the delete commits.
 
 A row larger than :data:`SPILL_BYTES` (DynamoDB takes 400 KB per item) has its large
-attributes moved to chunk rows written in the same transaction (``_ck`` names the
+attributes moved, zlib-compressed, to chunk rows written in the same transaction (``_ck`` names the
 chunk group, ``_cf`` the fields it holds, ``_cn`` how many chunks).
 """
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid
+import zlib
 from typing import Any
 
 from hivemem.backends.rows import EventRow, ItemRow, MessageRow, SessionRow
@@ -123,6 +124,7 @@ def spill(row: dict[str, Any]) -> list[dict[str, Any]]:
         tag = b"s" if isinstance(value, str) else b"b"
         nb = name.encode("utf-8")
         blob += struct.pack(">H", len(nb)) + nb + tag + struct.pack(">Q", len(raw)) + raw
+    blob = bytearray(zlib.compress(bytes(blob), 1))
     group = new_id()
     chunks = [
         {"pk": f"C#{group}", "sk": f"{i:04d}", "d": bytes(blob[at : at + CHUNK_BYTES])}
@@ -135,7 +137,7 @@ def spill(row: dict[str, Any]) -> list[dict[str, Any]]:
 
 def unspill(row: dict[str, Any], chunks: list[bytes]) -> dict[str, Any]:
     """``row`` with the attributes its chunks hold put back."""
-    blob = b"".join(chunks)
+    blob = zlib.decompress(b"".join(chunks))
     out = {k: v for k, v in row.items() if k not in ("_ck", "_cn")}
     at = 0
     while at < len(blob):
