@@ -7,7 +7,7 @@ built from these rows live in :mod:`hivemem.models`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 
@@ -30,9 +30,12 @@ __all__ = [
     "TaskStats",
     "add_task_error",
     "at_or_under",
+    "check_held",
+    "finished_task",
     "key_range",
     "prefix_range",
     "session_expired",
+    "settled_task",
     "state_conflict",
     "task_namespace",
     "version_conflict",
@@ -271,6 +274,116 @@ def add_task_error(errors: bytes, attempt: int, error: str, at: float, worker: s
     entries = orjson.loads(errors) if errors else []
     entries.append({"attempt": attempt, "error": error, "at": at, "worker": worker or ""})
     return orjson.dumps(entries)
+
+
+def check_held(row: TaskRow, worker: str, attempt: int) -> None:
+    """Refuse a heartbeat or finish of an attempt ``worker`` no longer holds.
+
+    Raises:
+        Conflict: field ``attempt``; the message says whether the task is no longer
+            running, runs another worker's attempt, or another attempt.
+    """
+    if row.state != "running" or row.attempt != attempt or row.claimed_by != worker:
+        if row.state != "running":
+            why = f"it is {row.state}"
+        elif row.claimed_by != worker:
+            why = f"attempt {row.attempt} is held by another worker"
+        else:
+            why = f"it runs attempt {row.attempt} now"
+        raise Conflict(
+            f"task {row.id!r}: attempt {attempt} is no longer held by {worker!r} ({why})",
+            field="attempt",
+        )
+
+
+def settled_task(row: TaskRow, now: float) -> tuple[TaskRow, str]:
+    """(the task, the event type) after its expired lease is settled (see base.py): dead
+    after the last attempt, else ready at ``now``; the attempt's error is recorded."""
+    errors = add_task_error(row.errors, row.attempt, LEASE_EXPIRED, now, row.claimed_by)
+    if row.attempt >= row.max_attempts:
+        return (
+            replace(
+                row,
+                state="dead",
+                errors=errors,
+                claimed_by=None,
+                lease_until=None,
+                updated_at=now,
+                finished_at=now,
+            ),
+            "task.dead",
+        )
+    return (
+        replace(
+            row,
+            state="ready",
+            errors=errors,
+            claimed_by=None,
+            lease_until=None,
+            run_at=now,
+            updated_at=now,
+        ),
+        "task.expired",
+    )
+
+
+def finished_task(
+    row: TaskRow,
+    *,
+    worker: str,
+    attempt: int,
+    now: float,
+    outcome: str,
+    result: bytes | None,
+    error: str | None,
+    retry_at: float | None,
+) -> tuple[TaskRow, str]:
+    """(the task, the event type) after ``worker`` ends ``attempt`` with ``outcome``
+    (``completed``, ``failed`` or ``released``; see ``Backend.finish_task``).
+
+    Raises:
+        ValueError: an unknown outcome.
+    """
+    if outcome == "completed":
+        done = replace(
+            row, state="completed", result=result, lease_until=None, updated_at=now, finished_at=now
+        )
+        return done, "task.completed"
+    if outcome == "failed":
+        errors = add_task_error(row.errors, attempt, error or "", now, worker)
+        if retry_at is not None and attempt < row.max_attempts:
+            again = replace(
+                row,
+                state="ready",
+                errors=errors,
+                run_at=retry_at,
+                claimed_by=None,
+                lease_until=None,
+                updated_at=now,
+            )
+            return again, "task.failed"
+        dead = replace(
+            row,
+            state="dead",
+            errors=errors,
+            claimed_by=None,
+            lease_until=None,
+            updated_at=now,
+            finished_at=now,
+        )
+        return dead, "task.dead"
+    if outcome == "released":
+        back = replace(
+            row,
+            state="ready",
+            attempt=attempt - 1,
+            run_at=now,
+            claimed_by=None,
+            lease_until=None,
+            updated_at=now,
+        )
+        return back, "task.released"
+    raise ValueError(f"unknown outcome {outcome!r}")
 
 
 def prefix_range(prefix: str) -> tuple[str, str, str]:

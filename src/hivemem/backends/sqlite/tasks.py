@@ -15,11 +15,12 @@ from dataclasses import replace as _replace
 from typing import Any, TypeVar
 
 from hivemem.backends.rows import (
-    LEASE_EXPIRED,
     TASK_FINISHED,
     TaskRow,
     TaskStats,
-    add_task_error,
+    check_held,
+    finished_task,
+    settled_task,
     task_namespace,
 )
 from hivemem.backends.sqlite.engine import SqliteEngine
@@ -109,29 +110,7 @@ class TasksMixin:
 
     def _settle(self, c: sqlite3.Connection, row: TaskRow, now: float) -> None:
         """Settle one expired lease (see base.py): dead after the last attempt, else ready."""
-        errors = add_task_error(row.errors, row.attempt, LEASE_EXPIRED, now, row.claimed_by)
-        if row.attempt >= row.max_attempts:
-            new = _replace(
-                row,
-                state="dead",
-                errors=errors,
-                claimed_by=None,
-                lease_until=None,
-                updated_at=now,
-                finished_at=now,
-            )
-            kind = "task.dead"
-        else:
-            new = _replace(
-                row,
-                state="ready",
-                errors=errors,
-                claimed_by=None,
-                lease_until=None,
-                run_at=now,
-                updated_at=now,
-            )
-            kind = "task.expired"
+        new, kind = settled_task(row, now)
         self._store(c, new)
         self._task_event(c, kind, new, "hivemem")
 
@@ -149,19 +128,7 @@ class TasksMixin:
             self._settle(c, _row(found), now)
         return len(rows)
 
-    @staticmethod
-    def _held(row: TaskRow, worker: str, attempt: int) -> None:
-        if row.state != "running" or row.attempt != attempt or row.claimed_by != worker:
-            if row.state != "running":
-                why = f"it is {row.state}"
-            elif row.claimed_by != worker:
-                why = f"attempt {row.attempt} is held by another worker"
-            else:
-                why = f"it runs attempt {row.attempt} now"
-            raise Conflict(
-                f"task {row.id!r}: attempt {attempt} is no longer held by {worker!r} ({why})",
-                field="attempt",
-            )
+    _held = staticmethod(check_held)
 
     async def submit_task(
         self, row: TaskRow, *, request_id: str | None = None
@@ -267,53 +234,16 @@ class TasksMixin:
         def run(c: sqlite3.Connection) -> TaskRow:
             row = self._load(c, task_id)
             self._held(row, worker, attempt)
-            if outcome == "completed":
-                new = _replace(
-                    row,
-                    state="completed",
-                    result=result,
-                    lease_until=None,
-                    updated_at=now,
-                    finished_at=now,
-                )
-                kind = "task.completed"
-            elif outcome == "failed":
-                errors = add_task_error(row.errors, attempt, error or "", now, worker)
-                if retry_at is not None and attempt < row.max_attempts:
-                    new = _replace(
-                        row,
-                        state="ready",
-                        errors=errors,
-                        run_at=retry_at,
-                        claimed_by=None,
-                        lease_until=None,
-                        updated_at=now,
-                    )
-                    kind = "task.failed"
-                else:
-                    new = _replace(
-                        row,
-                        state="dead",
-                        errors=errors,
-                        claimed_by=None,
-                        lease_until=None,
-                        updated_at=now,
-                        finished_at=now,
-                    )
-                    kind = "task.dead"
-            elif outcome == "released":
-                new = _replace(
-                    row,
-                    state="ready",
-                    attempt=attempt - 1,
-                    run_at=now,
-                    claimed_by=None,
-                    lease_until=None,
-                    updated_at=now,
-                )
-                kind = "task.released"
-            else:
-                raise ValueError(f"unknown outcome {outcome!r}")
+            new, kind = finished_task(
+                row,
+                worker=worker,
+                attempt=attempt,
+                now=now,
+                outcome=outcome,
+                result=result,
+                error=error,
+                retry_at=retry_at,
+            )
             self._store(c, new)
             self._task_event(c, kind, new, worker)
             return new
