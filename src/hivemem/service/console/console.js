@@ -196,7 +196,17 @@ async function ensureInfo() {
 
 const pages = {};
 
+// A page draws after awaits: one opened before the current one (the address changed
+// while it loaded) may finish later and draw over it. A route that ends after a newer one
+// began marks the page dirty, and when no route is left running the current page is drawn
+// again (which also stops the timers such a route registered after it was left).
+let routes = 0; // routes begun
+let running = 0; // routes not yet ended
+let dirty = false;
+
 async function route() {
+  const mine = ++routes;
+  running++;
   leave();
   delete main.dataset.ready; // set again, to the page's address, once it is drawn
   const drawn = location.hash;
@@ -220,7 +230,13 @@ async function route() {
   } catch (e) {
     page("Error", notice(errorText(e)));
   }
-  if (location.hash === drawn) main.dataset.ready = drawn;
+  running--;
+  if (mine !== routes) dirty = true;
+  else if (location.hash === drawn) main.dataset.ready = drawn;
+  if (dirty && running === 0) {
+    dirty = false;
+    route();
+  }
 }
 
 function go(hash) { if (location.hash === hash) route(); else location.hash = hash; }
