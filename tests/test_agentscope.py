@@ -178,17 +178,19 @@ _POD = """
 import asyncio, sys
 sys.path.insert(0, "tests")
 import hivemem
-from test_agentscope import ask, make_agent
+from test_agentscope import TURNS, ask, make_agent, order_tools
 from hivemem.integrations.agentscope import HivememStateStore
 
 async def main():
     settings = hivemem.Settings(embedder="none")
     async with hivemem.connect(sys.argv[1], agent="pod-b", settings=settings) as hive:
         states = HivememStateStore(hive, prefix=sys.argv[2])
-        agent, model = make_agent([("text", "It shipped Monday.")])
+        text, steps = TURNS[1]
+        agent, model = make_agent(steps, toolkit=order_tools())
         async with states.session(agent, user_id="ann", session_id="s1"):
-            await agent.reply(ask("when did it ship?"))
-        print("SAW-FIRST-TURN" if "my order is 991" in model.sent() else "MISSING")
+            await agent.reply(ask(text))
+        # the first pod's turn reached this model, its tool call and result included
+        print("SAW-FIRST-TURN" if "order 991 shipped on monday" in model.sent(0) else "MISSING")
 
 asyncio.run(main())
 """
@@ -197,9 +199,10 @@ asyncio.run(main())
 async def test_a_second_process_continues_the_session(sqlite_file_url: str, ns: str) -> None:
     async with hivemem.connect(sqlite_file_url, agent="pod-a") as hive:
         states = HivememStateStore(hive, prefix=ns)
-        agent, _ = make_agent([("text", "Noted.")])
+        text, steps = TURNS[0]
+        agent, _ = make_agent(steps, toolkit=order_tools())
         async with states.session(agent, user_id="ann", session_id="s1"):
-            await agent.reply(ask("my order is 991"))
+            await agent.reply(ask(text))
     out = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-c", textwrap.dedent(_POD), sqlite_file_url, ns],
@@ -212,7 +215,9 @@ async def test_a_second_process_continues_the_session(sqlite_file_url: str, ns: 
     assert out.stdout.strip() == "SAW-FIRST-TURN", out.stderr
     async with hivemem.connect(sqlite_file_url, agent="pod-a") as hive:
         kept = await HivememStateStore(hive, prefix=ns).load("ann", "helper", "s1")
-    assert kept is not None and "It shipped Monday." in json.dumps(kept.model_dump(mode="json"))
+    assert kept is not None and "Monday too." in json.dumps(kept.model_dump(mode="json"))
+    # both pods' tool calls are in the one conversation, as one in-memory Agent keeps them
+    assert [b[0] for m in shape(kept) for b in m[2]].count("call") == 2
 
 
 async def test_what_one_agent_learnt_reaches_another_agents_context(

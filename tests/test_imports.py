@@ -37,6 +37,11 @@ def test_the_client_loads_no_heavy_library(statement: str) -> None:
     [
         ("import hivemem", ("aiohttp", "tenacity", "hivemem.client", "hivemem.wire")),
         ("import hivemem.wire", ("aiohttp", "tenacity", "starlette", "hivemem.core")),
+        # the framework adapters: no framework until an adapter module is imported
+        (
+            "import hivemem.integrations",
+            ("langgraph", "strands", "mcp", "agents", "google", "agentscope", "a2a", "openai"),
+        ),
     ],
 )
 def test_the_public_face_and_the_wire_contract_load_no_transport(

@@ -130,21 +130,42 @@ async def test_bad_arguments_are_an_error_result_naming_the_field(hive: hivemem.
         assert result.is_error and "limit" in str(result.content)
 
 
-async def test_over_stdio(tmp_path: Path) -> None:
-    store = f"sqlite:///{tmp_path}/stdio.db"
-    params = StdioServerParameters(
+def _stdio(*where: str) -> StdioServerParameters:
+    return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "hivemem", "mcp", "--store", store, "--agent", "stdio-agent"],
+        args=["-m", "hivemem", "mcp", *where, "--agent", "stdio-agent"],
         env={"HIVEMEM_EMBEDDER": "none", "PATH": "/usr/bin:/bin"},
     )
-    async with Client(params) as client:
-        tools = await client.list_tools()
-        assert {t.name for t in tools.tools} == TOOLS
+
+
+async def test_over_stdio(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/stdio.db"
+    settings = hivemem.Settings(embedder="none")
+    async with (
+        hivemem.connect(store, agent="checker", settings=settings) as hive,
+        Client(_stdio("--store", store)) as client,
+    ):
+        await _every_tool(client, hive, "stdio")
         put = await _call(client, "memory_put", namespace="notes", key="k", value="over stdio")
         assert put["author"] == "stdio-agent"
     async with hivemem.connect(store, agent="reader") as hive:
         item = await hive.get("notes", "k")
         assert item is not None and item.value == "over stdio"
+
+
+async def test_over_stdio_to_a_service(tmp_path: Path) -> None:
+    svc = ServiceProcess(tmp_path / "svc.db", env={"HIVEMEM_EMBEDDER": "none"})
+    svc.start()
+    try:
+        async with (
+            hivemem.connect(svc.url, agent="checker") as hive,
+            Client(_stdio("--url", svc.url)) as client,
+        ):
+            await _every_tool(client, hive, "viaurl")
+            put = await _call(client, "memory_put", namespace="notes", key="k", value=1)
+            assert put["author"] == "stdio-agent"
+    finally:
+        svc.terminate()
 
 
 @pytest.fixture(scope="module")

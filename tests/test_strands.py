@@ -227,6 +227,32 @@ def test_messages_are_read_updated_and_listed_by_id(hive: hivemem.SyncHive, ns: 
         repo.update_message("s-4", "a", SessionMessage({"role": "user", "content": []}, 9))
 
 
+def test_a_message_redacted_by_another_process_is_replaced_not_copied(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/redact.db"
+    with (
+        hivemem.connect_sync(url, agent="pod-a", settings=SETTINGS) as a,
+        hivemem.connect_sync(url, agent="pod-b", settings=SETTINGS) as b,
+    ):
+        writer, redactor = HivememSessionRepository(a), HivememSessionRepository(b)
+        writer.create_message(
+            "s-5", "x", SessionMessage({"role": "user", "content": [{"text": "secret"}]}, 0)
+        )
+        redactor.update_message(
+            "s-5",
+            "x",
+            SessionMessage(
+                {"role": "user", "content": [{"text": "secret"}]},
+                0,
+                redact_message={"role": "user", "content": [{"text": "[redacted]"}]},
+            ),
+        )
+        listed = writer.list_messages("s-5", "x")
+        assert len(listed) == 1
+        assert listed[0].redact_message == {"role": "user", "content": [{"text": "[redacted]"}]}
+        got = writer.read_message("s-5", "x", 0)
+        assert got is not None and got.redact_message is not None
+
+
 def test_the_memory_store_behind_a_memory_manager(hive: hivemem.SyncHive, ns: str) -> None:
     store = HivememMemoryStore(hive, namespace=f"{ns}/mem")
     import asyncio

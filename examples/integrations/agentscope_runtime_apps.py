@@ -69,6 +69,11 @@ def scripted_model(reply: Any) -> Any:
     return Scripted()
 
 
+def chat_model(reply: Any) -> Any:
+    """The apps' model: scripted here; the one line to change for a real one."""
+    return scripted_model(reply)  # MODEL
+
+
 def texts(messages: list[dict[str, Any]], role: str | None = None) -> list[str]:
     """The text of each formatted message (of ``role``)."""
     out = []
@@ -164,10 +169,10 @@ def build_app(name: str, hive_url: str, researcher_url: str | None) -> Any:
         toolkit = Toolkit()
         memory = None
         if name == "researcher":
-            model = scripted_model(researcher_reply)
+            model = chat_model(researcher_reply)
             memory = HivememLongTermMemory(hive, user_id=user_id, prefix=f"{APP}/memory")
         else:
-            model = scripted_model(planner_reply)
+            model = chat_model(planner_reply)
 
             async def ask_researcher(question: str) -> ToolResponse:
                 """Ask the researcher agent.

@@ -348,32 +348,50 @@ class HivememSessionRepository(SessionRepository):
             text=_text_of(session_message.message),
         )
 
+    def _find_message(self, ns: str, message_id: int) -> Any:
+        """The item holding message ``message_id`` in ``ns`` (written by this process or
+        by another one), or None."""
+        mine = self._hive.get(ns, self._key(message_id))
+        if mine is not None:
+            return mine
+        page = self._hive.list(ns, key_prefix=f"{message_id:0{_ID_WIDTH}d}.", limit=1)
+        return page.items[0] if page.items else None
+
     def read_message(
         self, session_id: str, agent_id: str, message_id: int, **kwargs: Any
     ) -> SessionMessage | None:
-        ns = self._messages(session_id, agent_id)
-        mine = self._hive.get(ns, self._key(message_id))
-        if mine is not None:
-            return SessionMessage.from_dict(mine.value)
-        page = self._hive.list(ns, key_prefix=f"{message_id:0{_ID_WIDTH}d}.", limit=1)
-        return SessionMessage.from_dict(page.items[0].value) if page.items else None
+        item = self._find_message(self._messages(session_id, agent_id), message_id)
+        return None if item is None else SessionMessage.from_dict(item.value)
 
     def update_message(
         self, session_id: str, agent_id: str, session_message: SessionMessage, **kwargs: Any
     ) -> None:
+        """Replace a stored message (Strands redacts one this way) in the item that holds
+        it, whichever process wrote it, by compare-and-set on the version read.
+
+        Raises:
+            SessionException: no such message, or it changed since it was read.
+        """
         ns = self._messages(session_id, agent_id)
-        current = self.read_message(session_id, agent_id, session_message.message_id)
-        if current is None:
+        item = self._find_message(ns, session_message.message_id)
+        if item is None:
             raise SessionException(
                 f"message {session_message.message_id} of agent {agent_id!r} does not exist"
             )
-        session_message.created_at = current.created_at
-        self._hive.put(
-            ns,
-            self._key(session_message.message_id),
-            session_message.to_dict(),
-            text=_text_of(session_message.redact_message or session_message.message),
-        )
+        session_message.created_at = SessionMessage.from_dict(item.value).created_at
+        try:
+            self._hive.put(
+                ns,
+                item.key,
+                session_message.to_dict(),
+                text=_text_of(session_message.redact_message or session_message.message),
+                if_version=item.version,
+            )
+        except Conflict as exc:
+            raise SessionException(
+                f"message {session_message.message_id} of agent {agent_id!r} changed while "
+                "it was updated"
+            ) from exc
 
     def list_messages(
         self,

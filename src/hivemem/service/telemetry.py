@@ -177,11 +177,11 @@ class RequestTelemetry:
     ) -> None:
         if token is not None:
             span.update_name(f"{method} {route}")
-            span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", status)
+            attributes: dict[str, Any] = {"http.route": route, "http.response.status_code": status}
             principal = (scope.get("state") or {}).get("principal")
             if principal is not None:
-                span.set_attribute("hivemem.agent", principal.agent)
+                attributes["hivemem.agent"] = principal.agent
+            span.set_attributes(attributes)  # one lock taken, not one per attribute
             if status >= 500:
                 span.set_status(self._otel[4])
             self._otel[0].detach(token)
