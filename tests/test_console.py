@@ -283,6 +283,14 @@ def test_a_write_by_another_process_reaches_the_live_feed_within_a_second(
     wait(browser, lambda d: "live/feed/tock" in d.find_element(By.ID, "feed").text, timeout=5)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#feed .event")) == 2
 
+    # Unticking a type hides its rows; ticking it again shows them.
+    box = browser.find_element(By.XPATH, "//label[normalize-space()='item.put']/input")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#feed .event")
+    box.click()
+    wait(browser, lambda d: not any(r.is_displayed() for r in rows))
+    box.click()
+    wait(browser, lambda d: all(r.is_displayed() for r in rows))
+
 
 def test_a_session_opens_as_a_conversation(browser: Any, open_service: Any) -> None:
     base = open_service.url
@@ -448,7 +456,7 @@ def test_an_agent_limited_to_team_a_never_sees_team_b(
         with hivemem.connect_sync(base, api_key=key_boss) as boss:
             boss.put("team/a", "mine", {"word": "zebracorn"}, text="zebracorn notes of a")
             boss.put("team/b", "theirs", {"word": "zebracorn"}, text="zebracorn notes of b")
-            boss.create_session(app="team", user="b")
+            b_session = boss.create_session(app="team", user="b", state={"word": "zebracorn"})
         # Without credentials the console asks for them; a wrong key is refused.
         browser.get(base + "/ui")
         css(browser, "#signin-key").send_keys("hm_not-a-key")
@@ -466,12 +474,15 @@ def test_an_agent_limited_to_team_a_never_sees_team_b(
             assert "team/b" not in browser.page_source
             return text
 
-        assert "team/a" not in page_has_no_b("#/namespaces") or True
+        assert "team" in page_has_no_b("#/namespaces")
         tree = page_has_no_b("#/namespaces?ns=team%2Fa")
         assert "mine" in tree
         hits = page_has_no_b("#/search?q=zebracorn&mode=lexical")
         assert "team/a/mine" in hits
         page_has_no_b("#/sessions")
+        assert b_session.id not in browser.page_source  # b's session is not listed to a
+        visit(browser, base, f"#/session/{b_session.id}")
+        assert "zebracorn" not in browser.page_source
         visit(browser, base, "#/item/team%2Fb/theirs")  # the address names team/b, nothing else
         assert "No such item" in browser.find_element(By.TAG_NAME, "main").text
         assert "notes of b" not in browser.page_source
