@@ -654,3 +654,26 @@ def test_worker_runs_a_module_function_until_sigterm(url: str, tmp_path: Path) -
         timeout=60,
     )
     assert bad.returncode == 2 and "target" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:secret@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql://h/db?user=u&password=secret&x=1",
+            "postgresql://h/db?user=u&password=***&x=1",
+        ),
+        ("redis://h:6379?password=secret", "redis://h:6379?password=***"),
+        ("redis://:secret@h:1/0", "redis://:***@h:1/0"),
+        ("redis+cluster://u:secret@h1:1,h2:2", "redis+cluster://u:***@h1:1,h2:2"),
+        ("sqlite:///a.db", "sqlite:///a.db"),
+    ],
+)
+def test_store_passwords_are_redacted_wherever_the_url_holds_them(url: str, shown: str) -> None:
+    from hivemem.backends.redis.engine import redact
+    from hivemem.config import redact_url
+    from hivemem.policy.limits import _redact
+
+    assert redact_url(url) == shown
+    assert redact(url) == shown and _redact(url) == shown

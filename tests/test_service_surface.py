@@ -33,6 +33,15 @@ async def test_openapi_lists_every_area_and_docs_page_is_served(service: Service
     ):
         assert path in paths, path
     assert {"put", "get", "delete"} <= set(paths["/v1/items/{path}"])
+    # every operation taking a JSON body shows an example of it
+    missing = [
+        f"{method.upper()} {path}"
+        for path, ops in paths.items()
+        for method, op in ops.items()
+        if "application/json" in op.get("requestBody", {}).get("content", {})
+        and "example" not in op["requestBody"]["content"]["application/json"]
+    ]
+    assert missing == []
 
 
 async def test_healthz_and_readyz_answer_when_the_store_is_reachable(

@@ -11,6 +11,7 @@ Every field can be set by the environment variable ``HIVEMEM_<FIELD>`` (e.g.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "redact_url"]
 
 MiB = 1024 * 1024
 KiB = 1024
@@ -479,3 +480,21 @@ class Settings(BaseSettings):
             **(overrides or {}),
         }
         return cls(**merged)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` wherever it may be (the authority's
+    ``user:password@`` and a ``password=`` query parameter), for logs and messages:
+    ``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``,
+    ``redis://h:6379?password=secret`` → ``redis://h:6379?password=***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest, q, query = rest.partition("?")
+    authority, slash, path = rest.partition("/")
+    creds, at, hosts = authority.rpartition("@")
+    if at and ":" in creds:
+        authority = f"{creds.split(':', 1)[0]}:***@{hosts}"
+    query = re.sub(r"(?i)((?:^|[&;])password=)[^&;]*", r"\1***", query)
+    path = re.sub(r"(?i)((?:^|[&;])password=)[^&;]*", r"\1***", path)
+    return f"{scheme}{sep}{authority}{slash}{path}{q}{query}"

@@ -32,7 +32,7 @@ from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisStorage,
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import ConfigurationError
 
-from hivemem.config import Settings
+from hivemem.config import Settings, redact_url
 from hivemem.errors import InvalidInput, RateLimited
 from hivemem.policy.principal import ACTIONS
 
@@ -89,13 +89,8 @@ def _memory_storage() -> MemoryStorage:
 
 
 def _redact(url: str) -> str:
-    """``url`` without its password (for logs and messages)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, hosts = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.partition(":")[0]
-    return f"{scheme}{sep}{user}:***@{hosts}" if user else f"{scheme}{sep}***@{hosts}"
+    """``url`` without its password (:func:`hivemem.config.redact_url`)."""
+    return redact_url(url)
 
 
 def _bad_store(url: str, why: str) -> InvalidInput:

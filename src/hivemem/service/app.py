@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -16,7 +15,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import Response
 
 import hivemem
-from hivemem.config import Settings
+from hivemem.config import Settings, redact_url
 from hivemem.core import LocalHive
 from hivemem.core.hive import backend_kind
 from hivemem.errors import HivememError, InvalidInput
@@ -185,18 +184,3 @@ def _no_native_telemetry() -> dict[str, Any]:
         return {}
     off = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
     return {"telemetry": off}
-
-
-def redact_url(url: str) -> str:
-    """``url`` with the password of its authority replaced by ``***`` (for logs and
-    messages): ``postgresql://u:secret@h/db`` → ``postgresql://u:***@h/db``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    authority, slash, tail = rest.partition("/")
-    hosts = authority.rsplit("@", 1)
-    if len(hosts) == 2 and ":" in hosts[0]:
-        user = hosts[0].split(":", 1)[0]
-        authority = f"{user}:***@{hosts[1]}"
-    tail = re.sub(r"(?i)((?:^|[?&;])password=)[^&;]*", r"\1***", tail)
-    return f"{scheme}{sep}{authority}{slash}{tail}"

@@ -217,6 +217,8 @@ _EXAMPLES: dict[tuple[str, str], Any] = {
     ("post", "/v1/tasks/{task_id}/fail"): {"attempt": 1, "error": "timeout", "retryable": True},
     ("post", "/v1/tasks/{task_id}/release"): {"attempt": 1},
     ("post", "/v1/tasks/{task_id}/requeue"): {"delay": 0},
+    ("post", "/v1/tasks/{task_id}/cancel"): {},
+    ("post", "/v1/index/wait"): {"cursor": "1742", "timeout": 5},
     ("post", "/v1/leases/{name}/acquire"): {"ttl": 30, "wait": 5},
     ("post", "/v1/leases/{name}/renew"): {"token": 7, "version": 1, "ttl": 30},
     ("post", "/v1/leases/{name}/release"): {"token": 7, "version": 1},

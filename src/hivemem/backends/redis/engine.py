@@ -59,7 +59,7 @@ from hivemem.backends.redis import scripts
 from hivemem.backends.redis.layout import CHANNEL, PARTITIONS, SCHEMA, SESSIONS_TAG, meta_key, tag
 from hivemem.backends.results import RequestIdReused, split_request_id
 from hivemem.backends.signals import ChangeSignal, parse_task_hints
-from hivemem.config import Settings
+from hivemem.config import Settings, redact_url
 from hivemem.errors import InvalidInput, Unavailable
 
 __all__ = ["INTERNAL_REQUEST_TTL_MS", "RedisEngine"]
@@ -168,12 +168,8 @@ def _no_retries() -> Retry:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, tail = rest.rpartition("@")
-    if not at or ":" not in creds:
-        return url
-    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{tail}"
+    """``url`` without its password (:func:`hivemem.config.redact_url`)."""
+    return redact_url(url)
 
 
 class RedisEngine:
