@@ -677,3 +677,26 @@ def test_store_passwords_are_redacted_wherever_the_url_holds_them(url: str, show
 
     assert redact_url(url) == shown
     assert redact(url) == shown and _redact(url) == shown
+
+
+def test_hivemem_url_names_the_store_of_connect_and_of_every_cli_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hivemem
+
+    store = tmp_path / "named.db"
+    monkeypatch.setenv("HIVEMEM_URL", f"sqlite:///{store}")
+    monkeypatch.chdir(tmp_path)
+    with hivemem.connect_sync(agent="env") as hive:  # no URL: HIVEMEM_URL
+        hive.put("team", "from-connect", 1)
+    runner = CliRunner()
+    env = {"COLUMNS": "200", "HIVEMEM_URL": f"sqlite:///{store}"}
+    ok(runner.invoke(app, ["put", "team", "from-cli", "2"], env=env))
+    listed = ok(runner.invoke(app, ["ls", "team", "--json"], env=env)).stdout
+    assert {i["key"] for i in json.loads(listed)["items"]} == {"from-connect", "from-cli"}
+    made = json.loads(
+        ok(runner.invoke(app, ["session", "create", "--app", "env-test", "--json"], env=env)).stdout
+    )
+    with hivemem.connect_sync(f"sqlite:///{store}", agent="check") as hive:
+        assert hive.get_session(made["id"]) is not None
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == ["named.db"]

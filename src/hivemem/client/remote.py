@@ -24,11 +24,13 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
+    wait_exponential_jitter,
     wait_random_exponential,
 )
 from yarl import URL
 
 from hivemem import validation as check
+from hivemem.backoff import Backoff
 from hivemem.client.endpoints import Endpoint, Endpoints
 from hivemem.client.sse import read_sse
 from hivemem.config import Settings
@@ -954,7 +956,7 @@ class RemoteHive(Hive):
         session = self._shared.open()
         settings = self._settings
         cursor = after
-        delay = 0.1
+        backoff = Backoff(wait_exponential_jitter(initial=0.1, max=2.0, jitter=0.1))
         down_since: float | None = None
         limited = _RateLimitWait(settings, "watch")
         stream_timeout = aiohttp.ClientTimeout(
@@ -1007,7 +1009,8 @@ class RemoteHive(Hive):
                         if cursor is None:
                             cursor = resp.headers.get(CURSOR_HEADER, "0")
                         endpoints.succeeded(ep)
-                        delay, down_since = 0.1, None
+                        backoff.reset()
+                        down_since = None
                         limited.reset()
                         async for message in read_sse(
                             resp, max_bytes=settings.client_max_sse_bytes
@@ -1031,8 +1034,7 @@ class RemoteHive(Hive):
                     f"watch lost its connection and could not reconnect for "
                     f"{settings.watch_reconnect_seconds:.0f} s"
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
     async def publish(self, channel: str, payload: Any) -> Event:
         if not isinstance(channel, str):

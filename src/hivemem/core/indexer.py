@@ -36,9 +36,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import tenacity
 
 from hivemem.backends.base import Backend
 from hivemem.backends.rows import DeleteWrite, IndexEntry, ItemRow, PutWrite
+from hivemem.backoff import Backoff
 from hivemem.embedders.base import Embedder
 from hivemem.errors import Conflict, HivememError
 
@@ -212,7 +214,11 @@ class Indexer:
 
     async def _part(self, part: int) -> None:
         changes = self.backend.changes
-        delay = RETRY_FIRST_SECONDS
+        backoff = Backoff(
+            tenacity.wait_exponential_jitter(
+                initial=RETRY_FIRST_SECONDS, max=RETRY_MAX_SECONDS, jitter=RETRY_FIRST_SECONDS
+            )
+        )
         while not self._stopping and part in self._leases:
             generation = changes.generation
             try:
@@ -220,11 +226,11 @@ class Indexer:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                delay = backoff.next()
                 log.exception("indexing part %d failed; retrying in %.1f s", part, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue
-            delay = RETRY_FIRST_SECONDS
+            backoff.reset()
             if done < self.batch:
                 # Caught up: sleep until something changes, then let a few more writes
                 # arrive so that one model call embeds them together.

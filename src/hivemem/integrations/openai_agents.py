@@ -24,10 +24,12 @@ version (two pops never return the same item). ``clear_session`` deletes the ite
 from __future__ import annotations
 
 import asyncio
-import random
 from typing import TYPE_CHECKING, Any
 
+import tenacity
+
 from hivemem import models
+from hivemem.backoff import Backoff
 from hivemem.errors import Conflict
 from hivemem.integrations._common import PAGE, Bridge
 from hivemem.integrations.labels import encode_label
@@ -111,6 +113,9 @@ class HivememSession:
         values = [dict(item) for item in items]
 
         async def run() -> None:
+            backoff = Backoff(
+                tenacity.wait_random(0.001, 0.005) + tenacity.wait_incrementing(0, 0.005)
+            )
             for attempt in range(ATTEMPTS):
                 head = await self._hive.get(self.namespace, "head")
                 first = int(head.value["next"]) if head is not None else 0
@@ -134,7 +139,7 @@ class HivememSession:
                 except Conflict:
                     if attempt == ATTEMPTS - 1:
                         raise
-                    await asyncio.sleep(random.uniform(0.001, 0.005 * (attempt + 1)))
+                    await asyncio.sleep(backoff.next())
                     continue
                 for start in range(0, len(puts), _BATCH):
                     await self._hive.batch(list(puts[start : start + _BATCH]))

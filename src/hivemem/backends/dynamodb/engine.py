@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import tenacity
+
 from hivemem.backends.dynamodb.layout import chunk_keys, spill, unspill
+from hivemem.backoff import Backoff
 from hivemem.config import Settings
 from hivemem.errors import HivememError, InvalidInput, Unavailable
 
@@ -260,7 +262,8 @@ class DynamoEngine:
                     "ConsistentRead": True,
                 }
             }
-            for attempt in range(20):
+            backoff = Backoff(tenacity.wait_random_exponential(multiplier=0.005, max=1.0))
+            for _ in range(20):
                 reply = await self.call("batch_get_item", RequestItems=pending)
                 for item in reply.get("Responses", {}).get(self.table, []):
                     row = decode(item)
@@ -268,7 +271,7 @@ class DynamoEngine:
                 pending = reply.get("UnprocessedKeys") or {}
                 if not pending:
                     break
-                await asyncio.sleep(min(1.0, 0.01 * 2**attempt) * random.random())
+                await asyncio.sleep(backoff.next())
             else:
                 raise Unavailable(f"{self._where}: batch_get_item left keys unprocessed")
         return found
@@ -633,7 +636,8 @@ class Committer:
     async def _commit(self, group: list[_Job]) -> list[_Job]:
         """Run and commit ``group``; returns the jobs that did not fit (for the next)."""
         engine = self.engine
-        for attempt in range(TX_ATTEMPTS):
+        backoff = Backoff(tenacity.wait_random_exponential(multiplier=0.001, max=0.2))
+        for _ in range(TX_ATTEMPTS):
             group = [job for job in group if not job.done.done()]
             if not group:
                 return []
@@ -687,7 +691,7 @@ class Committer:
                         ClientRequestToken=uuid.uuid4().hex,
                     )
                 except Cancelled:
-                    await asyncio.sleep(random.random() * min(0.2, 0.002 * 2 ** min(attempt, 7)))
+                    await asyncio.sleep(backoff.next())
                     continue
                 leftovers = tx.leftovers()
                 if leftovers:
