@@ -1,6 +1,10 @@
 """Each bad input the trust issue names gets its 4xx within 1 s from a real service, and
-the service keeps answering ``/healthz`` within 100 ms meanwhile (polled every 20 ms
-while the bad request is in flight)."""
+the service keeps answering ``/healthz`` meanwhile (polled every 20 ms while the bad
+request is in flight). The bound asserted is 1 s (:data:`HEALTHY_SECONDS`), not the
+100 ms the service holds on a quiet machine: the suite shares two cores with other
+work, which stalls any process that long now and then. A loop that a bad input blocks
+is held for as long as the input takes (a minute, once, for a long ``$in`` list), so
+1 s still catches it. Each case prints its slowest ``/healthz``."""
 
 from __future__ import annotations
 
@@ -205,6 +209,7 @@ async def test_bad_input_gets_its_4xx_in_a_second_while_health_answers(
             await poller
     assert status == expected, (case, status)
     assert elapsed < 1.0, (case, elapsed)
+    print(f"{case}: slowest /healthz {max(health) * 1000:.1f} ms of {len(health)}")
     assert health and max(health) < HEALTHY_SECONDS, (case, max(health), len(health))
 
 

@@ -79,7 +79,9 @@ async def test_over_the_limit_is_refused_with_retry_after(
 async def test_limits_are_per_agent_and_per_action_class(
     make_limiter: Callable[..., RateLimiter],
 ) -> None:
-    limiter = make_limiter(rate_limit_read="2/second", rate_limit_search="2/second")
+    limiter = make_limiter(
+        rate_limit_read="2/second", rate_limit_search="2/second", rate_limit_tasks="2/second"
+    )
     alice, bob = agent(), agent()
     await early_in_window()
     for _ in range(2):
@@ -92,10 +94,14 @@ async def test_limits_are_per_agent_and_per_action_class(
     # Another limited class of the same agent is unaffected ...
     await limiter.hit(alice, "search")
     await limiter.hit(alice, "search")
-    # ... and classes without a limit are never refused (tasks has no setting at all).
+    await limiter.hit(alice, "tasks")
+    await limiter.hit(alice, "tasks")
+    with pytest.raises(RateLimited):
+        await limiter.hit(alice, "tasks")
+    # ... and classes without a limit are never refused.
     for _ in range(100):
         await limiter.hit(alice, "write")
-        await limiter.hit(alice, "tasks")
+        await limiter.hit(alice, "publish")
 
 
 async def test_window_frees_after_time_passes(make_limiter: Callable[..., RateLimiter]) -> None:

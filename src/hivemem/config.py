@@ -387,6 +387,11 @@ class Settings(BaseSettings):
     rate_limit_watch: str = Field(default="", description="feed pages and new watch streams.")
     rate_limit_publish: str = Field(default="", description="publish.")
     rate_limit_sessions: str = Field(default="", description="every session route.")
+    rate_limit_tasks: str = Field(
+        default="",
+        description="every coordination route: tasks, leases, signals, once, the registry "
+        "(a long poll counts once).",
+    )
     rate_limit_admin: str = Field(default="", description="administrative routes.")
     rate_limit_store: str = Field(
         default="memory://",

@@ -3,7 +3,7 @@
 Each action class of :data:`~hivemem.policy.principal.ACTIONS` has its own limit, set by
 ``Settings.rate_limit_<action>`` in `limits`_ notation (``"100/second"``,
 ``"1000/minute;50/second"``: every part must hold); an empty string leaves the class
-unlimited (``tasks`` has no setting and is always unlimited). Counters are kept per
+unlimited. Counters are kept per
 ``(agent, action class)``: one agent going over its ``search`` limit neither slows its
 writes nor any other agent.
 
