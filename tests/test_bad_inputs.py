@@ -218,3 +218,31 @@ async def test_nothing_was_written_by_the_bad_inputs(svc: ServiceProcess) -> Non
         async with http.get(svc.url + "/v1/items", params={"prefix": "bad"}) as resp:
             keys = {item["key"] for item in (await resp.json())["items"]}
     assert keys <= {"rid"}, keys  # only the first, valid write of the request-id case
+
+
+async def test_the_process_wide_watch_stream_cap_refuses_one_more_from_any_agent(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    service = ServiceProcess(
+        tmp_path_factory.mktemp("streams") / "hive.db",
+        env={"HIVEMEM_EMBEDDER": "none", "HIVEMEM_MAX_WATCH_STREAMS": "3"},
+    )
+    service.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            streams = [
+                await http.get(service.url + "/v1/watch", headers={"X-Hivemem-Agent": f"w{i}"})
+                for i in range(3)
+            ]
+            try:
+                assert [s.status for s in streams] == [200, 200, 200]
+                async with http.get(
+                    service.url + "/v1/watch", headers={"X-Hivemem-Agent": "w9"}
+                ) as refused:
+                    assert refused.status == 429
+                    assert "max_watch_streams" in (await refused.json(content_type=None))["detail"]
+            finally:
+                for s in streams:
+                    s.close()
+    finally:
+        service.terminate()

@@ -34,7 +34,7 @@ from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, ValidationError
 
 import hivemem
-from hivemem import InvalidInput, PutOp, TooLarge
+from hivemem import InvalidInput, PutOp, TooLarge, Unavailable
 from hivemem import validation as check
 from hivemem.backends.sqlite import SqliteBackend
 from hivemem.config import Settings
@@ -283,6 +283,18 @@ async def test_text_terms_bound_counts_distinct_terms_inclusively(tmp_path: Path
             await hive.put("ns", "bad", 1, text=many_terms(11))
         assert info.value.field == "text"
         assert await hive.get("ns", "bad") is None
+
+
+async def test_a_search_over_its_time_budget_is_unavailable_and_the_hive_goes_on(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(search_timeout_seconds=1e-6, embedder="none", lexical_index="memory")
+    async with hivemem.connect(f"sqlite:///{tmp_path / 'h.db'}", settings=settings) as hive:
+        for i in range(50):
+            await hive.put("ns", f"k{i}", i, text=f"budget words {many_terms(20)} item {i}")
+        with pytest.raises(Unavailable, match="search_timeout_seconds"):
+            await hive.search("ns", "budget words", mode="lexical")
+        assert (await hive.get("ns", "k1")) is not None  # the hive still answers
 
 
 # Validation helpers ---------------------------------------------------------------------
