@@ -229,6 +229,28 @@ def test_the_access_log_has_one_json_line_per_request_and_no_values(
     assert secret not in "".join(lines) and "key1" not in "".join(lines)
 
 
+def test_a_text_access_log_line_cannot_be_forged_through_a_header(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = hivemem.Settings(embedder="none", access_log=True, log_format="text")
+    with (
+        caplog.at_level(logging.INFO, logger="hivemem.access"),
+        TestClient(create_app(f"sqlite:///{tmp_path}/l.db", settings)) as c,
+    ):
+        forged = {
+            **AGENT,
+            "X-Hivemem-Request-Id": "x agent=admin status=200",
+            "traceparent": "00-x trace_id=forged-00f067aa0ba902b7-01",
+        }
+        c.get("/v1/items/ns/nothing", headers=forged)
+        c.get("/v1/items/ns/nothing", headers={**AGENT, "X-Hivemem-Request-Id": "req-2"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "hivemem.access"]
+    assert len(lines) == 2
+    assert "agent=admin" not in lines[0] and "forged" not in lines[0]
+    assert lines[0].count("agent=") == 1 and "agent=tester" in lines[0]
+    assert "request_id=req-2" in lines[1]
+
+
 def test_a_label_keeps_its_first_values_then_counts_other() -> None:
     metrics = Metrics("sqlite", process=False)
     names = [metrics.queue_label(f"q{i}") for i in range(MAX_LABEL_VALUES + 5)]

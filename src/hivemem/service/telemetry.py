@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +34,7 @@ from hivemem.errors import HivememError, PermissionDenied
 from hivemem.metrics import CONTENT_TYPE, Metrics, exposition
 from hivemem.service import problems
 from hivemem.service.auth import ServiceState
-from hivemem.wire import REQUEST_ID_HEADER
+from hivemem.wire import REQUEST_ID_HEADER, REQUEST_ID_PATTERN
 
 __all__ = ["RequestTelemetry", "refresh_task_gauges", "serve_metrics"]
 
@@ -42,6 +43,8 @@ access = logging.getLogger("hivemem.access")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = REQUEST_ID_HEADER.lower().encode("latin-1")
 _TRACEPARENT = b"traceparent"
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_REQUEST_ID_TEXT = re.compile(REQUEST_ID_PATTERN)
 
 
 def route_of(scope: Scope) -> str:
@@ -191,7 +194,14 @@ class RequestTelemetry:
         headers = dict(scope.get("headers") or [])
         state = scope.get("state") or {}
         principal = state.get("principal")
+        # Only well-formed ids are copied: a header is the caller's text, and in the text
+        # format "x agent=admin" would forge a field.
         trace = headers.get(_TRACEPARENT, b"").decode("latin-1").split("-")
+        if len(trace) != 4 or not _TRACE_ID.fullmatch(trace[1]):
+            trace = []
+        request_id = headers.get(_REQUEST_ID, b"").decode("latin-1")
+        if not _REQUEST_ID_TEXT.fullmatch(request_id):
+            request_id = ""
         fields: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "agent": getattr(principal, "agent", None),
@@ -199,7 +209,7 @@ class RequestTelemetry:
             "route": route,
             "status": status,
             "duration_ms": round(elapsed * 1000, 3),
-            "request_id": headers.get(_REQUEST_ID, b"").decode("latin-1")[:128] or None,
+            "request_id": request_id or None,
             "trace_id": state.get("trace_id") or (trace[1] if len(trace) == 4 else None),
         }
         if self.log_format == "json":
