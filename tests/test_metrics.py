@@ -98,6 +98,9 @@ def test_search_feed_tasks_and_sessions_figures_move(client: TestClient) -> None
     )
     assert done.status_code == 200, done.text
     client.post("/v1/queues/q1/tasks", json={"payload": {"n": 2}}, headers=AGENT)
+    # A queue no worker has claimed from through this process is reported all the same.
+    for n in range(3):
+        client.post("/v1/queues/unclaimed/tasks", json={"payload": {"n": n}}, headers=AGENT)
     sid = client.post("/v1/sessions", json={"app": "support"}, headers=AGENT).json()["id"]
     messages = [
         {"role": "user", "content": "hi", "tokens_in": 12},
@@ -113,6 +116,7 @@ def test_search_feed_tasks_and_sessions_figures_move(client: TestClient) -> None
     assert value(found, "hivemem_task_duration_seconds_count", queue="q1", outcome="completed") == 1
     assert value(found, "hivemem_tasks", queue="q1", state="ready") == 1
     assert value(found, "hivemem_tasks", queue="q1", state="running") == 0
+    assert value(found, "hivemem_tasks", queue="unclaimed", state="ready") == 3
     assert value(found, "hivemem_session_tokens_total", app="support", kind="input") == 12
     assert value(found, "hivemem_session_tokens_total", app="support", kind="output") == 30
     assert value(found, "hivemem_session_cost_total", app="support") == 0.25

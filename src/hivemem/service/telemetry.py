@@ -219,15 +219,27 @@ class RequestTelemetry:
 
 
 async def refresh_task_gauges(metrics: Metrics, backend: Any) -> None:
-    """Read the stats of every queue this process has seen into ``hivemem_tasks`` and
-    ``hivemem_task_oldest_ready_age_seconds`` (one store call per queue)."""
+    """Read the stats of every queue holding a task in the store (whichever replica its
+    tasks went through), and of the queues this process saw before, into
+    ``hivemem_tasks`` and ``hivemem_task_oldest_ready_age_seconds``: one store call to
+    list the queues, then one per queue. Queues past the label bound add up under
+    ``other`` (their oldest age is the oldest of them)."""
     now = time.time()
-    for queue in sorted(metrics.queue_label.seen):
+    queues = set(await backend.task_queues()) | metrics.queue_label.seen
+    counts: dict[str, dict[str, int]] = {}
+    oldest: dict[str, float] = {}
+    for queue in sorted(queues):
         stats = await backend.task_stats(queue, now)
-        for state in ("ready", "running", "delayed", "dead"):
-            metrics.tasks.labels(queue, state).set(getattr(stats, state))
-        oldest = 0.0 if stats.oldest_ready_at is None else max(0.0, now - stats.oldest_ready_at)
-        metrics.task_oldest.labels(queue).set(oldest)
+        label = metrics.queue_label(queue)
+        into = counts.setdefault(label, dict.fromkeys(("ready", "running", "delayed", "dead"), 0))
+        for state in into:
+            into[state] += getattr(stats, state)
+        age = 0.0 if stats.oldest_ready_at is None else max(0.0, now - stats.oldest_ready_at)
+        oldest[label] = max(oldest.get(label, 0.0), age)
+    for label, by_state in counts.items():
+        for state, n in by_state.items():
+            metrics.tasks.labels(label, state).set(n)
+        metrics.task_oldest.labels(label).set(oldest[label])
 
 
 async def serve_metrics(request: Request, state: ServiceState) -> Response:
