@@ -87,9 +87,28 @@ def test_the_kubernetes_manifests_validate() -> None:
     for overlay in ("dev", "prod"):
         k = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
         assert k["resources"] == ["../../base"]
+        patched: dict[str, Any] = {}
         for patch in k.get("patches", []):
             doc = yaml.safe_load((K8S / "overlays" / overlay / patch["path"]).read_text())
             assert (doc["kind"], doc["metadata"]["name"]) in kinds, (overlay, patch)
+            patched[doc["kind"]] = doc["spec"]
+        # The replica count, the autoscaler's floor and the disruption budget agree: the
+        # autoscaler does not undo the overlay's count, and a drain can take a pod.
+        spec = {
+            kind: {**yaml.safe_load((K8S / "base" / f"{name}.yaml").read_text())["spec"]}
+            for kind, name in (
+                ("Deployment", "deployment"),
+                ("HorizontalPodAutoscaler", "hpa"),
+                ("PodDisruptionBudget", "pdb"),
+            )
+        }
+        for kind, fields in patched.items():
+            if kind in spec:
+                spec[kind].update(fields)
+        floor = spec["HorizontalPodAutoscaler"]["minReplicas"]
+        replicas = spec["Deployment"].get("replicas", floor)
+        assert floor <= replicas, (overlay, floor, replicas)
+        assert spec["PodDisruptionBudget"]["minAvailable"] < floor, overlay
 
 
 def test_the_compose_file_follows_the_compose_specification() -> None:
