@@ -105,10 +105,14 @@ class ServiceState:
                 f"credentials required: send '{AUTHORIZATION_HEADER}: Bearer <API key or JWT>'",
                 field=AUTHORIZATION_HEADER,
             )
-        if looks_like_api_key(credentials):
+        if credentials.startswith("hm_"):  # the shape is checked once, by verify
             found = await self.keys.verify(credentials)
             if found is None:
-                raise Unauthenticated("unknown or revoked API key", field=AUTHORIZATION_HEADER)
+                raise Unauthenticated(
+                    "unknown or revoked API key, or not an API key of this shape: "
+                    "hm_<12 hex>_<43 base64url>",
+                    field=AUTHORIZATION_HEADER,
+                )
             return found
         if self.tokens.enabled and looks_like_jwt(credentials):
             return self.tokens.verify(credentials)
