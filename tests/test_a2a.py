@@ -199,6 +199,7 @@ async def test_listing_matches_the_sdks_store_and_owners_are_apart(
 
 
 @pytest.mark.slow
+@pytest.mark.matrix  # two server processes: .ci/run's matrix pass
 async def test_two_server_replicas_serve_one_task_found_through_the_registry(
     tmp_path: Path,
 ) -> None:

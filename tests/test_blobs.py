@@ -374,6 +374,7 @@ def _db_bytes(path: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.matrix  # 50 MiB through a service: .ci/run's matrix pass
 def test_a_50_mib_value_round_trips_through_the_service_and_the_database_grows_under_1_mib(
     tmp_path: Path, moto_endpoint: str
 ) -> None:

@@ -319,6 +319,7 @@ async def _drain(sqs: Any, queue_url: str, into: list[tuple[str, dict[str, Any]]
 
 
 @pytest.mark.slow
+@pytest.mark.matrix  # the webhook bridge's kill test runs by default; this one in .ci/run
 async def test_sns_bridge_killed_with_sigkill_and_restarted_publishes_every_event_once_by_id(
     store: str, tmp_path: Path, moto_endpoint: str
 ) -> None:

@@ -1,8 +1,8 @@
 """The coordination promises across processes, on every shared store kind (a SQLite
 file, PostgreSQL, Redis, Redis Cluster, and the service over SQLite): workers in
 separate processes started with ``hivemem worker``, killed with SIGKILL where the
-promise is about dying. The Redis Cluster cases are marked ``matrix`` (``.ci/run``
-runs them after the default suite)."""
+promise is about dying. The Redis Cluster and service cases are marked ``matrix``
+(``.ci/run`` runs them after the default suite)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ KINDS = [
     "postgres",
     "redis",
     pytest.param("redis-cluster", marks=pytest.mark.matrix),
-    "remote",
+    # the service: its processes are the longest of these cases (.ci/run's matrix pass)
+    pytest.param("remote", marks=pytest.mark.matrix),
 ]
 
 

@@ -189,6 +189,7 @@ def run_cas_counter(
 
 
 @pytest.mark.slow
+@pytest.mark.matrix  # 20 s; the same promise on a shared file runs by default
 def test_cas_increments_from_ten_processes_through_the_service_lose_no_update(
     service: ServiceProcess, ns: str
 ) -> None:
