@@ -38,6 +38,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from hivemem.errors import Conflict, HivememError, InvalidInput, NotFound
@@ -240,11 +241,18 @@ class Worker:
             return outcome
 
     async def _keep(self, task: Task) -> None:
-        """Renew the lease every lease/3 seconds; return when it is lost."""
+        """Renew the lease every lease/3 seconds, sooner when less than two of those are
+        left of it (a claim answered late by a busy store, a slow heartbeat: the lease
+        runs from when the store took the claim); return when it is lost."""
+        held = task
         while True:
-            await asyncio.sleep(task.lease_seconds / 3)
+            pause = held.lease_seconds / 3
+            if held.lease_expires_at is not None:
+                left = (held.lease_expires_at - datetime.now(UTC)).total_seconds()
+                pause = max(0.1, min(pause, left / 2))
+            await asyncio.sleep(pause)
             try:
-                await self.hive.heartbeat(task)
+                held = await self.hive.heartbeat(held)
             except (Conflict, NotFound):
                 return
             except HivememError as exc:
