@@ -22,6 +22,7 @@ queue and its counts       ``TQS``                    queue
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace as _replace
 from typing import Any, TypeVar
@@ -246,6 +247,8 @@ class DynamoTasks:
         lease: float,
         request_id: str | None = None,
     ) -> TaskRow | None:
+        started = time.monotonic()
+
         async def job(tx: Tx) -> TaskRow | None:
             settled = await self._settle_expired(tx, queue, now, SETTLE_PER_CLAIM)
             # The best due task: the first due row of the ready index, or one whose
@@ -275,7 +278,7 @@ class DynamoTasks:
                 attempt=row.attempt + 1,
                 claimed_by=worker,
                 lease=lease,
-                lease_until=now + lease,
+                lease_until=now + _waited(started) + lease,
                 updated_at=now,
             )
             await self._store(tx, row, new, found)
@@ -295,10 +298,13 @@ class DynamoTasks:
         lease: float,
         request_id: str | None = None,
     ) -> TaskRow:
+        started = time.monotonic()
+
         async def job(tx: Tx) -> TaskRow:
             row, stored = await self._load(tx, task_id)
             self._held(row, worker, attempt)
-            new = _replace(row, lease=lease, lease_until=now + lease, updated_at=now)
+            until = now + _waited(started) + lease
+            new = _replace(row, lease=lease, lease_until=until, updated_at=now)
             await self._store(tx, row, new, stored)
             return new
 
@@ -502,3 +508,11 @@ class DynamoTasks:
 
         swept: int = await run_tx(self.db, job, what="sweep_tasks")
         return swept
+
+
+def _waited(started: float) -> float:
+    """Seconds since ``started`` (``time.monotonic()``): how long a claim or heartbeat
+    waited for its transaction (group commits queue, and a commit that loses the head row
+    runs again), so that its lease runs from when the store took it, not from when it
+    was asked (the caller's ``now``, which tests may set)."""
+    return max(0.0, time.monotonic() - started)
