@@ -15,14 +15,17 @@ The handler gets the :class:`~hivemem.Task` (``.payload``, ``.attempt``, ``.id``
 it may be sync (run in a thread, so heartbeats go on) or async. Its return value
 (any JSON) completes the task; an exception fails the attempt (retried after the
 task's backoff until ``max_attempts``; raise :class:`Fatal` to fail without retry);
-an attempt running past the task's ``timeout`` is cancelled and failed. While a
+an attempt running past the task's ``timeout`` is cancelled and failed (a sync
+handler's thread cannot be stopped: its attempt fails once the thread returns, the lease
+held meanwhile, so a task never runs twice at once). While a
 handler runs, the worker renews the task's lease every lease/3 seconds. If the lease
 is lost anyway (the task was cancelled, or the process stalled past the lease and
 another worker took the task), the handler is cancelled and its result dropped.
 
 :meth:`Worker.stop` (and SIGTERM/SIGINT under :meth:`Worker.run`) stops claiming;
 tasks in hand get ``grace`` seconds to finish, then are cancelled and released back
-to the queue unrun (their attempt does not count). One log line per task
+to the queue unrun (their attempt does not count); a sync handler still running then
+keeps its lease until it returns, and its task ends as it came out. One log line per task
 (logger ``hivemem.worker``).
 
 This module imports nothing of hivemem's core: it works with any Hive.
@@ -199,6 +202,15 @@ class Worker:
                 await asyncio.wait(
                     {run, beat}, timeout=self.grace, return_when=asyncio.FIRST_COMPLETED
                 )
+                if not run.done() and not beat.done() and not self._is_async:
+                    # A thread cannot be stopped: released now, the task could run twice
+                    # at once. Hold the lease until the handler returns, then end it.
+                    log.warning(
+                        "task %s: its handler runs in a thread and cannot be interrupted; "
+                        "holding the lease until it returns",
+                        task.id,
+                    )
+                    await asyncio.wait({run, beat}, return_when=asyncio.FIRST_COMPLETED)
             if not run.done():
                 run.cancel()
                 with contextlib.suppress(BaseException):
@@ -231,14 +243,34 @@ class Worker:
         with task_span(task) if task.traceparent else contextlib.nullcontext():
             return await self._run(task)
 
+    @property
+    def _is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn)
+
     async def _run(self, task: Task) -> Any:
-        async with asyncio.timeout(task.timeout):
-            if inspect.iscoroutinefunction(self.fn):
+        if self._is_async:
+            async with asyncio.timeout(task.timeout):
                 return await self.fn(task)
-            outcome = await asyncio.to_thread(self.fn, task)
-            if inspect.isawaitable(outcome):
+        # A sync handler runs in a thread, which nothing can stop: past its timeout the
+        # attempt fails only once the thread has returned (the lease is held meanwhile),
+        # so the task never runs twice at once.
+        thread = asyncio.ensure_future(asyncio.to_thread(self.fn, task))
+        try:
+            async with asyncio.timeout(task.timeout):
+                outcome = await asyncio.shield(thread)
+        except TimeoutError:
+            log.warning(
+                "task %s: past its timeout; its handler runs in a thread and cannot be "
+                "interrupted, waiting for it to return",
+                task.id,
+            )
+            with contextlib.suppress(BaseException):
+                await thread
+            raise
+        if inspect.isawaitable(outcome):
+            async with asyncio.timeout(task.timeout):
                 outcome = await outcome
-            return outcome
+        return outcome
 
     async def _keep(self, task: Task) -> None:
         """Renew the lease every lease/3 seconds, sooner when less than two of those are
