@@ -25,13 +25,6 @@ async def hive(tmp_path: Path) -> AsyncIterator[hivemem.Hive]:
         yield h
 
 
-async def _until(check: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.02)
-
-
 async def test_on_stop_an_async_handler_is_released_after_grace_unrun(hive: hivemem.Hive) -> None:
     task = await hive.submit("jobs", {"n": 1})
     started = asyncio.Event()
