@@ -1,5 +1,5 @@
 """The coordination promises across processes, on every shared store kind (a SQLite
-file, PostgreSQL, Redis, Redis Cluster, and the service over SQLite): workers in
+file, PostgreSQL, Redis, Redis Cluster, and the service over each of them): workers in
 separate processes started with ``hivemem worker``, killed with SIGKILL where the
 promise is about dying. The Redis Cluster and service cases are marked ``matrix``
 (``.ci/run`` runs them after the default suite)."""
@@ -33,8 +33,12 @@ KINDS = [
     "postgres",
     "redis",
     pytest.param("redis-cluster", marks=pytest.mark.matrix),
-    # the service: its processes are the longest of these cases (.ci/run's matrix pass)
+    # the service over each store: its processes are the longest of these cases
+    # (.ci/run's matrix pass)
     pytest.param("remote", marks=pytest.mark.matrix),
+    pytest.param("remote-postgres", marks=pytest.mark.matrix),
+    pytest.param("remote-redis", marks=pytest.mark.matrix),
+    pytest.param("remote-redis-cluster", marks=pytest.mark.matrix),
 ]
 
 
