@@ -700,3 +700,44 @@ def test_hivemem_url_names_the_store_of_connect_and_of_every_cli_command(
     with hivemem.connect_sync(f"sqlite:///{store}", agent="check") as hive:
         assert hive.get_session(made["id"]) is not None
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".db") == ["named.db"]
+
+
+def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[str, str]:
+    """Run ``hivemem ARGS`` with stderr on a pseudo-terminal; (stderr, stdout)."""
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hivemem", *args],
+        stderr=slave,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "100", **env},
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        elif proc.poll() is not None:
+            break
+    out = proc.communicate(timeout=60)[0]
+    os.close(master)
+    return b"".join(chunks).decode(errors="replace"), out.decode()
+
+
+@pytest.mark.parametrize(("mode", "shown"), [("deferred", False), ("sync", True)])
+def test_the_model_spinner_shows_only_when_a_put_loads_the_model(
+    tmp_path: Path, mode: str, shown: bool
+) -> None:
+    err_text, out = _stderr_on_a_terminal(
+        ["--url", f"sqlite:///{tmp_path}/s.db", "put", "ns", "k", '{"text": "hello world"}'],
+        {"HIVEMEM_INDEX_MODE": mode},
+    )
+    assert out == "ns k: version 1\n"
+    assert ("loading the search model" in err_text) is shown, err_text

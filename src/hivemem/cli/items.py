@@ -118,9 +118,12 @@ def put(
     """Create or replace the item at NAMESPACE KEY and print its new version."""
     data, metadata = _read_value(value, value_file), _parse_meta(meta)
 
-    def embeds() -> bool:
+    def embeds() -> bool:  # only a sync-indexed put embeds before it returns
         from hivemem.core.items import searchable_text
 
+        settings = getattr(run.hive.hive, "settings", None)
+        if getattr(settings, "index_mode", "sync") != "sync":
+            return False
         return searchable_text(text, data) is not None
 
     with loading_model(run, embeds):
