@@ -182,11 +182,8 @@ CASES: dict[str, tuple[Probe, int]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-async def test_bad_input_gets_its_4xx_in_a_second_while_health_answers(
-    svc: ServiceProcess, case: str
-) -> None:
-    probe, expected = CASES[case]
+async def _measure(svc: ServiceProcess, probe: Probe) -> tuple[int, float, list[float]]:
+    """(status, seconds to the answer, each /healthz answer's seconds meanwhile)."""
     health: list[float] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         done = asyncio.Event()
@@ -207,9 +204,24 @@ async def test_bad_input_gets_its_4xx_in_a_second_while_health_answers(
             elapsed = time.perf_counter() - started
             done.set()
             await poller
+    return status, elapsed, health
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_bad_input_gets_its_4xx_in_a_second_while_health_answers(
+    svc: ServiceProcess, case: str
+) -> None:
+    """A bad input that holds the service is slow every time; a machine that stalls the
+    test now and then is not: a case over its bound is measured once more, and the
+    second measurement decides (both are printed)."""
+    probe, expected = CASES[case]
+    status, elapsed, health = await _measure(svc, probe)
+    if elapsed >= 1.0 or not health or max(health) >= HEALTHY_SECONDS:
+        print(f"{case}: {elapsed:.3f} s, slowest /healthz {max(health, default=0):.3f} s; again")
+        status, elapsed, health = await _measure(svc, probe)
     assert status == expected, (case, status)
+    print(f"{case}: {elapsed * 1000:.1f} ms, slowest /healthz {max(health) * 1000:.1f} ms")
     assert elapsed < 1.0, (case, elapsed)
-    print(f"{case}: slowest /healthz {max(health) * 1000:.1f} ms of {len(health)}")
     assert health and max(health) < HEALTHY_SECONDS, (case, max(health), len(health))
 
 
