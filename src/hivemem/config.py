@@ -500,6 +500,10 @@ def redact_url(url: str) -> str:
     creds, at, hosts = authority.rpartition("@")
     if at and ":" in creds:
         authority = f"{creds.split(':', 1)[0]}:***@{hosts}"
-    query = re.sub(r"(?i)((?:^|[&;])password=)[^&;]*", r"\1***", query)
-    path = re.sub(r"(?i)((?:^|[&;])password=)[^&;]*", r"\1***", path)
+    path = _PASSWORD_PARAM.sub(r"\1***", path)  # "db;password=..." parameters
+    query = _PASSWORD_PARAM.sub(r"\1***", query)
     return f"{scheme}{sep}{authority}{slash}{path}{q}{query}"
+
+
+#: A ``password=`` parameter of a URL's query (its value is what :func:`redact_url` hides).
+_PASSWORD_PARAM = re.compile(r"(?i)((?:^|[&;])password=)[^&;]*")
