@@ -111,7 +111,13 @@ def test_search_feed_tasks_and_sessions_figures_move(client: TestClient) -> None
     )
     assert appended.status_code in (200, 201), appended.text
     found = samples(client.get("/metrics").text)
-    assert value(found, "hivemem_search_duration_seconds_count", mode="hybrid", index="memory") == 1
+    # index: the in-process BM25 ("memory"), or FTS5 ("engine") while that still loads
+    searches = {
+        dict(labels)["index"]: n
+        for (name, labels), n in found.items()
+        if name == "hivemem_search_duration_seconds_count" and dict(labels)["mode"] == "hybrid"
+    }
+    assert sum(searches.values()) == 1 and set(searches) <= {"memory", "engine"}, searches
     assert value(found, "hivemem_task_claim_wait_seconds_count", queue="q1") == 1
     assert value(found, "hivemem_task_duration_seconds_count", queue="q1", outcome="completed") == 1
     assert value(found, "hivemem_tasks", queue="q1", state="ready") == 1
