@@ -33,6 +33,8 @@ KINDS = [
     "postgres",
     "redis",
     pytest.param("redis-cluster", marks=pytest.mark.matrix),
+    # moto's server answers one request at a time: the thousand tasks take minutes
+    pytest.param("dynamodb", marks=pytest.mark.matrix),
     # the service over each store: its processes are the longest of these cases
     # (.ci/run's matrix pass)
     pytest.param("remote", marks=pytest.mark.matrix),

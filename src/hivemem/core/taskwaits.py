@@ -13,9 +13,16 @@ notifications name the task events themselves (PostgreSQL: the NOTIFY payload,
 No wake-up is lost: a waiter registers before it looks (claims or reads), and the
 follower, started before that registration, reads every event committed after its
 start, so an event between the look and the sleep finds the waiter registered. A
-waiter also wakes after ``feed_poll_seconds`` at most (a safety net, and how a delayed
-task coming due is noticed). The follower stops when no waiter is left and starts
-again from the feed's head when one comes.
+queue waiter also wakes after ``feed_poll_seconds`` at most: that is how a delayed
+task coming due is noticed. A task waiter (``result(wait=)``) waits for its event
+alone, with :data:`TASK_SAFETY_SECONDS` as its safety net: whenever events may have
+been missed (a failed feed read, a cursor past the retention, a notification listener
+that reconnected or a payload too long to name its events) every waiter is woken to
+look, so a result waiter needs no poll of its own. (It had one of ``feed_poll_seconds``:
+on DynamoDB, whose reads are requests, 32 outstanding results cost 32 task reads a
+second, about half of the store's requests per task in the 1,000-task test.) The
+follower stops when no waiter is left and starts again from the feed's head when one
+comes.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ CLAIMABLE = frozenset(
 FINISHED = frozenset({"task.completed", "task.dead", "task.cancelled"})
 #: Events read per feed query.
 BATCH = 500
+#: Longest a task waiter sleeps without its task's event (a safety net only: see the
+#: module notes), seconds.
+TASK_SAFETY_SECONDS = 30.0
 
 
 class TaskWaits:
@@ -113,11 +123,16 @@ class TaskWaits:
                     return
 
     async def sleep(self, fut: asyncio.Future[None], seconds: float) -> None:
-        """Wait until ``fut`` is set or ``seconds`` (at most the poll interval) pass."""
+        """Wait until ``fut`` is set or ``seconds`` pass, at most the poll interval for a
+        queue waiter and :data:`TASK_SAFETY_SECONDS` (or the poll interval, if longer)
+        for a task waiter."""
+        cap = self._poll
+        if any(fut in futs for futs in self._tasks.values()):
+            cap = max(cap, TASK_SAFETY_SECONDS)
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
         # that lands as ``fut`` is set (see ChangeSignal.wait).
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(seconds, self._poll)):
+            async with asyncio.timeout(min(seconds, cap)):
                 await asyncio.shield(fut)
 
     def _wake(self, table: dict[str, set[asyncio.Future[None]]], name: str) -> None:
@@ -142,8 +157,9 @@ class TaskWaits:
                 continue
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the store is down: waiters' safety polls look meanwhile
+            except Exception:  # the store is down: every waiter looks for itself
                 log.warning("following task events failed; retrying", exc_info=True)
+                self._wake_all()
                 await asyncio.sleep(self._poll)
                 continue
             self._cursor = cursor

@@ -527,8 +527,8 @@ class DynamoBackend(DynamoTasks, Backend):
         while len(doomed) < SWEEP_BATCH and part <= seq // FEED_SPAN:
             stop = False
             async for row in self.db.query(
-                f"F#{part}", low=feed_sk(trim + 1), fields=["pk", "sk", "n", "al"]
-            ):
+                f"F#{part}", low=feed_sk(trim + 1), fields=["pk", "sk", "n", "al"], first_page=8
+            ):  # usually stops at the first row (younger than the retention)
                 last_at = row.get("al")
                 if last_at is None or float(last_at) >= events_before:
                     stop = True

@@ -285,10 +285,15 @@ class DynamoEngine:
         forward: bool = True,
         limit: int | None = None,
         fields: Sequence[str] | None = None,
+        first_page: int | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """Rows of partition ``pk`` with ``low <= sk < high`` (each bound optional), in
         sk order (``forward``) or reversed, read strongly consistent, page by page; at
-        most ``limit`` rows (``fields``: only these attributes)."""
+        most ``limit`` rows (``fields``: only these attributes).
+
+        ``first_page``: the first request asks for this many rows and each next one for
+        twice as many (up to 1,000), for a caller that usually stops after the first
+        few rows: a request is billed, and answered, by the rows it reads."""
         cond = "pk = :pk"
         values: dict[str, Any] = {":pk": {"S": pk}}
         if low is not None and high is not None:
@@ -315,9 +320,13 @@ class DynamoEngine:
             kwargs["ProjectionExpression"] = ", ".join(names)
             kwargs["ExpressionAttributeNames"] = names
         given = 0
+        page = first_page
         while True:
-            if limit is not None:
-                kwargs["Limit"] = max(1, min(1000, limit - given + 1))
+            if limit is not None or page is not None:
+                want = min(1000, limit - given + 1 if limit is not None else 1000)
+                if page is not None:
+                    want, page = min(want, page), min(1000, page * 2)
+                kwargs["Limit"] = max(1, want)
             reply = await self.call("query", **kwargs)
             for item in reply.get("Items", []):
                 row = decode(item)

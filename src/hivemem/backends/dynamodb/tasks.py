@@ -49,8 +49,16 @@ SETTLE_PER_CLAIM = 100
 #: Ready tasks a claim looks through for a due one (the claim order puts priority
 #: first, so delayed tasks of higher priority come before due ones of lower).
 CLAIM_SCAN = 1000
+#: Due ready tasks a claim reads with the head (in claim order): the first still ready
+#: is taken; several, so that the claims of one process's group commit each find one.
+CLAIM_CANDIDATES = 8
+#: Times a claim looks again when every task it found was taken before it committed.
+CLAIM_ROUNDS = 20
 #: Added to the priority in the ready index's sort key, so that higher sorts first.
 _PRIORITY_OFFSET = 10**12
+#: Task ids whose queue a process remembers (the ``TI`` row never changes: ids are
+#: not reused), so reading a task it has seen is one request, not two.
+QUEUE_MEMORY = 50_000
 #: Counters of stored states kept per queue.
 _COUNTED = ("completed", "dead", "cancelled")
 
@@ -126,9 +134,44 @@ class DynamoTasks:
 
     # Reading and storing ------------------------------------------------------------
 
+    def _queue_of(self, task_id: str) -> str | None:
+        """The queue of a task this process has seen (None: not known here)."""
+        known: dict[str, str] | None = getattr(self, "_known_queues", None)
+        return None if known is None else known.get(task_id)
+
+    def _remember(self, task_id: str, queue: str) -> None:
+        """Note the queue of a task whose ``TI`` row exists (read or committed)."""
+        known: dict[str, str] | None = getattr(self, "_known_queues", None)
+        if known is None:
+            known = {}
+            self._known_queues = known
+        if task_id not in known:
+            if len(known) >= QUEUE_MEMORY:
+                del known[next(iter(known))]  # the oldest
+            known[task_id] = queue
+
+    async def _pointer(self, task_id: str, get: Callable[[str, str], Awaitable[Any]]) -> str | None:
+        """The queue of ``task_id``: remembered, or read from its ``TI`` row with ``get``
+        (None: no such task)."""
+        queue = self._queue_of(task_id)
+        if queue is None:
+            pointer = await get("TI", task_id)
+            if pointer is None:
+                return None
+            queue = str(pointer["q"])
+            self._remember(task_id, queue)
+        return queue
+
+    def _reads(self, task_id: str) -> list[tuple[str, str]]:
+        """The rows a change of ``task_id`` reads, to fetch with the head in one request
+        (``reads`` of :func:`~.engine.run_tx`): its row and its queue's counters when the
+        queue is known here, else its ``TI`` pointer."""
+        queue = self._queue_of(task_id)
+        return [("TI", task_id)] if queue is None else [(f"TQ#{queue}", task_id), ("TQS", queue)]
+
     async def _load(self, tx: Tx, task_id: str) -> tuple[TaskRow, dict[str, Any]]:
-        pointer = await tx.get("TI", task_id)
-        found = None if pointer is None else await tx.get(f"TQ#{pointer['q']}", task_id)
+        queue = await self._pointer(task_id, tx.get)
+        found = None if queue is None else await tx.get(f"TQ#{queue}", task_id)
         if found is None:
             raise NotFound(f"task {task_id!r} does not exist", field="task_id")
         full = await self.db.expand(found)
@@ -196,7 +239,7 @@ class DynamoTasks:
         """Settle up to ``limit`` expired leases (of ``queue`` when given); returns the
         tasks as settled."""
         settled: list[TaskRow] = []
-        async for lease in self.db.query("TL", high=due_sk(now, "\U0010ffff")):
+        async for lease in self.db.query("TL", high=due_sk(now, "\U0010ffff"), first_page=8):
             if queue is not None and lease["q"] != queue:
                 continue
             found = await tx.get(f"TQ#{lease['q']}", lease["id"])
@@ -235,7 +278,11 @@ class DynamoTasks:
             self._event(tx, "task.submitted", row, row.submitted_by)
             return row, True
 
-        result = await self._write(request_id, row.created_at, job, "submit_task")
+        reads = [("TI", row.id), ("TQS", row.queue)]
+        if row.idempotency_key is not None:
+            reads.append((f"TK#{row.queue}", row.idempotency_key))
+        result = await self._write(request_id, row.created_at, job, "submit_task", reads)
+        self._remember(result[0].id, result[0].queue)
         return result[0], bool(result[1])
 
     async def claim_task(
@@ -248,45 +295,92 @@ class DynamoTasks:
         request_id: str | None = None,
     ) -> TaskRow | None:
         started = time.monotonic()
+        for _ in range(CLAIM_ROUNDS):
+            # Look first, outside the transaction: which leases of the queue have
+            # expired, and which ready tasks come first in claim order. The transaction
+            # then reads those tasks with the head in one request and commits, so
+            # another process's commit can cancel it only in that short window (a claim
+            # that ran its queries inside it lost most races, and a slower process could
+            # starve). What the queries found is checked again under the head: a task
+            # taken or settled meanwhile is skipped.
+            expired = [
+                gone
+                async for gone in self.db.query("TL", high=due_sk(now, "\U0010ffff"), first_page=8)
+                if gone["q"] == queue
+            ][:SETTLE_PER_CLAIM]
+            ready: list[tuple[str, str]] = []
+            async for r in self.db.query(
+                f"TR#{queue}", limit=CLAIM_SCAN, first_page=CLAIM_CANDIDATES
+            ):
+                if float(r["run_at"]) <= now:
+                    ready.append((r["sk"], r["id"]))
+                    if len(ready) >= CLAIM_CANDIDATES:
+                        break
+            if not ready and not expired:
+                return None
+            reads = [(f"TQ#{queue}", tid) for _, tid in ready]
+            reads += [(f"TQ#{queue}", gone["id"]) for gone in expired]
 
-        async def job(tx: Tx) -> TaskRow | None:
-            settled = await self._settle_expired(tx, queue, now, SETTLE_PER_CLAIM)
-            # The best due task: the first due row of the ready index, or one whose
-            # lease this claim just settled (not in the index until it commits).
-            best: tuple[str, str] | None = None
-            async for ready in self.db.query(f"TR#{queue}", limit=CLAIM_SCAN):
-                if float(ready["run_at"]) <= now:
-                    best = (ready["sk"], ready["id"])
-                    break
-            for row in settled:
-                if row.state == "ready" and row.run_at <= now:
-                    best = min(best or (_ready_sk(row), row.id), (_ready_sk(row), row.id))
-            if best is None:
-                return None
-            found = await tx.get(f"TQ#{queue}", best[1])
-            if found is None:
-                return None
-            full = await self.db.expand(found)
-            if full is None:
-                return None
-            row = _task_from(full)
-            if row.state != "ready":
-                return None
-            new = _replace(
-                row,
-                state="running",
-                attempt=row.attempt + 1,
-                claimed_by=worker,
-                lease=lease,
-                lease_until=now + _waited(started) + lease,
-                updated_at=now,
-            )
-            await self._store(tx, row, new, found)
-            self._event(tx, "task.claimed", new, worker)
-            return new
+            async def job(
+                tx: Tx,
+                ready: list[tuple[str, str]] = ready,
+                expired: list[dict[str, Any]] = expired,
+            ) -> TaskRow | None:
+                settled: list[TaskRow] = []
+                for gone in expired:
+                    found = await tx.get(f"TQ#{queue}", gone["id"])
+                    if found is None:
+                        continue
+                    row = _task_from(found)
+                    if row.state == "running" and row.lease_until is not None:
+                        if row.lease_until <= now:
+                            settled.append(await self._settle(tx, row, found, now))
+                # The best due task: the first candidate still ready (another claim of
+                # this group may have taken one), or one whose lease this claim just
+                # settled (not in the index until it commits).
+                best: tuple[str, str] | None = None
+                for sk, tid in ready:
+                    found = await tx.get(f"TQ#{queue}", tid)
+                    if found is not None and found.get("state") == "ready":
+                        best = (sk, tid)
+                        break
+                for row in settled:
+                    if row.state == "ready" and row.run_at <= now:
+                        best = min(best or (_ready_sk(row), row.id), (_ready_sk(row), row.id))
+                if best is None:
+                    if settled:
+                        return None  # settled what expired; nothing due to take
+                    raise _Stale
+                found = await tx.get(f"TQ#{queue}", best[1])
+                full = None if found is None else await self.db.expand(found)
+                if full is None:
+                    raise _Stale
+                row = _task_from(full)
+                if row.state != "ready":
+                    raise _Stale
+                new = _replace(
+                    row,
+                    state="running",
+                    attempt=row.attempt + 1,
+                    claimed_by=worker,
+                    lease=lease,
+                    lease_until=now + _waited(started) + lease,
+                    updated_at=now,
+                )
+                await self._store(tx, row, new, found)
+                self._event(tx, "task.claimed", new, worker)
+                return new
 
-        result: TaskRow | None = await self._write(request_id, now, job, "claim_task")
-        return result
+            try:
+                result: TaskRow | None = await self._write(
+                    request_id, now, job, "claim_task", reads
+                )
+            except _Stale:
+                continue  # every task found was taken meanwhile: look again
+            if result is not None:
+                self._remember(result.id, result.queue)
+            return result
+        return None
 
     async def heartbeat_task(
         self,
@@ -308,7 +402,9 @@ class DynamoTasks:
             await self._store(tx, row, new, stored)
             return new
 
-        result: TaskRow = await self._write(request_id, now, job, "heartbeat_task")
+        result: TaskRow = await self._write(
+            request_id, now, job, "heartbeat_task", self._reads(task_id)
+        )
         return result
 
     async def finish_task(
@@ -341,7 +437,7 @@ class DynamoTasks:
             self._event(tx, kind, new, worker)
             return new
 
-        done: TaskRow = await self._write(request_id, now, job, "finish_task")
+        done: TaskRow = await self._write(request_id, now, job, "finish_task", self._reads(task_id))
         return done
 
     async def cancel_task(
@@ -367,7 +463,7 @@ class DynamoTasks:
             self._event(tx, "task.cancelled", new, author)
             return new
 
-        done: TaskRow = await self._write(request_id, now, job, "cancel_task")
+        done: TaskRow = await self._write(request_id, now, job, "cancel_task", self._reads(task_id))
         return done
 
     async def requeue_task(
@@ -402,15 +498,17 @@ class DynamoTasks:
             self._event(tx, "task.requeued", new, author)
             return new
 
-        done: TaskRow = await self._write(request_id, now, job, "requeue_task")
+        done: TaskRow = await self._write(
+            request_id, now, job, "requeue_task", self._reads(task_id)
+        )
         return done
 
     async def get_task(self, task_id: str) -> TaskRow | None:
         for _ in range(5):
-            pointer = await self.db.get("TI", task_id)
-            if pointer is None:
+            queue = await self._pointer(task_id, self.db.get)
+            if queue is None:
                 return None
-            found = await self.db.get(f"TQ#{pointer['q']}", task_id)
+            found = await self.db.get(f"TQ#{queue}", task_id)
             if found is None:
                 return None
             full = await self.db.expand(found)
@@ -425,7 +523,7 @@ class DynamoTasks:
         if limit <= 0:
             return out
         low = None if after is None else after + "\0"
-        async for found in self.db.query(f"TQ#{queue}", low=low):
+        async for found in self.db.query(f"TQ#{queue}", low=low, first_page=limit + 1):
             if state is not None and found.get("state") != state:
                 continue
             full = await self.db.expand(found)
@@ -508,6 +606,11 @@ class DynamoTasks:
 
         swept: int = await run_tx(self.db, job, what="sweep_tasks")
         return swept
+
+
+class _Stale(Exception):
+    """A claim found every task it looked at taken when its transaction read them: it
+    writes nothing and looks again."""
 
 
 def _waited(started: float) -> float:
