@@ -41,6 +41,7 @@ KINDS = [
     pytest.param("remote-postgres", marks=pytest.mark.matrix),
     pytest.param("remote-redis", marks=pytest.mark.matrix),
     pytest.param("remote-redis-cluster", marks=pytest.mark.matrix),
+    pytest.param("remote-dynamodb", marks=pytest.mark.matrix),
 ]
 
 
