@@ -50,10 +50,17 @@ temporary directory and stopped at the end; nothing already running is used):
   one-job worker start at most two jobs a second; a list such as ``0.5,0.01`` runs each).
 - ``redis-cluster``: hivemem on ``RedisClusterServers`` (3 masters + 3 replicas).
 - ``http``: hivemem through ``hivemem serve --store sqlite:///<tmp>/svc.db``; the
-  workers and the submitter all use ``RemoteHive``.
+  workers and the submitter all use ``RemoteHive``. ``http-postgres`` and
+  ``http-redis``: the same over a ``PostgresServer`` or a ``RedisServer`` (the server
+  CPU column counts the service and the store together).
+- ``dynamodb``: hivemem on moto's DynamoDB (``tests/servers/moto.py``, one request at a
+  time in one Python process): it measures hivemem's requests against an emulator
+  whose every request costs milliseconds of Python, not DynamoDB's speed.
 
 Layouts: ``5x1`` (``--workers`` processes, concurrency 1 each; every system) and, for
-hivemem, ``1x5`` (one process, ``Worker(concurrency=5)``; ``--no-single`` skips it).
+every system, ``1x5`` (one process: hivemem's ``Worker(concurrency=5)``, arq's
+``max_jobs=5``, procrastinate's ``concurrency=5``; ``--no-single`` skips it). The
+ratios compare hivemem with each baseline in the same layout.
 Every worker process is this script started with ``--role worker``.
 
 Also reported, over the throughput run: CPU ms per task of the worker processes
@@ -71,7 +78,7 @@ every round's figures are in the JSON.
 
 Usage::
 
-    python bench/tasks.py                                 # everything, ~6 minutes on 2 cores
+    python bench/tasks.py                                 # everything, ~20 minutes on 2 cores
     python bench/tasks.py --stores redis,postgres --rounds 3
     python bench/tasks.py --quick                         # ~3 minutes: 500 tasks, 100 claims
 
@@ -119,7 +126,16 @@ from common import (  # noqa: E402
     wait_http_ready,
 )
 
-STORES = ("sqlite", "postgres", "redis", "redis-cluster", "http")
+STORES = (
+    "sqlite",
+    "postgres",
+    "redis",
+    "redis-cluster",
+    "http",
+    "http-postgres",
+    "http-redis",
+    "dynamodb",
+)
 SYSTEMS = ("hivemem", "arq", "procrastinate")
 DEFAULT_JSON = BENCH_DIR / "results" / "tasks.json"
 #: How long a worker process may take to say it is ready.
@@ -776,28 +792,69 @@ def started_store(
                 "server_requests": lambda system: redis_commands(ports),
             }
     elif kind == "http":
-        port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "hivemem",
-            "serve",
-            "--store",
-            f"sqlite:///{where / 'svc.db'}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        proc = procs.start(cmd, "service.log", env={"HIVEMEM_EMBEDDER": "none"})
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_http_ready(f"{base}/readyz", proc, 60, procs.log_dir / "service.log")
-            yield {"hivemem": base, "server_pids": lambda: [proc.pid]}
-        finally:
-            procs.stop(proc)
+        with started_service(f"sqlite:///{where / 'svc.db'}", procs) as svc:
+            yield svc
+    elif kind == "http-postgres":
+        from tests.servers.postgres import PostgresServer
+
+        for d in (tmp, where):
+            d.chmod(0o755)
+        with PostgresServer(base_dir=where / "pg") as pg:
+            assert pg.proc is not None
+            postmaster = pg.proc.pid
+            with started_service(pg.url, procs) as svc:
+                service = svc["server_pids"]
+                yield {
+                    **svc,
+                    "server_pids": lambda: [*service(), postmaster, *children(postmaster)],
+                }
+    elif kind == "http-redis":
+        from tests.servers.redis import RedisServer
+
+        with RedisServer(where / "redis") as server:
+            assert server.proc is not None
+            pid = server.proc.pid
+            with started_service(server.url, procs) as svc:
+                service = svc["server_pids"]
+                yield {
+                    **svc,
+                    "server_pids": lambda: [*service(), pid],
+                    "server_requests": lambda system: redis_commands([server.port]),
+                }
+    elif kind == "dynamodb":
+        from tests.servers.moto import MotoServer
+
+        with MotoServer(log_path=where / "moto.log") as aws:
+            assert aws._proc is not None
+            pid = aws._proc.pid
+            yield {"hivemem": aws.dynamodb_url("bench"), "server_pids": lambda: [pid]}
     else:
         raise ValueError(f"unknown store {kind!r}")
+
+
+@contextlib.contextmanager
+def started_service(store: str, procs: Procs) -> Iterator[dict[str, Any]]:
+    """``hivemem serve`` on ``store`` (embedder none) on a free port, until the block ends."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "hivemem",
+        "serve",
+        "--store",
+        store,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    proc = procs.start(cmd, "service.log", env={"HIVEMEM_EMBEDDER": "none"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http_ready(f"{base}/readyz", proc, 60, procs.log_dir / "service.log")
+        yield {"hivemem": base, "server_pids": lambda: [proc.pid]}
+    finally:
+        procs.stop(proc)
 
 
 async def apply_procrastinate_schema(url: str) -> None:
@@ -859,34 +916,39 @@ def runs_for(kind: str, urls: dict[str, Any], args: argparse.Namespace) -> list[
                     server_requests=requests,
                 )
             )
+    # The baselines in hivemem's layouts: five processes of one, and (``--single``) one
+    # process of five (arq's ``max_jobs``, procrastinate's ``concurrency``).
+    layouts = [(args.workers, 1)] + ([(1, args.workers)] if args.single else [])
     if "arq" in urls and "arq" in args.system_list:
         for poll in args.arq_polls:
+            for n, conc in layouts:
+                out.append(
+                    Run(
+                        "arq",
+                        kind,
+                        n,
+                        conc,
+                        urls["arq"],
+                        ARQ_QUEUE,
+                        arq_poll=poll,
+                        server_pids=pids,
+                        server_requests=requests,
+                    )
+                )
+    if "procrastinate" in urls and "procrastinate" in args.system_list:
+        for n, conc in layouts:
             out.append(
                 Run(
-                    "arq",
+                    "procrastinate",
                     kind,
-                    args.workers,
-                    1,
-                    urls["arq"],
-                    ARQ_QUEUE,
-                    arq_poll=poll,
+                    n,
+                    conc,
+                    urls["procrastinate"],
+                    PROC_QUEUE,
                     server_pids=pids,
                     server_requests=requests,
                 )
             )
-    if "procrastinate" in urls and "procrastinate" in args.system_list:
-        out.append(
-            Run(
-                "procrastinate",
-                kind,
-                args.workers,
-                1,
-                urls["procrastinate"],
-                PROC_QUEUE,
-                server_pids=pids,
-                server_requests=requests,
-            )
-        )
     return out
 
 
@@ -1000,13 +1062,16 @@ def make_rows(per_round: dict[str, list[tuple[Result, Result]]]) -> list[Row]:
 
 
 def ratios(rows: list[Row], workers: int) -> list[dict[str, Any]]:
-    """hivemem ÷ the baseline on the same server, both with ``workers`` x 1 (medians)."""
+    """hivemem ÷ the baseline on the same server with the same layout (``workers`` x 1,
+    and 1 x ``workers`` when both ran it; medians)."""
     by_name = {r.name: r for r in rows}
     out = []
     for store, base_system in (("redis", "arq"), ("postgres", "procrastinate")):
-        ours = by_name.get(f"hivemem.{store}.{workers}x1")
         for base in rows:
-            if ours is None or not base.name.startswith(f"{base_system}.{store}."):
+            if not base.name.startswith(f"{base_system}.{store}."):
+                continue
+            ours = by_name.get(f"hivemem.{store}.{base.name.split('.')[2]}")
+            if ours is None:
                 continue
 
             def ratio(a: float | None, b: float | None) -> float | None:
