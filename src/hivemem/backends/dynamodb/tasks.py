@@ -51,7 +51,7 @@ SETTLE_PER_CLAIM = 100
 CLAIM_SCAN = 1000
 #: Due ready tasks a claim reads with the head (in claim order): the first still ready
 #: is taken; several, so that the claims of one process's group commit each find one.
-CLAIM_CANDIDATES = 8
+CLAIM_CANDIDATES = 4
 #: Times a claim looks again when every task it found was taken before it committed.
 CLAIM_ROUNDS = 20
 #: Added to the priority in the ready index's sort key, so that higher sorts first.
