@@ -233,15 +233,24 @@ class DynamoTasks:
         self._event(tx, kind, new, "hivemem")
         return new
 
-    async def _settle_expired(
-        self, tx: Tx, queue: str | None, now: float, limit: int
-    ) -> list[TaskRow]:
-        """Settle up to ``limit`` expired leases (of ``queue`` when given); returns the
-        tasks as settled."""
-        settled: list[TaskRow] = []
+    async def _expired(self, queue: str | None, now: float, limit: int) -> list[dict[str, Any]]:
+        """The lease rows (``TL``) ended by ``now``, of ``queue`` when given, at most
+        ``limit``: read outside a transaction, settled by :meth:`_settle_expired` in one."""
+        found: list[dict[str, Any]] = []
         async for lease in self.db.query("TL", high=due_sk(now, "\U0010ffff"), first_page=8):
-            if queue is not None and lease["q"] != queue:
-                continue
+            if queue is None or lease["q"] == queue:
+                found.append(lease)
+                if len(found) >= limit:
+                    break
+        return found
+
+    async def _settle_expired(
+        self, tx: Tx, leases: list[dict[str, Any]], now: float
+    ) -> list[TaskRow]:
+        """Settle the tasks of ``leases`` (from :meth:`_expired`) whose lease, read again
+        in ``tx``, has still ended; returns the tasks as settled."""
+        settled: list[TaskRow] = []
+        for lease in leases:
             found = await tx.get(f"TQ#{lease['q']}", lease["id"])
             if found is None:
                 continue
@@ -249,8 +258,6 @@ class DynamoTasks:
             if row.state != "running" or row.lease_until is None or row.lease_until > now:
                 continue
             settled.append(await self._settle(tx, row, found, now))
-            if len(settled) >= limit:
-                break
         return settled
 
     _held = staticmethod(check_held)
@@ -303,11 +310,7 @@ class DynamoTasks:
             # that ran its queries inside it lost most races, and a slower process could
             # starve). What the queries found is checked again under the head: a task
             # taken or settled meanwhile is skipped.
-            expired = [
-                gone
-                async for gone in self.db.query("TL", high=due_sk(now, "\U0010ffff"), first_page=8)
-                if gone["q"] == queue
-            ][:SETTLE_PER_CLAIM]
+            expired = await self._expired(queue, now, SETTLE_PER_CLAIM)
             ready: list[tuple[str, str]] = []
             async for r in self.db.query(
                 f"TR#{queue}", limit=CLAIM_SCAN, first_page=CLAIM_CANDIDATES
@@ -326,15 +329,7 @@ class DynamoTasks:
                 ready: list[tuple[str, str]] = ready,
                 expired: list[dict[str, Any]] = expired,
             ) -> TaskRow | None:
-                settled: list[TaskRow] = []
-                for gone in expired:
-                    found = await tx.get(f"TQ#{queue}", gone["id"])
-                    if found is None:
-                        continue
-                    row = _task_from(found)
-                    if row.state == "running" and row.lease_until is not None:
-                        if row.lease_until <= now:
-                            settled.append(await self._settle(tx, row, found, now))
+                settled = await self._settle_expired(tx, expired, now)
                 # The best due task: the first candidate still ready (another claim of
                 # this group may have taken one), or one whose lease this claim just
                 # settled (not in the index until it commits).
@@ -563,13 +558,15 @@ class DynamoTasks:
 
     async def expire_leases(self, now: float, limit: int) -> int:
         # A read first: every hive process runs this each second.
-        if not await self.db.rows("TL", high=due_sk(now, "\U0010ffff"), limit=1):
+        leases = await self._expired(None, now, min(limit, 20))
+        if not leases:
             return 0
 
         async def job(tx: Tx) -> int:
-            return len(await self._settle_expired(tx, None, now, min(limit, 20)))
+            return len(await self._settle_expired(tx, leases, now))
 
-        settled: int = await run_tx(self.db, job, what="expire_leases")
+        reads = [(f"TQ#{lease['q']}", lease["id"]) for lease in leases]
+        settled: int = await run_tx(self.db, job, what="expire_leases", reads=reads)
         if settled:
             self.changes_notify()
         return settled
