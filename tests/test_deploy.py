@@ -52,7 +52,100 @@ def test_the_dockerfile_passes_hadolint() -> None:
     assert text.count("FROM ") == 2  # multi-stage
 
 
-def test_the_kubernetes_manifests_validate() -> None:
+#: The kustomization fields :func:`render` knows; any other fails the test rather than
+#: being left out of what is validated.
+_KUSTOMIZE_FIELDS = {"apiVersion", "kind", "namespace", "resources", "labels", "images", "patches"}
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """A strategic merge patch as our overlays use it: maps merge key by key, lists of
+    maps with a ``name`` (containers, ports) merge item by item on it, anything else is
+    replaced (Kubernetes' patchMergeKey of those lists is ``name``)."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = _merge(base[k], v) if k in base else v
+        return out
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(x, dict) and "name" in x for x in base + patch)
+    ):
+        merged = {x["name"]: x for x in base}
+        for x in patch:
+            merged[x["name"]] = _merge(merged[x["name"]], x) if x["name"] in merged else x
+        return list(merged.values())
+    return patch
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """What ``kustomize build directory`` makes of our base and overlays: resources,
+    labels (on each resource's metadata only), namespace, images and strategic merge
+    patches (each must match a resource by kind and name)."""
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert set(k) <= _KUSTOMIZE_FIELDS, set(k) - _KUSTOMIZE_FIELDS
+    docs: list[dict[str, Any]] = []
+    for resource in k["resources"]:
+        path = (directory / resource).resolve()
+        if path.is_dir():
+            docs += render(path)
+        else:
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for label in k.get("labels", []):
+        assert set(label) <= {"pairs", "includeSelectors"} and not label.get("includeSelectors")
+        for d in docs:
+            d["metadata"]["labels"] = {**d["metadata"].get("labels", {}), **label["pairs"]}
+    for patch in k.get("patches", []):
+        assert set(patch) == {"path"}, patch
+        doc = yaml.safe_load((directory / patch["path"]).read_text())
+        target = [
+            i
+            for i, d in enumerate(docs)
+            if (d["kind"], d["metadata"]["name"]) == (doc["kind"], doc["metadata"]["name"])
+        ]
+        assert len(target) == 1, (directory, patch, "patches no resource of the base")
+        docs[target[0]] = _merge(docs[target[0]], doc)
+    for image in k.get("images", []):
+        for d in docs:
+            for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                name, _, _tag = c["image"].partition(":")
+                if name == image["name"]:
+                    c["image"] = f"{image.get('newName', name)}:{image['newTag']}"
+    if "namespace" in k:
+        for d in docs:
+            d["metadata"]["namespace"] = k["namespace"]
+    return docs
+
+
+def validate_kubernetes(docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    """kubernetes-validate (strict, :data:`KUBERNETES`) on the built-in kinds of
+    ``docs``; the Prometheus Operator's ServiceMonitor against its own model
+    (cloudcoil's prometheus-operator models, generated from the operator's CRDs): it
+    must parse, and read back field for field, so no unknown field was dropped."""
+    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+    builtin = [d for d in docs if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    monitors = [d for d in docs if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert [d["kind"] for d in monitors] == ["ServiceMonitor"]
+    files = []
+    for i, d in enumerate(builtin):
+        files.append(tmp_path / f"{i}-{d['kind']}.yaml")
+        files[-1].write_text(yaml.safe_dump(d))
+    done = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "-k", KUBERNETES, "--strict", "--quiet"]
+        + [str(p) for p in files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ERROR" not in done.stdout + done.stderr
+    for d in monitors:
+        parsed = ServiceMonitor.model_validate(d)
+        assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == d
+
+
+def test_the_kubernetes_manifests_validate(tmp_path: Path) -> None:
     base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
     files = [K8S / "base" / name for name in base["resources"]]
     assert {p.name for p in files} >= {
@@ -64,18 +157,7 @@ def test_the_kubernetes_manifests_validate() -> None:
         "secret.yaml",
         "servicemonitor.yaml",
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "kubernetes_validate", "-k", KUBERNETES, "--strict", "--quiet"]
-        + [str(p) for p in files],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "ERROR" not in done.stdout + done.stderr
-    kinds = {
-        (d["kind"], d["metadata"]["name"]) for p in files for d in yaml.safe_load_all(p.read_text())
-    }
+    validate_kubernetes(render(K8S / "base"), tmp_path)
     deployment = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())
     probes = deployment["spec"]["template"]["spec"]["containers"][0]
     assert probes["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -83,32 +165,44 @@ def test_the_kubernetes_manifests_validate() -> None:
     config = yaml.safe_load((K8S / "base" / "configmap.yaml").read_text())
     secret = yaml.safe_load((K8S / "base" / "secret.yaml").read_text())
     assert not settings_of({**config["data"], **secret["stringData"]})
-    # Each overlay builds on the base and patches only what the base has.
+    # Each overlay, built, validates as the base does.
     for overlay in ("dev", "prod"):
         k = yaml.safe_load((K8S / "overlays" / overlay / "kustomization.yaml").read_text())
         assert k["resources"] == ["../../base"]
-        patched: dict[str, Any] = {}
-        for patch in k.get("patches", []):
-            doc = yaml.safe_load((K8S / "overlays" / overlay / patch["path"]).read_text())
-            assert (doc["kind"], doc["metadata"]["name"]) in kinds, (overlay, patch)
-            patched[doc["kind"]] = doc["spec"]
+        docs = render(K8S / "overlays" / overlay)
+        (tmp_path / overlay).mkdir()
+        validate_kubernetes(docs, tmp_path / overlay)
+        assert {d["metadata"]["namespace"] for d in docs} == {k["namespace"]}
+        spec = {d["kind"]: d["spec"] for d in docs if "spec" in d}
         # The replica count, the autoscaler's floor and the disruption budget agree: the
         # autoscaler does not undo the overlay's count, and a drain can take a pod.
-        spec = {
-            kind: {**yaml.safe_load((K8S / "base" / f"{name}.yaml").read_text())["spec"]}
-            for kind, name in (
-                ("Deployment", "deployment"),
-                ("HorizontalPodAutoscaler", "hpa"),
-                ("PodDisruptionBudget", "pdb"),
-            )
-        }
-        for kind, fields in patched.items():
-            if kind in spec:
-                spec[kind].update(fields)
         floor = spec["HorizontalPodAutoscaler"]["minReplicas"]
         replicas = spec["Deployment"].get("replicas", floor)
         assert floor <= replicas, (overlay, floor, replicas)
         assert spec["PodDisruptionBudget"]["minAvailable"] < floor, overlay
+    prod = {d["kind"]: d for d in render(K8S / "overlays" / "prod")}
+    (container,) = prod["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.example.com/hivemem:0.1.0"
+    assert container["resources"]["limits"]["memory"] == "4Gi"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # merged, not replaced
+
+
+def test_a_broken_manifest_fails_validation(tmp_path: Path) -> None:
+    # The checks above can fail: a misspelt ServiceMonitor field, a bad interval, and a
+    # Deployment field of the wrong type are each refused.
+    docs = render(K8S / "base")
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    for broken in (
+        {"path": "/metrics", "port": "http", "intervall": "15s"},
+        {"path": "/metrics", "port": "http", "interval": "15 seconds"},
+    ):
+        monitor["spec"]["endpoints"] = [broken]
+        with pytest.raises(Exception):  # noqa: B017 (AssertionError or pydantic's)
+            validate_kubernetes(docs, tmp_path)
+    docs = render(K8S / "base")
+    next(d for d in docs if d["kind"] == "Deployment")["spec"]["replicas"] = "three"
+    with pytest.raises(AssertionError):
+        validate_kubernetes(docs, tmp_path)
 
 
 def test_the_compose_file_follows_the_compose_specification() -> None:

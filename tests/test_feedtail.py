@@ -232,3 +232,28 @@ async def test_the_tail_outlives_an_error_of_the_engine_driver(
     await asyncio.wait_for(watcher, 20)
     assert failures[0] == 0
     assert [e.key for e in got] == ["k0", "k1", "k2", "k3"]
+
+
+async def test_the_reader_marks_each_read_even_when_no_event_comes(tmp_path: Any) -> None:
+    # hivemem_feed_tail_read_timestamp_seconds moves while a watch is open and nothing is
+    # written (what lets an alert tell a stalled reader from a quiet feed), and not
+    # before any watch opens.
+    settings = Settings(embedder="none", feed_poll_seconds=0.1)
+    h = hivemem.connect(f"sqlite:///{tmp_path}/r.db", agent="w", settings=settings)
+    assert isinstance(h, LocalHive)
+    async with h:
+
+        def read_at() -> float:
+            value = h.metrics.registry.get_sample_value("hivemem_feed_tail_read_timestamp_seconds")
+            assert value is not None
+            return value
+
+        await asyncio.sleep(0.3)
+        assert read_at() == 0  # no watch, no reader
+        watching = asyncio.create_task(collect(h, "quiet", 1, []))
+        await until(lambda: read_at() > 0)
+        first = read_at()
+        await until(lambda: read_at() >= first + 0.2)
+        watching.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watching

@@ -46,7 +46,7 @@ def test_each_alert_fires_on_its_series_and_none_on_a_healthy_replica() -> None:
     # Every alert of the rules file has a test of its own in which it fires.
     alerts = re.findall(r"- alert: (\w+)", RULES[1].read_text())
     tests = (DEPLOY / "tests" / "alerts_test.yml").read_text()
-    assert len(alerts) == 10
+    assert len(alerts) == 11
     for name in alerts:
         assert re.search(rf"alertname: {name}\n\s+exp_alerts:\n\s+- exp_labels", tests), name
 

@@ -139,10 +139,22 @@ class CursorExpired(HivememError):
 
 
 class Unauthenticated(HivememError):
-    """Raised when the caller's identity is missing or cannot be verified."""
+    """Raised when the caller's identity is missing or cannot be verified.
+
+    Attributes:
+        agent: the agent the refused credential names, where the service could trust
+            that much (an API key whose id is stored but whose secret is wrong; a JWT
+            whose signature verified but whose claims did not: expired, not valid yet,
+            another audience or issuer), else None. For the operators' figures
+            (``hivemem_auth_failures_total``); never sent to the caller.
+    """
 
     status = 401
     type = "unauthenticated"
+
+    def __init__(self, message: str, *, field: str | None = None, agent: str | None = None):
+        super().__init__(message, field=field)
+        self.agent = agent
 
 
 class PermissionDenied(HivememError):

@@ -25,7 +25,9 @@ The metric list (label names in brackets):
 - ``hivemem_feed_head_timestamp_seconds`` (commit time of the newest event this process
   has seen), ``hivemem_feed_watchers`` (open watches: SSE streams and ``watch``
   iterators), ``hivemem_feed_delivery_lag_seconds`` (histogram: commit to delivery to a
-  watcher);
+  watcher), ``hivemem_feed_tail_read_timestamp_seconds`` (the process's one feed reader's
+  last successful read: at least every ``feed_poll_seconds`` while watches are open, so a
+  stalled reader shows even when no event is delivered);
 - ``hivemem_search_duration_seconds`` [mode, index] (histogram; index ``memory``: the
   in-process indexes, ``engine``: the store ranked);
 - ``hivemem_embedding_batch_size`` (histogram of texts per model call),
@@ -42,7 +44,9 @@ The metric list (label names in brackets):
   ``hivemem_task_claim_wait_seconds`` [queue] (histogram: a claim call's wait),
   ``hivemem_task_duration_seconds`` [queue, outcome] (histogram: claim to complete or
   fail);
-- ``hivemem_rate_limited_total`` [agent], ``hivemem_auth_failures_total`` [reason];
+- ``hivemem_rate_limited_total`` [agent], ``hivemem_auth_failures_total`` [reason, agent]
+  (``agent``: the agent a refused credential names where that can be trusted, an API key
+  whose id is stored or a JWT whose signature verified; else ``unknown``);
 - ``hivemem_session_tokens_total`` [app, kind] (input, output),
   ``hivemem_session_cost_total`` [app] (the unit the agents report, e.g. USD);
 - ``hivemem_cache_requests_total`` [cache, result] (``rows``: the filter-row cache,
@@ -55,8 +59,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -68,17 +74,27 @@ from prometheus_client import (
     generate_latest,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from hivemem.hive import Hive
 
-__all__ = ["CONTENT_TYPE", "MAX_LABEL_VALUES", "Metrics", "exposition", "serve"]
+__all__ = [
+    "CONTENT_TYPE",
+    "MAX_LABEL_VALUES",
+    "HotCounter",
+    "HotHistogram",
+    "Metrics",
+    "exposition",
+    "serve",
+]
 
 #: Distinct values a client-chosen label (agent, app, queue) keeps per metric family;
 #: later ones are counted as ``"other"``.
@@ -126,6 +142,130 @@ class _Bounded:
         return "other"
 
 
+class _HotCount:
+    """One labelled series of a :class:`HotCounter`."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HotBuckets:
+    """One labelled series of a :class:`HotHistogram`: a count per bucket (not
+    cumulative; the last one is ``+Inf``) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # bisect_left: the first bound >= amount, i.e. the bucket ``le`` that holds it
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+
+class _HotFamily(Collector):
+    """A labelled metric family kept in plain Python numbers and exposed through the
+    registry as a collector. For the per-request paths (every HTTP request and store
+    call): an observation is a dict lookup, a bisect and two additions, about 0.2 µs,
+    where prometheus-client's takes a lock per updated value (1.1 µs a histogram
+    observation, 0.5 µs a counter increment, measured here with ``timeit``).
+
+    The series are updated without a lock: by one thread at a time, the hive's event
+    loop, which is where requests are served and store calls awaited. A scrape from
+    another thread (:func:`serve`) copies each series and may miss an observation in
+    flight, never a whole one afterwards."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._series: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def describe(self) -> list[Any]:
+        return [self._family()]
+
+    def _family(self) -> Any:
+        raise NotImplementedError
+
+
+class HotCounter(_HotFamily):
+    """A labelled counter (exposed as ``<name>_total``) for the per-request paths; see
+    :class:`_HotFamily`. ``labels(*values)`` returns the series, whose ``inc(amount=1)``
+    adds."""
+
+    def labels(self, *values: str) -> _HotCount:
+        series = self._series.get(values)
+        if series is None:
+            series = self._series.setdefault(values, _HotCount())
+        return series  # type: ignore[no-any-return]
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterable[Any]:
+        family = self._family()
+        for values, series in list(self._series.items()):
+            family.add_metric(list(values), series.value, created=series.created)
+        yield family
+
+
+class HotHistogram(_HotFamily):
+    """A labelled histogram for the per-request paths; see :class:`_HotFamily`.
+    ``labels(*values)`` returns the series, whose ``observe(amount)`` records one value.
+
+    Args:
+        buckets: the upper bounds, ascending, without ``+Inf`` (added).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        buckets: Iterable[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self.bounds = tuple(float(b) for b in buckets)
+        ascending = list(self.bounds) == sorted(set(self.bounds))
+        if not ascending or not all(map(math.isfinite, self.bounds)):
+            raise ValueError("buckets must be finite and strictly ascending")
+        # the same ``le`` text as prometheus-client's own histograms
+        self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
+        super().__init__(name, documentation, labelnames, registry)
+
+    def labels(self, *values: str) -> _HotBuckets:
+        series = self._series.get(values)
+        if series is None:
+            series = self._series.setdefault(values, _HotBuckets(self.bounds))
+        return series  # type: ignore[no-any-return]
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterable[Any]:
+        family = self._family()
+        for values, series in list(self._series.items()):
+            counts, total = list(series.counts), series.sum
+            cumulative, seen = [], 0
+            for le, n in zip(self._les, counts, strict=True):
+                seen += n
+                cumulative.append((le, float(seen)))
+            family.add_metric(list(values), cumulative, total)
+        yield family
+
+
 class Metrics:
     """The metric families of one hive, in a registry of their own.
 
@@ -147,13 +287,13 @@ class Metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        self.http_requests = Counter(
+        self.http_requests = HotCounter(
             "hivemem_http_requests",
             "HTTP requests answered.",
             ["route", "method", "status"],
             registry=r,
         )
-        self.http_seconds = Histogram(
+        self.http_seconds = HotHistogram(
             "hivemem_http_request_duration_seconds",
             "Time from a request's arrival to its response's last byte (SSE: to the stream's end).",
             ["route", "method"],
@@ -163,7 +303,7 @@ class Metrics:
         self.http_in_flight = Gauge(
             "hivemem_http_requests_in_flight", "HTTP requests being served.", registry=r
         )
-        self.store_seconds = Histogram(
+        self.store_seconds = HotHistogram(
             "hivemem_store_operation_duration_seconds",
             "Time of each call into the store backend.",
             ["backend", "operation"],
@@ -179,6 +319,12 @@ class Metrics:
         self.feed_head = Gauge(
             "hivemem_feed_head_timestamp_seconds",
             "Commit time (UNIX seconds) of the newest feed event this process has seen.",
+            registry=r,
+        )
+        self.feed_read = Gauge(
+            "hivemem_feed_tail_read_timestamp_seconds",
+            "When (UNIX seconds) this process's feed reader last read the feed; it reads at "
+            "least every feed_poll_seconds while watches are open.",
             registry=r,
         )
         self.feed_watchers = Gauge(
@@ -252,8 +398,10 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "hivemem_auth_failures",
-            "Requests refused for missing or invalid credentials, by reason.",
-            ["reason"],
+            "Requests refused for missing or invalid credentials, by reason and by the agent "
+            "the credential names where that can be trusted (a stored key's id, a token "
+            "whose signature verified), else 'unknown'.",
+            ["reason", "agent"],
             registry=r,
         )
         self.session_tokens = Counter(

@@ -56,12 +56,19 @@ class FeedTail:
     """
 
     def __init__(
-        self, backend: Backend, poll_seconds: float, on_rows: Callable[[float], None] | None = None
+        self,
+        backend: Backend,
+        poll_seconds: float,
+        on_rows: Callable[[float], None] | None = None,
+        on_read: Callable[[], None] | None = None,
     ) -> None:
         self._backend = backend
         self._poll = poll_seconds
         #: Called with the commit time of the newest event of each batch read.
         self._on_rows = on_rows
+        #: Called after each successful feed query (at least every ``poll_seconds`` while
+        #: the reader runs), so a stalled reader shows even when no events come.
+        self._on_read = on_read
         self._events: deque[EventRow] = deque()
         self._start = 0  # position of self._events[0]
         self._bytes = 0  # estimated size of self._events
@@ -194,6 +201,8 @@ class FeedTail:
                 generation = changes.generation
                 rows, next_cursor = await self._backend.read_events("", self._cursor, TAIL_BATCH)
                 self.reads += 1
+                if self._on_read is not None:
+                    self._on_read()
             except asyncio.CancelledError:
                 raise
             except CursorExpired:

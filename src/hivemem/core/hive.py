@@ -189,7 +189,10 @@ class _Shared:
     def feed_tail(self) -> FeedTail:
         if self.tail is None:
             self.tail = FeedTail(
-                self.backend, self.settings.feed_poll_seconds, self.metrics.feed_head.set
+                self.backend,
+                self.settings.feed_poll_seconds,
+                self.metrics.feed_head.set,
+                self.metrics.feed_read.set_to_current_time,
             )
         return self.tail
 

@@ -521,10 +521,10 @@ class SearchMixin(Area):
                 passing, unknown = await asyncio.to_thread(cache.check, fresh, conditions, now)
             else:
                 passing, unknown = cache.check(fresh, conditions, now)
-                cache_requests = self.metrics.cache
-                cache_requests.labels("rows", "hit").inc(len(fresh) - len(unknown))
-                if unknown:
-                    cache_requests.labels("rows", "miss").inc(len(unknown))
+            cache_requests = self.metrics.cache
+            cache_requests.labels("rows", "hit").inc(len(fresh) - len(unknown))
+            if unknown:
+                cache_requests.labels("rows", "miss").inc(len(unknown))
             checked.update((key, key in passing) for key in fresh)
             if unknown:  # written since the cache caught up: ask the store
                 for row in await self._backend.get_items(unknown, now):

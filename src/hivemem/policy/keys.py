@@ -330,11 +330,21 @@ class KeyStore:
         Raises:
             Unavailable: the store cannot be reached (not a verdict on the key).
         """
+        return (await self.check(token))[0]
+
+    async def check(self, token: str) -> tuple[Principal | None, str | None]:
+        """:meth:`verify`, and on a refusal the agent whose stored key the token's id
+        names (its secret was wrong), else None: who a failure concerns, for the
+        operators' figures, never a grant.
+
+        Raises:
+            Unavailable: the store cannot be reached.
+        """
         if not isinstance(token, str) or len(token) > _MAX_TOKEN_CHARS:
-            return None
+            return None, None
         match = _KEY_RE.fullmatch(token)
         if match is None:
-            return None
+            return None, None
         key_id, secret = match.group(1), match.group(2)
         digest = _hash_secret(secret)
         if self._cache_seconds > 0:
@@ -342,25 +352,25 @@ class KeyStore:
             if hit is not None:
                 cached_digest, principal, expires = hit
                 if time.monotonic() < expires and hmac.compare_digest(cached_digest, digest):
-                    return principal
+                    return principal, None
         row = await self._backend.get_item(KEYS_NAMESPACE, key_id, time.time())
         if row is None:
-            return None
+            return None, None
         try:
             doc = orjson.loads(row.value)
         except orjson.JSONDecodeError:
-            return None
+            return None, None
         if not isinstance(doc, dict):
-            return None
+            return None, None
         stored, agent = doc.get("hash"), doc.get("agent")
         if not isinstance(stored, str) or not isinstance(agent, str) or not agent:
-            return None
+            return None, None
         if not hmac.compare_digest(stored.encode("ascii", "replace"), digest.encode("ascii")):
-            return None
+            return None, agent
         principal = Principal(agent=agent, roles=frozenset(_roles_of(doc.get("roles"))), via="key")
         if self._cache_seconds > 0:
             self._remember(key_id, digest, principal)
-        return principal
+        return principal, None
 
     def _remember(self, key_id: str, digest: str, principal: Principal) -> None:
         now = time.monotonic()

@@ -332,16 +332,28 @@ class TokenVerifier:
                 # check that it is a string, with a less telling error).
                 options={"require": required, "verify_sub": False},
             )
+        # PyJWT checks the signature before the claims: on these errors it verified,
+        # so the token's sub is who the failure concerns (for the operators' figures).
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("bearer token has expired") from None
+            raise Unauthenticated(
+                "bearer token has expired", agent=self._subject(token, key, alg)
+            ) from None
         except jwt.ImmatureSignatureError:
-            raise Unauthenticated("bearer token is not valid yet (nbf or iat)") from None
+            raise Unauthenticated(
+                "bearer token is not valid yet (nbf or iat)", agent=self._subject(token, key, alg)
+            ) from None
         except jwt.MissingRequiredClaimError as exc:
-            raise Unauthenticated(f"bearer token lacks the {exc.claim!r} claim") from None
+            raise Unauthenticated(
+                f"bearer token lacks the {exc.claim!r} claim", agent=self._subject(token, key, alg)
+            ) from None
         except jwt.InvalidAudienceError:
-            raise Unauthenticated("bearer token audience (aud) is not accepted") from None
+            raise Unauthenticated(
+                "bearer token audience (aud) is not accepted", agent=self._subject(token, key, alg)
+            ) from None
         except jwt.InvalidIssuerError:
-            raise Unauthenticated("bearer token issuer (iss) is not accepted") from None
+            raise Unauthenticated(
+                "bearer token issuer (iss) is not accepted", agent=self._subject(token, key, alg)
+            ) from None
         except jwt.InvalidSignatureError:
             raise Unauthenticated("bearer token signature is invalid") from None
         except jwt.InvalidAlgorithmError:
@@ -356,6 +368,28 @@ class TokenVerifier:
         except HivememError:
             raise Unauthenticated("bearer token subject (sub) is not a valid agent name") from None
         return Principal(agent=agent, roles=self._roles(payload), via="jwt")
+
+    def _subject(self, token: str, key: Any, alg: str) -> str | None:
+        """The ``sub`` of a token whose signature verifies with ``key`` (its claims
+        unchecked), if it is a valid agent name; else None."""
+        try:
+            payload = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                options={
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                    "verify_sub": False,
+                    "require": [],
+                },
+            )
+            return segment(payload.get("sub"), "sub", self._settings)
+        except (jwt.PyJWTError, HivememError):
+            return None
 
     def _roles(self, payload: dict[str, Any]) -> frozenset[str]:
         value = _claim(payload, self._settings.jwt_roles_claim)

@@ -81,7 +81,11 @@ class ServiceState:
                 reason = "expired" if "expired" in exc.message else "jwt"
             else:
                 reason = "malformed"
-            self.hive.metrics.auth_failures.labels(reason).inc()
+            metrics = self.hive.metrics
+            # Only an agent the credential could be trusted to name (see Unauthenticated);
+            # anything else is "unknown", so a caller cannot mint label values.
+            agent = "unknown" if exc.agent is None else metrics.agent_label(exc.agent)
+            metrics.auth_failures.labels(reason, agent).inc()
             raise
 
     async def limit(self, agent: str, action: str) -> None:
@@ -105,13 +109,14 @@ class ServiceState:
                 f"credentials required: send '{AUTHORIZATION_HEADER}: Bearer <API key or JWT>'",
                 field=AUTHORIZATION_HEADER,
             )
-        if credentials.startswith("hm_"):  # the shape is checked once, by verify
-            found = await self.keys.verify(credentials)
+        if credentials.startswith("hm_"):  # the shape is checked once, by check
+            found, named = await self.keys.check(credentials)
             if found is None:
                 raise Unauthenticated(
                     "unknown or revoked API key, or not an API key of this shape: "
                     "hm_<12 hex>_<43 base64url>",
                     field=AUTHORIZATION_HEADER,
+                    agent=named,
                 )
             return found
         if self.tokens.enabled and looks_like_jwt(credentials):

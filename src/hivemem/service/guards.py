@@ -39,7 +39,12 @@ from hivemem.config import Settings
 from hivemem.errors import HivememError, InvalidInput, TooLarge
 from hivemem.service import problems
 
-__all__ = ["Guards", "HeadersTooLarge", "RequestTimeout", "body_limit", "install"]
+__all__ = ["STATUS_KEY", "Guards", "HeadersTooLarge", "RequestTimeout", "body_limit", "install"]
+
+#: Scope key under which :class:`Guards` leaves the status of the response it let out
+#: (the app's, or its own refusal): the request telemetry outside it counts by it
+#: without wrapping ``send`` a second time.
+STATUS_KEY = "hivemem.status"
 
 
 class RequestTimeout(InvalidInput):
@@ -201,6 +206,7 @@ class _GuardedBody:
                 await self.respond()
                 return
             self.started = True
+            self.scope[STATUS_KEY] = message["status"]
         await self.send(message)
 
     async def respond(self) -> None:
@@ -214,6 +220,7 @@ async def _respond(error: HivememError, scope: Scope, receive: Receive, send: Se
     response = problems.problem(error, scope.get("path"))
     if isinstance(error, RequestTimeout):
         response.headers["Connection"] = "close"
+    scope[STATUS_KEY] = response.status_code
     await response(scope, receive, send)
 
 

@@ -5,7 +5,9 @@
 neither buffers bodies nor runs the app in another task), outermost, so requests the
 guards refuse are counted too. Per HTTP request it
 
-- counts ``hivemem_http_requests_total`` by route template, method and status, and
+- counts ``hivemem_http_requests_total`` by route template, method and status (the
+  status :class:`~hivemem.service.guards.Guards`, the next layer in, saw go out: 500
+  when none did), and
   observes ``hivemem_http_request_duration_seconds`` (arrival to the response's last
   byte; for an SSE stream, its whole life);
 - writes one line to the ``hivemem.access`` logger when ``access_log`` is on: in
@@ -28,12 +30,13 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hivemem.errors import HivememError, PermissionDenied
 from hivemem.metrics import CONTENT_TYPE, Metrics, exposition
 from hivemem.service import problems
 from hivemem.service.auth import ServiceState
+from hivemem.service.guards import STATUS_KEY
 from hivemem.wire import REQUEST_ID_HEADER, REQUEST_ID_PATTERN
 
 __all__ = ["RequestTelemetry", "refresh_task_gauges", "serve_metrics"]
@@ -106,26 +109,19 @@ class RequestTelemetry:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
         self.active += 1
         span = token = None
         if self.tracer is not None:
             span, token = self._start_span(scope)
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
         try:
-            await self.app(scope, receive, sending)
+            await self.app(scope, receive, send)
         except BaseException as exc:
             if token is not None and isinstance(exc, Exception):
                 span.record_exception(exc)  # type: ignore[union-attr]
             raise
         finally:
             elapsed = time.perf_counter() - started
+            status = scope.get(STATUS_KEY, 500)
             method = scope["method"] if scope["method"] in _METHODS else "other"
             route = route_of(scope)
             self.active -= 1
