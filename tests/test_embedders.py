@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+import hivemem
 from hivemem.config import Settings
 from hivemem.embedders import (
     Embedder,
@@ -684,3 +685,32 @@ async def test_openai_unknown_path_raises_hivemem_error(server: EmbeddingsServer
         assert not isinstance(info.value, Unavailable)
     finally:
         await embedder.close()
+
+
+async def test_observers_see_every_model_call_with_its_size_and_time() -> None:
+    model = CountingModel(delay=0.02)
+    batcher = MicroBatcher(model, max_batch=4, max_wait_ms=1)
+    seen: list[tuple[int, float]] = []
+    batcher.observers.append(lambda n, seconds: seen.append((n, seconds)))
+    await batcher.embed([f"t{i}" for i in range(6)])  # two calls: 4 and 2 texts
+    model.fail_next = RuntimeError("model exploded")
+    with pytest.raises(RuntimeError):
+        await batcher.embed(["t9"])  # a failed call is a call too
+    assert [n for n, _ in seen] == [len(b) for b in model.batches] == [4, 2, 1]
+    assert all(seconds >= 0.015 for _, seconds in seen)
+
+
+async def test_a_hive_counts_the_model_calls_of_synchronous_indexing(tmp_path: Path) -> None:
+    # index_mode=sync embeds in the put itself, outside the indexer: its model calls and
+    # the search's query embedding are in hivemem_embedding_batch_size all the same.
+    settings = Settings(embedder="minilm", index_mode="sync", embed_threads=1)
+    async with hivemem.connect(f"sqlite:///{tmp_path}/s.db", agent="a", settings=settings) as hive:
+        for i in range(3):
+            await hive.put("docs", f"k{i}", {"text": f"note number {i} about tea"})
+        assert await hive.search("docs", "tea", mode="vector")
+        registry = hive.metrics.registry
+        calls = registry.get_sample_value("hivemem_embedding_batch_size_count")
+        texts = registry.get_sample_value("hivemem_embedding_batch_size_sum")
+        timed = registry.get_sample_value("hivemem_embedding_duration_seconds_count")
+    assert texts == 4  # three puts and one query, each text once
+    assert calls is not None and 1 <= calls <= 4 and timed == calls

@@ -442,6 +442,11 @@ class Metrics:
         each scrape; the roles ``disk_free`` and ``disk_size`` go to the disk gauges."""
         self._file_sources.append(source)
 
+    def observe_embedding(self, texts: int, seconds: float) -> None:
+        """Record one embedding model call: its batch size (texts) and its seconds."""
+        self.embed_batch.observe(texts)
+        self.embed_seconds.observe(seconds)
+
     def observe_store(self, operation: str, seconds: float, error: BaseException | None) -> None:
         self.store_seconds.labels(self.backend, operation).observe(seconds)
         if error is not None:

@@ -124,6 +124,14 @@ class _Shared:
         #: hivemem's OpenTelemetry tracer when tracing is on, else None.
         self.tracer = tracer
         self.metrics.add_index_source(self._index_sizes)
+        #: Whether the embedder reports its own model calls (its micro-batcher does);
+        #: otherwise the indexer times the calls it makes.
+        self.embedder_observed = False
+        # (a MicroBatcher's observers; looked up by name, so numpy is not imported here)
+        observers = getattr(getattr(embedder, "batcher", None), "observers", None)
+        if isinstance(observers, list):
+            observers.append(self.metrics.observe_embedding)
+            self.embedder_observed = True
         path = getattr(backend, "path", None)
         if isinstance(path, str) and path != ":memory:" and backend_kind(backend) == "sqlite":
             self.metrics.add_file_source(functools.partial(_file_sizes, path))

@@ -267,8 +267,8 @@ class Indexer:
                 chunk = wanted[start : start + self.chunk]
                 began = time.perf_counter()
                 vectors.extend(await self.embedder.embed(chunk))
-                metrics.embed_seconds.observe(time.perf_counter() - began)
-                metrics.embed_batch.observe(len(chunk))
+                if not self.hive._shared.embedder_observed:  # else its batcher reports
+                    metrics.observe_embedding(len(chunk), time.perf_counter() - began)
             for i, vector in zip(todo, vectors, strict=True):
                 e = entries[i]
                 entries[i] = IndexEntry(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -124,6 +125,10 @@ class MicroBatcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Called after each call of the batch function (returned or raised) with the
+        #: number of texts and the call's seconds: how a hive's metrics see every model
+        #: call, whoever asked (a put in ``index_mode=sync``, a search, the indexer).
+        self.observers: list[Callable[[int, float], None]] = []
         #: Calls of the batch function so far (for tests and benchmarks).
         self.calls = 0
         #: Texts embedded by those calls.
@@ -270,8 +275,13 @@ class MicroBatcher:
         try:
             self.calls += 1
             self.texts += len(texts)
+            began = time.perf_counter()
             try:
-                rows = await self._batch_fn(texts)
+                try:
+                    rows = await self._batch_fn(texts)
+                finally:
+                    for observe in self.observers:
+                        observe(len(texts), time.perf_counter() - began)
                 if rows.ndim != 2 or rows.shape[0] != len(texts):
                     raise RuntimeError(
                         f"the batch function returned shape {rows.shape} for {len(texts)} texts"
