@@ -23,6 +23,8 @@ from hivemem.core import LocalHive
 from hivemem.errors import CursorExpired, InvalidInput
 from tests.servers.moto import MotoServer
 from tests.test_promises import run_cas_counter
+from tests.test_task_store import check_claim_times
+from tests.test_task_store import task as new_task
 
 SETTINGS = Settings(embedder="none")
 
@@ -264,6 +266,31 @@ async def test_a_long_namespace_and_key_over_the_sort_key_limit_round_trip(
     assert got is not None and (got.namespace, got.key) == (ns, key)
     listed = await backend.list_items(ns, None, 10, now)
     assert [(r.namespace, r.key) for r in listed] == [(ns, key)]
+
+
+async def test_a_task_keeps_its_claim_time_and_an_older_task_row_has_none(
+    backend: DynamoBackend,
+) -> None:
+    await check_claim_times(backend, "q")
+    # A task claimed before the attribute existed: no claim time until claimed again.
+    now = time.time()
+    row, _ = await backend.submit_task(new_task("old", now, max_attempts=2))
+    claimed = await backend.claim_task("old", worker="w", now=now + 1, lease=30)
+    assert claimed is not None and claimed.claimed_at == now + 1
+    await backend.db.call(
+        "update_item",
+        TableName=backend.db.table,
+        Key={"pk": {"S": "TQ#old"}, "sk": {"S": row.id}},
+        UpdateExpression="REMOVE claimed_at",
+    )
+    old = await backend.get_task(row.id)
+    assert old is not None and old.state == "running" and old.claimed_at is None
+    failed = await backend.finish_task(
+        row.id, worker="w", attempt=1, now=now + 2, outcome="failed", error="x", retry_at=now + 2
+    )
+    assert (failed.state, failed.claimed_at) == ("ready", None)
+    again = await backend.claim_task("old", worker="w", now=now + 3, lease=30)
+    assert again is not None and again.claimed_at == now + 3
 
 
 @pytest.mark.slow

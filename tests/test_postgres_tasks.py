@@ -9,14 +9,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import fields, replace
 
 import orjson
 import psycopg
 import pytest
 
 from hivemem.backends.postgres import PostgresBackend
+from hivemem.backends.postgres import schema as pg_schema
 from hivemem.backends.postgres.engine import key_lock
 from hivemem.backends.postgres.tasks import SETTLE_BATCH
 from hivemem.backends.results import RequestIdReused
@@ -25,6 +26,7 @@ from hivemem.backends.rows import (
     CheckWrite,
     DeleteWrite,
     PutWrite,
+    TaskRow,
     add_task_error,
     task_namespace,
 )
@@ -298,6 +300,71 @@ async def test_request_id_repeats_return_the_stored_result(pg: PostgresBackend, 
         "task.claimed",
         "task.completed",
     ]
+
+
+# Claim times ----------------------------------------------------------------------------
+
+
+async def test_the_claim_statements_of_transactions_store_the_claim_time(
+    pg: PostgresBackend, queue: str
+) -> None:
+    now = time.time()
+    a, b = task(queue, now), task(queue, now + 0.001)
+    for row in (a, b):
+        await pg.submit_task(row)
+    rid = f"a/{uuid.uuid4().hex}"
+    first = await pg.claim_task(queue, worker="w", now=now + 1, lease=5, request_id=rid)
+    assert first is not None and (first.id, first.claimed_at) == (a.id, now + 1)
+    # An expired lease first: settled, then the claim, in one transaction.
+    second = await pg.claim_task(queue, worker="w", now=now + 7, lease=5)
+    assert second is not None and (second.id, second.claimed_at) == (b.id, now + 7)
+    settled = await pg.get_task(a.id)
+    assert settled is not None and (settled.state, settled.claimed_at) == ("ready", now + 1)
+
+
+@pytest.fixture
+def fresh_url(postgres_url: str) -> Iterator[str]:
+    """A new, empty database on the session's server (dropped afterwards)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = postgres_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+async def test_a_database_of_the_last_schema_gains_the_claim_time(
+    fresh_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database made before ``claimed_at`` (schema 4) is migrated when opened: its
+    tasks read with no claim time until claimed again."""
+    migrations = list(pg_schema.MIGRATIONS)
+    monkeypatch.setattr(pg_schema, "MIGRATIONS", migrations[:4])
+    async with opened(fresh_url):
+        pass
+    now = time.time()
+    old = task("old", now, state="running", attempt=1, claimed_by="w", lease_until=now + 60)
+    waiting = task("old", now + 0.001)
+    cols = [f.name for f in fields(TaskRow) if f.name != "claimed_at"]
+    insert = (
+        f"INSERT INTO hivemem_tasks ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})"
+    )
+    with psycopg.connect(fresh_url, autocommit=True) as conn:
+        for row in (old, waiting):
+            conn.execute(insert, [getattr(row, c) for c in cols])
+    monkeypatch.setattr(pg_schema, "MIGRATIONS", migrations)
+    async with opened(fresh_url) as (b,):
+        assert await b.get_task(old.id) == old  # claimed_at None
+        done = await b.finish_task(old.id, worker="w", attempt=1, now=now + 1, outcome="completed")
+        assert (done.state, done.claimed_at) == ("completed", None)
+        claimed = await b.claim_task("old", worker="w", now=now + 2, lease=30)
+        assert claimed is not None and (claimed.id, claimed.claimed_at) == (waiting.id, now + 2)
+    with psycopg.connect(fresh_url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM hivemem_schema ORDER BY 1")]
+    assert versions == list(range(1, len(migrations) + 1))
 
 
 # Sweep ----------------------------------------------------------------------------------

@@ -11,7 +11,14 @@ import orjson
 import pytest
 
 from hivemem.backends.redis import RedisBackend
-from hivemem.backends.redis.layout import TASK_PARTITION, partition_of
+from hivemem.backends.redis.layout import (
+    TASK_PARTITION,
+    num,
+    partition_of,
+    tag,
+    task_args,
+    task_from,
+)
 from hivemem.backends.rows import (
     LEASE_EXPIRED,
     CheckWrite,
@@ -324,6 +331,42 @@ async def test_request_ids(backend: RedisBackend, queue: str) -> None:
         row.id, worker="w", attempt=1, now=NOW + 1, outcome="completed", request_id=rid + "f"
     )
     assert len(await events(backend, queue)) == 3
+
+
+async def test_a_task_hash_without_a_claim_time_reads_as_none(
+    backend: RedisBackend, queue: str
+) -> None:
+    # A task claimed before the field existed: no claim time until claimed again.
+    row, _ = await backend.submit_task(task(queue))
+    claimed = await backend.claim_task(queue, worker="w", now=NOW + 1, lease=30)
+    assert claimed is not None and claimed.claimed_at == NOW + 1
+    fields = await backend.client.hgetall(f"{tag(TASK_PARTITION)}:t:{row.id}")
+    assert fields[b"claimed_at"] == num(NOW + 1).encode()
+    await backend.client.hdel(f"{tag(TASK_PARTITION)}:t:{row.id}", "claimed_at")
+    old = await backend.get_task(row.id)
+    assert old is not None and old.state == "running" and old.claimed_at is None
+    failed = await backend.finish_task(
+        row.id, worker="w", attempt=1, now=NOW + 2, outcome="failed", error="x", retry_at=NOW + 2
+    )
+    assert (failed.state, failed.claimed_at) == ("ready", None)
+    again = await backend.claim_task(queue, worker="w", now=NOW + 3, lease=30)
+    assert again is not None and again.claimed_at == NOW + 3
+    # A requeue removes the field.
+    dead = await backend.finish_task(
+        row.id, worker="w", attempt=2, now=NOW + 4, outcome="failed", error="y"
+    )
+    assert (dead.state, dead.claimed_at) == ("dead", NOW + 3)
+    await backend.requeue_task(row.id, author="ops", now=NOW + 5, run_at=NOW + 5)
+    assert b"claimed_at" not in await backend.client.hgetall(f"{tag(TASK_PARTITION)}:t:{row.id}")
+
+
+def test_a_record_of_the_fields_before_the_claim_time_decodes() -> None:
+    """A task record stored as a request's result by a version without ``claimed_at``
+    (20 fields) still decodes."""
+    row = task("q")
+    record = [None if a == "" else a[1:] for a in task_args(row)]
+    encoded = [v.encode() if isinstance(v, str) else v for v in record]
+    assert task_from(encoded[:-1]) == row == task_from(encoded)
 
 
 async def test_check_write(backend: RedisBackend) -> None:

@@ -4,10 +4,12 @@ directly: the same behaviour from SQLite, PostgreSQL, Redis and Redis Cluster.""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import fields, replace
+from pathlib import Path
 
 import orjson
 import pytest
@@ -16,6 +18,7 @@ from hivemem import open_backend
 from hivemem.backends.base import Backend
 from hivemem.backends.rows import LEASE_EXPIRED, CheckWrite, PutWrite, TaskRow, task_namespace
 from hivemem.backends.signals import TaskHint
+from hivemem.backends.sqlite.schema import MIGRATIONS as SQLITE_MIGRATIONS
 from hivemem.config import Settings
 from hivemem.errors import Conflict, NotFound
 
@@ -310,6 +313,65 @@ async def test_cancel_and_requeue_follow_the_states(store: Backend, queue: str) 
     assert (await store.claim_task(queue, worker="w", now=now + 4, lease=30)) is not None
 
 
+async def test_the_claim_time_is_the_claims_now_and_stays_until_a_requeue(
+    store: Backend, queue: str
+) -> None:
+    await check_claim_times(store, queue)
+
+
+async def check_claim_times(store: Backend, queue: str) -> None:
+    """``claimed_at`` through every change of a task (also run on DynamoDB, by
+    test_dynamodb.py)."""
+    now = time.time()
+    row = task(queue, now, max_attempts=2)
+    stored, _ = await store.submit_task(row)
+    assert stored.claimed_at is None
+    first = await store.claim_task(queue, worker="w", now=now + 1, lease=30)
+    assert first is not None and first.claimed_at == now + 1
+    assert await store.get_task(row.id) == first
+    beat = await store.heartbeat_task(row.id, worker="w", attempt=1, now=now + 2, lease=30)
+    assert beat.claimed_at == now + 1
+    # A failed attempt to be retried is ready again and keeps its claim time.
+    retried = await store.finish_task(
+        row.id, worker="w", attempt=1, now=now + 3, outcome="failed", error="x", retry_at=now + 3
+    )
+    assert (retried.state, retried.claimed_at) == ("ready", now + 1)
+    assert await store.get_task(row.id) == retried
+    second = await store.claim_task(queue, worker="w", now=now + 4, lease=30)
+    assert second is not None and (second.attempt, second.claimed_at) == (2, now + 4)
+    released = await store.finish_task(
+        row.id, worker="w", attempt=2, now=now + 5, outcome="released"
+    )
+    assert (released.attempt, released.claimed_at) == (1, now + 4)
+    third = await store.claim_task(queue, worker="w", now=now + 6, lease=30)
+    assert third is not None and (third.attempt, third.claimed_at) == (2, now + 6)
+    dead = await store.finish_task(
+        row.id, worker="w", attempt=2, now=now + 7, outcome="failed", error="y"
+    )
+    assert (dead.state, dead.claimed_at) == ("dead", now + 6)
+    back = await store.requeue_task(row.id, author="ops", now=now + 8, run_at=now + 8)
+    assert (back.state, back.claimed_by, back.claimed_at) == ("ready", None, None)
+    got = await store.get_task(row.id)
+    assert got is not None and got.claimed_at is None
+    fourth = await store.claim_task(queue, worker="w", now=now + 9, lease=30)
+    assert fourth is not None and fourth.claimed_at == now + 9
+    cancelled = await store.cancel_task(row.id, author="boss", now=now + 10)
+    assert (cancelled.state, cancelled.claimed_at) == ("cancelled", now + 9)
+    # Completed, and settled after its lease ran out (dead: its last attempt).
+    done_q, lost_q = f"{queue}d", f"{queue}l"
+    done_row, lost_row = task(done_q, now), task(lost_q, now, max_attempts=1)
+    for r in (done_row, lost_row):
+        await store.submit_task(r)
+        assert await store.claim_task(r.queue, worker="w", now=now + 1, lease=5) is not None
+    done = await store.finish_task(
+        done_row.id, worker="w", attempt=1, now=now + 2, outcome="completed", result=b"1"
+    )
+    assert (done.state, done.claimed_at) == ("completed", now + 1)
+    assert await store.claim_task(lost_q, worker="w", now=now + 7, lease=5) is None
+    lost = await store.get_task(lost_row.id)
+    assert lost is not None and (lost.state, lost.claimed_at) == ("dead", now + 1)
+
+
 async def test_concurrent_claims_never_take_one_task_twice(store: Backend, queue: str) -> None:
     now = time.time()
     rows = [task(queue, now + i / 1000) for i in range(10)]
@@ -438,3 +500,38 @@ async def test_change_notifications_name_the_task_events_where_the_engine_can(
         assert [h for h in heard if h is not None and h.task_id == row.id] == wanted
     finally:
         store.changes.unlisten_hints(heard.append)
+
+
+async def test_an_sqlite_store_of_the_last_schema_gains_the_claim_time(tmp_path: Path) -> None:
+    """A file made before ``claimed_at`` (schema 7) is migrated when opened: its tasks
+    read with no claim time until claimed again."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number, script in enumerate(SQLITE_MIGRATIONS[:7], start=1):
+        conn.executescript(script)
+        conn.execute(f"PRAGMA user_version={number}")
+    now = time.time()
+    old = task("old", now, state="running", attempt=1, claimed_by="w", lease_until=now + 60)
+    waiting = task("old", now + 0.001)
+    for r in (old, waiting):
+        values = [getattr(r, f.name) for f in fields(TaskRow) if f.name != "claimed_at"]
+        marks = ", ".join("?" * len(values))
+        conn.execute(f"INSERT INTO tasks VALUES ({marks})", values)
+    conn.close()
+    store = open_backend(f"sqlite:///{path}", Settings())
+    await store.open()
+    try:
+        assert await store.get_task(old.id) == old  # claimed_at None
+        done = await store.finish_task(
+            old.id, worker="w", attempt=1, now=now + 1, outcome="completed"
+        )
+        assert (done.state, done.claimed_at) == ("completed", None)
+        claimed = await store.claim_task("old", worker="w", now=now + 2, lease=30)
+        assert claimed is not None and claimed.id == waiting.id and claimed.claimed_at == now + 2
+        assert await store.get_task(waiting.id) == claimed
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(SQLITE_MIGRATIONS),)
+        cols = [r[1] for r in conn.execute("PRAGMA table_info(tasks)")]
+        assert cols[-1] == "claimed_at"

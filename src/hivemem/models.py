@@ -259,6 +259,9 @@ class Task(_Record):
     lease_expires_at: datetime | None = Field(
         default=None, description="When the running attempt's lease ends unless renewed."
     )
+    claimed_at: datetime | None = Field(
+        default=None, description="When the current or last attempt was claimed."
+    )
     run_at: datetime = Field(description="When it is (or was) due to be claimed.")
     created_at: datetime
     updated_at: datetime

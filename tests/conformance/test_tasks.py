@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -97,6 +98,67 @@ async def test_a_failure_with_backoff_is_delayed_and_a_non_retryable_one_is_dead
     stats = await hive.queue_stats(queue)
     assert (stats.delayed, stats.dead, stats.ready) == (1, 1, 0)
     assert (await hive.get_task(a.id)).state == "delayed"  # type: ignore[union-attr]
+
+
+#: How far a stored claim time may lie outside the test's own readings of the clock (the
+#: service runs in another process; times travel as µs).
+CLOCK_SLACK = timedelta(milliseconds=50)
+
+
+async def test_a_task_keeps_when_its_attempt_was_claimed_until_it_is_requeued(
+    hive: hivemem.Hive, ns: str
+) -> None:
+    queue = f"{ns}/claimed-at"
+    task = await hive.submit(queue, None, max_attempts=2, backoff=0)
+    assert task.claimed_at is None
+    before = datetime.now(UTC)
+    first = await hive.claim(queue)
+    after = datetime.now(UTC)
+    assert first is not None and first.claimed_at is not None
+    assert before - CLOCK_SLACK <= first.claimed_at <= after + CLOCK_SLACK
+    assert first.claimed_at == first.updated_at  # the claim's own now
+    stored = await hive.get_task(task.id)
+    assert stored is not None and stored.claimed_at == first.claimed_at
+    beat = await hive.heartbeat(first, lease=20)
+    assert beat.claimed_at == first.claimed_at
+    # A failed attempt that will be retried is ready again, and still says when it began.
+    retried = await hive.fail(first, "once more")
+    assert (retried.state, retried.claimed_at) == ("ready", first.claimed_at)
+    await asyncio.sleep(0.01)
+    second = await hive.claim(queue)
+    assert second is not None and second.attempt == 2
+    assert second.claimed_at is not None and second.claimed_at > first.claimed_at
+    dead = await hive.fail(second, "no more")
+    assert (dead.state, dead.claimed_at) == ("dead", second.claimed_at)
+    back = await hive.requeue(task.id)
+    assert (back.state, back.claimed_at) == ("ready", None)
+    stored = await hive.get_task(task.id)
+    assert stored is not None and stored.claimed_at is None
+    third = await hive.claim(queue)
+    assert third is not None and third.claimed_at is not None
+    released = await hive.release_task(third)  # the last claim's time stays
+    assert (released.state, released.claimed_at) == ("ready", third.claimed_at)
+    fourth = await hive.claim(queue)
+    assert fourth is not None and fourth.claimed_at is not None
+    done = await hive.complete(fourth, "ok")
+    assert (done.state, done.claimed_at) == ("completed", fourth.claimed_at)
+    listed = (await hive.list_tasks(queue)).items
+    assert [(t.id, t.claimed_at) for t in listed] == [(task.id, fourth.claimed_at)]
+
+
+async def test_an_expired_lease_keeps_the_claim_time_of_its_attempt(
+    hive: hivemem.Hive, ns: str
+) -> None:
+    queue = f"{ns}/claimed-expired"
+    task = await hive.submit(queue, None, max_attempts=1)
+    held = await hive.claim(queue, lease=0.2)
+    assert held is not None and held.claimed_at is not None
+    await asyncio.sleep(0.4)
+    assert await hive.claim(queue) is None  # settles the lease: the task is dead
+    dead = await hive.get_task(task.id)
+    assert dead is not None and dead.state == "dead"
+    assert [e.error for e in dead.errors] == ["lease expired"]
+    assert dead.claimed_at == held.claimed_at
 
 
 async def test_idempotency_key_submits_once(hive: hivemem.Hive, ns: str) -> None:

@@ -392,9 +392,9 @@ class Backend(ABC):
     # append ``LEASE_EXPIRED`` to its errors (attempt, worker = claimed_by); if
     # ``attempt >= max_attempts`` it becomes ``dead`` (finished_at = now, event
     # ``task.dead``), else ``ready`` with run_at = now (event ``task.expired``); in both
-    # cases claimed_by and lease_until become None. Settling is conditional on the
-    # task still being running with that lease, so a claim, the sweeper and a late
-    # worker never both act on one expiry.
+    # cases claimed_by and lease_until become None (claimed_at stays: the last claim's).
+    # Settling is conditional on the task still being running with that lease, so a
+    # claim, the sweeper and a late worker never both act on one expiry.
     #
     # Errors: NotFound (field ``task_id``) for an unknown task; Conflict (field
     # ``attempt``) when a worker names an attempt it no longer holds (the task is not
@@ -423,8 +423,8 @@ class Backend(ABC):
         """In one atomic step: settle up to 100 expired leases of ``queue``, then take
         the due ready task (``run_at <= now``) with the highest priority, then the
         earliest ``run_at``, then the smallest id; it becomes ``running`` with attempt
-        + 1, claimed_by = worker, lease = lease, lease_until = now + lease (event
-        ``task.claimed``). None when no task is due. Two concurrent claims never take
+        + 1, claimed_by = worker, claimed_at = now, lease = lease, lease_until = now +
+        lease (event ``task.claimed``). None when no task is due. Two concurrent claims never take
         the same task."""
 
     @abstractmethod
@@ -472,7 +472,8 @@ class Backend(ABC):
           (``task.released``).
 
         claimed_by and lease_until become None except for ``completed`` (claimed_by
-        stays: who completed it).
+        stays: who completed it); claimed_at stays in every case (the attempt's claim,
+        from which the core measures the task's duration).
 
         Raises:
             NotFound, Conflict: as for :meth:`heartbeat_task`.
@@ -501,8 +502,8 @@ class Backend(ABC):
         request_id: str | None = None,
     ) -> TaskRow:
         """A dead or cancelled task becomes ``ready`` again with attempt 0, run_at =
-        ``run_at``, finished_at None, result None; its errors are kept (event
-        ``task.requeued``).
+        ``run_at``, finished_at, result, claimed_by and claimed_at None; its errors are
+        kept (event ``task.requeued``).
 
         Raises:
             NotFound. Conflict (field ``task_id``): it is not dead or cancelled.

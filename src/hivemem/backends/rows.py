@@ -224,7 +224,11 @@ class TaskRow:
     task moved on). ``errors`` is a JSON array of ``{"attempt": int, "error": str,
     "at": float, "worker": str}``, one per failed or expired attempt, oldest first.
     ``lease`` is the length (seconds) of the current or last claim's lease;
-    ``lease_until`` when it ends (``None`` unless running).
+    ``lease_until`` when it ends (``None`` unless running). ``claimed_at`` is when the
+    current or last attempt was claimed (the claim's ``now``): kept when the attempt
+    ends (completed, failed, released, expired or cancelled), ``None`` until the first
+    claim and again after a requeue. It is last, with a default, so that rows stored
+    (or request results encoded) before it existed still build.
     """
 
     id: str
@@ -247,6 +251,7 @@ class TaskRow:
     created_at: float
     updated_at: float
     finished_at: float | None
+    claimed_at: float | None = None
 
 
 @dataclass(slots=True, frozen=True)

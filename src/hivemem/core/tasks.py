@@ -73,6 +73,7 @@ def to_task(row: TaskRow, now: float) -> Task:
         claimed_by=row.claimed_by,
         lease_seconds=row.lease,
         lease_expires_at=None if row.lease_until is None else timestamp(row.lease_until),
+        claimed_at=None if row.claimed_at is None else timestamp(row.claimed_at),
         run_at=timestamp(row.run_at),
         created_at=timestamp(row.created_at),
         updated_at=timestamp(row.updated_at),

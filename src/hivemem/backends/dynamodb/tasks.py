@@ -82,6 +82,7 @@ _FIELDS = (
     "created_at",
     "updated_at",
     "finished_at",
+    "claimed_at",
 )
 
 
@@ -119,6 +120,7 @@ def _task_from(row: dict[str, Any]) -> TaskRow:
         created_at=float(row["created_at"]),
         updated_at=float(row["updated_at"]),
         finished_at=f("finished_at"),
+        claimed_at=f("claimed_at"),  # absent on a task stored before it existed
     )
 
 
@@ -358,6 +360,7 @@ class DynamoTasks:
                     state="running",
                     attempt=row.attempt + 1,
                     claimed_by=worker,
+                    claimed_at=now,
                     lease=lease,
                     lease_until=now + _waited(started) + lease,
                     updated_at=now,
@@ -485,6 +488,7 @@ class DynamoTasks:
                 run_at=run_at,
                 result=None,
                 claimed_by=None,
+                claimed_at=None,
                 lease_until=None,
                 updated_at=now,
                 finished_at=None,

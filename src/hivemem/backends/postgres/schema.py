@@ -28,7 +28,8 @@ Column choices:
 - Tasks: ``hivemem_tasks``, one row per task (see
   :mod:`hivemem.backends.postgres.tasks`), with a partial index per claim order
   (``state = 'ready'``), one for leases (``state = 'running'``) and a partial unique
-  index on ``(queue, idempotency_key)``.
+  index on ``(queue, idempotency_key)``; ``claimed_at`` (added by migration 5) is
+  when the current or last attempt was claimed.
 """
 
 from __future__ import annotations
@@ -205,6 +206,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX hivemem_search_pending ON hivemem_search (ns, key)
         WHERE vec IS NULL AND model IS NOT NULL;
     """,
+    # 5: when a task's current or last attempt was claimed (NULL: never claimed since
+    # submitted or requeued), kept with the task so that any replica can measure an
+    # attempt's duration when it ends. Adding a nullable column without a default
+    # rewrites nothing.
+    """
+    ALTER TABLE hivemem_tasks ADD COLUMN claimed_at double precision;
+    """,
 ]
 
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"
@@ -220,7 +228,7 @@ EVENT_COLS = "id, type, ns, key, version, author, at, data"
 TASK_COLS = (
     "id, queue, state, payload, result, priority, run_at, attempt, max_attempts, timeout, "
     "backoff, lease, lease_until, idempotency_key, submitted_by, claimed_by, errors, "
-    "created_at, updated_at, finished_at"
+    "created_at, updated_at, finished_at, claimed_at"
 )
 #: Rows not expired at the bound time (``%(now)s``).
 LIVE = "(expires_at IS NULL OR expires_at > %(now)s)"
@@ -296,6 +304,7 @@ def task_row(row: Sequence[Any]) -> TaskRow:
         row[17],
         row[18],
         row[19],
+        row[20],
     )
 
 

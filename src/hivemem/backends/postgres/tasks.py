@@ -144,7 +144,8 @@ _CLAIM = (
     "WHERE queue = %(queue)s AND state = 'ready' AND run_at <= %(now)s "
     "ORDER BY priority DESC, run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) "
     "UPDATE hivemem_tasks t SET state = 'running', attempt = t.attempt + 1, "
-    "claimed_by = %(worker)s, lease = %(lease)s, lease_until = %(until)s, updated_at = %(now)s "
+    "claimed_by = %(worker)s, claimed_at = %(now)s, lease = %(lease)s, lease_until = %(until)s, "
+    "updated_at = %(now)s "
     f"FROM c WHERE t.id = c.id RETURNING {_COLS_T}"
 )
 
@@ -255,7 +256,8 @@ _CLAIM_ONE = _with_event(
     "AND NOT (SELECT expired FROM x) "
     "ORDER BY priority DESC, run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED), ",
     "UPDATE hivemem_tasks t SET state = 'running', attempt = t.attempt + 1, "
-    "claimed_by = %(worker)s, lease = %(lease)s, lease_until = %(until)s, updated_at = %(now)s "
+    "claimed_by = %(worker)s, claimed_at = %(now)s, lease = %(lease)s, lease_until = %(until)s, "
+    "updated_at = %(now)s "
     f"FROM c WHERE t.id = c.id RETURNING {_COLS_T}",
     "'task.claimed'",
     expired="(SELECT expired FROM x)",
@@ -275,8 +277,8 @@ _CANCEL = (
 )
 _REQUEUE = (
     "UPDATE hivemem_tasks t SET state = 'ready', attempt = 0, run_at = %(run_at)s, "
-    "finished_at = NULL, result = NULL, claimed_by = NULL, lease_until = NULL, "
-    "updated_at = %(now)s "
+    "finished_at = NULL, result = NULL, claimed_by = NULL, claimed_at = NULL, "
+    "lease_until = NULL, updated_at = %(now)s "
     f"WHERE t.id = %(id)s AND t.state IN ('dead', 'cancelled') RETURNING {_COLS_T}"
 )
 

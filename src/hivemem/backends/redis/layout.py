@@ -38,7 +38,9 @@ Keys of that partition ``T`` (``q`` = a queue name, ``<id>`` = a task id):
 
 ==========================  ========================================================
 ``T:t:<id>``                hash: the task, fields of :data:`TASK_FIELDS` (absent =
-                            None); ``errors`` is the JSON array of the TaskRow
+                            None: a task stored before ``claimed_at`` existed has
+                            none until claimed); ``errors`` is the JSON array of
+                            the TaskRow
 ``T:tr:<q>``                sorted set: due ready tasks in claim order: score
                             ``-priority``, member ``<run_at µs, 17 digits><id>``
 ``T:td:<q>``                sorted set: delayed ready tasks, by run_at (a claim moves
@@ -358,11 +360,16 @@ TASK_FIELDS = (
     "created_at",
     "updated_at",
     "finished_at",
+    "claimed_at",
 )
 
 
 def task_from(fields: list[bytes | None]) -> TaskRow:
-    """A task from a record: the values of :data:`TASK_FIELDS`, in order."""
+    """A task from a record: the values of :data:`TASK_FIELDS`, in order (a record of
+    the 20 fields before ``claimed_at``, stored as a request's result by an older
+    version, has no claim time)."""
+    if len(fields) == len(TASK_FIELDS) - 1:
+        fields = [*fields, None]
     (
         tid,
         queue,
@@ -384,6 +391,7 @@ def task_from(fields: list[bytes | None]) -> TaskRow:
         created_at,
         updated_at,
         finished_at,
+        claimed_at,
     ) = fields
     assert payload is not None
     return TaskRow(
@@ -407,6 +415,7 @@ def task_from(fields: list[bytes | None]) -> TaskRow:
         _f(created_at),
         _f(updated_at),
         _opt_f(finished_at),
+        _opt_f(claimed_at),
     )
 
 

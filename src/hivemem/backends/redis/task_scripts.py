@@ -35,10 +35,11 @@ PROMOTE_PER_CLAIM = 1000
 TASK_READ_HELPERS = r"""
 local TASK = {'id', 'queue', 'state', 'payload', 'result', 'priority', 'run_at', 'attempt',
   'max_attempts', 'timeout', 'backoff', 'lease', 'lease_until', 'idempotency_key',
-  'submitted_by', 'claimed_by', 'errors', 'created_at', 'updated_at', 'finished_at'}
+  'submitted_by', 'claimed_by', 'errors', 'created_at', 'updated_at', 'finished_at',
+  'claimed_at'}
 local function task_key(T, id) return T .. ':t:' .. id end
 local function task_rec(T, id)
-  return enc(redis.call('HMGET', task_key(T, id), unpack(TASK)), 20)
+  return enc(redis.call('HMGET', task_key(T, id), unpack(TASK)), #TASK)
 end
 """
 
@@ -122,7 +123,7 @@ local function held(T, id, worker, attempt, ...)
 end
 """
 
-#: KEYS: the task partition's meta. ARGV: tag, request key, ttl, then the 20 TaskRow
+#: KEYS: the task partition's meta. ARGV: tag, request key, ttl, then the 21 TaskRow
 #: fields, each ``""`` (None) or ``"=" .. value``. Returns {'ok'|'dup', record of
 #: (task record, '1' stored | '0' an existing task with that idempotency key)} or
 #: {'conflict'} (the id is taken).
@@ -131,7 +132,7 @@ local T, rk, ttl = ARGV[1], ARGV[2], ARGV[3]
 local stored = req_get(rk)
 if stored then return {'dup', stored, REQ_FP} end
 local v = {}
-for i = 1, 20 do v[i] = opt(ARGV[3 + i]) end
+for i = 1, #TASK do v[i] = opt(ARGV[3 + i]) end
 local id, q, ikey = v[1], v[2], v[14]
 if ikey then
   local found = redis.call('HGET', T .. ':tk:' .. q, ikey)
@@ -144,7 +145,7 @@ end
 local tk = task_key(T, id)
 if redis.call('EXISTS', tk) == 1 then return {'conflict'} end
 local f = {}
-for i = 1, 20 do
+for i = 1, #TASK do
   if v[i] then f[#f + 1] = TASK[i]; f[#f + 1] = v[i] end
 end
 redis.call('HSET', tk, unpack(f))
@@ -198,12 +199,13 @@ redis.call('ZREM', rq, pick)
 redis.call('ZREM', T .. ':ts:ready:' .. q, id)
 local h = redis.call('HMGET', tk, unpack(TASK))
 local attempt = int(tonumber(h[8]) + 1)
-h[3], h[8], h[12], h[13], h[16], h[19] = 'running', attempt, lease, until_s, worker, now_s
+h[3], h[8], h[12], h[13], h[16], h[19], h[21] =
+  'running', attempt, lease, until_s, worker, now_s, now_s
 redis.call('HSET', tk, 'state', 'running', 'attempt', attempt, 'claimed_by', worker,
-  'lease', lease, 'lease_until', until_s, 'updated_at', now_s)
+  'claimed_at', now_s, 'lease', lease, 'lease_until', until_s, 'updated_at', now_s)
 to_running(T, id, q, until_s)
 emit(T, 'task.claimed', ns_of(q), id, attempt, worker, now_s)
-local payload = enc(h, 20)
+local payload = enc(h, #TASK)
 req_put(rk, ttl, payload)
 feed_done()
 return {'ok', payload}
@@ -314,7 +316,7 @@ if h[1] ~= 'dead' and h[1] ~= 'cancelled' then return {'conflict', h[1]} end
 local q = h[2]
 redis.call('ZREM', T .. ':ts:' .. h[1] .. ':' .. q, id)
 redis.call('ZREM', T .. ':tfin', id)
-redis.call('HDEL', tk, 'result', 'claimed_by', 'lease_until', 'finished_at')
+redis.call('HDEL', tk, 'result', 'claimed_by', 'claimed_at', 'lease_until', 'finished_at')
 redis.call('HSET', tk, 'state', 'ready', 'attempt', '0', 'run_at', run_at, 'updated_at', now_s)
 to_ready(T, id, q, h[3], run_at, tonumber(now_s))
 emit(T, 'task.requeued', ns_of(q), id, '0', author, now_s)

@@ -103,12 +103,19 @@ MIGRATIONS: list[str] = [
         AND i.version <= item_versions.version
     );
     """,
+    # 8: when a task's current or last attempt was claimed (NULL: never claimed since
+    # submitted or requeued), kept with the task so that any process can measure an
+    # attempt's duration when it ends.
+    """
+    ALTER TABLE tasks ADD COLUMN claimed_at REAL;
+    """,
 ]
 
+#: The columns of ``tasks`` in :class:`TaskRow` field order.
 TASK_COLS = (
     "id, queue, state, payload, result, priority, run_at, attempt, max_attempts, timeout, "
     "backoff, lease, lease_until, idempotency_key, submitted_by, claimed_by, errors, "
-    "created_at, updated_at, finished_at"
+    "created_at, updated_at, finished_at, claimed_at"
 )
 ITEM_COLS = "ns, key, value, version, author, created_at, updated_at, expires_at, text, metadata"
 SESSION_COLS = (

@@ -32,14 +32,15 @@ T = TypeVar("T")
 #: Expired leases a claim settles at most before it takes a task.
 SETTLE_PER_CLAIM = 100
 
-_INSERT = f"INSERT INTO tasks ({TASK_COLS}) VALUES ({', '.join('?' * 20)})"
+_MARKS = ", ".join("?" * len(TASK_COLS.split(", ")))
+_INSERT = f"INSERT INTO tasks ({TASK_COLS}) VALUES ({_MARKS})"
 #: Whether a claim of a queue could take or settle anything at a time.
 _CLAIMABLE = (
     "SELECT 1 FROM tasks WHERE queue = ? AND state = 'ready' AND run_at <= ? "
     "UNION ALL SELECT 1 FROM tasks WHERE state = 'running' AND lease_until <= ? AND queue = ? "
     "LIMIT 1"
 )
-_UPSERT = f"INSERT OR REPLACE INTO tasks ({TASK_COLS}) VALUES ({', '.join('?' * 20)})"
+_UPSERT = f"INSERT OR REPLACE INTO tasks ({TASK_COLS}) VALUES ({_MARKS})"
 _SELECT = f"SELECT {TASK_COLS} FROM tasks"
 
 
@@ -74,6 +75,7 @@ def _params(row: TaskRow) -> tuple[Any, ...]:
         row.created_at,
         row.updated_at,
         row.finished_at,
+        row.claimed_at,
     )
 
 
@@ -175,14 +177,15 @@ class TasksMixin:
                 state="running",
                 attempt=row.attempt + 1,
                 claimed_by=worker,
+                claimed_at=now,
                 lease=lease,
                 lease_until=now + lease,
                 updated_at=now,
             )
             c.execute(
-                "UPDATE tasks SET state = 'running', attempt = ?, claimed_by = ?, lease = ?, "
-                "lease_until = ?, updated_at = ? WHERE id = ?",
-                (new.attempt, worker, lease, new.lease_until, now, row.id),
+                "UPDATE tasks SET state = 'running', attempt = ?, claimed_by = ?, "
+                "claimed_at = ?, lease = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+                (new.attempt, worker, now, lease, new.lease_until, now, row.id),
             )
             self._task_event(c, "task.claimed", new, worker)
             return new
@@ -299,6 +302,7 @@ class TasksMixin:
                 run_at=run_at,
                 result=None,
                 claimed_by=None,
+                claimed_at=None,
                 lease_until=None,
                 updated_at=now,
                 finished_at=None,
