@@ -267,3 +267,37 @@ def test_a_label_keeps_its_first_values_then_counts_other() -> None:
     assert names[:MAX_LABEL_VALUES] == [f"q{i}" for i in range(MAX_LABEL_VALUES)]
     assert set(names[MAX_LABEL_VALUES:]) == {"other"}
     assert metrics.queue_label("q3") == "q3"
+
+
+async def test_a_task_duration_is_counted_by_the_hive_that_ends_it_not_the_one_that_claimed_it(
+    tmp_path: Path,
+) -> None:
+    # Two replicas of one store (a round-robin proxy's): one hands the tasks out, the
+    # other hears of their end; the duration comes from the claim time kept with the task.
+    settings = hivemem.Settings(embedder="none")
+    url = f"sqlite:///{tmp_path}/replicas.db"
+    pause = 0.3
+    async with (
+        hivemem.connect(url, agent="w", settings=settings) as claimer,
+        hivemem.connect(url, agent="w", settings=settings) as finisher,
+    ):
+        assert claimer.metrics is not finisher.metrics
+        await claimer.submit("jobs", 1)
+        await claimer.submit("jobs", 2, backoff=0)
+        first = await claimer.claim("jobs")
+        second = await claimer.claim("jobs")
+        assert first is not None and second is not None
+        await asyncio.sleep(pause)
+        repeat = finisher.with_request_id("done-1")
+        await repeat.complete(first, "ok")
+        await repeat.complete(first, "ok")  # a retried request: its stored answer
+        retried = await finisher.fail(second, "again")
+        assert retried.state == "ready"  # ready for a retry, counted all the same
+        mine = samples(hivemem.metrics.exposition(finisher.metrics).decode())
+        theirs = samples(hivemem.metrics.exposition(claimer.metrics).decode())
+    name = "hivemem_task_duration_seconds"
+    for outcome in ("completed", "failed"):
+        assert value(mine, f"{name}_count", queue="jobs", outcome=outcome) == 1, outcome
+        assert pause <= value(mine, f"{name}_sum", queue="jobs", outcome=outcome) < pause + 5
+        assert value(theirs, f"{name}_count", queue="jobs", outcome=outcome) == 0
+    assert value(theirs, "hivemem_task_claim_wait_seconds_count", queue="jobs") == 2

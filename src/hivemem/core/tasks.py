@@ -242,11 +242,11 @@ class TasksMixin(Area):
                     q, worker=self.agent, now=self._now(), lease=hold
                 )
                 if row is not None:
-                    self._claimed(q, row.id, row.attempt, started)
+                    self._claimed(q, started)
                     return to_task(row, self._now())
                 left = deadline - self._now()
                 if left <= 0:
-                    self._claimed(q, None, 0, started)
+                    self._claimed(q, started)
                     return None
                 if woken is not None:
                     await waits.sleep(woken, left)
@@ -255,24 +255,28 @@ class TasksMixin(Area):
                     waits.done(woken)
             woken = await waits.queue(q)  # registered before the next look
 
-    def _claimed(self, queue: str, tid: str | None, attempt: int, started: float) -> None:
-        """Record a claim's wait, and when a task was handed out (for its duration)."""
+    def _claimed(self, queue: str, started: float) -> None:
+        """Record a claim's wait."""
         metrics = self.metrics
-        now = time.monotonic()
-        metrics.task_claim_wait.labels(metrics.queue_label(queue)).observe(now - started)
-        if tid is not None:
-            if len(metrics.claimed) >= 10_000:
-                metrics.claimed.clear()
-            metrics.claimed[(tid, attempt)] = now
+        metrics.task_claim_wait.labels(metrics.queue_label(queue)).observe(
+            time.monotonic() - started
+        )
 
-    def _finished(self, row: TaskRow, attempt: int, outcome: str) -> None:
-        """Record a task's duration when this process handed it out."""
+    def _finished(self, row: TaskRow, now: float, outcome: str) -> None:
+        """Record the duration of the attempt this call ended at ``now``, whichever
+        process claimed it: from the row the backend returned, whose ``claimed_at`` is
+        the attempt's claim (complete and fail keep it, also when the task is ready
+        again for a retry). Wall-clock times of possibly different hosts, so never
+        below 0. Not recorded: an attempt claimed before the store kept claim times,
+        and a repeated request id's stored answer (its ``updated_at`` is the first
+        call's ``now``; that call recorded it)."""
+        if row.claimed_at is None or row.updated_at != now:
+            return
+        ended = row.finished_at if row.finished_at is not None else now
         metrics = self.metrics
-        claimed = metrics.claimed.pop((row.id, attempt), None)
-        if claimed is not None:
-            metrics.task_seconds.labels(metrics.queue_label(row.queue), outcome).observe(
-                time.monotonic() - claimed
-            )
+        metrics.task_seconds.labels(metrics.queue_label(row.queue), outcome).observe(
+            max(0.0, ended - row.claimed_at)
+        )
 
     async def _may_hold(self, tid: str) -> None:
         """With a policy in force, refuse (as absent) a task of a queue this principal
@@ -314,18 +318,19 @@ class TasksMixin(Area):
         request_id = self._scoped_request_id("complete", tid, attempt, data)
         await self._ready()
         await self._may_hold(tid)
+        now = self._now()
         row = await self._once(
             self._backend.finish_task(
                 tid,
                 worker=self.agent,
                 attempt=attempt,
-                now=self._now(),
+                now=now,
                 outcome="completed",
                 result=data,
                 request_id=request_id,
             )
         )
-        self._finished(row, attempt, "completed")
+        self._finished(row, now, "completed")
         return to_task(row, self._now())
 
     async def fail(self, task: Task, error: str, *, retryable: bool = True) -> Task:
@@ -357,7 +362,7 @@ class TasksMixin(Area):
                 request_id=request_id,
             )
         )
-        self._finished(row, attempt, "failed")
+        self._finished(row, now, "failed")
         return to_task(row, self._now())
 
     async def release_task(self, task: Task) -> Task:
