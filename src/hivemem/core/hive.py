@@ -120,7 +120,9 @@ class _Shared:
                 )
             tracer = tracing.tracer()
         if settings.metrics or tracer is not None:
-            self.metrics.instrument_backend(backend, STORE_OPERATIONS, tracer=tracer)
+            self.metrics.instrument_backend(
+                backend, STORE_OPERATIONS, tracer=tracer, timed=settings.metrics
+            )
         #: hivemem's OpenTelemetry tracer when tracing is on, else None.
         self.tracer = tracer
         self.metrics.add_index_source(self._index_sizes)
