@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +26,7 @@ from hivemem.policy.keys import KeyStore
 from hivemem.service.app import create_app
 
 AGENT = {"X-Hivemem-Agent": "tester"}
+SECRET = "s" * 40
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -65,6 +68,14 @@ def test_request_counters_equal_the_requests_made_by_route_and_status(
     bad = client.put("/v1/items/ns/k", json={"value": 1, "ttl": -1}, headers=AGENT)
     assert bad.status_code == 422
     assert client.get("/no/such/route").status_code == 404
+    # Refused by the guards before any route: still counted, by the status sent.
+    big = client.put(
+        "/v1/items/ns/k", content=b"x", headers={**AGENT, "content-length": "99999999"}
+    )
+    assert big.status_code == 413
+    assert (
+        client.get("/v1/items/ns/k0", headers={**AGENT, "x-pad": "p" * 20_000}).status_code == 431
+    )
     found = samples(client.get("/metrics").text)
     route = "/v1/items/{path:anypath}"
     total = "hivemem_http_requests_total"
@@ -73,6 +84,8 @@ def test_request_counters_equal_the_requests_made_by_route_and_status(
     assert value(found, total, route=route, method="GET", status="200") == 5
     assert value(found, total, route=route, method="GET", status="404") == 3
     assert value(found, total, route="unmatched", method="GET", status="404") == 1
+    assert value(found, total, route="unmatched", method="PUT", status="413") == 1
+    assert value(found, total, route="unmatched", method="GET", status="431") == 1
     seconds = "hivemem_http_request_duration_seconds_count"
     assert value(found, seconds, route=route, method="PUT") == 8
     # No key or namespace ever becomes a label value.
@@ -179,7 +192,7 @@ async def test_store_errors_are_counted_by_operation_and_type(tmp_path: Path) ->
 
 def test_metrics_need_the_metrics_or_admin_role_with_auth_on(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path}/auth.db"
-    settings = hivemem.Settings(embedder="none", auth=True)
+    settings = hivemem.Settings(embedder="none", auth=True, jwt_secret=SECRET)
 
     async def keys() -> tuple[str, str]:
         async with hivemem.connect(store, agent="setup", settings=settings) as hive:
@@ -189,16 +202,39 @@ def test_metrics_need_the_metrics_or_admin_role_with_auth_on(tmp_path: Path) -> 
             )
 
     scraper, worker = asyncio.run(keys())
+    # The worker's key id with another secret; a key id nobody holds.
+    wrong_secret = worker[:-1] + ("A" if worker[-1] != "A" else "B")
+    unknown_id = "hm_" + "0" * 12 + worker[15:]
+    now = int(time.time())
+    expired = jwt.encode({"sub": "planner", "exp": now - 3600}, SECRET, algorithm="HS256")
+    forged = jwt.encode({"sub": "admin", "exp": now - 3600}, "x" * 32 + "forged", algorithm="HS256")
     with TestClient(create_app(store, settings)) as c:
         assert c.get("/metrics").status_code == 401
         assert c.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+        for credential in (wrong_secret, wrong_secret, unknown_id, expired, forged):
+            refused = c.get("/metrics", headers={"Authorization": f"Bearer {credential}"})
+            assert refused.status_code == 401, refused.text
         denied = c.get("/metrics", headers={"Authorization": f"Bearer {worker}"})
         assert denied.status_code == 403 and "metrics" in denied.json()["detail"]
         ok = c.get("/metrics", headers={"Authorization": f"Bearer {scraper}"})
         assert ok.status_code == 200
         found = samples(ok.text)
-    assert value(found, "hivemem_auth_failures_total", reason="missing") == 1
-    assert value(found, "hivemem_auth_failures_total", reason="malformed") == 1
+    failures = {
+        tuple(sorted(dict(labels).items())): n
+        for (name, labels), n in found.items()
+        if name == "hivemem_auth_failures_total"
+    }
+    # The agent is named only where the credential could be trusted to name it: a stored
+    # key id (wrong secret), a token whose signature verified (expired); a forged token's
+    # sub ("admin") and an unknown key id name nobody.
+    assert failures == {
+        (("agent", "unknown"), ("reason", "missing")): 1,
+        (("agent", "unknown"), ("reason", "malformed")): 1,
+        (("agent", "worker"), ("reason", "api_key")): 2,
+        (("agent", "unknown"), ("reason", "api_key")): 1,
+        (("agent", "planner"), ("reason", "expired")): 1,
+        (("agent", "unknown"), ("reason", "jwt")): 1,
+    }, failures
 
 
 def test_rate_limited_agents_are_counted_with_a_bounded_label(tmp_path: Path) -> None:
@@ -301,3 +337,31 @@ async def test_a_task_duration_is_counted_by_the_hive_that_ends_it_not_the_one_t
         assert pause <= value(mine, f"{name}_sum", queue="jobs", outcome=outcome) < pause + 5
         assert value(theirs, f"{name}_count", queue="jobs", outcome=outcome) == 0
     assert value(theirs, "hivemem_task_claim_wait_seconds_count", queue="jobs") == 2
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+async def test_filter_cache_lookups_are_counted_on_both_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool
+) -> None:
+    # A filtered in-process ranking checks its candidates against the row cache, on the
+    # event loop for short lists and in a thread for long ones: both count their hits.
+    from hivemem.core import search as search_module
+
+    if threaded:
+        monkeypatch.setattr(search_module, "_CHECK_IN_THREAD", 0)
+    settings = hivemem.Settings(embedder="none", lexical_index="memory")
+    async with hivemem.connect(f"sqlite:///{tmp_path}/c.db", agent="a", settings=settings) as hive:
+        for i in range(30):
+            await hive.put("docs", f"k{i}", {"text": f"tea note {i}"}, metadata={"n": i % 3})
+        hits = await hive.search("docs", "tea", mode="lexical", filter={"n": 0}, limit=5)
+        assert len(hits) == 5 and all(h.item.metadata["n"] == 0 for h in hits)
+        registry = hive.metrics.registry
+        hit = registry.get_sample_value(
+            "hivemem_cache_requests_total", {"cache": "rows", "result": "hit"}
+        )
+        miss = registry.get_sample_value(
+            "hivemem_cache_requests_total", {"cache": "rows", "result": "miss"}
+        )
+    # Every one of the 30 items ranks for "tea" and is checked once, from the cache or
+    # (written since it caught up) from the store.
+    assert (hit or 0) + (miss or 0) == 30
