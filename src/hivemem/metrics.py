@@ -42,8 +42,8 @@ The metric list (label names in brackets):
 - ``hivemem_tasks`` [queue, state] (ready, running, delayed, dead; refreshed at each
   scrape of ``/metrics``), ``hivemem_task_oldest_ready_age_seconds`` [queue],
   ``hivemem_task_claim_wait_seconds`` [queue] (histogram: a claim call's wait),
-  ``hivemem_task_duration_seconds`` [queue, outcome] (histogram: claim to complete or
-  fail);
+  ``hivemem_task_duration_seconds`` [queue, outcome] (histogram: from the attempt's
+  stored claim time to its completion or failure, observed by whichever process ends it);
 - ``hivemem_rate_limited_total`` [agent], ``hivemem_auth_failures_total`` [reason, agent]
   (``agent``: the agent a refused credential names where that can be trusted, an API key
   whose id is stored or a JWT whose signature verified; else ``unknown``);
@@ -424,8 +424,6 @@ class Metrics:
         )
         #: session id -> its app's label (apps never change; cleared at 10,000)
         self.session_apps: dict[str, str] = {}
-        #: (task id, attempt) -> when this process handed it to a worker (monotonic)
-        self.claimed: dict[tuple[str, int], float] = {}
         self.agent_label = _Bounded()
         self.app_label = _Bounded()
         self.queue_label = _Bounded()
