@@ -168,6 +168,7 @@ def start_service(
     log_level: str,
     layer: str = "auth",
     tracing: str | None = None,
+    tracing_ratio: float | None = None,
 ) -> Service:
     """Start the "on" or "off" service over ``<tmp>/<config>.db``; wait for /readyz.
 
@@ -190,6 +191,8 @@ def start_service(
             # the service itself; an exporter's cost is its batch thread's.
             cmd += ["--tracing"]
             env |= {"OTEL_TRACES_EXPORTER": "none", "OTEL_TRACES_SAMPLER": tracing}
+            if tracing_ratio is not None:
+                cmd += ["--set", f"tracing_sample_ratio={tracing_ratio}"]
         identity = {a: {"X-Hivemem-Agent": a} for a in agents}
     elif config == "on":
         policy = tmp / "policy.toml"
@@ -544,6 +547,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "parentbased_traceidratio with OTEL_TRACES_SAMPLER_ARG in the environment)",
     )
     p.add_argument(
+        "--tracing-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="with --tracing: also hivemem's own tracing_sample_ratio=R (requests without "
+        "trace context left out before the SDK), e.g. with --tracing parentbased_always_on",
+    )
+    p.add_argument(
         "--json",
         type=Path,
         default=None,
@@ -561,6 +572,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--concurrency must be within 1..150")
     if not 1 <= a.agents <= 100:
         p.error("--agents must be within 1..100")
+    if a.tracing_ratio is not None and (a.tracing is None or not 0 <= a.tracing_ratio <= 1):
+        p.error("--tracing-ratio needs --tracing and must be within 0..1")
     if not a.agents <= a.keys <= 100_000:
         p.error("--keys must be within --agents..100000")
     a.warmup = min(1.0, a.duration * 0.2)
@@ -609,7 +622,14 @@ def main(argv: list[str] | None = None) -> int:
         with Procs(tmp) as procs:
             for cfg in CONFIGS:
                 services[cfg] = start_service(
-                    procs, tmp, cfg, agents, args.server_log_level, args.layer, args.tracing
+                    procs,
+                    tmp,
+                    cfg,
+                    agents,
+                    args.server_log_level,
+                    args.layer,
+                    args.tracing,
+                    args.tracing_ratio,
                 )
                 console.print(f"{cfg}: {' '.join(services[cfg].cmd)}")
             asyncio.run(measure(services, args, results, checks))
@@ -641,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "layer": args.layer,
             "tracing_sampler": args.tracing,
+            "tracing_sample_ratio": args.tracing_ratio,
             "target_ratio": TARGET_RATIO,
             "duration_s": args.duration,
             "warmup_s": args.warmup,

@@ -113,3 +113,41 @@ async def test_with_tracing_off_nothing_is_traced(
             task = await hive.submit("q", [1, 2])
     assert [s.name for s in spans.get_finished_spans()] == ["turn"]
     assert task.traceparent is None and task.payload == [1, 2]
+
+
+def test_the_sample_ratio_leaves_out_root_requests_only(
+    tmp_path: Path, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tracing_sample_ratio: a request without trace context is handed to the SDK with
+    # that probability, else it makes no span at all (nor do its store calls); a request
+    # that brings a trace context is always handed over.
+    from fastapi.testclient import TestClient
+
+    import hivemem.service.telemetry as telemetry
+
+    draws = iter([0.05, 0.5, 0.95] * 100)  # the ratio below keeps the first of each three
+    monkeypatch.setattr(telemetry.random, "random", lambda: next(draws))
+    settings = hivemem.Settings(embedder="none", tracing=True, tracing_sample_ratio=0.3)
+    agent = {"X-Hivemem-Agent": "a"}
+    with TestClient(create_app(f"sqlite:///{tmp_path}/r.db", settings)) as c:
+        c.put("/v1/items/ns/k", json={"value": 1}, headers=agent)
+        spans.clear()
+        for _ in range(30):
+            assert c.get("/v1/items/ns/k", headers=agent).status_code == 200
+        roots = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+        stores = [s for s in spans.get_finished_spans() if s.name == "hivemem.store get_item"]
+        assert len(roots) == len(stores) == 10
+        assert all(s.parent is None for s in roots)
+        spans.clear()
+        parent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+        for _ in range(6):
+            got = c.get("/v1/items/ns/k", headers={**agent, "traceparent": parent})
+            assert got.status_code == 200
+        continued = [s for s in spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+        assert len(continued) == 6
+        assert {format(s.context.trace_id, "032x") for s in continued} == {"ab" * 16}
+
+
+def test_the_sample_ratio_is_a_bounded_setting() -> None:
+    with pytest.raises(ValueError, match="tracing_sample_ratio"):
+        hivemem.Settings(tracing_sample_ratio=1.5)

@@ -172,6 +172,7 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
             log_format=settings.log_format if settings.access_log else None,
             count=settings.metrics,
             tracer=hive._shared.tracer,
+            sample_ratio=settings.tracing_sample_ratio,
         )
     return app
 
