@@ -7,7 +7,9 @@ With it on, hivemem uses the OpenTelemetry API (instrumentation scope ``hivemem`
   ``hivemem <METHOD>``, and sends its W3C trace context (``traceparent``) with the
   request;
 - the service continues that trace: a SERVER span per request, ``<METHOD> <route>``
-  (the route template), with the agent, method, route and status as attributes;
+  (the route template), with the agent, method, route and status as attributes; of the
+  requests that bring no trace context, only the share ``tracing_sample_ratio`` (default
+  1) is handed to the tracer at all, the rest make no span and cost no SDK call;
 - every store call made inside a recorded span (a request's, or the agent's own around
   embedded calls) is a CLIENT span below it, ``hivemem.store <operation>``, with
   ``db.system`` (sqlite, postgresql, redis); outside one it makes no span;
