@@ -6,7 +6,7 @@ Usage::
     python bench/telemetry_inproc.py                 # 40 rounds: about 1 minute
     python bench/telemetry_inproc.py --rounds 80 --block 400
 
-Six apps run side by side in one process, each over its own SQLite file
+Seven apps run side by side in one process, each over its own SQLite file
 (``embedder=none``, no access log), each preloaded with 100 items through its own PUT:
 
 * ``off``: ``metrics=false``, no tracing (no telemetry middleware, no store timing);
@@ -15,9 +15,9 @@ Six apps run side by side in one process, each over its own SQLite file
   request span made and dropped: the unsampled path);
 * ``metrics+tracing 10%``: ``parentbased_traceidratio`` at 0.1;
 * ``metrics+tracing on``: ``always_on`` (every request and store call recorded);
-* ``metrics+tracing 10% hm``: the SDK's default ``parentbased_always_on``, and hivemem's
-  own ``tracing_sample_ratio=0.1`` in front of it (a request it leaves out never reaches
-  the SDK).
+* ``metrics+tracing 10% hm`` and ``1% hm``: the SDK's default ``parentbased_always_on``,
+  and hivemem's own ``tracing_sample_ratio`` (0.1, 0.01) in front of it (a request it
+  leaves out never reaches the SDK).
 
 One OpenTelemetry SDK tracer provider (no span processor: spans are made, sampled and
 ended, exported nowhere) whose sampler is switched to each app's before its block.
@@ -120,6 +120,10 @@ async def main(rounds: int, block: int) -> None:
         "metrics+tracing on": ({"metrics": True, "tracing": True}, sampling.ALWAYS_ON),
         "metrics+tracing 10% hm": (
             {"metrics": True, "tracing": True, "tracing_sample_ratio": 0.1},
+            sampling.ParentBased(sampling.ALWAYS_ON),
+        ),
+        "metrics+tracing 1% hm": (
+            {"metrics": True, "tracing": True, "tracing_sample_ratio": 0.01},
             sampling.ParentBased(sampling.ALWAYS_ON),
         ),
     }
