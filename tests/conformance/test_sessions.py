@@ -248,8 +248,11 @@ async def test_an_expired_session_is_absent_to_every_call(hive: hivemem.Hive, cl
 async def test_appends_and_state_saves_restart_a_sessions_ttl(
     hive: hivemem.Hive, clock: Clock
 ) -> None:
-    session = await hive.create_session(app=new_id("app"), ttl=1.6)
-    for turn in range(3):  # 3 s in all, never 1.6 s idle
+    # 4 s in all, 1 s idle at most: the session outlives its 2.5 s TTL only if each
+    # append and the save restart it. (A remote store's requests take real time between
+    # the sleeps: 1.5 s of margin, as moto under a busy matrix run can take 0.6 s.)
+    session = await hive.create_session(app=new_id("app"), ttl=2.5)
+    for turn in range(3):
         await clock.sleep(1.0)
         await hive.append_messages(session.id, [MessageIn(role="user", content=turn)])
     await clock.sleep(1.0)
