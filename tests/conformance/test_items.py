@@ -158,14 +158,16 @@ async def test_put_after_delete_creates_the_item_anew_at_version_one(
 async def test_expired_item_is_not_returned_by_get_list_or_list_namespaces(
     hive: hivemem.Hive, ns: str, clock: Clock
 ) -> None:
-    short = await hive.put(f"{ns}/ttl", "k", "soon gone", ttl=1.0)
+    # 3 s: the next put and the get must come before it ends, and through a service on
+    # moto, in a busy matrix run, they once took over 1 s.
+    short = await hive.put(f"{ns}/ttl", "k", "soon gone", ttl=3.0)
     await hive.put(f"{ns}/keep", "k", "stays")
     assert short.expires_at is not None
     assert short.expires_at > short.updated_at
     got = await hive.get(f"{ns}/ttl", "k")
     assert got is not None and got.value == "soon gone"
 
-    await clock.sleep(1.2)
+    await clock.sleep(3.2)
 
     assert await hive.get(f"{ns}/ttl", "k") is None
     assert [(i.namespace, i.key) for i in (await hive.list(ns)).items] == [(f"{ns}/keep", "k")]
@@ -184,10 +186,10 @@ async def test_expired_item_can_be_created_again_with_if_version_zero(
 
 
 async def test_each_write_sets_the_expiry_anew(hive: hivemem.Hive, ns: str, clock: Clock) -> None:
-    await hive.put(ns, "k", "short-lived", ttl=1.0)
+    await hive.put(ns, "k", "short-lived", ttl=3.0)  # the rewrite must come before it ends
     rewritten = await hive.put(ns, "k", "forever")
     assert rewritten.expires_at is None
-    await clock.sleep(1.2)
+    await clock.sleep(3.2)
     got = await hive.get(ns, "k")
     assert got is not None and (got.value, got.version) == ("forever", 2)
 

@@ -225,10 +225,11 @@ async def test_a_session_with_a_ttl_says_when_it_expires(hive: hivemem.Hive) -> 
 async def test_an_expired_session_is_absent_to_every_call(hive: hivemem.Hive, clock: Clock) -> None:
     app = new_id("app")
     sid = new_id()
-    await hive.create_session(app=app, session_id=sid, ttl=1.0)
+    # 3 s: the next two calls must come before it ends (on a slow remote store as well).
+    await hive.create_session(app=app, session_id=sid, ttl=3.0)
     keep = await hive.create_session(app=app)
     await hive.append_messages(sid, [MessageIn(role="user", content="hi")])
-    await clock.sleep(1.2)
+    await clock.sleep(3.2)
 
     with pytest.raises(NotFound):
         await hive.get_session(sid)
