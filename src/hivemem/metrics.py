@@ -64,7 +64,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -172,7 +172,11 @@ class _HotBuckets:
         self.sum += amount
 
 
-class _HotFamily(Collector):
+#: The series type of a :class:`_HotFamily`.
+_S = TypeVar("_S", "_HotCount", "_HotBuckets")
+
+
+class _HotFamily(Collector, Generic[_S]):
     """A labelled metric family kept in plain Python numbers and exposed through the
     registry as a collector. For the per-request paths (every HTTP request and store
     call): an observation is a dict lookup, a bisect and two additions, about 0.2 µs,
@@ -190,8 +194,18 @@ class _HotFamily(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
-        self._series: dict[tuple[str, ...], Any] = {}
+        self._series: dict[tuple[str, ...], _S] = {}
         registry.register(self)
+
+    def labels(self, *values: str) -> _S:
+        """The series of these label values (made at its first use)."""
+        series = self._series.get(values)
+        if series is None:
+            series = self._series.setdefault(values, self._new_series())
+        return series
+
+    def _new_series(self) -> _S:
+        raise NotImplementedError
 
     def describe(self) -> list[Any]:
         return [self._family()]
@@ -200,16 +214,13 @@ class _HotFamily(Collector):
         raise NotImplementedError
 
 
-class HotCounter(_HotFamily):
+class HotCounter(_HotFamily[_HotCount]):
     """A labelled counter (exposed as ``<name>_total``) for the per-request paths; see
     :class:`_HotFamily`. ``labels(*values)`` returns the series, whose ``inc(amount=1)``
     adds."""
 
-    def labels(self, *values: str) -> _HotCount:
-        series = self._series.get(values)
-        if series is None:
-            series = self._series.setdefault(values, _HotCount())
-        return series  # type: ignore[no-any-return]
+    def _new_series(self) -> _HotCount:
+        return _HotCount()
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -221,7 +232,7 @@ class HotCounter(_HotFamily):
         yield family
 
 
-class HotHistogram(_HotFamily):
+class HotHistogram(_HotFamily[_HotBuckets]):
     """A labelled histogram for the per-request paths; see :class:`_HotFamily`.
     ``labels(*values)`` returns the series, whose ``observe(amount)`` records one value.
 
@@ -245,11 +256,8 @@ class HotHistogram(_HotFamily):
         self._les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]  # type: ignore[no-untyped-call]
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: str) -> _HotBuckets:
-        series = self._series.get(values)
-        if series is None:
-            series = self._series.setdefault(values, _HotBuckets(self.bounds))
-        return series  # type: ignore[no-any-return]
+    def _new_series(self) -> _HotBuckets:
+        return _HotBuckets(self.bounds)
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
