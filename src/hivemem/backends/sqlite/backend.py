@@ -104,6 +104,16 @@ def _live_item(
     return run
 
 
+#: Writes an item's current version: inserted, or updated in place when the key exists.
+_UPSERT_ITEM = (
+    f"INSERT INTO items ({ITEM_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (ns, key) DO UPDATE SET value = excluded.value, version = excluded.version, "
+    "author = excluded.author, created_at = excluded.created_at, "
+    "updated_at = excluded.updated_at, expires_at = excluded.expires_at, "
+    "text = excluded.text, metadata = excluded.metadata"
+)
+
+
 class SqliteBackend(SearchMixin, TasksMixin, Backend):
     """Items, sessions and the feed in one SQLite database (a file or private memory).
 
@@ -220,12 +230,16 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                         f"SELECT {ITEM_COLS} FROM items WHERE ns = ? AND key = ?",
                         (w.namespace, w.key),
                     )
-                    c.execute(
-                        "DELETE FROM item_versions WHERE ns = ? AND key = ? AND version <= ?",
-                        (w.namespace, w.key, row.version - history_limit),
-                    )
+                    if row.version > history_limit:  # else nothing is old enough to go
+                        c.execute(
+                            "DELETE FROM item_versions WHERE ns = ? AND key = ? AND version <= ?",
+                            (w.namespace, w.key, row.version - history_limit),
+                        )
+                # An update in place: the row keeps its rowid, so neither the key index
+                # nor another table page is written (INSERT OR REPLACE would delete it
+                # and insert it again at the end of the table).
                 c.execute(
-                    f"INSERT OR REPLACE INTO items ({ITEM_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    _UPSERT_ITEM,
                     (
                         row.namespace,
                         row.key,

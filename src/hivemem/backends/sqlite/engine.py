@@ -25,7 +25,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,11 +42,17 @@ GROUP_COMMIT_MAX = 256
 HERE_CONNECTIONS = 64
 
 
-def _settle(fut: Future[Any], ok: bool, value: Any) -> None:
-    """Hand a write job its outcome, unless its caller gave up waiting (a cancelled
-    await cancels the future; setting it then would raise, and the jobs after it in
-    the group would never get theirs). The job itself ran: a cancelled write may apply."""
-    with contextlib.suppress(InvalidStateError):
+#: A queued write job: the function, the future its caller awaits, and that caller's loop.
+_Job = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+def _deliver(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """Hand each job of a group its outcome, on the caller's event loop (one wake-up of
+    the loop per group, not one per job). A caller that gave up waiting (a cancelled
+    await cancels its future) gets nothing; its job ran: a cancelled write may apply."""
+    for fut, ok, value in outcomes:
+        if fut.done():
+            continue
         if ok:
             fut.set_result(value)
         else:
@@ -81,8 +87,11 @@ class SqliteEngine:
         self._here = threading.local()
         self._here_count = 0
         self._opening = 0
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]] = []
+        self._pending: list[_Job] = []
         self._pending_lock = threading.Lock()
+        #: A drain of ``_pending`` is queued on the writer thread (or running and not yet
+        #: past taking its jobs): a write queues another only when none is.
+        self._drain_queued = False
         self._notify_fd: int | None = None
         self._inotify: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -259,16 +268,25 @@ class SqliteEngine:
     def _commit_pending(self) -> None:
         """Run the queued write jobs in one transaction (group commit), on the writer thread.
 
-        Jobs are queued before this task is submitted, so each job is taken by its
-        own drain task or an earlier one.
+        At most one drain is queued at a time (:meth:`write` queues one only when none
+        is): jobs queued while a group commits form the next group. Outcomes go back to
+        each caller's loop in one call per loop and group (:func:`_deliver`).
         """
+        while True:
+            with self._pending_lock:
+                jobs = self._pending[:GROUP_COMMIT_MAX]
+                del self._pending[:GROUP_COMMIT_MAX]
+                more = self._drain_queued = bool(self._pending)
+            if jobs:
+                self._commit_group(jobs)
+            if not more:
+                return
+
+    def _commit_group(self, jobs: list[_Job]) -> None:
+        """Commit ``jobs`` in one transaction, each in its own SAVEPOINT (a lone job
+        without one), and send each its outcome."""
         conn = self._write_conn
         assert conn is not None
-        with self._pending_lock:
-            jobs = self._pending[:GROUP_COMMIT_MAX]
-            del self._pending[:GROUP_COMMIT_MAX]
-        if not jobs:
-            return
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -278,10 +296,9 @@ class SqliteEngine:
                         outcomes.append((True, jobs[0][0](conn)))
                     except Exception as exc:
                         conn.execute("ROLLBACK")
-                        _settle(jobs[0][1], False, exc)
-                        return
+                        outcomes.append((False, exc))
                 else:
-                    for fn, _ in jobs:
+                    for fn, _, _ in jobs:
                         conn.execute("SAVEPOINT job")
                         try:
                             outcomes.append((True, fn(conn)))
@@ -292,16 +309,19 @@ class SqliteEngine:
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+                if self._notify_fd is not None:
+                    os.pwrite(self._notify_fd, b"\x01", 0)
         except sqlite3.Error as exc:
             error = Unavailable(f"sqlite store unavailable: {exc}")
-            for _, fut in jobs:
-                _settle(fut, False, error)
-            return
-        if self._notify_fd is not None:
-            os.pwrite(self._notify_fd, b"\x01", 0)
-        for (_, fut), (ok, value) in zip(jobs, outcomes, strict=True):
-            _settle(fut, ok, value)
+            outcomes = [(False, error)] * len(jobs)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, fut, loop), (ok, value) in zip(jobs, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((fut, ok, value))
+        for loop, done in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: no one waits
+                loop.call_soon_threadsafe(_deliver, done)
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` inside a write transaction and return its result once committed.
@@ -314,10 +334,13 @@ class SqliteEngine:
         writer = self._writer
         if writer is None:
             raise Unavailable("the sqlite store is closed")
-        fut: Future[T] = Future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         with self._pending_lock:
-            self._pending.append((fn, fut))
-        writer.submit(self._commit_pending)
-        result = await asyncio.wrap_future(fut)
+            self._pending.append((fn, fut, loop))
+            queue, self._drain_queued = not self._drain_queued, True
+        if queue:
+            writer.submit(self._commit_pending)
+        result = await fut
         self.changes.notify()
         return result
