@@ -38,6 +38,7 @@ __all__ = [
     "bearer",
     "capped",
     "hive_for",
+    "read_hive",
     "service_state",
 ]
 
@@ -122,7 +123,9 @@ def hive_for(action: Action) -> Any:
     return dependency
 
 
-ReadHive = Annotated[LocalHive, Depends(hive_for("read"))]
+#: The read dependency itself, for a route that resolves its hive in its body.
+read_hive = hive_for("read")
+ReadHive = Annotated[LocalHive, Depends(read_hive)]
 WriteHive = Annotated[LocalHive, Depends(hive_for("write"))]
 SearchHive = Annotated[LocalHive, Depends(hive_for("search"))]
 WatchHive = Annotated[LocalHive, Depends(hive_for("watch"))]
