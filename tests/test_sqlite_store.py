@@ -425,3 +425,67 @@ async def test_a_write_whose_caller_gave_up_leaves_the_others_of_its_group_answe
         assert names == ["t1", "t2"]  # the abandoned write ran all the same
     finally:
         await engine.close()
+
+
+async def test_queued_writes_beyond_one_group_all_commit_with_their_own_outcomes(
+    tmp_path: Path,
+) -> None:
+    """One drain serves the queue (the writer takes up to GROUP_COMMIT_MAX jobs a
+    transaction): 600 writes queued behind a held writer commit in groups of at most
+    that many, in order, and each caller gets its own outcome (one that raises gets its
+    error; the others of its group are committed)."""
+    import asyncio
+    import threading
+
+    from hivemem.backends.signals import ChangeSignal
+    from hivemem.backends.sqlite import engine as engine_module
+    from hivemem.backends.sqlite.engine import GROUP_COMMIT_MAX, SqliteEngine
+
+    engine = SqliteEngine(str(tmp_path / "e.db"), Settings(), ChangeSignal())
+    await engine.open()
+    groups: list[int] = []
+    commit_group = SqliteEngine._commit_group
+
+    def counted(self: SqliteEngine, jobs: list[object]) -> None:
+        groups.append(len(jobs))
+        commit_group(self, jobs)  # type: ignore[arg-type]
+
+    try:
+        gate = threading.Event()
+        first = asyncio.create_task(engine.write(lambda c: gate.wait(10)))
+        await asyncio.sleep(0.1)  # the writer holds ``first``'s group
+
+        def insert(value: int) -> object:
+            def run(c: sqlite3.Connection) -> int:
+                if value % 97 == 13:
+                    raise ValueError(f"job {value} refused")
+                c.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (f"t{value}", value))
+                return value
+
+            return run
+
+        engine_module.SqliteEngine._commit_group = counted  # type: ignore[method-assign]
+        writes = [asyncio.ensure_future(engine.write(insert(i))) for i in range(600)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first
+        outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 30)
+    finally:
+        engine_module.SqliteEngine._commit_group = commit_group  # type: ignore[method-assign]
+    try:
+        refused = [i for i in range(600) if i % 97 == 13]
+        for i, outcome in enumerate(outcomes):
+            if i in refused:
+                assert isinstance(outcome, ValueError) and str(outcome) == f"job {i} refused"
+            else:
+                assert outcome == i
+        stored = await engine.read(
+            lambda c: [
+                r[0]
+                for r in c.execute("SELECT value FROM meta WHERE name LIKE 't%' ORDER BY rowid")
+            ]
+        )
+        assert stored == [i for i in range(600) if i not in refused]  # in queue order
+        assert sum(groups) == 600 and max(groups) == GROUP_COMMIT_MAX and len(groups) == 3
+    finally:
+        await engine.close()
