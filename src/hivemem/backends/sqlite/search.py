@@ -40,8 +40,8 @@ def index_put(
         "model = excluded.model, dim = excluded.dim, vec = excluded.vec RETURNING id",
         (namespace, key, version, model, None if vector is None else len(vector) // 4, vector),
     ).fetchone()[0]
-    c.execute("DELETE FROM search_fts WHERE rowid = ?", (doc_id,))
-    c.execute("INSERT INTO search_fts (rowid, text) VALUES (?, ?)", (doc_id, text))
+    # FTS5 takes REPLACE on the rowid: the old text's terms go, the new ones come.
+    c.execute("INSERT OR REPLACE INTO search_fts (rowid, text) VALUES (?, ?)", (doc_id, text))
 
 
 def index_remove(c: sqlite3.Connection, namespace: str, key: str) -> None:
