@@ -489,3 +489,42 @@ async def test_queued_writes_beyond_one_group_all_commit_with_their_own_outcomes
         assert sum(groups) == 600 and max(groups) == GROUP_COMMIT_MAX and len(groups) == 3
     finally:
         await engine.close()
+
+
+async def test_a_read_of_an_in_memory_store_waits_for_one_group_not_the_whole_queue() -> None:
+    """An in-memory store's reads run on its writer thread. A read queued behind 600
+    writes runs after the first group of them (GROUP_COMMIT_MAX), not after all three:
+    the drain of the rest goes back in line behind it."""
+    import asyncio
+    import threading
+
+    from hivemem.backends.signals import ChangeSignal
+    from hivemem.backends.sqlite.engine import GROUP_COMMIT_MAX, SqliteEngine
+
+    engine = SqliteEngine(":memory:", Settings(), ChangeSignal())
+    await engine.open()
+    try:
+        gate = threading.Event()
+        first = asyncio.create_task(engine.write(lambda c: gate.wait(10)))
+        await asyncio.sleep(0.1)  # the writer thread holds ``first``'s group
+        writes = [
+            asyncio.ensure_future(
+                engine.write(
+                    lambda c, i=i: c.execute(
+                        "INSERT INTO meta (name, value) VALUES (?, ?)", (f"t{i}", i)
+                    )
+                )
+            )
+            for i in range(600)
+        ]
+        await asyncio.sleep(0.05)  # all 600 queued, and one drain for them
+        read = asyncio.ensure_future(
+            engine.read(lambda c: c.execute("SELECT count(*) FROM meta").fetchone()[0])
+        )
+        await asyncio.sleep(0.05)
+        gate.set()
+        seen = await asyncio.wait_for(read, 10)
+        await asyncio.wait_for(asyncio.gather(first, *writes), 30)
+        assert seen == GROUP_COMMIT_MAX
+    finally:
+        await engine.close()

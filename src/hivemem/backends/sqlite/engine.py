@@ -281,6 +281,14 @@ class SqliteEngine:
                 self._commit_group(jobs)
             if not more:
                 return
+            # More than a group was queued: the next drain goes behind what else waits
+            # for this thread (an in-memory store's reads run here too), unless the
+            # engine is closing, when this thread finishes the queue itself.
+            writer = self._writer
+            if writer is not None:
+                with contextlib.suppress(RuntimeError):  # shut down meanwhile
+                    writer.submit(self._commit_pending)
+                    return
 
     def _commit_group(self, jobs: list[_Job]) -> None:
         """Commit ``jobs`` in one transaction, each in its own SAVEPOINT (a lone job
