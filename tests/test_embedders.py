@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -191,6 +192,47 @@ async def test_minilm_works_again_after_close() -> None:
     again = await embedder.embed(["reopened"])
     await embedder.close()
     np.testing.assert_array_equal(first, again)
+
+
+def _thread_names() -> dict[int, str]:
+    """This process's threads (Linux): id -> Python thread name, "" for threads Python
+    did not start (onnxruntime's)."""
+    import os
+    import threading
+
+    python = {t.native_id: t.name for t in threading.enumerate()}
+    return {int(t): python.get(int(t), "") for t in os.listdir("/proc/self/task")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+async def test_the_indexers_embeddings_run_at_lower_priority_and_match_the_foreground_ones() -> (
+    None
+):
+    """``embed_background`` (the indexer's path) gives the vectors ``embed`` gives, from
+    threads at niceness ``index_nice``: its own and the onnxruntime threads its session
+    started. The foreground thread keeps the process's niceness."""
+    import os
+    import threading
+
+    texts = ["the deploy failed because the migration timed out", "a refund after the price change"]
+    embedder = MiniLMEmbedder(Settings(embed_threads=2, index_nice=7))
+    try:
+        background = await embedder.embed_background(texts)
+        foreground = await embedder.embed(texts)
+        np.testing.assert_allclose(background, foreground, atol=1e-6)
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        names = _thread_names()
+        index_threads = [t for t, n in names.items() if n.startswith("hivemem-index")]
+        model_threads = [t for t, n in names.items() if n.startswith("hivemem-embed")]
+        assert len(index_threads) == 1 and len(model_threads) == 1
+        assert os.getpriority(os.PRIO_PROCESS, index_threads[0]) == base + 7
+        assert os.getpriority(os.PRIO_PROCESS, model_threads[0]) == base
+        # onnxruntime's intra-op threads (one per session beyond the caller's, for
+        # embed_threads=2) inherit the niceness of the thread that made their session.
+        niceness = sorted(os.getpriority(os.PRIO_PROCESS, t) for t, n in names.items() if not n)
+        assert niceness.count(base + 7) >= 1
+    finally:
+        await embedder.close()
 
 
 async def test_minilm_embed_with_a_tampered_tokenizer_raises_a_clear_error(

@@ -174,6 +174,14 @@ class Settings(BaseSettings):
     index_batch_size: int = Field(
         default=256, gt=0, description="Most texts the indexer embeds in one model call."
     )
+    index_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="Niceness of the threads that compute the indexer's vectors (Linux; "
+        "0 = as the rest of the process): when the CPU is full, requests and searches go "
+        "first and the vectors catch up after.",
+    )
     index_partitions: int = Field(
         default=4,
         gt=0,

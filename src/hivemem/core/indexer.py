@@ -263,11 +263,16 @@ class Indexer:
             for i in todo:
                 metrics.embed_wait.observe(max(0.0, now - rows[i].updated_at))
             vectors: list[Any] = []
+            # An embedder with a background path (MiniLM: a thread of lower priority)
+            # computes the indexer's vectors there, bypassing its micro-batcher.
+            background = getattr(self.embedder, "embed_background", None)
+            embed = background or self.embedder.embed
+            observe = background is not None or not self.hive._shared.embedder_observed
             for start in range(0, len(wanted), self.chunk):
                 chunk = wanted[start : start + self.chunk]
                 began = time.perf_counter()
-                vectors.extend(await self.embedder.embed(chunk))
-                if not self.hive._shared.embedder_observed:  # else its batcher reports
+                vectors.extend(await embed(chunk))
+                if observe:  # else the embedder's batcher reports this call
                     metrics.observe_embedding(len(chunk), time.perf_counter() - began)
             for i, vector in zip(todo, vectors, strict=True):
                 e = entries[i]

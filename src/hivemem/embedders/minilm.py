@@ -23,8 +23,12 @@ to the longest of 32 texts; short sentences still run 32 to a call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.resources
+import os
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -171,6 +175,17 @@ def load_model(
     return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
+def _lower_priority(nice: int) -> None:
+    """Set the calling thread's niceness to ``nice`` (Linux, where niceness is per
+    thread and threads it starts inherit it; elsewhere ``setpriority`` would change the
+    whole process, so nothing is done). Refusals (a container without the right to
+    change it) are ignored: the thread then runs as the rest of the process."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
 class MiniLMModel:
     """The synchronous model: tokenizer plus ONNX session. Call it from one thread at a time.
 
@@ -269,8 +284,12 @@ class MiniLMEmbedder:
         self.threads = settings.embed_threads
         self.model_path = model_path
         self.tokenizer_path = tokenizer_path
+        self.index_nice = settings.index_nice
         self._model: MiniLMModel | None = None
         self._executor: ThreadPoolExecutor | None = None
+        #: The indexer's own model and thread (see :meth:`embed_background`).
+        self._background_model: MiniLMModel | None = None
+        self._background: ThreadPoolExecutor | None = None
         self.batcher = MicroBatcher(
             self.embed_batch,
             max_batch=settings.embed_batch_size,
@@ -313,16 +332,46 @@ class MiniLMEmbedder:
         """One model call on ``texts`` in the worker thread, without micro-batching."""
         return await self._in_thread(lambda model: model.embed(texts))
 
+    async def embed_background(self, texts: Sequence[str]) -> Vectors:
+        """Embed ``texts`` for the indexer: one model call in a thread of its own, at
+        the niceness ``index_nice`` (Linux), through a second onnxruntime session
+        created in that thread, so its intra-op threads run at that niceness too. When
+        the CPU is full, the process's requests (and :meth:`embed` of search queries)
+        then go first and the indexer takes what is left; vectors lag meanwhile and
+        catch up after. The same model and files as :meth:`embed`: the same vectors.
+
+        Returns:
+            A ``(len(texts), 384)`` float32 array of unit-norm rows.
+
+        Raises:
+            HivememError: the model files are missing or fail their sha256 check.
+        """
+        items = list(texts)
+        if not items:
+            return np.empty((0, self.dim), dtype=np.float32)
+        if self._background is None:
+            self._background = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="hivemem-index-embed",
+                initializer=_lower_priority,
+                initargs=(self.index_nice,),
+            )
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._background, lambda: self._loaded_background().embed(items)
+        )
+
     async def close(self) -> None:
-        """Finish running calls, then release the model and the worker thread.
+        """Finish running calls, then release the models and the worker threads.
 
         Queued callers get ``Unavailable``. A later :meth:`embed` loads the model again.
         """
         await self.batcher.close()
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False)
-        self._model = None
+        for executor in (self._executor, self._background):
+            if executor is not None:
+                executor.shutdown(wait=False)
+        self._executor = self._background = None
+        self._model = self._background_model = None
 
     async def _in_thread(self, fn: Callable[[MiniLMModel], T]) -> T:
         """Run ``fn(model)`` in the worker thread, loading the model first if needed."""
@@ -330,6 +379,14 @@ class MiniLMEmbedder:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hivemem-embed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._loaded()))
+
+    def _loaded_background(self) -> MiniLMModel:
+        """The indexer's model, loaded on first use (in the indexer's thread only)."""
+        if self._background_model is None:
+            tokenizer = load_tokenizer(self.tokenizer_path)
+            session = load_model(self.model_path, threads=self.threads)
+            self._background_model = MiniLMModel(tokenizer, session)
+        return self._background_model
 
     def _loaded(self) -> MiniLMModel:
         """The model, loaded on first use (runs in the worker thread only)."""
