@@ -195,15 +195,17 @@ async def test_ttl_in_minutes_expires_and_a_read_refreshes_it(
     hive: hivemem.Hive, ns: str, clock: Clock
 ) -> None:
     store = HivememStore(hive, prefix=ns, ttl={"refresh_on_read": True})
-    await store.aput(("t",), "kept", {"v": 1}, ttl=0.02)  # 1.2 s
-    await store.aput(("t",), "gone", {"v": 2}, ttl=0.02)
-    await clock.sleep(0.8)
-    assert await store.aget(("t",), "kept") is not None  # refreshed: 1.2 s from now
+    # Margins of a second either side: through the service on a busy machine a request
+    # took over 0.4 s (the TTL was 1.2 s, the sleeps 0.8 s).
+    await store.aput(("t",), "kept", {"v": 1}, ttl=0.05)  # 3 s
+    await store.aput(("t",), "gone", {"v": 2}, ttl=0.05)
+    await clock.sleep(2.0)
+    assert await store.aget(("t",), "kept") is not None  # refreshed: 3 s from now
     assert await store.aget(("t",), "gone", refresh_ttl=False) is not None
-    await clock.sleep(0.8)
+    await clock.sleep(2.0)
     assert await store.aget(("t",), "gone", refresh_ttl=False) is None
     assert await store.aget(("t",), "kept", refresh_ttl=False) is not None
-    await clock.sleep(1.5)
+    await clock.sleep(3.5)
     assert await store.asearch(("t",)) == []
 
 
