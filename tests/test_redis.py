@@ -26,6 +26,7 @@ from hivemem.backends.redis.layout import (
     session_partition,
     tag,
 )
+from hivemem.backends.results import RequestIdReused
 from hivemem.backends.rows import (
     DeleteWrite,
     IndexEntry,
@@ -699,6 +700,231 @@ async def test_out_of_memory_is_unavailable_at_once(backend: RedisBackend) -> No
     with pytest.raises(Unavailable):
         await backend._retrying(full, "test")
     assert calls == 1
+
+
+# Shared round trips ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def standalone(redis_url: str) -> AsyncIterator[RedisBackend]:
+    b = RedisBackend.from_url(redis_url, SETTINGS)
+    await b.open()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def count_batches(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the shared round trips ``backend`` sends from now on."""
+    sizes: list[int] = []
+    send = backend._send_batch
+
+    async def spy(batch: list[Any]) -> Any:
+        sizes.append(len(batch))
+        return await send(batch)
+
+    monkeypatch.setattr(backend, "_send_batch", spy)
+    return sizes
+
+
+async def test_concurrent_writes_share_round_trips_and_each_gets_its_own_outcome(
+    standalone: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    for i in range(30):
+        await standalone.write_items([put(ns, f"k{i}")], author="x", now=now, history_limit=5)
+    rid = f"r{uuid.uuid4().hex}"
+    await standalone.write_items(
+        [put(ns, "r", b"first")], author="x", now=now, history_limit=5, request_id=f"{rid}#a"
+    )
+    sizes = count_batches(standalone, monkeypatch)
+
+    async def one(i: int) -> Any:
+        if i == 30:  # the request id again, for another request: refused
+            return await standalone.write_items(
+                [put(ns, "r", b"other")],
+                author="x",
+                now=now,
+                history_limit=5,
+                request_id=f"{rid}#b",
+            )
+        # even keys at their version (applied), odd ones at a stale one (refused)
+        return await standalone.write_items(
+            [put(ns, f"k{i}", b"2", if_version=1 if i % 2 == 0 else 7)],
+            author="x",
+            now=now,
+            history_limit=5,
+        )
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(31)), return_exceptions=True)
+    assert max(sizes) > 1, sizes  # they did share round trips
+    for i, outcome in enumerate(outcomes[:30]):
+        if i % 2 == 0:
+            assert isinstance(outcome, list), outcome
+            (row,) = outcome
+            assert not isinstance(row, bool)
+            assert (row.key, row.version, row.value) == (f"k{i}", 2, b"2")
+        else:
+            assert isinstance(outcome, Conflict), outcome
+            assert outcome.field == "if_version" and outcome.current_version == 1
+    assert isinstance(outcomes[30], RequestIdReused)
+    for i in range(30):
+        item = await standalone.get_item(ns, f"k{i}", time.time())
+        assert item is not None and item.version == (2 if i % 2 == 0 else 1)
+    item = await standalone.get_item(ns, "r", time.time())
+    assert item is not None and item.value == b"first"
+
+
+async def test_one_request_id_sent_twice_in_one_round_trip_applies_once(
+    standalone: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    rid = f"r{uuid.uuid4().hex}#same"
+    head = await standalone.head()
+    sizes = count_batches(standalone, monkeypatch)
+    first, again = await asyncio.gather(
+        *(
+            standalone.write_items(
+                [put(ns, "k", b"v")], author="x", now=time.time(), history_limit=5, request_id=rid
+            )
+            for _ in range(2)
+        )
+    )
+    assert sizes == [2]
+    assert first == again
+    item = await standalone.get_item(ns, "k", time.time())
+    assert item is not None and item.version == 1
+    rows, _ = await standalone.read_events(ns, head, 100)
+    assert len(rows) == 1
+
+
+async def test_a_call_in_a_shared_round_trip_that_redis_cannot_encode_fails_alone(
+    standalone: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    sizes = count_batches(standalone, monkeypatch)
+
+    async def one(i: int) -> Any:
+        author = "bad\ud800" if i == 3 else "x"  # a lone surrogate: redis-py cannot encode it
+        return await standalone.write_items(
+            [put(ns, f"k{i}")], author=author, now=time.time(), history_limit=5
+        )
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(8)), return_exceptions=True)
+    assert max(sizes) > 1, sizes
+    assert isinstance(outcomes[3], UnicodeEncodeError)
+    assert all(isinstance(o, list) for i, o in enumerate(outcomes) if i != 3), outcomes
+    assert await standalone.get_item(ns, "k3", time.time()) is None
+
+
+async def test_a_script_missing_from_the_server_is_sent_again_for_every_shared_call(
+    standalone: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    await standalone.client.script_flush()
+    sizes = count_batches(standalone, monkeypatch)
+    outcomes = await asyncio.gather(
+        *(
+            standalone.write_items([put(ns, f"k{i}")], author="x", now=time.time(), history_limit=5)
+            for i in range(8)
+        )
+    )
+    assert max(sizes) > 1, sizes
+    assert [r[0].version for r in outcomes] == [1] * 8  # type: ignore[union-attr]
+
+
+async def test_cancelled_callers_do_not_disturb_the_others_in_their_round_trip(
+    standalone: RedisBackend, redis_url: str
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+
+    def write(key: str) -> Any:
+        return standalone.write_items([put(ns, key)], author="x", now=time.time(), history_limit=5)
+
+    await write("warm")  # the server has the script (an earlier test may have flushed it)
+    # Cancelled before its round trip went out: not sent, so not applied.
+    early = asyncio.ensure_future(write("early"))
+    await asyncio.sleep(0)
+    assert len(standalone._queued) == 1
+    early.cancel()
+    # Cancelled while its round trip waits for the server (write commands paused).
+    pauser = RedisBackend.from_url(redis_url, SETTINGS)
+    await pauser.open()
+    try:
+        await pauser.client.execute_command("CLIENT", "PAUSE", "500", "WRITE")
+        tasks = [asyncio.ensure_future(write(f"k{i}")) for i in range(10)]
+        await asyncio.sleep(0.2)
+        assert standalone._batches  # sent, waiting for the server
+        assert not any(t.done() for t in tasks)
+        tasks[2].cancel()
+        tasks[7].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await pauser.client.execute_command("CLIENT", "UNPAUSE")
+        await pauser.close()
+    assert early.cancelled()
+    for i, outcome in enumerate(done):
+        if i in (2, 7):
+            assert isinstance(outcome, asyncio.CancelledError)
+        else:
+            assert isinstance(outcome, list) and outcome[0].version == 1, outcome
+    # The cancelled calls had been sent: Redis applied them, as it would have before.
+    now = time.time()
+    for i in range(10):
+        item = await standalone.get_item(ns, f"k{i}", now)
+        assert item is not None and item.version == 1
+    assert await standalone.get_item(ns, "early", now) is None
+    (row,) = await write("after")
+    assert not isinstance(row, bool) and row.version == 1
+
+
+async def test_a_failed_shared_round_trip_fails_each_call_and_each_is_retried(
+    standalone: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    sizes = count_batches(standalone, monkeypatch)
+    client = standalone._standalone()
+    real = client.parse_response
+    failed = 0
+
+    async def lost_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        if failed == 0:
+            failed += 1
+            raise rex.ConnectionError("lost")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(client, "parse_response", lost_once)
+    outcomes = await asyncio.gather(
+        *(
+            standalone.write_items([put(ns, f"k{i}")], author="x", now=time.time(), history_limit=5)
+            for i in range(8)
+        )
+    )
+    assert failed == 1 and sizes[0] == 8, sizes  # the first round trip failed as a whole
+    assert [r[0].version for r in outcomes] == [1] * 8  # type: ignore[union-attr]
+
+
+async def test_the_round_trips_of_a_cluster_are_not_shared(
+    redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = RedisBackend.from_url(redis_cluster_url, SETTINGS)
+    await b.open()
+    try:
+        sizes = count_batches(b, monkeypatch)
+        ns = f"t{uuid.uuid4().hex[:8]}"
+        outcomes = await asyncio.gather(
+            *(
+                b.write_items([put(ns, f"k{i}")], author="x", now=time.time(), history_limit=5)
+                for i in range(8)
+            )
+        )
+        assert [r[0].version for r in outcomes] == [1] * 8  # type: ignore[union-attr]
+        assert sizes == []
+    finally:
+        await b.close()
 
 
 # Wake-ups and errors -----------------------------------------------------------------------
