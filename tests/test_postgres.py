@@ -140,6 +140,25 @@ async def test_feed_has_no_gaps_under_concurrent_writers(
         return head
 
     monkeypatch.setattr(pg_backend, "append_events", slow_append)
+    # Groups of single puts append in their one statement: a slow commit there too
+    # (the head is locked when the NOTIFY runs, and held through the sleep).
+    slow_group = pg_backend._PUT_GROUP.replace(
+        "SELECT count(pg_notify(",
+        "SELECT count(pg_sleep((ARRAY[0, 0, 0.001, 0.005])[1 + floor(random() * 4)::int]))"
+        " + count(pg_notify(",
+    )
+    assert slow_group != pg_backend._PUT_GROUP
+    monkeypatch.setattr(pg_backend, "_PUT_GROUP", slow_group)
+    grouped = 0
+    real_group = PostgresBackend._put_group
+
+    async def counting_group(c: Any, group: Any) -> Any:
+        nonlocal grouped
+        rows = await real_group(c, group)
+        grouped += sum(r is not None for r in rows)
+        return rows
+
+    monkeypatch.setattr(PostgresBackend, "_put_group", staticmethod(counting_group))
     ns = ns_()
     seconds = 3.0
     async with opened(postgres_url, 5) as backends:
@@ -211,6 +230,7 @@ async def test_feed_has_no_gaps_under_concurrent_writers(
             everything.extend((r.cursor, (r.type, r.namespace, r.key, r.version)) for r in rows)
             if not rows:
                 break
+    assert grouped > 0, "no single put went through a group"
     assert len(seen) == len(set(seen)), "an event was delivered twice"
     assert seen == [c for c, _ in everything], "the live reader missed events"
     assert seen_events == [e for _, e in everything]
@@ -370,14 +390,31 @@ async def test_concurrent_single_puts_commit_in_groups(
     ns = ns_()
     async with opened(postgres_url) as (b,):
         commits = 0
-        real_write = b._engine.write
+        grouped = 0
+        real_write, real_alone = b._engine.write, b._engine.write_alone
+        real_group = PostgresBackend._put_group
 
         async def counting(fn: Any, **kw: Any) -> Any:
             nonlocal commits
             commits += 1
             return await real_write(fn, **kw)
 
+        async def counting_alone(fn: Any) -> Any:
+            nonlocal commits
+            commits += 1
+            return await real_alone(fn)
+
+        async def counting_group(c: Any, group: Any) -> Any:
+            nonlocal grouped
+            keys = [(p.write.namespace, p.write.key) for p in group]
+            assert len(keys) == len(set(keys)), "a group holds one put per key"
+            rows = await real_group(c, group)
+            grouped += sum(r is not None for r in rows)
+            return rows
+
         monkeypatch.setattr(b._engine, "write", counting)
+        monkeypatch.setattr(b._engine, "write_alone", counting_alone)
+        monkeypatch.setattr(PostgresBackend, "_put_group", staticmethod(counting_group))
         start = await b.head()
         now = time.time()
         rows = await asyncio.gather(
@@ -387,6 +424,7 @@ async def test_concurrent_single_puts_commit_in_groups(
             )
         )
         assert commits < 60  # several puts shared a transaction
+        assert grouped == 60  # puts of one key went in successive groups, none alone
         versions: dict[str, list[int]] = {}
         for (row,) in rows:
             assert isinstance(row, ItemRow)
@@ -426,6 +464,111 @@ async def test_a_group_that_fails_lets_each_put_run_alone(
         assert sorted((r.key, r.version) for (r,) in rows if isinstance(r, ItemRow)) == [
             (f"k{i}", 1) for i in range(5)
         ]
+
+
+async def test_one_group_mixes_creates_updates_and_the_unusual(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single puts of every kind in one group statement: each is decided on its own
+    (what it cannot decide it leaves to its transaction), and the events of those it
+    wrote are numbered after the head, consecutive, with the versions written."""
+    ns = ns_()
+    vector = np.arange(1, 5, dtype="<f4").tobytes()
+    async with opened(postgres_url) as (b,):
+        now = time.time()
+        for k in ("have", "cas", "stale", "plain"):
+            await b.write_items([put(ns, k, 0)], author="t", now=now, history_limit=5)
+        await b.write_items(
+            [put(ns, "exp", 0, expires_at=now + 0.01)], author="t", now=now, history_limit=5
+        )
+        sizes: list[int] = []
+        real_group = PostgresBackend._put_group
+
+        async def recording(c: Any, group: Any) -> Any:
+            sizes.append(len(group))
+            return await real_group(c, group)
+
+        monkeypatch.setattr(PostgresBackend, "_put_group", staticmethod(recording))
+        start = await b.head()
+        later = now + 1
+        writes = [
+            put(ns, "new", 1, if_version=0),
+            put(ns, "have", 1, if_version=0),
+            put(ns, "cas", 1, if_version=1, metadata=b'{"a": 7}', text="t\u00e9xt"),
+            put(ns, "stale", 1, if_version=5),
+            put(ns, "exp", 1),
+            put(ns, "plain", 1, index_text="some words", vector=vector, model="m"),
+        ]
+
+        async def one(w: PutWrite) -> ItemRow | int:
+            try:
+                (row,) = await b.write_items([w], author="g", now=later, history_limit=5)
+            except Conflict as exc:
+                assert exc.current_version is not None
+                return -exc.current_version
+            assert isinstance(row, ItemRow)
+            return row
+
+        results = await asyncio.gather(*map(one, writes))
+        got = dict(zip([w.key for w in writes], results, strict=True))
+        assert sizes[0] == 6  # one group first; the unusual then ran alone
+        assert got["have"] == -1 and got["stale"] == -1
+        versions = {k: r.version for k, r in got.items() if isinstance(r, ItemRow)}
+        assert versions == {"new": 1, "cas": 2, "exp": 1, "plain": 2}
+        cas = got["cas"]
+        assert isinstance(cas, ItemRow)
+        assert (cas.text, cas.metadata, cas.author, cas.updated_at) == (
+            "t\u00e9xt",
+            b'{"a": 7}',
+            "g",
+            later,
+        )
+        assert cas.created_at == now  # kept from version 1
+        assert await b.get_item(ns, "cas", later) == cas
+        assert [h.version for h in await b.item_history(ns, "plain", 10, later)] == [2, 1]
+        events, _ = await b.read_events(ns, start, 100)
+        assert [int(e.cursor) for e in events] == list(
+            range(int(start) + 1, int(start) + 1 + len(events))
+        )
+        assert sorted((e.type, e.key, e.version) for e in events) == [
+            ("item.expired", "exp", 1),
+            ("item.put", "cas", 2),
+            ("item.put", "exp", 1),
+            ("item.put", "new", 1),
+            ("item.put", "plain", 2),
+        ]
+        assert all(e.author == "g" for e in events if e.type == "item.put")
+    with psycopg.connect(postgres_url) as conn:
+        found = conn.execute(
+            "SELECT key, version, text, model, dim, vec::text FROM hivemem_search "
+            "WHERE ns = %s ORDER BY key",
+            (ns,),
+        ).fetchall()
+        meta = conn.execute(
+            "SELECT meta->>'a' FROM hivemem_items WHERE ns = %s AND key = 'cas'", (ns,)
+        ).fetchone()
+    assert found == [("plain", 2, "some words", "m", 4, "[1,2,3,4]")]
+    assert meta == ("7",)
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_before_a_group(
+    fresh_url: str,
+) -> None:
+    """A group is one statement on an autocommit connection: once sent, its outcome
+    is unknown if the connection fails. A pooled connection the server closed while it
+    was idle is seen before anything is sent, so the group runs on a new one."""
+    async with opened(fresh_url) as (b,):
+        now = time.time()
+        await b.write_items([put("n", "k", 1)], author="t", now=now, history_limit=1)
+        with psycopg.connect(admin_url(fresh_url), autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (fresh_url.rsplit("/", 1)[1],),
+            )
+        await asyncio.sleep(0.5)  # the connections' ends of file have arrived
+        (row,) = await b.write_items([put("n", "k", 2)], author="t", now=now, history_limit=1)
+        assert isinstance(row, ItemRow) and row.version == 2
 
 
 async def test_one_statement_puts_leave_the_unusual_to_the_transaction(postgres_url: str) -> None:

@@ -32,15 +32,19 @@ replaces the lock by a plain sequence (no guarantee at all) and measured the sam
 puts/s from two processes (median 3,835 with the lock, 3,614 without, on 2 cores):
 the writers' client CPU bounds them. The price of this scheme is that commits of
 event-appending transactions are serialised: each holds the head lock from its last
-statement through its commit. Writes run in pipeline mode (see engine.py), so that statement reaches
-the server in the same flight as the COMMIT and the lock is held for its
-execution and one WAL flush, not for a client round trip (except a ``publish``
+statement through its commit. Writes run in pipeline mode (see engine.py), so that
+statement reaches the server in the same flight as the COMMIT and the lock is held for
+its execution and one WAL flush, not for a client round trip (except a ``publish``
 with a request id, whose stored result needs the new cursor). Single puts without a
-request id commit in groups (:meth:`PostgresBackend._put_one`): one transaction, one
-head lock and one WAL flush for the puts a process has in flight. On this project's
-test machine (local disk, fsync on) 8 concurrent writers in one process reach about
-3,400 puts/s per database, while raw upserts reach 10-12k/s. Everything before the
-last statement runs concurrently; reads never wait.
+request id commit in groups (:meth:`PostgresBackend._put_one`): the puts a process has
+in flight, one per key, are one statement on an autocommit connection (its own
+transaction: one round trip, one head lock, one WAL flush), which takes their key locks,
+writes them, and moves the head and appends their events last, so the head is again
+its last lock, held through its commit. On this project's test machine (2 shared cores,
+local disk, fsync on) 8 concurrent writers in one process reach 4,500-5,400 puts/s per
+database, where raw upserts reach 8-10k/s and LangGraph's AsyncPostgresStore 11-13k/s
+in the same runs (the writers' client CPU and the server's share the cores).
+Everything before the last statement runs concurrently; reads never wait.
 
 Locks and atomicity
 -------------------
@@ -50,7 +54,9 @@ at all. A write to items first takes a transaction-scoped advisory lock per
 (namespace, key), in sorted order (so concurrent batches cannot deadlock, and an
 absent key is locked too: two ``if_version=0`` creates cannot both succeed), then
 locks the batch's existing rows with one ``SELECT ... FOR UPDATE`` and decides on
-them. ``set_index`` takes the same key locks and then the rows ``FOR SHARE``. The
+them (a group of single puts decides in its statement, on the rows its upserts and
+updates lock; what it cannot decide it leaves to this transaction). ``set_index``
+takes the same key locks and then the rows ``FOR SHARE``. The
 sweeper skips rows others hold (``FOR UPDATE SKIP LOCKED``) and serialises with
 other sweepers on the ``trimmed`` row of ``hivemem_feed``, never on ``head`` until
 its own commit. Sessions are locked by their row (``UPDATE ... RETURNING`` moves a
@@ -107,6 +113,7 @@ from hivemem.backends.postgres.schema import (
     SESSION_COLS,
     SESSION_LIVE,
     UNDER,
+    index_text,
     item_row,
     meta_jsonb,
     migrate,
@@ -114,7 +121,12 @@ from hivemem.backends.postgres.schema import (
     text_to_db,
     under,
 )
-from hivemem.backends.postgres.search import SearchMixin, configure_vectors, index_put
+from hivemem.backends.postgres.search import (
+    SearchMixin,
+    Vector,
+    configure_vectors,
+    index_put,
+)
 from hivemem.backends.postgres.tasks import TaskMixin
 from hivemem.backends.results import decode_stored_result, encode_stored_result, split_request_id
 from hivemem.backends.rows import (
@@ -207,76 +219,119 @@ SELECT value, pg_notify('{CHANNEL}', value::text || %s) FROM h
 """
 
 
-def _put_one_sql(shape: str, history: bool, indexed: bool) -> str:
-    """The statement of one put in :meth:`PostgresBackend._put_group`: ``shape``
-    ``upsert`` (no ``if_version``, or 0: only if absent) or ``update`` (``if_version``
-    n), with a history row and with an index entry or not; the group appends the events
-    of all its puts at its end. Returns the item's columns, or no row when it wrote
-    nothing."""
-    # Typed: in INSERT ... SELECT a parameter's type is not taken from the column.
-    values = (
-        "%(ns)s::text, %(key)s::text, %(value)s::bytea, {version}, %(author)s::text, "
-        "{created}, %(now)s::float8, %(expires_at)s::float8, %(text)s::bytea, "
-        "%(metadata)s::bytea, %(meta)s::jsonb"
+#: Most bytes of task hints in one NOTIFY payload (PostgreSQL allows 8000).
+NOTE_LIMIT = 7000
+
+
+def _put_group_sql() -> str:
+    """The statement of a group of single puts (:meth:`PostgresBackend._put_group`),
+    run alone on an autocommit connection (it is its own transaction).
+
+    Its parameters are arrays with one element per put, in the order of the puts' key
+    locks (``%(lock)s``, sorted ascending; one put per key). It takes the key locks in
+    that order, writes each put (an upsert without ``if_version``; an insert only if
+    absent for ``if_version`` 0; an update of version n for ``if_version`` n), its
+    history row and its index entry (or removes it), then moves the feed's head by the
+    number of puts written, appends their events in lock order and NOTIFYs: the head
+    is the last lock it takes, held through the commit. A put whose condition fails
+    (the key exists for 0, another version for n, the item expired) writes nothing.
+
+    Returns a row per put written: its ordinal (1-based, in lock order), the item's
+    new version and its ``created_at``, and a last column of no use (the rest of the
+    item is the put's). Whitespace is collapsed:
+    psycopg caches the parsing of statements up to 4096 characters."""
+    cols = ITEM_COLS
+    # Each CTE that writes items joins ``lk`` (one row, once all key locks are held);
+    # ``c`` counts every other write, and the head's UPDATE joins it, so the head is
+    # locked after all of them. Typed: in INSERT ... SELECT a parameter's type is not
+    # taken from the column.
+    row = "ns, key, value, 1, author, now, now, exp, text, md, meta::jsonb"
+    set_ = (
+        "value = EXCLUDED.value, version = t.version + 1, author = EXCLUDED.author, "
+        "updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at, "
+        "text = EXCLUDED.text, metadata = EXCLUDED.metadata, meta = EXCLUDED.meta"
     )
-    cols = f"{ITEM_COLS}, meta"
-    if shape == "upsert":
-        dml = (
-            f"INSERT INTO hivemem_items AS t ({cols}) "
-            f"SELECT {values.format(version='1', created='%(now)s::float8')} FROM lk "
-            "ON CONFLICT (ns, key) DO UPDATE SET value = EXCLUDED.value, "
-            "version = t.version + 1, author = EXCLUDED.author, "
-            "updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at, "
-            "text = EXCLUDED.text, metadata = EXCLUDED.metadata, meta = EXCLUDED.meta "
-            "WHERE NOT %(absent_only)s AND (t.expires_at IS NULL OR t.expires_at > %(now)s) "
-            f"RETURNING {ITEM_COLS}"
+    arrays = ", ".join(
+        f"%({name})b::{type_}[]"
+        for name, type_ in (
+            ("ns", "text"), ("key", "text"), ("value", "bytea"), ("author", "text"),
+            ("now", "float8"), ("exp", "float8"), ("text", "bytea"), ("md", "bytea"),
+            ("meta", "text"), ("ifv", "int8"), ("hl", "int8"), ("itext", "text"),
+            ("model", "text"), ("dim", "int"), ("vec", "vector"), ("type", "text"),
         )
-    else:
-        dml = (
-            "UPDATE hivemem_items AS t SET value = %(value)s, version = t.version + 1, "
-            "author = %(author)s, updated_at = %(now)s, expires_at = %(expires_at)s, "
-            "text = %(text)s, metadata = %(metadata)s, meta = %(meta)s::jsonb FROM lk "
-            "WHERE t.ns = %(ns)s AND t.key = %(key)s AND t.version = %(if_version)s "
-            f"AND (t.expires_at IS NULL OR t.expires_at > %(now)s) RETURNING {ITEM_COLS}"
-        )
-    parts = [
-        "lk AS MATERIALIZED (SELECT pg_advisory_xact_lock(%(lock)s))",
-        f"i AS ({dml})",
-    ]
-    if history:
-        parts.append(
-            f"v AS (INSERT INTO hivemem_item_versions ({ITEM_COLS}) SELECT {ITEM_COLS} FROM i "
-            "ON CONFLICT (ns, key, version) DO UPDATE SET value = EXCLUDED.value, "
-            "author = EXCLUDED.author, created_at = EXCLUDED.created_at, "
-            "updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at, "
-            "text = EXCLUDED.text, metadata = EXCLUDED.metadata)"
-        )
-        parts.append(
-            "o AS (DELETE FROM hivemem_item_versions d USING i WHERE d.ns = i.ns "
-            "AND d.key = i.key AND d.version <= i.version - %(hl)s)"
-        )
-    if indexed:
-        parts.append(
-            "s AS (INSERT INTO hivemem_search (ns, key, version, text, model, dim, vec) "
-            "SELECT i.ns, i.key, i.version, %(itext)s::text, %(model)s::text, %(dim)s::int, "
-            "%(vec)s FROM i "
-            "ON CONFLICT (ns, key) DO UPDATE SET version = EXCLUDED.version, "
-            "text = EXCLUDED.text, model = EXCLUDED.model, dim = EXCLUDED.dim, "
-            "vec = EXCLUDED.vec)"
-        )
-    else:
-        parts.append(
-            "s AS (DELETE FROM hivemem_search d USING i WHERE d.ns = i.ns AND d.key = i.key)"
-        )
-    return "WITH " + ", ".join(parts) + " SELECT i.* FROM (SELECT 1) AS one LEFT JOIN i ON true"
+    )  # fmt: skip
+    sql = f"""
+WITH a AS MATERIALIZED (
+    SELECT * FROM unnest({arrays}) WITH ORDINALITY
+    AS a(ns, key, value, author, now, exp, text, md, meta, ifv, hl, itext, model, dim, vec,
+         type, ord)
+), lk AS MATERIALIZED (
+    SELECT count(pg_advisory_xact_lock(k)) AS n FROM unnest(%(lock)b::int8[]) AS k
+), ins AS (
+    INSERT INTO hivemem_items AS t ({cols}, meta)
+    SELECT {row} FROM lk, a WHERE ifv IS NULL AND n > 0
+    ON CONFLICT (ns, key) DO UPDATE SET {set_}
+    WHERE t.expires_at IS NULL OR t.expires_at > EXCLUDED.updated_at RETURNING t.*
+), cre AS (
+    INSERT INTO hivemem_items AS t ({cols}, meta)
+    SELECT {row} FROM lk, a WHERE ifv = 0 AND n > 0
+    ON CONFLICT (ns, key) DO NOTHING RETURNING t.*
+), upd AS (
+    UPDATE hivemem_items AS t SET value = a.value, version = t.version + 1,
+        author = a.author, updated_at = a.now, expires_at = a.exp, text = a.text,
+        metadata = a.md, meta = a.meta::jsonb
+    FROM lk, a WHERE a.ifv > 0 AND n > 0 AND t.ns = a.ns AND t.key = a.key
+        AND t.version = a.ifv AND (t.expires_at IS NULL OR t.expires_at > a.now)
+    RETURNING t.*
+), w AS MATERIALIZED (
+    SELECT i.*, ord, hl, itext, model, dim, vec, type
+    FROM (SELECT * FROM ins UNION ALL SELECT * FROM cre UNION ALL SELECT * FROM upd) AS i
+    JOIN a USING (ns, key)
+), v AS (
+    INSERT INTO hivemem_item_versions ({cols}) SELECT {cols} FROM w WHERE hl > 0
+    ON CONFLICT (ns, key, version) DO UPDATE SET value = EXCLUDED.value,
+        author = EXCLUDED.author, created_at = EXCLUDED.created_at,
+        updated_at = EXCLUDED.updated_at, expires_at = EXCLUDED.expires_at,
+        text = EXCLUDED.text, metadata = EXCLUDED.metadata
+    RETURNING 1
+), o AS (
+    DELETE FROM hivemem_item_versions d USING w
+    WHERE hl > 0 AND d.ns = w.ns AND d.key = w.key AND d.version <= w.version - hl
+    RETURNING 1
+), si AS (
+    INSERT INTO hivemem_search (ns, key, version, text, model, dim, vec)
+    SELECT ns, key, version, itext, model, dim, vec FROM w WHERE itext IS NOT NULL
+    ON CONFLICT (ns, key) DO UPDATE SET version = EXCLUDED.version, text = EXCLUDED.text,
+        model = EXCLUDED.model, dim = EXCLUDED.dim, vec = EXCLUDED.vec
+    RETURNING 1
+), sd AS (
+    DELETE FROM hivemem_search d USING w
+    WHERE itext IS NULL AND d.ns = w.ns AND d.key = w.key RETURNING 1
+), c AS MATERIALIZED (
+    SELECT (SELECT count(*) FROM w) AS n, (SELECT count(*) FROM v) + (SELECT count(*) FROM o)
+        + (SELECT count(*) FROM si) + (SELECT count(*) FROM sd) AS m
+), h AS (
+    UPDATE hivemem_feed f SET value = value + n FROM c
+    WHERE name = 'head' AND n > 0 AND m >= 0 RETURNING value AS head, n
+), e AS (
+    INSERT INTO hivemem_events ({EVENT_COLS})
+    SELECT head - n + row_number() OVER (ORDER BY ord), type, ns, key, version, author,
+        updated_at, NULL::bytea
+    FROM h, w
+)
+SELECT ord, version, created_at, (
+    SELECT count(pg_notify('{CHANNEL}', head::text || (
+        SELECT CASE WHEN length(s) > {NOTE_LIMIT} THEN ' *' ELSE s END FROM (
+            SELECT coalesce(string_agg(' ' || type || ' ' || substr(ns, 8) || ' ' || key, ''
+                ORDER BY ord), '') AS s
+            FROM w WHERE starts_with(ns, '_tasks/')) AS x
+    ))) FROM h
+) FROM w
+"""
+    return " ".join(sql.split())
 
 
-_PUT_ONE = {
-    (shape, history, indexed): _put_one_sql(shape, history, indexed)
-    for shape in ("upsert", "update")
-    for history in (False, True)
-    for indexed in (False, True)
-}
+_PUT_GROUP = _put_group_sql()
 
 #: Most single puts one group commits together.
 GROUP_MAX = 64
@@ -291,10 +346,6 @@ class _Put:
     now: float
     history_limit: int
     done: asyncio.Future[ItemRow | None]
-
-
-#: Most bytes of task hints in one NOTIFY payload (PostgreSQL allows 8000).
-NOTE_LIMIT = 7000
 
 
 async def append_events(conn: Conn, events: Events, *, fetch: bool = False) -> int | None:
@@ -365,7 +416,8 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             pool_size=settings.postgres_pool_size,
             pool_timeout=settings.postgres_pool_timeout_seconds,
         )
-        self._vector_oid: int | None = None
+        #: The oids of ``vector`` and ``vector[]``, once open.
+        self._vector_oid: tuple[int, int] | None = None
         #: Single puts waiting for their group, and the task committing the groups.
         self._puts: list[_Put] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -396,7 +448,7 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
 
     async def _configure(self, conn: Conn) -> None:
         if self._vector_oid is not None:
-            configure_vectors(conn, self._vector_oid)
+            configure_vectors(conn, *self._vector_oid)
 
     async def open(self) -> None:
         """Connect, check the database, create or migrate the schema, start listening.
@@ -435,10 +487,10 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
                 raise Unavailable(
                     f"cannot create or migrate the hivemem schema in {self.label}: {exc}"
                 ) from exc
-            cur = await conn.execute("SELECT 'vector'::regtype::oid")
+            cur = await conn.execute("SELECT 'vector'::regtype::oid, 'vector[]'::regtype::oid")
             row = await cur.fetchone()
             assert row is not None
-            self._vector_oid = int(row[0])
+            self._vector_oid = (int(row[0]), int(row[1]))
         except psycopg.OperationalError as exc:
             await conn.close()
             raise self._engine.unavailable(exc, "opening") from exc
@@ -623,20 +675,21 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
         self, w: PutWrite, author: str, now: float, history_limit: int
     ) -> ItemRow | None:
         """A put of one item in a group commit: the single puts this process has in
-        flight meanwhile commit in one transaction, each as one statement (pipelined),
-        with the events of all of them appended at its end (one head lock, one WAL
-        flush for the group, where each put alone held the head through a flush of its
-        own). Covers the common cases only, a new item or a new version of a live one
-        that ``if_version`` allows; anything else (a version mismatch, an expired item to
-        expire first) changes nothing and returns None: the caller runs the full
-        transaction, which decides it. A group that fails as a whole (its transaction
-        was retried and still failed) returns None to each put, which then runs alone.
+        flight meanwhile (one per key; a later put of a key waits for the next group)
+        commit together as one statement (:func:`_put_group_sql`) on an autocommit
+        connection: one round trip, one head lock and one WAL flush for the group, where
+        each put alone held the head through a flush of its own. Covers the common cases
+        only, a new item or a new version of a live one that ``if_version`` allows;
+        anything else (a version mismatch, an expired item to expire first) changes
+        nothing and returns None: the caller runs the full transaction, which decides
+        it. A group that fails as a whole (its statement was retried and still failed)
+        returns None to each put, which then runs alone.
 
-        Each statement takes its key's advisory lock first, as every item write does
-        (a group takes them in key-lock order, the head after all of them, so groups and
-        transactions never wait on each other in a cycle), and computes the version
-        from the row it conflicts with or updates, which PostgreSQL reads as committed
-        after waiting for its lock, never from the statement's snapshot.
+        The statement takes the group's key locks first, in key-lock order, as every
+        item write does, and the head after all its other writes, so groups and
+        transactions never wait on each other in a cycle. It computes each version from
+        the row it conflicts with or updates, which PostgreSQL reads as committed after
+        waiting for its lock, never from the statement's snapshot.
         """
         done: asyncio.Future[ItemRow | None] = asyncio.get_running_loop().create_future()
         self._puts.append(_Put(w, author, now, history_limit, done))
@@ -644,16 +697,37 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             self._flusher = asyncio.create_task(self._flush_puts(), name="hivemem-pg-puts")
         return await done
 
+    def _next_group(self) -> list[_Put]:
+        """Take the next group from the waiting puts: in order, at most
+        :data:`GROUP_MAX`, one per key (the others keep their place)."""
+        puts = self._puts
+        keys = {(p.write.namespace, p.write.key) for p in puts}
+        if len(keys) == len(puts) and len(puts) <= GROUP_MAX:
+            self._puts = []
+            return puts
+        group: list[_Put] = []
+        rest: list[_Put] = []
+        taken: set[tuple[str, str]] = set()
+        for p in puts:
+            k = (p.write.namespace, p.write.key)
+            if k in taken or len(group) >= GROUP_MAX:
+                rest.append(p)
+            else:
+                taken.add(k)
+                group.append(p)
+        self._puts = rest
+        return group
+
     async def _flush_puts(self) -> None:
         """Commit the waiting single puts, group after group, until none wait."""
         while self._puts:
-            group, self._puts = self._puts[:GROUP_MAX], self._puts[GROUP_MAX:]
+            group = self._next_group()
 
             async def run(c: Conn, group: list[_Put] = group) -> list[ItemRow | None]:
                 return await self._put_group(c, group)
 
             try:
-                rows = await self._engine.write(run, notify=False)
+                rows = await self._engine.write_alone(run)
             except asyncio.CancelledError:
                 for put in group:
                     if not put.done.done():
@@ -671,49 +745,100 @@ class PostgresBackend(SearchMixin, TaskMixin, Backend):
             for put, row in zip(group, rows, strict=True):
                 if not put.done.done():
                     put.done.set_result(row)
+            # Let the callers just answered run first: those that put again at once
+            # join the next group rather than wait for the one after it.
+            await asyncio.sleep(0)
 
     @staticmethod
     async def _put_group(c: Conn, group: list[_Put]) -> list[ItemRow | None]:
+        """Run the statement of ``group`` (puts of distinct keys) on ``c`` (autocommit);
+        each put's row, or None where it wrote nothing."""
         locks = [key_lock(p.write.namespace, p.write.key) for p in group]
-        order = sorted(range(len(group)), key=locks.__getitem__)  # stable: one key in order
-        cursors: dict[int, Any] = {}
+        order = sorted(range(len(group)), key=locks.__getitem__)
+        ns: list[str] = []
+        key: list[str] = []
+        value: list[bytes] = []
+        author: list[str] = []
+        now: list[float] = []
+        expires_at: list[float | None] = []
+        text: list[bytes | None] = []
+        metadata: list[bytes | None] = []
+        meta: list[str | None] = []
+        if_version: list[int | None] = []
+        hl: list[int] = []
+        itext: list[str | None] = []
+        model: list[str | None] = []
+        dim: list[int | None] = []
+        vec: list[Vector | None] = []
+        type_: list[str] = []
         for i in order:
             put = group[i]
             w = put.write
-            shape = "update" if w.if_version else "upsert"
-            sql = _PUT_ONE[(shape, put.history_limit > 0, w.index_text is not None)]
-            args: dict[str, Any] = {
-                "lock": locks[i],
-                "ns": w.namespace,
-                "key": w.key,
-                "value": w.value,
-                "author": put.author,
-                "now": put.now,
-                "expires_at": w.expires_at,
-                "text": text_to_db(w.text),
-                "metadata": w.metadata,
-                "meta": meta_jsonb(w.metadata),
-                "if_version": w.if_version,
-                "absent_only": w.if_version == 0,
-                "hl": put.history_limit,
-            }
-            if w.index_text is not None:
-                _, extra = index_put(w.index_text, w.vector, w.model)
-                args.update(extra)
-            cursors[i] = await c.execute(sql, args, binary=True)
+            ns.append(w.namespace)
+            key.append(w.key)
+            value.append(w.value)
+            author.append(put.author)
+            now.append(put.now)
+            expires_at.append(w.expires_at)
+            text.append(None if w.text is None else text_to_db(w.text))
+            metadata.append(w.metadata)
+            meta.append(None if w.metadata is None else meta_jsonb(w.metadata))
+            if_version.append(w.if_version)
+            hl.append(put.history_limit)
+            type_.append(w.event or "item.put")
+            if w.index_text is None:
+                itext.append(None)
+                model.append(None)
+                dim.append(None)
+                vec.append(None)
+            else:
+                itext.append(index_text(w.index_text))
+                model.append(w.model)
+                v = w.vector
+                dim.append(None if v is None else len(v) // 4)
+                vec.append(None if v is None else Vector(v))
+        args: dict[str, list[Any] | None] = {
+            "lock": [locks[i] for i in order],
+            "ns": ns,
+            "key": key,
+            "value": value,
+            "author": author,
+            "now": now,
+            "exp": expires_at,
+            "text": text,
+            "md": metadata,
+            "meta": meta,
+            "ifv": if_version,
+            "hl": hl,
+            "itext": itext,
+            "model": model,
+            "dim": dim,
+            "vec": vec,
+            "type": type_,
+        }
+        for name, column in args.items():
+            # A column of NULLs is sent as a NULL array (unnest pads it with NULLs):
+            # most of them are, and psycopg dumps an array element by element.
+            if column is not None and all(x is None for x in column):
+                args[name] = None
+        cur = await c.execute(_PUT_GROUP, args, binary=True)
         rows: list[ItemRow | None] = [None] * len(group)
-        events = Events()
-        for i in order:
-            found = await cursors[i].fetchone()
-            if found is None or found[0] is None:
-                continue
-            row = rows[i] = item_row(found)
-            w = group[i].write
-            events.add(
-                w.event or "item.put", w.namespace, w.key, row.version, row.author, row.updated_at
+        for ordinal, version, created_at, _ in await cur.fetchall():
+            i = order[ordinal - 1]
+            put = group[i]
+            w = put.write
+            rows[i] = ItemRow(
+                w.namespace,
+                w.key,
+                w.value,
+                version,
+                put.author,
+                created_at,
+                put.now,
+                w.expires_at,
+                w.text,
+                w.metadata,
             )
-        if events.rows:
-            await append_events(c, events)
         return rows
 
     @staticmethod

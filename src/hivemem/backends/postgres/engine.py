@@ -4,7 +4,9 @@ mapping and cross-process change notification.
 - psycopg 3 (async) over a :class:`psycopg_pool.AsyncConnectionPool` of
   autocommit connections: a read is one statement (one snapshot); a write runs in
   an explicit transaction at PostgreSQL's default isolation, READ COMMITTED, with
-  row and advisory locks where a decision depends on a row (see backend.py).
+  row and advisory locks where a decision depends on a row (see backend.py), or as
+  one statement on an autocommit connection, its own transaction
+  (:meth:`PostgresEngine.write_one`, :meth:`PostgresEngine.write_alone`).
 - Retries are tenacity's (one policy, :func:`_retrying`, run by :func:`_retried`): a
   write that PostgreSQL aborts for a deadlock or a serialisation failure (nothing
   committed) is retried up to :data:`WRITE_RETRIES` times with exponential backoff
@@ -13,13 +15,16 @@ mapping and cross-process change notification.
   that collided do not collide again in step. A connection that fails before
   anything was committed (a read; a write before its COMMIT was sent) is replaced
   and the work retried once, at once; a write whose COMMIT was sent is not (its
-  outcome is unknown).
+  outcome is unknown), nor is a one-statement write once its statement was sent
+  (:meth:`PostgresEngine.write_alone` first checks that the server has not closed
+  the idle pooled connection, and takes another if it has).
 - Engine failures (connection refused, server gone, pool exhausted for
   :data:`POOL_TIMEOUT_SECONDS`) raise :class:`~hivemem.errors.Unavailable`.
 - Change notification: each write that appends events calls ``pg_notify`` in its
   transaction (delivered at commit, never for a rolled-back write); every process
-  keeps one dedicated connection LISTENing on :data:`CHANNEL` and wakes its
-  watchers (``ChangeSignal.notify``) on each notification; the connection is
+  keeps one dedicated connection LISTENing on :data:`CHANNEL` (read by a callback
+  on its socket) and wakes its watchers (``ChangeSignal.notify``) on each
+  notification; the connection is
   re-established, until the engine closes, with exponential backoff (0.1 s doubling
   to 5 s, starting over once a connection listens again); watchers are woken then
   too, as notifications may have been missed. Local commits wake local watchers
@@ -32,11 +37,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg import pq
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from tenacity import (
     AsyncRetrying,
@@ -277,16 +284,52 @@ class PostgresEngine:
     async def _follow(self, conn: Conn) -> None:
         """Wake watchers (and pass on task hints) on each notification on ``conn``,
         checking the connection every :data:`LISTEN_CHECK_SECONDS`; returns only by
-        raising, when the connection fails."""
-        while True:
-            async for note in conn.notifies(timeout=LISTEN_CHECK_SECONDS):
-                self.changes.notify()
-                hints = parse_task_hints(note.payload)
-                if hints is None:
-                    self.changes.hint(None)
-                for hint in hints or ():
-                    self.changes.hint(hint)
-            await conn.execute("SELECT 1")  # a dead connection raises here
+        raising, when the connection fails.
+
+        Notifications are read by a reader callback on the connection's socket, not by
+        psycopg's ``notifies()``, which registers and unregisters the socket with the
+        event loop for each one: every group of puts this process commits comes back
+        as a notification, and that cost a tenth of the writers' CPU. During the
+        periodic check, psycopg hands them to a notify handler instead."""
+        loop = asyncio.get_running_loop()
+        pgconn = conn.pgconn
+        encoding = conn.info.encoding
+        fd = pgconn.socket
+        failed: asyncio.Future[BaseException] = loop.create_future()
+
+        def noted(payload: str) -> None:
+            self.changes.notify()
+            hints = parse_task_hints(payload)
+            if hints is None:
+                self.changes.hint(None)
+            for hint in hints or ():
+                self.changes.hint(hint)
+
+        def readable() -> None:
+            try:
+                pgconn.consume_input()
+                while (pgn := pgconn.notifies()) is not None:
+                    noted(pgn.extra.decode(encoding))
+                if pgconn.status != pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("the listening connection was closed")
+            except Exception as exc:
+                loop.remove_reader(fd)
+                if not failed.done():
+                    failed.set_result(exc)
+
+        conn.add_notify_handler(lambda note: noted(note.payload))
+        try:
+            while True:
+                loop.add_reader(fd, readable)
+                readable()  # anything libpq read already
+                done, _ = await asyncio.wait({failed}, timeout=LISTEN_CHECK_SECONDS)
+                loop.remove_reader(fd)
+                if done:
+                    raise failed.result()
+                await conn.execute("SELECT 1")  # a dead connection raises here
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
 
     def _listener_failed(self, state: RetryCallState) -> None:
         failed = state.outcome.exception() if state.outcome is not None else None
@@ -386,6 +429,48 @@ class PostgresEngine:
         except _ABORTED as exc:
             raise self.unavailable(exc, f"aborted {WRITE_RETRIES + 1} times") from exc
 
+    async def write_alone(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``fn`` on a pooled autocommit connection, where it executes one
+        statement, its own transaction (one round trip, no BEGIN/COMMIT, no pipeline),
+        and return its result. Wakes no watchers.
+
+        Retried on a deadlock or serialisation failure (nothing was committed). A
+        pooled connection the server has closed while it sat idle (seen before anything
+        is sent) is replaced and ``fn`` runs on a new one, once, as :meth:`write` does.
+
+        Raises:
+            Unavailable: no free connection, or the connection failed after the
+                statement was sent (its outcome is unknown: not retried).
+        """
+        replaced = False
+
+        async def once() -> T:
+            nonlocal replaced
+            sent = False
+            try:
+                async with self._connection() as conn:
+                    if _closed_by_server(conn) and not replaced:
+                        raise psycopg.OperationalError("the server closed the idle connection")
+                    sent = True
+                    return await fn(conn)
+            except _ABORTED:
+                raise
+            except PoolTimeout as exc:
+                raise self._failed(exc, "no free connection") from exc
+            except _CONNECTION_ERRORS as exc:
+                error = self._failed(exc)
+                if sent or replaced:
+                    raise error from exc
+                replaced = True  # nothing was sent: running it on a new connection is safe
+                raise
+
+        try:
+            return await _retried(once, (*_ABORTED, *_CONNECTION_ERRORS), WRITE_RETRIES + 1)
+        except _ABORTED as exc:
+            raise self.unavailable(exc, f"aborted {WRITE_RETRIES + 1} times") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise self.unavailable(exc) from exc
+
     async def write(self, fn: Callable[[Conn], Awaitable[T]], *, notify: bool = True) -> T:
         """Run ``fn`` in a transaction, in pipeline mode, and return its result once
         committed.
@@ -435,6 +520,29 @@ class PostgresEngine:
         if notify:
             self.changes.notify()
         return result
+
+
+def _closed_by_server(conn: Conn) -> bool:
+    """Whether the server has closed an idle connection: its socket reads a last
+    message and an end of file, which libpq then notes. Polls, never waits, sends
+    nothing; a healthy idle connection costs one ``select``."""
+    pgconn = conn.pgconn
+    try:
+        # Up to three reads: libpq notes the end of file on the read after the one
+        # that took the server's last message ("terminating connection ...").
+        for _ in range(3):
+            if pgconn.status != pq.ConnStatus.OK:
+                return True
+            # poll, not select: a service with 1,000 streams open has sockets past
+            # select's limit of 1,024.
+            waiting = select.poll()
+            waiting.register(pgconn.socket, select.POLLIN)
+            if not waiting.poll(0):  # an idle connection has nothing to read unless closing
+                return False
+            pgconn.consume_input()
+    except (OSError, ValueError, psycopg.OperationalError):
+        return True
+    return pgconn.status != pq.ConnStatus.OK
 
 
 def key_lock(namespace: str, key: str) -> int:

@@ -40,6 +40,7 @@ import numpy as np
 from psycopg import sql
 from psycopg.adapt import Buffer, Dumper, Loader
 from psycopg.pq import Format
+from psycopg.types import TypeInfo
 
 from hivemem.backends.filters import Condition
 from hivemem.backends.postgres.engine import Conn, PostgresEngine, lock_keys
@@ -71,8 +72,9 @@ def _vector_from_pg(data: Buffer) -> bytes:
     return np.frombuffer(data, dtype=">f4", offset=4).astype("<f4").tobytes()
 
 
-def configure_vectors(conn: Conn, oid: int) -> None:
-    """Register the binary ``vector`` adapters (type oid ``oid``) on a connection."""
+def configure_vectors(conn: Conn, oid: int, array_oid: int) -> None:
+    """Register the binary ``vector`` adapters (type oid ``oid``, its array type
+    ``array_oid``: lists of :class:`Vector` are sent as ``vector[]``) on a connection."""
 
     class VectorDumper(Dumper):
         format = Format.BINARY
@@ -87,6 +89,7 @@ def configure_vectors(conn: Conn, oid: int) -> None:
             return _vector_from_pg(data)
 
     VectorDumper.oid = oid
+    TypeInfo("vector", oid, array_oid).register(conn)
     conn.adapters.register_dumper(Vector, VectorDumper)
     conn.adapters.register_loader(oid, VectorLoader)
 
