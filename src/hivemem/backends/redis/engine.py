@@ -28,28 +28,6 @@ whatever the number of attempts) and whether an error is transient depends on it
 message too (``LOADING``, ``CLUSTERDOWN`` replies; see :func:`_transient`). The
 cluster client still refreshes its slot map after a connection error: it marks
 itself for re-initialisation and the next attempt does it.
-
-Shared round trips
-------------------
-
-On a standalone server, calls of the small write scripts (:data:`_PIPELINED`) made by
-concurrent tasks share round trips: each call queues its ``EVALSHA`` and waits for its
-own reply; once per event-loop pass the queued calls go out together in one write on
-one pooled connection, a pipeline without MULTI (packed and parsed by redis-py, as its
-own pipelines are; :meth:`RedisEngine._flush`), read back in a task of their own. One
-round trip then serves many puts, and the server runs them in one pass of its event
-loop, with one fsync of the append-only file. Redis still runs each script alone,
-start to end, so each call is exactly as atomic as when sent alone; its reply, or its
-error (a conflict, a refused request id, NOSCRIPT, an argument redis-py cannot
-encode, ...), goes to its own caller only. An engine error of the round trip itself
-(connection lost, timeout) goes to every call of it, and each caller retries as above
-(its request id makes that safe). A caller cancelled before its batch went out is left
-out of it; one cancelled later does not disturb the batch, whose other replies are
-still read and delivered. A batch holds at most :data:`_PIPELINE_MAX_CALLS` calls and
-:data:`_PIPELINE_MAX_BYTES` of arguments, and a call whose arguments exceed
-:data:`_PIPELINE_CALL_BYTES` goes alone, so that no large request delays the small
-ones batched with it. A Redis Cluster sends every call alone
-(a pipeline there would have to be split by node and slot).
 """
 
 from __future__ import annotations
@@ -57,8 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
+import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -66,7 +44,6 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -108,34 +85,6 @@ _LISTEN_MAX_SECONDS = 2.0
 #: A subscription that lasted this long (seconds) was healthy: when it drops, the
 #: listener reconnects at once and its backoff starts over.
 _LISTEN_HEALTHY_SECONDS = 5.0
-
-#: Scripts whose calls from concurrent tasks share round trips on a standalone server
-#: (see the module): writes with small replies (about the size of their arguments).
-_PIPELINED = frozenset(
-    {
-        "write_items",
-        "bind_request",
-        "publish",
-        "create_session",
-        "append_messages",
-        "save_state",
-        "delete_session",
-    }
-)
-#: Most calls in one shared round trip.
-_PIPELINE_MAX_CALLS = 64
-#: Most bytes of arguments in one shared round trip (a batch is cut before the call
-#: that would pass it; a first call may pass it alone).
-_PIPELINE_MAX_BYTES = 256 * 1024
-#: A call with more bytes of arguments than this goes alone.
-_PIPELINE_CALL_BYTES = 32 * 1024
-#: Errors of redis-py's encoder, raised while a pipeline packs its commands (before
-#: anything was sent): its calls are then sent one by one, so that only the call at
-#: fault gets the error.
-_PACKING_ERRORS: tuple[type[BaseException], ...] = (rex.DataError, UnicodeError)
-
-#: Calls of one shared round trip: (command arguments, the caller's future).
-_Batch = list[tuple[tuple[Any, ...], "asyncio.Future[Any]"]]
 
 #: Errors after which the same request may succeed: retried, then Unavailable.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -259,13 +208,6 @@ class RedisEngine:
         self._request_ttl_ms = max(1, int(settings.request_retention_seconds * 1000))
         self._internal_ttl_ms = max(INTERNAL_REQUEST_TTL_MS, int(3000 * self._retry_seconds))
         self._where = redact(url)
-        #: Calls waiting for the next shared round trip: (command arguments, bytes of
-        #: arguments, the caller's future).
-        self._queued: list[tuple[tuple[Any, ...], int, asyncio.Future[Any]]] = []
-        self._flush_soon = False
-        self._queue_loop: asyncio.AbstractEventLoop | None = None
-        #: Shared round trips under way (kept referenced until done).
-        self._batches: set[asyncio.Task[None]] = set()
 
     @property
     def is_cluster(self) -> bool:
@@ -436,9 +378,6 @@ class RedisEngine:
     async def _script(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run script ``name`` of :mod:`.scripts` with ``keys`` and ``args``, retried.
 
-        On a standalone server the calls of :data:`_PIPELINED` scripts share round trips
-        with concurrent calls (see the module); the reply and the errors are the same.
-
         Raises:
             RequestIdReused: the script refused a request id used for another request.
             Unavailable: the store is not open or not reachable.
@@ -446,27 +385,15 @@ class RedisEngine:
         script = self._scripts.get(name)
         if script is None:
             raise Unavailable(f"the Redis store {self._where} is not open")
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        size = 0
-        if self._nodes is None and name in _PIPELINED:
-            for a in args:
-                size += len(a) if isinstance(a, (bytes, str)) else 32
-            if size > _PIPELINE_CALL_BYTES:
-                size = -1
-        else:
-            size = -1
 
         async def call() -> Any:
-            client = self.client
             try:
-                if size >= 0:
-                    return await self._queue(command, size)
-                return await client.execute_command(*command)
+                return await script(keys=list(keys), args=list(args))
             except rex.NoScriptError:
-                # A promoted replica (or a restarted server) lacks the script and the
-                # client's view of the primaries may still be stale: EVAL sends the
-                # source to the node that owns the keys (and caches it there).
-                return await client.eval(script.script, len(keys), *keys, *args)  # type: ignore[arg-type]
+                # A promoted replica lacks the script and the client's view of the
+                # primaries may still be stale: EVAL sends the source to the node that
+                # owns the keys (and caches it there).
+                return await self.client.eval(script.script, len(keys), *keys, *args)  # type: ignore[arg-type]
 
         try:
             return await self._retrying(call, name)
@@ -475,152 +402,6 @@ class RedisEngine:
                 raise RequestIdReused() from None
             raise
 
-    def _standalone(self) -> aioredis.Redis:
-        """The standalone client (shared round trips are for a standalone server only).
-
-        Raises:
-            Unavailable: the store is not open.
-        """
-        client = self.client
-        assert isinstance(client, aioredis.Redis)
-        return client
-
-    def _queue(self, command: tuple[Any, ...], size: int) -> asyncio.Future[Any]:
-        """Queue ``command`` (``size`` bytes of arguments) for the next shared round
-        trip and return the future of its reply (see the module)."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._queue_loop:
-            # First use, or the engine moved to another event loop: a flush scheduled
-            # on a loop that stopped before running it will never run.
-            self._queue_loop, self._queued, self._flush_soon = loop, [], False
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._queued.append((command, size, fut))
-        if not self._flush_soon:
-            self._flush_soon = True
-            loop.call_soon(self._flush)
-        return fut
-
-    def _flush(self) -> None:
-        """Send the queued calls (see :meth:`_take_queued`), each batch in a task of its
-        own."""
-        self._flush_soon = False
-        for batch in self._take_queued():
-            self._start(batch)
-
-    def _take_queued(self) -> list[_Batch]:
-        """The queued calls whose caller still waits (one cancelled before its call went
-        out is left out: it is not sent), in batches of at most
-        :data:`_PIPELINE_MAX_CALLS` calls and :data:`_PIPELINE_MAX_BYTES`."""
-        queued, self._queued = self._queued, []
-        batches: list[_Batch] = []
-        batch: _Batch = []
-        size = 0
-        for command, n, fut in queued:
-            if fut.done():
-                continue
-            if batch and (len(batch) >= _PIPELINE_MAX_CALLS or size + n > _PIPELINE_MAX_BYTES):
-                batches.append(batch)
-                batch, size = [], 0
-            batch.append((command, fut))
-            size += n
-        if batch:
-            batches.append(batch)
-        return batches
-
-    def _start(self, batch: _Batch) -> None:
-        """Run :meth:`_round_trip` of ``batch`` in a task of its own."""
-        task = asyncio.get_running_loop().create_task(self._round_trip(batch))
-        self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
-
-    async def _send_batch(self, batch: _Batch) -> tuple[Connection, _Batch] | None:
-        """Send ``batch`` in one write on a pooled connection; return the connection and
-        the calls sent. A call redis-py cannot encode fails alone, before anything is
-        sent. When the write fails every call fails with its error: returns ``None``."""
-        conn: Connection | None = None
-        try:
-            pool = self._standalone().connection_pool
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            assert conn is not None
-            try:
-                packed = conn.pack_commands([command for command, _ in batch])
-            except _PACKING_ERRORS:
-                encodable: _Batch = []
-                for command, fut in batch:
-                    try:
-                        conn.pack_command(*command)
-                    except _PACKING_ERRORS as exc:  # that call's own error
-                        if not fut.done():
-                            fut.set_exception(exc)
-                        continue
-                    encodable.append((command, fut))
-                batch = encodable
-                if not batch:
-                    await pool.release(conn)
-                    return None
-                packed = conn.pack_commands([command for command, _ in batch])
-            await conn.send_packed_command(packed)
-        except BaseException as exc:
-            if conn is not None:
-                await self._drop(conn)
-            self._fail(batch, exc)
-            if not isinstance(exc, Exception):
-                raise
-            return None
-        return conn, batch
-
-    async def _drop(self, conn: Connection) -> None:
-        """Disconnect ``conn`` (its replies are out of step) and give it back to the pool,
-        which connects it again on its next use."""
-        with contextlib.suppress(Exception):
-            await conn.disconnect(nowait=True)
-        with contextlib.suppress(Exception):
-            await self._standalone().connection_pool.release(conn)
-
-    @staticmethod
-    def _fail(batch: _Batch, exc: BaseException) -> None:
-        """Pass ``exc`` to every caller of ``batch`` still waiting (cancel them if it is a
-        cancellation)."""
-        for _, fut in batch:
-            if fut.done():
-                continue
-            if isinstance(exc, asyncio.CancelledError):
-                fut.cancel()
-            else:
-                fut.set_exception(exc)
-
-    async def _round_trip(self, batch: _Batch) -> None:
-        """Send ``batch`` in one write, read its replies in order and pass each reply or
-        error to its own caller's future; an error of the round trip itself (connection
-        lost, timeout) to every caller."""
-        sent = await self._send_batch(batch)
-        if sent is None:
-            return
-        conn, batch = sent
-        replies: list[Any] = []
-        try:
-            client = self._standalone()
-            for _ in batch:
-                try:
-                    replies.append(await client.parse_response(conn, "EVALSHA"))
-                except rex.ResponseError as exc:  # the call's own error
-                    replies.append(exc)
-        except BaseException as exc:  # the round trip failed: every call of it did
-            await self._drop(conn)
-            self._fail(batch, exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        with contextlib.suppress(Exception):
-            await client.connection_pool.release(conn)
-        for (_, fut), reply in zip(batch, replies, strict=True):
-            if fut.done():  # its caller was cancelled meanwhile
-                continue
-            if isinstance(reply, BaseException):
-                fut.set_exception(reply)
-            else:
-                fut.set_result(reply)
-
     async def _requested(
         self, p: int, request_id: str | None, run: Callable[[str, str], Awaitable[Any]]
     ) -> Any:
@@ -628,20 +409,19 @@ class RedisEngine:
         argument and TTL (ms) for ``request_id`` (see :mod:`.scripts`), and return its
         reply (``{'ok'|'dup', ...}`` when applied or repeated, a refusal otherwise).
 
-        Without a request id: an internal one (``~`` and 32 random hex digits, no
-        fingerprint). With a fingerprint (``<id>#<fp>``) the id is also bound to it by a
-        binding key in the partition of the id, so that reusing the id for a request on
-        another partition is refused too: the script checks the binding itself when it
-        can reach the key (a standalone server, or the same slot); in a cluster,
-        otherwise, it is bound here first (one more round trip) and unbound if the write
-        is refused (Conflict, NotFound: it then stored nothing).
+        Without a request id: an internal one (``~<uuid>``, no fingerprint). With a
+        fingerprint (``<id>#<fp>``) the id is also bound to it by a binding key in the
+        partition of the id, so that reusing the id for a request on another partition
+        is refused too: the script checks the binding itself when it can reach the key
+        (a standalone server, or the same slot); in a cluster, otherwise, it is bound
+        here first (one more round trip) and unbound if the write is refused (Conflict,
+        NotFound: it then stored nothing).
 
         Raises:
             RequestIdReused: the id was used with another fingerprint; nothing written.
         """
         if request_id is None:
-            # 128 random bits, as a uuid4 (whose object costs more than the bits).
-            return await run(f"{tag(p)}:req:~{os.urandom(16).hex()}", str(self._internal_ttl_ms))
+            return await run(f"{tag(p)}:req:~{uuid.uuid4().hex}", str(self._internal_ttl_ms))
         ttl = str(self._request_ttl_ms)
         rid, fingerprint = split_request_id(request_id)
         rk = f"{tag(p)}:req:{rid}"
