@@ -222,8 +222,10 @@ async def test_the_indexers_embeddings_run_at_lower_priority_and_match_the_foreg
         np.testing.assert_allclose(background, foreground, atol=1e-6)
         base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         names = _thread_names()
-        index_threads = [t for t, n in names.items() if n.startswith("hivemem-index")]
-        model_threads = [t for t, n in names.items() if n.startswith("hivemem-embed")]
+        # This embedder's two worker threads (other tests' embedders may run in this
+        # process too, so they are found by their executors, not by name).
+        index_threads = [t.native_id or 0 for t in embedder._background._threads]  # type: ignore[union-attr]
+        model_threads = [t.native_id or 0 for t in embedder._executor._threads]  # type: ignore[union-attr]
         assert len(index_threads) == 1 and len(model_threads) == 1
         assert os.getpriority(os.PRIO_PROCESS, index_threads[0]) == base + 7
         assert os.getpriority(os.PRIO_PROCESS, model_threads[0]) == base
