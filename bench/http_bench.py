@@ -158,6 +158,11 @@ async def _drive_remote(
                         for i in range(start, min(keys, start + 100))
                     ]
                 )
+            if target == "service":  # its indexer embeds the preloaded texts first
+                began = time.perf_counter()
+                while not await hive.wait_indexed(timeout=10):
+                    if time.perf_counter() - began > 300:
+                        break
 
         async def get(c: int, i: int) -> None:
             if await hive.get(NAMESPACE, _key(c, i, keys)) is None:
