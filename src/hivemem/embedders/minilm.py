@@ -380,18 +380,19 @@ class MiniLMEmbedder:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(self._loaded()))
 
+    def _load(self) -> MiniLMModel:
+        """Load and check the tokenizer and the model (a session of the calling thread)."""
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        return MiniLMModel(tokenizer, load_model(self.model_path, threads=self.threads))
+
     def _loaded_background(self) -> MiniLMModel:
         """The indexer's model, loaded on first use (in the indexer's thread only)."""
         if self._background_model is None:
-            tokenizer = load_tokenizer(self.tokenizer_path)
-            session = load_model(self.model_path, threads=self.threads)
-            self._background_model = MiniLMModel(tokenizer, session)
+            self._background_model = self._load()
         return self._background_model
 
     def _loaded(self) -> MiniLMModel:
         """The model, loaded on first use (runs in the worker thread only)."""
         if self._model is None:
-            tokenizer = load_tokenizer(self.tokenizer_path)
-            session = load_model(self.model_path, threads=self.threads)
-            self._model = MiniLMModel(tokenizer, session)
+            self._model = self._load()
         return self._model

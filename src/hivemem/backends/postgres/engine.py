@@ -424,10 +424,25 @@ class PostgresEngine:
             except _CONNECTION_ERRORS as exc:
                 raise self._failed(exc) from exc
 
+        return await self._retry_write(once, reconnect=False)
+
+    async def _retry_write(self, once: Callable[[], Awaitable[T]], *, reconnect: bool) -> T:
+        """Run a write attempt ``once`` under the write retry policy: again after a
+        deadlock or serialisation failure (nothing committed) and, with ``reconnect``,
+        after a connection error ``once`` lets through (it raises those only when
+        nothing was sent or committed).
+
+        Raises:
+            Unavailable: still aborted after :data:`WRITE_RETRIES` retries, or the
+                connection failed again.
+        """
+        retry_on = (*_ABORTED, *_CONNECTION_ERRORS) if reconnect else _ABORTED
         try:
-            return await _retried(once, _ABORTED, WRITE_RETRIES + 1)
+            return await _retried(once, retry_on, WRITE_RETRIES + 1)
         except _ABORTED as exc:
             raise self.unavailable(exc, f"aborted {WRITE_RETRIES + 1} times") from exc
+        except _CONNECTION_ERRORS as exc:
+            raise self.unavailable(exc) from exc
 
     async def write_alone(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Run ``fn`` on a pooled autocommit connection, where it executes one
@@ -464,12 +479,7 @@ class PostgresEngine:
                 replaced = True  # nothing was sent: running it on a new connection is safe
                 raise
 
-        try:
-            return await _retried(once, (*_ABORTED, *_CONNECTION_ERRORS), WRITE_RETRIES + 1)
-        except _ABORTED as exc:
-            raise self.unavailable(exc, f"aborted {WRITE_RETRIES + 1} times") from exc
-        except _CONNECTION_ERRORS as exc:
-            raise self.unavailable(exc) from exc
+        return await self._retry_write(once, reconnect=True)
 
     async def write(self, fn: Callable[[Conn], Awaitable[T]], *, notify: bool = True) -> T:
         """Run ``fn`` in a transaction, in pipeline mode, and return its result once
@@ -511,12 +521,7 @@ class PostgresEngine:
                 raise
             return result
 
-        try:
-            result = await _retried(once, (*_ABORTED, *_CONNECTION_ERRORS), WRITE_RETRIES + 1)
-        except _ABORTED as exc:
-            raise self.unavailable(exc, f"aborted {WRITE_RETRIES + 1} times") from exc
-        except _CONNECTION_ERRORS as exc:
-            raise self.unavailable(exc) from exc
+        result = await self._retry_write(once, reconnect=True)
         if notify:
             self.changes.notify()
         return result
