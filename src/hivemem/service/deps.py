@@ -40,6 +40,7 @@ __all__ = [
     "hive_for",
     "read_hive",
     "service_state",
+    "write_hive",
 ]
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
@@ -123,10 +124,12 @@ def hive_for(action: Action) -> Any:
     return dependency
 
 
-#: The read dependency itself, for a route that resolves its hive in its body.
+#: The read and write dependencies themselves, for routes that resolve their hive in
+#: their body.
 read_hive = hive_for("read")
+write_hive = hive_for("write")
 ReadHive = Annotated[LocalHive, Depends(read_hive)]
-WriteHive = Annotated[LocalHive, Depends(hive_for("write"))]
+WriteHive = Annotated[LocalHive, Depends(write_hive)]
 SearchHive = Annotated[LocalHive, Depends(hive_for("search"))]
 WatchHive = Annotated[LocalHive, Depends(hive_for("watch"))]
 PublishHive = Annotated[LocalHive, Depends(hive_for("publish"))]

@@ -12,6 +12,8 @@ refused with 422, so generated tests (schemathesis) can rely on them.
 from __future__ import annotations
 
 import copy
+import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ from hivemem.config import Settings
 from hivemem.core.coordination import MAX_CAPABILITIES
 from hivemem.core.tasks import MAX_ERROR_CHARS
 from hivemem.service.deps import bearer
+from hivemem.service.routing import BODY_MODELS
 from hivemem.validation import FEEDS
 from hivemem.wire import (
     AGENT_HEADER,
@@ -490,6 +493,27 @@ _HIVE_HEADERS = [
 ]
 
 
+def _route_read_bodies(doc: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """Add the schemas of the bodies routes read themselves (:class:`JSONBody`) that the
+    paths refer to and FastAPI did not generate: FastAPI generates them, for a probe app
+    with one route per model taking it as its body, so they are what it would have put
+    there (nested models under their own names)."""
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(doc["paths"])))
+    wanted = [m for name, m in BODY_MODELS.items() if name in refs and name not in schemas]
+    if not wanted:
+        return
+    probe = FastAPI()
+    for model in wanted:
+
+        async def endpoint(body: Any) -> None:
+            """A route taking ``model`` as its body (never called)."""
+
+        endpoint.__annotations__ = {"body": model, "return": None}
+        probe.add_api_route(f"/{model.__name__}", endpoint, methods=["PUT"])
+    for name, schema in probe.openapi()["components"]["schemas"].items():
+        schemas.setdefault(name, schema)
+
+
 def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Complete FastAPI's generated document (see the module notes); returns it."""
     pattern = _patterns(settings)
@@ -503,6 +527,7 @@ def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
     else:
         doc["components"].pop("securitySchemes", None)
     schemas = doc["components"]["schemas"]
+    _route_read_bodies(doc, schemas)
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     for path, ops in doc["paths"].items():
