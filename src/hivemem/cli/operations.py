@@ -181,7 +181,7 @@ def serve(
         except ValueError as exc:
             fail(InvalidInput(str(exc), field="OTEL_TRACES_EXPORTER"))
     with guard():
-        service = create_app(store_url, settings)
+        service = create_app(store_url, settings, serving=True)
     scheme = "https" if settings.ssl_certfile else "http"
     base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
     mode = "auth on" if settings.auth else "auth off: X-Hivemem-Agent names the caller"

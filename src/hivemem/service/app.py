@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import inspect
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -40,12 +41,34 @@ from hivemem.wire import AGENT_HEADER
 __all__ = ["create_app", "redact_url"]
 
 
-def create_app(store: str | None = None, settings: Settings | None = None) -> FastAPI:
+def freeze_gc() -> None:
+    """Collect, then move every object alive now out of the cyclic garbage collector's
+    generations (:func:`gc.freeze`), so that later full collections do not traverse them.
+
+    A serving process holds some 150,000 objects after start (modules, FastAPI's routes,
+    pydantic's validators), and objects of requests in flight survive into the oldest
+    generation fast enough that CPython collects it about once a second: each full
+    collection stopped the service for about 110 ms (measured with ``gc.callbacks``
+    under 32 clients writing), which was the p99 of a PUT. Frozen objects are still
+    freed by reference counting; only a cycle among them is never collected.
+    (The technique is the one :func:`gc.freeze`'s documentation describes for servers.)
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def create_app(
+    store: str | None = None, settings: Settings | None = None, *, serving: bool = False
+) -> FastAPI:
     """Build the service app over the store at ``store`` (default ``settings.store``).
 
     Args:
         store: a store URL accepted by :func:`hivemem.connect` other than ``http(s)``.
         settings: limits and tuning; by default from ``HIVEMEM_*`` variables.
+        serving: the app is the process's whole work (``hivemem serve``): once started,
+            and again once its in-process search indexes are loaded, the objects alive
+            are frozen out of the garbage collector (:func:`freeze_gc`). Leave it false
+            where the app shares its process (tests, an app mounted in another).
 
     Raises:
         InvalidInput: the store URL is not a local store (field ``store``).
@@ -68,6 +91,8 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
         for run in mcp_run:
             await tools.enter_async_context(run())
         warming = asyncio.create_task(hive.warm(), name="hivemem-warm")
+        if serving:
+            warming.add_done_callback(lambda t: None if t.cancelled() else freeze_gc())
         with contextlib.suppress(HivememError):  # the store may be away; run() retries
             await beat.beat()
         beating = asyncio.create_task(beat.run(), name="hivemem-replica-beat")
@@ -88,6 +113,8 @@ def create_app(store: str | None = None, settings: Settings | None = None) -> Fa
                 "policy.loaded",
                 {"source": state.policy.path, "rules": len(state.policy.policy.rules)},
             )
+        if serving:
+            freeze_gc()
         try:
             yield
         finally:
