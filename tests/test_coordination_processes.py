@@ -153,25 +153,28 @@ async def test_kill_9_of_a_worker_holding_tasks_they_run_again_once_and_waiters_
     runs = tmp_path / "runs.txt"
     tasks = [await hive.submit(queue, n) for n in range(3)]
     waiters = [asyncio.create_task(hive.result(t.id, wait=60)) for t in tasks]
-    doomed = start_worker(url, queue, "hang_first", runs, 3, lease=1.5)
+    # heartbeats every lease/3 = 1 s: the worker's process may stall up to 2 s before a
+    # lease runs out (the agent test's 1 s ttl, with 0.67 s, failed once in CI)
+    lease = 3.0
+    doomed = start_worker(url, queue, "hang_first", runs, 3, lease=lease)
     procs.append(doomed)
     deadline = time.monotonic() + 30
     while len(run_counts(runs)) < 3:
         assert time.monotonic() < deadline, "the worker did not claim the tasks"
         await asyncio.sleep(0.1)
-    await asyncio.sleep(2.0)  # past one lease: heartbeats keep the tasks held
+    await asyncio.sleep(lease + 1.0)  # past one lease: heartbeats keep the tasks held
     assert all(not w.done() for w in waiters)
     states = [(await hive.get_task(t.id)) for t in tasks]
     assert [t.state for t in states if t is not None] == ["running"] * 3
     os.killpg(doomed.pid, signal.SIGKILL)
     doomed.wait(timeout=10)
     killed_at = time.monotonic()
-    procs.append(start_worker(url, queue, "hang_first", runs, 3, lease=1.5))
+    procs.append(start_worker(url, queue, "hang_first", runs, 3, lease=lease))
     done = await asyncio.wait_for(asyncio.gather(*waiters), 60)
     assert [t.state for t in done] == ["completed"] * 3
     assert [t.result for t in done] == ["done on attempt 2"] * 3
     assert all([e.error for e in t.errors] == ["lease expired"] for t in done)
-    assert time.monotonic() - killed_at < 1.5 + 15  # lease + settle + worker start
+    assert time.monotonic() - killed_at < lease + 15  # lease + settle + worker start
     counts = run_counts(runs)
     assert counts == collections.Counter({(t.id, a): 1 for t in tasks for a in (1, 2)})
 
