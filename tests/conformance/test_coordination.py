@@ -67,8 +67,10 @@ async def test_a_waiting_acquire_gets_the_lease_when_it_is_released(
 
 
 async def test_the_lease_context_manager_renews_and_releases(hive: hivemem.Hive, ns: str) -> None:
-    async with hive.lease(f"{ns}/cm", 0.6) as lease:
-        await asyncio.sleep(1.2)  # two ttls: kept alive by renewals
+    # renewals every ttl/3 = 0.5 s: one may take up to 1 s (a ttl of 0.6 s was lost once
+    # through the service over moto's DynamoDB, which answers one request at a time)
+    async with hive.lease(f"{ns}/cm", 1.5) as lease:
+        await asyncio.sleep(3.0)  # two ttls: kept alive by renewals
         with pytest.raises(Conflict):
             await hive.as_agent("other").acquire(f"{ns}/cm", 1)
     after = await hive.as_agent("other").acquire(f"{ns}/cm", 1)
