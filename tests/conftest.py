@@ -70,6 +70,14 @@ _SERVER_FIXTURES = {
     "dynamodb": "dynamodb_url",
 }
 
+#: The indexer computes vectors at niceness 0 in tests. The suite runs four workers on two
+#: cores, so every process is busy; at the default niceness (10) an indexer thread got
+#: about a twentieth of a core beside them, and searches with consistency="indexed" timed
+#: out waiting for it (CI: 30 s for one vector over PostgreSQL). Yielding to busy
+#: neighbours is the point of that setting in a service, not something these tests check
+#: (tests/test_embedders.py checks the niceness itself, with its own setting).
+os.environ.setdefault("HIVEMEM_INDEX_NICE", "0")
+
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
