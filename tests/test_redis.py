@@ -29,6 +29,7 @@ from hivemem.backends.redis.layout import (
 from hivemem.backends.rows import (
     DeleteWrite,
     IndexEntry,
+    ItemRow,
     NewMessage,
     PutWrite,
     SessionRow,
@@ -294,6 +295,128 @@ async def test_request_id_applies_once_and_returns_the_first_result(
         request_id=rid2,
     )
     assert not isinstance(ok, bool) and ok.version == 2
+
+
+# Group commit of single puts ---------------------------------------------------------
+
+
+def count_groups(backend: RedisBackend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of each ``put_group`` script the backend sends from now on."""
+    sizes: list[int] = []
+    real = backend._script
+
+    async def counting(name: str, keys: Any, args: Any) -> Any:
+        if name == "put_group":
+            sizes.append(int(args[2]))
+        return await real(name, keys, args)
+
+    monkeypatch.setattr(backend, "_script", counting)
+    return sizes
+
+
+async def test_concurrent_single_puts_commit_in_groups_each_decided_alone(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """160 puts from 16 writers (4 keys in each of two partitions, two writers per key):
+    they go in fewer scripts than puts, and each key's versions are 1..20 with each put's
+    own author and value, its history and its events in that order."""
+    base = f"t{uuid.uuid4().hex[:8]}"
+    spaces = [base, ns_in_other_partition(base)]
+    sizes = count_groups(backend, monkeypatch)
+    head = await backend.head()
+
+    async def writer(t: int) -> list[ItemRow]:
+        rows = []
+        for i in range(10):
+            (row,) = await backend.write_items(
+                [put(spaces[t % 2], f"k{t % 8 // 2}", b"%d" % (t * 100 + i))],
+                author=f"a{t}",
+                now=time.time(),
+                history_limit=100,
+            )
+            assert isinstance(row, ItemRow)
+            rows.append(row)
+        return rows
+
+    written = await asyncio.gather(*(writer(t) for t in range(16)))
+    assert sum(sizes) == 160 and len(sizes) < 160
+    for t, rows in enumerate(written):
+        assert [r.author for r in rows] == [f"a{t}"] * 10
+        assert [r.value for r in rows] == [b"%d" % (t * 100 + i) for i in range(10)]
+        versions = [r.version for r in rows]
+        assert versions == sorted(versions)  # a writer's puts apply in its order
+    for ns in spaces:
+        for k in range(4):
+            rows = [r for rs in written for r in rs if (r.namespace, r.key) == (ns, f"k{k}")]
+            assert sorted(r.version for r in rows) == list(range(1, 21))
+            by_version = {r.version: r for r in rows}
+            history = await backend.item_history(ns, f"k{k}", 100, time.time())
+            assert [(h.version, h.value, h.author) for h in history] == [
+                (v, by_version[v].value, by_version[v].author) for v in range(20, 0, -1)
+            ]
+    events, _ = await backend.read_events("", head, 1000)
+    mine = [(e.namespace, e.key, e.version) for e in events if e.namespace in spaces]
+    assert len(mine) == 160
+    for ns in spaces:
+        for k in range(4):
+            assert [v for n, key, v in mine if (n, key) == (ns, f"k{k}")] == list(range(1, 21))
+
+
+async def test_a_stale_if_version_in_a_group_fails_that_put_alone(
+    backend: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    for key in ("c", "d"):
+        await backend.write_items([put(ns, key, b"0")], author="x", now=now, history_limit=5)
+    monkeypatch.setattr("hivemem.backends.redis.items.GROUPS_IN_FLIGHT", 1)
+    sizes = count_groups(backend, monkeypatch)
+    results = await asyncio.gather(
+        backend.write_items([put(ns, "a", b"1")], author="x", now=now, history_limit=5),
+        backend.write_items([put(ns, "c", b"2", 7)], author="x", now=now, history_limit=5),
+        backend.write_items([put(ns, "d", b"3", 1)], author="x", now=now, history_limit=5),
+        backend.write_items([put(ns, "b", b"4", 0)], author="x", now=now, history_limit=5),
+        backend.write_items([put(ns, "b", b"5", 0)], author="x", now=now, history_limit=5),
+        return_exceptions=True,
+    )
+    assert sizes == [5]  # one group
+    conflicts = [r for r in results if isinstance(r, Conflict)]
+    assert [(c.field, c.current_version) for c in conflicts] == [("if_version", 1)] * 2
+    assert "is at version 1, not 7" in str(results[1])
+    assert isinstance(results[4], Conflict)  # the second create of b saw the first
+    oks = [r[0] for r in results if not isinstance(r, BaseException)]
+    assert [(r.key, r.version, r.value) for r in oks] == [  # type: ignore[union-attr]
+        ("a", 1, b"1"),
+        ("d", 2, b"3"),
+        ("b", 1, b"4"),
+    ]
+    c = await backend.get_item(ns, "c", time.time())
+    assert c is not None and (c.version, c.value) == (1, b"0")
+
+
+async def test_close_lets_the_puts_in_flight_commit(redis_store: str) -> None:
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    b = RedisBackend.from_url(redis_store, SETTINGS)
+    await b.open()
+    try:
+        puts = [
+            asyncio.create_task(
+                b.write_items([put(ns, f"k{i}")], author="x", now=time.time(), history_limit=5)
+            )
+            for i in range(50)
+        ]
+        await asyncio.sleep(0)  # every put is queued
+    finally:
+        await b.close()
+    rows = await asyncio.gather(*puts)
+    assert [r[0].version for r in rows] == [1] * 50  # type: ignore[union-attr]
+    again = RedisBackend.from_url(redis_store, SETTINGS)
+    await again.open()
+    try:
+        for i in range(50):
+            assert await again.get_item(ns, f"k{i}", time.time()) is not None
+    finally:
+        await again.close()
 
 
 async def test_sweep_expires_items_with_events(backend: RedisBackend) -> None:

@@ -32,7 +32,10 @@ from hivemem.errors import Conflict, NotFound
 
 from .test_task_store import task as new_task
 
-NOW = 1_700_000_000.0
+#: The tests' clock: far in the future, so that a sweep of another test on the same
+#: server, at the real time, never finds these tests' leases expired (a sweep settles
+#: the expired leases of every queue).
+NOW = 4_000_000_000.0
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import time
-import uuid
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -208,6 +209,15 @@ class RedisEngine:
         self._request_ttl_ms = max(1, int(settings.request_retention_seconds * 1000))
         self._internal_ttl_ms = max(INTERNAL_REQUEST_TTL_MS, int(3000 * self._retry_seconds))
         self._where = redact(url)
+        #: Internal request keys: ``~<this engine's random prefix><counter>``.
+        self._request_prefix = os.urandom(8).hex()
+        self._request_count = itertools.count()
+        #: Single puts waiting for their group, and the tasks sending the groups (see
+        #: ``RedisItems._put_one``): how many run, and how many are sending one.
+        self._puts: list[Any] = []
+        self._put_tasks: set[asyncio.Task[None]] = set()
+        self._put_flushers = 0
+        self._put_busy = 0
 
     @property
     def is_cluster(self) -> bool:
@@ -292,7 +302,10 @@ class RedisEngine:
             )
 
     async def close(self) -> None:
-        """Stop the listener and close the client's connections."""
+        """Let the groups of puts in flight finish (at most 10 s), stop the listener and
+        close the client's connections."""
+        if self._put_tasks:
+            await asyncio.wait(set(self._put_tasks), timeout=10.0)
         self._closing = True
         listener, self._listener = self._listener, None
         if listener is not None:
@@ -409,7 +422,8 @@ class RedisEngine:
         argument and TTL (ms) for ``request_id`` (see :mod:`.scripts`), and return its
         reply (``{'ok'|'dup', ...}`` when applied or repeated, a refusal otherwise).
 
-        Without a request id: an internal one (``~<uuid>``, no fingerprint). With a
+        Without a request id: an internal one (``~`` and a counter after 16 random hex
+        digits drawn when the engine was made; no fingerprint). With a
         fingerprint (``<id>#<fp>``) the id is also bound to it by a binding key in the
         partition of the id, so that reusing the id for a request on another partition
         is refused too: the script checks the binding itself when it can reach the key
@@ -421,7 +435,8 @@ class RedisEngine:
             RequestIdReused: the id was used with another fingerprint; nothing written.
         """
         if request_id is None:
-            return await run(f"{tag(p)}:req:~{uuid.uuid4().hex}", str(self._internal_ttl_ms))
+            rid = f"~{self._request_prefix}{next(self._request_count):x}"
+            return await run(f"{tag(p)}:req:{rid}", str(self._internal_ttl_ms))
         ttl = str(self._request_ttl_ms)
         rid, fingerprint = split_request_id(request_id)
         rk = f"{tag(p)}:req:{rid}"

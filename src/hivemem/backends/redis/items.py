@@ -1,4 +1,4 @@
-"""Items of the Redis backend: reads, the write script, listings, history and the sweep.
+"""Items of the Redis backend: reads, the write scripts, listings, history and the sweep.
 
 An item is a hash ``T:i:<member>`` in the partition of its namespace's first segment
 (see :mod:`.layout`); its member is in the lexicographic set ``T:keys``, so every
@@ -6,12 +6,16 @@ listing is a ZRANGEBYLEX range: a namespace tree is two ranges (the namespace it
 then ``prefix/`` up to ``prefix0``, :func:`~hivemem.backends.rows.prefix_range`), the
 keys of one namespace starting with a key prefix one range
 (:func:`~hivemem.backends.rows.key_range`).
+
+Single puts without a request id commit in groups (:meth:`RedisItems._put_one`): one
+``put_group`` script for the puts a process has waiting, each decided alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from hivemem.backends.redis.engine import RedisEngine
@@ -42,6 +46,25 @@ __all__ = ["RedisItems"]
 _SWEEP_ITEMS = 1000
 #: Most sessions expired per partition and sweep.
 _SWEEP_SESSIONS = 1000
+#: Most single puts one group commits together (see :meth:`RedisItems._put_one`).
+GROUP_MAX = 64
+#: A group stops growing once its packed puts reach this many bytes (a put larger than
+#: that goes alone), so that one script never holds the server for long.
+GROUP_BYTES = 1 << 20
+#: Most groups of single puts in flight at once: while the server runs one, the
+#: client packs the next (one group at a time would make them take turns).
+GROUPS_IN_FLIGHT = 2
+
+
+@dataclass(slots=True)
+class _Put:
+    """A single put waiting for its group: its partition, its packed script argument,
+    and the future its caller awaits (the put's record, or ``b"!<version>"`` when its
+    ``if_version`` did not match)."""
+
+    partition: int
+    packed: bytes
+    done: asyncio.Future[bytes]
 
 
 class RedisItems(RedisEngine):
@@ -78,6 +101,8 @@ class RedisItems(RedisEngine):
                 + " (split the batch, or keep batched namespaces under one top-level segment)",
                 field="ops",
             )
+        if request_id is None and len(writes) == 1 and isinstance(writes[0], PutWrite):
+            return [await self._put_one(writes[0], parts[0], author, now, history_limit)]
         args: list[Any] = [num(now), author, str(history_limit), "", "", str(len(writes))]
         for w, p in zip(writes, parts, strict=True):
             if_version = "" if w.if_version is None else str(w.if_version)
@@ -88,25 +113,7 @@ class RedisItems(RedisEngine):
                 fields = ["D", tag(p), w.namespace, w.key, if_version, *[""] * 7, w.event or ""]
                 args.append(pack(fields))
                 continue
-            args.append(
-                pack(
-                    [
-                        "P",
-                        tag(p),
-                        w.namespace,
-                        w.key,
-                        if_version,
-                        w.value,
-                        opt(w.text),
-                        opt(w.metadata),
-                        "" if w.expires_at is None else num(w.expires_at),
-                        opt(w.index_text),
-                        opt(w.vector),
-                        opt(w.model),
-                        w.event or "",
-                    ]
-                )
-            )
+            args.append(pack(_put_fields(w, p)))
         keys = [meta_key(p) for p in involved]
 
         async def run(rk: str, ttl: str) -> Any:
@@ -128,6 +135,101 @@ class RedisItems(RedisEngine):
             else:
                 results.append(item_from(unpack(rec)))
         return results
+
+    async def _put_one(
+        self, w: PutWrite, p: int, author: str, now: float, history_limit: int
+    ) -> ItemRow:
+        """A put of one item (without a request id) in a group commit: the single puts
+        this process has waiting meanwhile go to the server together as one
+        ``put_group`` script (:mod:`.scripts`), each decided alone, in the order they
+        were made; up to :data:`GROUPS_IN_FLIGHT` groups are in flight at once. The
+        script runs with an internal request key, so a retried group never applies
+        twice. A group that fails as a whole (Unavailable after its retries) fails each
+        of its puts with that error: as for a put alone, the outcome is then unknown.
+
+        Raises:
+            Conflict: its ``if_version`` did not match; nothing was written.
+            Unavailable: the store did not answer within the retry budget.
+        """
+        fields = _put_fields(w, p)
+        fields += [author, num(now), str(history_limit)]
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._puts.append(_Put(p, pack(fields), done))
+        if self._put_flushers < GROUPS_IN_FLIGHT:
+            self._put_flushers += 1
+            task = asyncio.create_task(self._flush_puts(), name="hivemem-redis-puts")
+            self._put_tasks.add(task)
+            task.add_done_callback(self._put_tasks.discard)
+        rec = await done
+        if rec[:1] == b"!":
+            raise version_conflict(w, int(rec[1:]), 0, 1)
+        return item_from(unpack(rec))
+
+    def _next_put_group(self) -> list[_Put]:
+        """Take the next group from the waiting puts, in order: its share of them (the
+        waiting puts split evenly among the flushers not sending a group), at most
+        :data:`GROUP_MAX` and :data:`GROUP_BYTES`, and in a cluster only puts of the
+        first one's partition (one script touches one hash slot there)."""
+        puts = self._puts
+        idle = max(1, self._put_flushers - self._put_busy)
+        want = min(GROUP_MAX, -(-len(puts) // idle))
+        first = puts[0].partition
+        group: list[_Put] = []
+        rest: list[_Put] = []
+        size = 0
+        for put in puts:
+            if (
+                len(group) >= want
+                or (group and (size + len(put.packed) > GROUP_BYTES))
+                or (self.is_cluster and put.partition != first)
+            ):
+                rest.append(put)
+            else:
+                group.append(put)
+                size += len(put.packed)
+        self._puts = rest
+        return group
+
+    async def _flush_puts(self) -> None:
+        """Send the waiting single puts, group after group, until none wait."""
+        try:
+            while self._puts:
+                group = self._next_put_group()
+                involved = list(dict.fromkeys(put.partition for put in group))
+                keys = [meta_key(p) for p in involved]
+                packed = [put.packed for put in group]
+
+                async def run(
+                    rk: str, ttl: str, keys: list[str] = keys, packed: list[bytes] = packed
+                ) -> Any:
+                    return await self._script(
+                        "put_group", keys, [rk, ttl, str(len(packed)), *packed]
+                    )
+
+                self._put_busy += 1
+                try:
+                    reply = await self._requested(involved[0], None, run)
+                except asyncio.CancelledError:
+                    for put in group:
+                        put.done.cancel()
+                    raise
+                except Exception as exc:  # the outcome may be unknown: never sent again
+                    for put in group:
+                        if not put.done.done():
+                            put.done.set_exception(exc)
+                    continue
+                finally:
+                    self._put_busy -= 1
+                if reply[0] == b"ok":
+                    self.changes.notify()
+                for put, rec in zip(group, unpack(reply[1]), strict=True):
+                    if not put.done.done():
+                        put.done.set_result(rec or b"")
+                # Let the callers just answered run first: those that put again at once
+                # join the next group rather than wait for the one after it.
+                await asyncio.sleep(0)
+        finally:
+            self._put_flushers -= 1
 
     async def list_items(
         self,
@@ -218,3 +320,22 @@ class RedisItems(RedisEngine):
         if expired:
             self.changes.notify()
         return expired, trimmed
+
+
+def _put_fields(w: PutWrite, p: int) -> list[str | bytes]:
+    """The 13 fields of a put as the write scripts read them (see WRITE_ITEMS)."""
+    return [
+        "P",
+        tag(p),
+        w.namespace,
+        w.key,
+        "" if w.if_version is None else str(w.if_version),
+        w.value,
+        opt(w.text),
+        opt(w.metadata),
+        "" if w.expires_at is None else num(w.expires_at),
+        opt(w.index_text),
+        opt(w.vector),
+        opt(w.model),
+        w.event or "",
+    ]

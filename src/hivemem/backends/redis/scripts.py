@@ -214,6 +214,73 @@ end
 
 # --- writes ----------------------------------------------------------------------------
 
+#: The item helper of WRITE_ITEMS and PUT_GROUP: ``apply(w, author, now, now_s, hl)`` applies
+#: write ``w`` (the decoded fields of one packed write, as WRITE_ITEMS's ARGV describes)
+#: whose checks passed, emits its events and returns its result: ``'1'`` for a check, or
+#: a delete that deleted, ``'0'`` for a delete of nothing, the item's record for a put.
+_APPLY = r"""
+local function opt_event(e, default) if e == '' then return default end return e end
+local function apply(w, author, now, now_s, hl)
+  local op, tag, ns, key = w[1], w[2], w[3], w[4]
+  if op == 'C' then return '1' end
+  local m = ns .. NUL .. key
+  local ik = tag .. ':i:' .. m
+  local h = redis.call('HMGET', ik, 'ver', 'c', 'e')
+  local cur, created = 0, false
+  if h[1] then
+    if h[3] and tonumber(h[3]) <= now then
+      drop_item(tag, m)
+      emit(tag, 'item.expired', ns, key, h[1], 'hivemem', now_s)
+    else
+      cur, created = tonumber(h[1]), h[2]
+    end
+  end
+  if op == 'D' then
+    if cur > 0 then
+      drop_item(tag, m)
+      emit(tag, opt_event(w[13], 'item.deleted'), ns, key, int(cur), author, now_s)
+      return '1'
+    end
+    return '0'
+  end
+  local value, text, meta, exp = w[6], opt(w[7]), opt(w[8]), w[9]
+  local itext, vec, model = opt(w[10]), opt(w[11]), opt(w[12])
+  local ver = int(cur + 1)
+  created = created or now_s
+  if exp == '' then exp = false end
+  redis.call('DEL', ik)
+  local f = {'v', value, 'ver', ver, 'a', author, 'c', created, 'u', now_s}
+  if exp then
+    f[#f + 1] = 'e'; f[#f + 1] = exp
+    redis.call('ZADD', tag .. ':exp', exp, m)
+  else
+    redis.call('ZREM', tag .. ':exp', m)
+  end
+  if text then f[#f + 1] = 't'; f[#f + 1] = text end
+  if meta then f[#f + 1] = 'm'; f[#f + 1] = meta end
+  if itext then
+    f[#f + 1] = 'xv'; f[#f + 1] = ver; f[#f + 1] = 'xt'; f[#f + 1] = itext
+    if vec then f[#f + 1] = 'xe'; f[#f + 1] = vec end
+    if model then f[#f + 1] = 'xm'; f[#f + 1] = model end
+    redis.call('ZADD', tag .. ':idx', 0, m)
+  else
+    redis.call('ZREM', tag .. ':idx', m)
+  end
+  pend(tag, m, itext, vec, model, now_s)
+  redis.call('HSET', ik, unpack(f))
+  redis.call('ZADD', tag .. ':keys', 0, m)
+  local rec = enc({ns, key, value, ver, author, created, now_s, exp, text, meta}, 10)
+  if hl > 0 then
+    local hk = tag .. ':h:' .. m
+    redis.call('ZADD', hk, cur + 1, rec)
+    redis.call('ZREMRANGEBYSCORE', hk, '-inf', cur + 1 - hl)
+  end
+  emit(tag, opt_event(w[13], 'item.put'), ns, key, ver, author, now_s)
+  return rec
+end
+"""
+
+
 #: KEYS: meta key of every partition written (the first one holds the request id).
 #: ARGV: now, author, history_limit, request key, request ttl ms, n, then one argument
 #: per write packing 13 fields (``<len>:<bytes>`` each, see ``dec``; one argument costs
@@ -231,7 +298,6 @@ if stored then return {'dup', stored, REQ_FP} end
 local W = {}
 for i = 1, n do W[i] = dec(ARGV[6 + i]) end
 local function arg(i, j) return W[i][j] end
-local function opt_event(e, default) if e == '' then return default end return e end
 local sim = {}
 for i = 1, n do
   local op, ik, ifv = arg(i, 1), arg(i, 2) .. ':i:' .. arg(i, 3) .. NUL .. arg(i, 4), arg(i, 5)
@@ -247,67 +313,42 @@ for i = 1, n do
   if op == 'D' then sim[ik] = 0 elseif op == 'P' then sim[ik] = cur + 1 else sim[ik] = cur end
 end
 local results = {}
+for i = 1, n do results[i] = apply(W[i], author, now, now_s, hl) end
+local payload = enc(results, n)
+req_put(rk, ttl, payload)
+feed_done()
+return {'ok', payload}
+"""
+
+#: Single puts of several callers committed together (the backend's group commit; see
+#: ``RedisItems._put_one``), each decided alone: a put whose ``if_version`` does not
+#: match writes nothing and gets ``'!' .. current version`` as its result; the others
+#: apply in order (a later put of the same key sees the earlier one). One request key,
+#: one feed head update and one change notification for the group.
+#: KEYS: meta key of every partition written (the first one holds the request key).
+#: ARGV: request key, request ttl ms, n, then one argument per put packing the 13
+#: fields of a WRITE_ITEMS put followed by its author, now and history limit.
+#: Returns {'ok'|'dup', record of results}.
+PUT_GROUP = r"""
+local rk, ttl, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local stored = req_get(rk)
+if stored then return {'dup', stored, REQ_FP} end
+local results = {}
 for i = 1, n do
-  local op, tag, ns, key = arg(i, 1), arg(i, 2), arg(i, 3), arg(i, 4)
-  if op == 'C' then
-    results[i] = '1'
+  local w = dec(ARGV[3 + i])
+  local now_s = w[15]
+  local now = tonumber(now_s)
+  local ifv, cur = w[5], false
+  if ifv ~= '' then
+    local h = redis.call('HMGET', w[2] .. ':i:' .. w[3] .. NUL .. w[4], 'ver', 'e')
+    cur = 0
+    if live(h[1], h[2], now) then cur = tonumber(h[1]) end
+    if tonumber(ifv) == cur then cur = false end
+  end
+  if cur then
+    results[i] = '!' .. int(cur)
   else
-    local m = ns .. NUL .. key
-    local ik = tag .. ':i:' .. m
-    local h = redis.call('HMGET', ik, 'ver', 'c', 'e')
-    local cur, created = 0, false
-    if h[1] then
-      if h[3] and tonumber(h[3]) <= now then
-        drop_item(tag, m)
-        emit(tag, 'item.expired', ns, key, h[1], 'hivemem', now_s)
-      else
-        cur, created = tonumber(h[1]), h[2]
-      end
-    end
-    if op == 'D' then
-      if cur > 0 then
-        drop_item(tag, m)
-        emit(tag, opt_event(arg(i, 13), 'item.deleted'), ns, key, int(cur), author, now_s)
-        results[i] = '1'
-      else
-        results[i] = '0'
-      end
-    else
-      local value, text, meta, exp = arg(i, 6), opt(arg(i, 7)), opt(arg(i, 8)), arg(i, 9)
-      local itext, vec, model = opt(arg(i, 10)), opt(arg(i, 11)), opt(arg(i, 12))
-      local ver = int(cur + 1)
-      created = created or now_s
-      if exp == '' then exp = false end
-      redis.call('DEL', ik)
-      local f = {'v', value, 'ver', ver, 'a', author, 'c', created, 'u', now_s}
-      if exp then
-        f[#f + 1] = 'e'; f[#f + 1] = exp
-        redis.call('ZADD', tag .. ':exp', exp, m)
-      else
-        redis.call('ZREM', tag .. ':exp', m)
-      end
-      if text then f[#f + 1] = 't'; f[#f + 1] = text end
-      if meta then f[#f + 1] = 'm'; f[#f + 1] = meta end
-      if itext then
-        f[#f + 1] = 'xv'; f[#f + 1] = ver; f[#f + 1] = 'xt'; f[#f + 1] = itext
-        if vec then f[#f + 1] = 'xe'; f[#f + 1] = vec end
-        if model then f[#f + 1] = 'xm'; f[#f + 1] = model end
-        redis.call('ZADD', tag .. ':idx', 0, m)
-      else
-        redis.call('ZREM', tag .. ':idx', m)
-      end
-      pend(tag, m, itext, vec, model, now_s)
-      redis.call('HSET', ik, unpack(f))
-      redis.call('ZADD', tag .. ':keys', 0, m)
-      local rec = enc({ns, key, value, ver, author, created, now_s, exp, text, meta}, 10)
-      if hl > 0 then
-        local hk = tag .. ':h:' .. m
-        redis.call('ZADD', hk, cur + 1, rec)
-        redis.call('ZREMRANGEBYSCORE', hk, '-inf', cur + 1 - hl)
-      end
-      emit(tag, opt_event(arg(i, 13), 'item.put'), ns, key, ver, author, now_s)
-      results[i] = rec
-    end
+    results[i] = apply(w, w[14], now, now_s, tonumber(w[16]))
   end
 end
 local payload = enc(results, n)
@@ -783,7 +824,8 @@ return {'ok', rows}
 """
 
 WRITE_SCRIPTS = {
-    "write_items": WRITE_ITEMS,
+    "write_items": _APPLY + WRITE_ITEMS,
+    "put_group": _APPLY + PUT_GROUP,
     "create_session": CREATE_SESSION,
     "append_messages": APPEND_MESSAGES,
     "save_state": SAVE_STATE,
