@@ -367,9 +367,10 @@ async def test_a_stale_if_version_in_a_group_fails_that_put_alone(
 ) -> None:
     ns = f"t{uuid.uuid4().hex[:8]}"
     now = time.time()
+    # one group in flight (set before the first put makes the backend's groups)
+    monkeypatch.setattr("hivemem.backends.redis.items.GROUPS_IN_FLIGHT", 1)
     for key in ("c", "d"):
         await backend.write_items([put(ns, key, b"0")], author="x", now=now, history_limit=5)
-    monkeypatch.setattr("hivemem.backends.redis.items.GROUPS_IN_FLIGHT", 1)
     sizes = count_groups(backend, monkeypatch)
     results = await asyncio.gather(
         backend.write_items([put(ns, "a", b"1")], author="x", now=now, history_limit=5),

@@ -56,6 +56,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from hivemem.backends.groups import PutGroups
 from hivemem.backends.redis import scripts
 from hivemem.backends.redis.layout import CHANNEL, PARTITIONS, SCHEMA, SESSIONS_TAG, meta_key, tag
 from hivemem.backends.results import RequestIdReused, split_request_id
@@ -212,12 +213,8 @@ class RedisEngine:
         #: Internal request keys: ``~<this engine's random prefix><counter>``.
         self._request_prefix = os.urandom(8).hex()
         self._request_count = itertools.count()
-        #: Single puts waiting for their group, and the tasks sending the groups (see
-        #: ``RedisItems._put_one``): how many run, and how many are sending one.
-        self._puts: list[Any] = []
-        self._put_tasks: set[asyncio.Task[None]] = set()
-        self._put_flushers = 0
-        self._put_busy = 0
+        #: The group commit of single puts (``RedisItems._put_one``), made at the first.
+        self._put_groups: PutGroups[Any, bytes] | None = None
 
     @property
     def is_cluster(self) -> bool:
@@ -304,8 +301,8 @@ class RedisEngine:
     async def close(self) -> None:
         """Let the groups of puts in flight finish (at most 10 s), stop the listener and
         close the client's connections."""
-        if self._put_tasks:
-            await asyncio.wait(set(self._put_tasks), timeout=10.0)
+        if self._put_groups is not None:
+            await self._put_groups.drain(10.0)
         self._closing = True
         listener, self._listener = self._listener, None
         if listener is not None:

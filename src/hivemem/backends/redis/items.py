@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hivemem.backends.groups import PutGroups
 from hivemem.backends.redis.engine import RedisEngine
 from hivemem.backends.redis.layout import (
     ITEM_FIELDS,
@@ -58,13 +59,11 @@ GROUPS_IN_FLIGHT = 2
 
 @dataclass(slots=True)
 class _Put:
-    """A single put waiting for its group: its partition, its packed script argument,
-    and the future its caller awaits (the put's record, or ``b"!<version>"`` when its
-    ``if_version`` did not match)."""
+    """A single put waiting for its group: its partition and its packed script argument
+    (the 13 fields of a put, then its author, time and history limit)."""
 
     partition: int
     packed: bytes
-    done: asyncio.Future[bytes]
 
 
 class RedisItems(RedisEngine):
@@ -139,13 +138,14 @@ class RedisItems(RedisEngine):
     async def _put_one(
         self, w: PutWrite, p: int, author: str, now: float, history_limit: int
     ) -> ItemRow:
-        """A put of one item (without a request id) in a group commit: the single puts
-        this process has waiting meanwhile go to the server together as one
-        ``put_group`` script (:mod:`.scripts`), each decided alone, in the order they
-        were made; up to :data:`GROUPS_IN_FLIGHT` groups are in flight at once. The
-        script runs with an internal request key, so a retried group never applies
-        twice. A group that fails as a whole (Unavailable after its retries) fails each
-        of its puts with that error: as for a put alone, the outcome is then unknown.
+        """A put of one item (without a request id) in a group commit
+        (:class:`~hivemem.backends.groups.PutGroups`): the single puts this process has
+        waiting meanwhile go to the server together as one ``put_group`` script
+        (:mod:`.scripts`), each decided alone, in the order they were made; up to
+        :data:`GROUPS_IN_FLIGHT` groups are in flight at once. The script runs with an
+        internal request key, so a retried group never applies twice. A group that
+        fails as a whole (Unavailable after its retries) fails each of its puts with
+        that error: as for a put alone, the outcome is then unknown.
 
         Raises:
             Conflict: its ``if_version`` did not match; nothing was written.
@@ -153,83 +153,52 @@ class RedisItems(RedisEngine):
         """
         fields = _put_fields(w, p)
         fields += [author, num(now), str(history_limit)]
-        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._puts.append(_Put(p, pack(fields), done))
-        if self._put_flushers < GROUPS_IN_FLIGHT:
-            self._put_flushers += 1
-            task = asyncio.create_task(self._flush_puts(), name="hivemem-redis-puts")
-            self._put_tasks.add(task)
-            task.add_done_callback(self._put_tasks.discard)
-        rec = await done
+        groups = self._put_groups
+        if groups is None:
+            groups = self._put_groups = PutGroups(
+                self._send_put_group,
+                self._take_put_group,
+                in_flight=GROUPS_IN_FLIGHT,
+                name="hivemem-redis-puts",
+            )
+        rec = await groups.put(_Put(p, pack(fields)))
         if rec[:1] == b"!":
             raise version_conflict(w, int(rec[1:]), 0, 1)
         return item_from(unpack(rec))
 
-    def _next_put_group(self) -> list[_Put]:
-        """Take the next group from the waiting puts, in order: its share of them (the
-        waiting puts split evenly among the flushers not sending a group), at most
-        :data:`GROUP_MAX` and :data:`GROUP_BYTES`, and in a cluster only puts of the
-        first one's partition (one script touches one hash slot there)."""
-        puts = self._puts
-        idle = max(1, self._put_flushers - self._put_busy)
-        want = min(GROUP_MAX, -(-len(puts) // idle))
+    def _take_put_group(self, puts: list[_Put], share: int) -> list[int]:
+        """The next group of waiting puts: ``share`` of them, at most :data:`GROUP_MAX`
+        and :data:`GROUP_BYTES` (the first one always), and in a cluster only puts of
+        the first one's partition (one script touches one hash slot there)."""
+        want = min(GROUP_MAX, share)
         first = puts[0].partition
-        group: list[_Put] = []
-        rest: list[_Put] = []
+        chosen: list[int] = []
         size = 0
-        for put in puts:
-            if (
-                len(group) >= want
-                or (group and (size + len(put.packed) > GROUP_BYTES))
-                or (self.is_cluster and put.partition != first)
-            ):
-                rest.append(put)
-            else:
-                group.append(put)
-                size += len(put.packed)
-        self._puts = rest
-        return group
+        for i, put in enumerate(puts):
+            if len(chosen) >= want:
+                break
+            if chosen and size + len(put.packed) > GROUP_BYTES:
+                break
+            if self.is_cluster and put.partition != first:
+                continue
+            chosen.append(i)
+            size += len(put.packed)
+        return chosen
 
-    async def _flush_puts(self) -> None:
-        """Send the waiting single puts, group after group, until none wait."""
-        try:
-            while self._puts:
-                group = self._next_put_group()
-                involved = list(dict.fromkeys(put.partition for put in group))
-                keys = [meta_key(p) for p in involved]
-                packed = [put.packed for put in group]
+    async def _send_put_group(self, group: list[_Put]) -> list[bytes]:
+        """Run the ``put_group`` script for ``group``: each put's record, or
+        ``b"!<version>"`` for a put whose ``if_version`` did not match."""
+        involved = list(dict.fromkeys(put.partition for put in group))
+        keys = [meta_key(p) for p in involved]
+        packed = [put.packed for put in group]
 
-                async def run(
-                    rk: str, ttl: str, keys: list[str] = keys, packed: list[bytes] = packed
-                ) -> Any:
-                    return await self._script(
-                        "put_group", keys, [rk, ttl, str(len(packed)), *packed]
-                    )
+        async def run(rk: str, ttl: str) -> Any:
+            return await self._script("put_group", keys, [rk, ttl, str(len(packed)), *packed])
 
-                self._put_busy += 1
-                try:
-                    reply = await self._requested(involved[0], None, run)
-                except asyncio.CancelledError:
-                    for put in group:
-                        put.done.cancel()
-                    raise
-                except Exception as exc:  # the outcome may be unknown: never sent again
-                    for put in group:
-                        if not put.done.done():
-                            put.done.set_exception(exc)
-                    continue
-                finally:
-                    self._put_busy -= 1
-                if reply[0] == b"ok":
-                    self.changes.notify()
-                for put, rec in zip(group, unpack(reply[1]), strict=True):
-                    if not put.done.done():
-                        put.done.set_result(rec or b"")
-                # Let the callers just answered run first: those that put again at once
-                # join the next group rather than wait for the one after it.
-                await asyncio.sleep(0)
-        finally:
-            self._put_flushers -= 1
+        reply = await self._requested(involved[0], None, run)
+        if reply[0] == b"ok":
+            self.changes.notify()
+        return [rec or b"" for rec in unpack(reply[1])]
 
     async def list_items(
         self,
