@@ -200,18 +200,20 @@ def test_once_non_json_result_frees_the_key(hive: hivemem.SyncHive) -> None:
 
 
 def test_once_renews_a_short_lease(hive: hivemem.SyncHive) -> None:
+    # A 1 s lease renewed every third of it: a renewal may stall 0.6 s on a busy machine
+    # (with 0.3 s, a stall of 0.2 s beside the suite's other workers lost the lease).
     def slow() -> str:
-        time.sleep(0.8)
+        time.sleep(2.5)
         return "ok"
 
     racer: list[Any] = []
-    t = threading.Thread(target=lambda: racer.append(hive.once("k", lambda: "racer", lease=0.3)))
+    t = threading.Thread(target=lambda: racer.append(hive.once("k", lambda: "racer", lease=1.0)))
 
     def run_then_race() -> str:
-        t.start()  # while fn runs past its 0.3 s lease, another caller must not run
+        t.start()  # while fn runs past its 1 s lease, another caller must not run
         return slow()
 
-    assert hive.once("k", run_then_race, lease=0.3) == "ok"
+    assert hive.once("k", run_then_race, lease=1.0) == "ok"
     t.join(5)
     assert racer == ["ok"]
 
