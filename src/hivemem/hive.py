@@ -213,6 +213,23 @@ class Hive(ABC):
     async def get(self, namespace: str, key: str) -> Item | None:
         """The item at (namespace, key), or ``None`` if absent or expired."""
 
+    def _put_here(
+        self,
+        namespace: str,
+        key: str,
+        value: Any,
+        *,
+        if_version: int | None = None,
+        ttl: float | None = None,
+        text: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        fence: tuple[str, int] | None = None,
+    ) -> tuple[bool, Item | None]:
+        """:meth:`put` in the calling thread, for :class:`~hivemem.SyncHive`: (True, the
+        item), or (False, None) having written nothing when this hive cannot write
+        outside its event loop (the default; SyncHive then goes through the loop)."""
+        return False, None
+
     def _get_here(self, namespace: str, key: str) -> tuple[bool, Item | None]:
         """:meth:`get` in the calling thread, for :class:`~hivemem.SyncHive`: (True, the
         item or None), or (False, None) when this hive cannot read outside its event

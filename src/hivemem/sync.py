@@ -261,6 +261,10 @@ class SyncHive:
     ) -> Item:
         """Create or replace the item at (``namespace``, ``key``).
 
+        On an embedded SQLite file the write runs in the calling thread when the hive's
+        writer thread is idle (its own transaction and fsync); when it is busy, the put
+        joins its next group commit through the hive's event loop.
+
         Args:
             namespace: 1-8 segments joined by ``/``, e.g. ``"team/research"``.
             key: 1-512 bytes of UTF-8, no ``/`` or control characters.
@@ -285,6 +289,20 @@ class SyncHive:
                 0: absent), or the fence is stale (field ``fence``). Nothing was written.
             InvalidInput, TooLarge: a bad or oversized argument (``field`` names it).
         """
+
+        done, item = self._hive._put_here(
+            namespace,
+            key,
+            value,
+            if_version=if_version,
+            ttl=ttl,
+            text=text,
+            metadata=metadata,
+            fence=fence,
+        )
+        if done:
+            assert item is not None
+            return item
 
         async def run() -> Item:
             return await self._hive.put(

@@ -122,6 +122,30 @@ class Backend(ABC):
             Conflict: with ``field="ops.<i>.if_version"``; nothing was written.
         """
 
+    def can_write_here(self) -> bool:
+        """Whether :meth:`write_items_here` may write at all (so a caller skips
+        preparing a write that would go through the event loop anyway)."""
+        return False
+
+    def write_items_here(
+        self,
+        writes: Sequence[PutWrite | DeleteWrite | CheckWrite],
+        *,
+        author: str,
+        now: float,
+        history_limit: int,
+        request_id: str | None = None,
+    ) -> tuple[bool, list[ItemRow | bool] | None]:
+        """:meth:`write_items` run in the calling thread, which is not the event loop's:
+        (True, its results), or (False, None) when this store cannot write there now
+        (the default), having written nothing; the caller then goes through the event
+        loop.
+
+        Raises:
+            as :meth:`write_items`.
+        """
+        return False, None
+
     @abstractmethod
     async def list_items(
         self,

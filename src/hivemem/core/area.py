@@ -67,11 +67,15 @@ class Area:
         try:
             return await write
         except RequestIdReused:
-            raise InvalidInput(
-                f"request id {self._request_id!r} was already used for a different request; "
-                "send a new id for a new request",
-                field=self._request_field,
-            ) from None
+            raise self._request_id_reused() from None
+
+    def _request_id_reused(self) -> InvalidInput:
+        """The error of a request id used before for a different request."""
+        return InvalidInput(
+            f"request id {self._request_id!r} was already used for a different request; "
+            "send a new id for a new request",
+            field=self._request_field,
+        )
 
     async def _resolve(self, rows: list[ItemRow]) -> list[ItemRow]:
         """``rows`` with the values and texts kept in the blob store put back (see

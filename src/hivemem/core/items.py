@@ -13,6 +13,7 @@ import orjson
 from pydantic import ValidationError
 
 from hivemem import validation as check
+from hivemem.backends.results import RequestIdReused
 from hivemem.backends.rows import CheckWrite, DeleteWrite, ItemRow, PutWrite
 from hivemem.core import cursors
 from hivemem.core.area import Area, timestamp
@@ -160,21 +161,12 @@ class ItemsMixin(Area):
         Raises:
             Unavailable: the embedder failed (sync); nothing is written.
         """
-        model = None if self._embedder is None else self._embedder.name
+        if self._embedder is None or self._settings.index_mode == "deferred":
+            return self._index_now(writes, texts, now)
+        model = self._embedder.name
         embedded = [i for i, t in enumerate(texts) if t is not None]
         vectors: dict[int, bytes] = {}
-        if model is not None and self._settings.index_mode == "deferred":
-            stamp = now()
-            return [
-                replace(
-                    w,
-                    index_text=t,
-                    model=None if t is None else model,
-                    expires_at=None if w.expires_at is None else stamp + w.expires_at,
-                )
-                for w, t in zip(writes, texts, strict=True)
-            ], stamp
-        if self._embedder is not None and embedded:
+        if embedded:
             rows = await self._embedder.embed([texts[i] for i in embedded])  # type: ignore[misc]
             vectors = {i: row.tobytes() for i, row in zip(embedded, rows, strict=True)}
         stamp = now()
@@ -187,6 +179,24 @@ class ItemsMixin(Area):
                 expires_at=None if w.expires_at is None else stamp + w.expires_at,
             )
             for i, (w, t) in enumerate(zip(writes, texts, strict=True))
+        ], stamp
+
+    def _index_now(
+        self, writes: Sequence[PutWrite], texts: Sequence[str | None], now: Callable[[], float]
+    ) -> tuple[builtins.list[PutWrite], float]:
+        """:meth:`_index` where nothing is embedded before the write (no embedder, or
+        ``index_mode=deferred``): each entry names the model, if any, and waits for the
+        indexer."""
+        model = None if self._embedder is None else self._embedder.name
+        stamp = now()
+        return [
+            replace(
+                w,
+                index_text=t,
+                model=None if t is None else model,
+                expires_at=None if w.expires_at is None else stamp + w.expires_at,
+            )
+            for w, t in zip(writes, texts, strict=True)
         ], stamp
 
     async def put(
@@ -213,20 +223,61 @@ class ItemsMixin(Area):
         try:
             *_, row = await self._commit_items(writes, now, request_id)
         except Conflict as exc:
-            if guard is None:
-                raise
-            if exc.field == "ops.0.if_version":
-                raise Conflict(
-                    f"fence {fence!r} is stale: a newer token of that lease was issued "
-                    f"(the newest is {exc.current_version}); nothing was written",
-                    field="fence",
-                    current_version=exc.current_version,
-                ) from None
-            raise Conflict(
-                exc.message, field="if_version", current_version=exc.current_version
-            ) from None
+            raise _put_conflict(exc, fence) from None
         assert isinstance(row, ItemRow)
         return to_item(row)
+
+    def _put_here(
+        self,
+        namespace: str,
+        key: str,
+        value: Any,
+        *,
+        if_version: int | None = None,
+        ttl: float | None = None,
+        text: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        fence: tuple[str, int] | None = None,
+    ) -> tuple[bool, Item | None]:
+        """:meth:`put` in the calling thread, for :class:`~hivemem.SyncHive`, where the
+        backend can write there (:meth:`Backend.write_items_here`: an embedded SQLite
+        file whose writer is idle) and the put needs nothing of the event loop (no blob
+        store, no embedding before the write). The same checks in the same order, the
+        same errors; a long text's terms are counted in this thread. Returns (False,
+        None) having written nothing when it cannot; SyncHive then goes through the
+        loop."""
+        if not self._opened() or self._blobs is not None or not self._backend.can_write_here():
+            return False, None
+        if self._embedder is not None and self._settings.index_mode != "deferred":
+            return False, None
+        write = self._put_write(namespace, key, value, if_version, ttl, text, metadata)
+        guard = None if fence is None else self._fence(fence)
+        self._must("write", write.namespace, "namespace")
+        indexed = searchable_text(text, value)
+        if indexed is not None:
+            field = "text" if text is not None else "value"
+            check_terms(indexed, self._settings.max_text_terms, field)
+        request_id = self._scoped_request_id("put", write, guard)
+        (write,), now = self._index_now([write], [indexed], self._now)
+        writes: builtins.list[PutWrite | CheckWrite] = [write] if guard is None else [guard, write]
+        try:
+            done, rows = self._backend.write_items_here(
+                writes,
+                author=self.agent,
+                now=now,
+                history_limit=self._settings.history_limit,
+                request_id=request_id,
+            )
+        except Conflict as exc:
+            raise _put_conflict(exc, fence) from None
+        except RequestIdReused:
+            raise self._request_id_reused() from None
+        if not done:
+            return False, None
+        assert rows is not None
+        row = rows[-1]
+        assert isinstance(row, ItemRow)
+        return True, to_item(row)
 
     async def get(self, namespace: str, key: str) -> Item | None:
         check.namespace(namespace, self._settings)
@@ -478,3 +529,19 @@ def _coerce_op(op: Any, index: int) -> PutOp | DeleteOp:
         except ValidationError as exc:
             raise check.invalid_input(exc, prefix=f"ops.{index}") from None
     raise InvalidInput("each operation must be a PutOp, DeleteOp or dict", field=f"ops.{index}")
+
+
+def _put_conflict(exc: Conflict, fence: tuple[str, int] | None) -> Conflict:
+    """The Conflict a fenced put raises for ``exc`` of its two writes (the fence's check,
+    then the put): a stale fence (field ``fence``) or the put's own ``if_version``.
+    Unfenced, ``exc`` itself."""
+    if fence is None:
+        return exc
+    if exc.field == "ops.0.if_version":
+        return Conflict(
+            f"fence {fence!r} is stale: a newer token of that lease was issued "
+            f"(the newest is {exc.current_version}); nothing was written",
+            field="fence",
+            current_version=exc.current_version,
+        )
+    return Conflict(exc.message, field="if_version", current_version=exc.current_version)

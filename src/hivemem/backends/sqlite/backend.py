@@ -182,6 +182,35 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         history_limit: int,
         request_id: str | None = None,
     ) -> list[ItemRow | bool]:
+        job = self._items_job(writes, author, now, history_limit, request_id)
+        return await self._engine.write(job)
+
+    def can_write_here(self) -> bool:
+        return not self._engine.memory
+
+    def write_items_here(
+        self,
+        writes: Sequence[PutWrite | DeleteWrite | CheckWrite],
+        *,
+        author: str,
+        now: float,
+        history_limit: int,
+        request_id: str | None = None,
+    ) -> tuple[bool, list[ItemRow | bool] | None]:
+        job = self._items_job(writes, author, now, history_limit, request_id)
+        return self._engine.write_here(job)
+
+    def _items_job(
+        self,
+        writes: Sequence[PutWrite | DeleteWrite | CheckWrite],
+        author: str,
+        now: float,
+        history_limit: int,
+        request_id: str | None,
+    ) -> Callable[[sqlite3.Connection], list[ItemRow | bool]]:
+        """The write job of :meth:`write_items`: a function of the write connection,
+        run inside its transaction."""
+
         def run(c: sqlite3.Connection) -> list[ItemRow | bool]:
             results: list[ItemRow | bool] = []
             for i, w in enumerate(writes):
@@ -258,7 +287,7 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                 results.append(row)
             return results
 
-        return await self._engine.write(once(request_id, now, run))
+        return once(request_id, now, run)
 
     @staticmethod
     def _event(

@@ -7,7 +7,9 @@
   survives ``kill -9`` only).
 - Writes run on one writer thread with group commit: every queued write job
   runs in one ``BEGIN IMMEDIATE`` transaction, each in its own SAVEPOINT, so one
-  job's error rolls back that job alone and the rest share one fsync.
+  job's error rolls back that job alone and the rest share one fsync. A
+  :class:`~hivemem.SyncHive` caller's item write runs in its own thread instead when
+  the writer is idle (:meth:`SqliteEngine.write_here`), under the same commit lock.
 - Point reads (one row by primary key) run inline on the event loop's thread
   through a connection that never waits for a lock: a thread hop costs more
   than the query. If SQLite reports the database busy, the read goes to a reader
@@ -89,6 +91,9 @@ class SqliteEngine:
         self._opening = 0
         self._pending: list[_Job] = []
         self._pending_lock = threading.Lock()
+        #: Held while a transaction runs on the write connection: by the writer thread
+        #: for each group, by a calling thread for a write of its own (:meth:`write_here`).
+        self._commit_lock = threading.Lock()
         #: A drain of ``_pending`` is queued on the writer thread (or running and not yet
         #: past taking its jobs): a write queues another only when none is.
         self._drain_queued = False
@@ -198,7 +203,7 @@ class SqliteEngine:
         self._writer = self._readers = None
         for pool in {id(p): p for p in (writer, readers) if p is not None}.values():
             pool.shutdown(wait=True)
-        with self._conn_lock:
+        with self._commit_lock, self._conn_lock:  # no write of a calling thread runs
             for conn in self._connections:
                 conn.close()
             self._connections.clear()
@@ -291,8 +296,21 @@ class SqliteEngine:
                     return
 
     def _commit_group(self, jobs: list[_Job]) -> None:
-        """Commit ``jobs`` in one transaction, each in its own SAVEPOINT (a lone job
-        without one), and send each its outcome."""
+        """Commit ``jobs`` in one transaction (:meth:`_run_group`) and send each its
+        outcome on its caller's loop."""
+        with self._commit_lock:
+            outcomes = self._run_group([fn for fn, _, _ in jobs])
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for (_, fut, loop), (ok, value) in zip(jobs, outcomes, strict=True):
+            by_loop.setdefault(loop, []).append((fut, ok, value))
+        for loop, done in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: no one waits
+                loop.call_soon_threadsafe(_deliver, done)
+
+    def _run_group(self, jobs: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """Run ``jobs`` in one transaction, each in its own SAVEPOINT (a lone job
+        without one), and commit it; each job's (ok, result or exception). Called with
+        the commit lock held."""
         conn = self._write_conn
         assert conn is not None
         outcomes: list[tuple[bool, Any]] = []
@@ -301,12 +319,12 @@ class SqliteEngine:
             try:
                 if len(jobs) == 1:  # alone: its error rolls back the transaction itself
                     try:
-                        outcomes.append((True, jobs[0][0](conn)))
+                        outcomes.append((True, jobs[0](conn)))
                     except Exception as exc:
                         conn.execute("ROLLBACK")
                         outcomes.append((False, exc))
                 else:
-                    for fn, _, _ in jobs:
+                    for fn in jobs:
                         conn.execute("SAVEPOINT job")
                         try:
                             outcomes.append((True, fn(conn)))
@@ -324,12 +342,38 @@ class SqliteEngine:
         except sqlite3.Error as exc:
             error = Unavailable(f"sqlite store unavailable: {exc}")
             outcomes = [(False, error)] * len(jobs)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
-        for (_, fut, loop), (ok, value) in zip(jobs, outcomes, strict=True):
-            by_loop.setdefault(loop, []).append((fut, ok, value))
-        for loop, done in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: no one waits
-                loop.call_soon_threadsafe(_deliver, done)
+        return outcomes
+
+    def write_here(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
+        """Run ``fn`` in a write transaction of its own in the calling thread, which is
+        not the event loop's (a :class:`~hivemem.SyncHive` caller), and return (True,
+        its result) once committed: a hop to the loop's thread and on to the writer
+        thread and back cost more than the write. Returns (False, None) without running
+        ``fn`` when it cannot: an in-memory or closed store, or the writer thread (or
+        another caller) committing meanwhile, when the write joins the next group
+        through the loop instead (:meth:`write`), so that concurrent writes still share
+        commits.
+
+        An exception raised by ``fn`` rolls back its changes and is re-raised.
+
+        Raises:
+            Unavailable: the commit failed.
+        """
+        if self.memory or self._writer is None or not self._commit_lock.acquire(blocking=False):
+            return False, None
+        try:
+            if self._writer is None:  # closed meanwhile
+                return False, None
+            ((ok, value),) = self._run_group([fn])
+        finally:
+            self._commit_lock.release()
+        if not ok:
+            raise value
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: no one watches
+                loop.call_soon_threadsafe(self.changes.notify)
+        return True, value
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` inside a write transaction and return its result once committed.
