@@ -85,6 +85,8 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("writes.sync.1", "writes.raw.1", "text put, index_mode=sync vs floor", "cpu"),
     ("writes.none.1", "writes.raw.1", "put, embedder=none vs floor", "cpu"),
     ("writes.none.8", "writes.raw.8", "put, embedder=none vs floor", "cpu"),
+    ("writes.synchive.1", "writes.raw.1", "text put, SyncHive, default vs floor", "cpu"),
+    ("writes.synchive.1", "writes.langgraph-sqlite.1", "text put, SyncHive vs LangGraph", "cpu"),
     ("writes.none.1", "writes.langgraph-sqlite.1", "put, embedder=none vs LangGraph", "cpu"),
     ("writes.default.1", "writes.langgraph-sqlite.1", "text put, default vs LangGraph", "cpu"),
     ("writes.postgres.8", "writes.postgres-raw.8", "PostgreSQL put vs raw psycopg", "cpu"),

@@ -14,6 +14,9 @@ Rows (each measured in the same run as its floor):
 - ``writes.sync.1``: the same with ``index_mode=sync`` (each put embeds before it
   commits: the behaviour before deferred embedding).
 - ``writes.none.1`` / ``.8``: ``embedder=none``.
+- ``writes.synchive.1``: ``SyncHive.put`` of the same text items from one thread, default
+  settings (a synchronous caller, like the floor and LangGraph's ``SqliteStore``; on an
+  idle writer the put runs in the calling thread).
 - ``writes.indexed``: while one task writes 200 text items per second, the time from a
   put's return until its vector is stored (the store's ``item.indexed`` event, which the
   in-process vector index follows), p50/p99 over every item.
@@ -44,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Result, run_async_loop, summarize
+from common import Result, run_async_loop, run_sync_loop, summarize
 
 #: The repository (for the test servers of tests/servers/).
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,6 +361,21 @@ async def _store_rows(tmp: Path, duration: float, warmup: float) -> list[Result]
     return results
 
 
+def _sync_hive_row(db: Path, duration: float, warmup: float) -> Result:
+    """SyncHive puts of text items from one thread, default settings (the API the README
+    teaches; like the raw floor and LangGraph's SqliteStore, a synchronous caller)."""
+    import hivemem
+
+    with hivemem.connect_sync(f"sqlite:///{db}", agent="bench") as hive:
+        return run_sync_loop(
+            "writes.synchive.1",
+            "SyncHive put of a text item, default settings, 1 thread",
+            lambda i: hive.put("bench", f"k{i % 5000}", text_of(i)),
+            duration,
+            warmup,
+        )
+
+
 def _langgraph_sqlite(db: Path, duration: float, warmup: float) -> Result | None:
     """LangGraph's SqliteStore.put from one thread (None when it is not installed)."""
     try:
@@ -508,6 +526,7 @@ def bench_writes(tmp: Path, duration: float, warmup: float) -> list[Result]:
         results += asyncio.run(
             _hive_rows(tmp / f"{tag}.db", tag, label, duration, warmup, **settings)
         )
+    results.append(_sync_hive_row(tmp / "synchive.db", duration, warmup))
     peer = _langgraph_sqlite(tmp / "langgraph.db", duration, warmup)
     if peer is not None:
         results.append(peer)
