@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -29,18 +29,32 @@ from hivemem.backends.rows import (
 )
 from hivemem.config import Settings
 from hivemem.errors import Conflict, NotFound
+from tests.servers.redis import RedisClusterServers, RedisServer
 
 from .test_task_store import task as new_task
 
-#: The tests' clock: far in the future, so that a sweep of another test on the same
-#: server, at the real time, never finds these tests' leases expired (a sweep settles
-#: the expired leases of every queue).
-NOW = 4_000_000_000.0
+NOW = 1_700_000_000.0
+
+
+# These tests run on servers of their own. On the session's servers, the sweeper of a
+# service another test left running (a sweep at the real time settles the expired leases
+# of every queue) settled these tests' leases, all long past on this clock, and their
+# own sweeps of finished tasks reached other tests' tasks.
+@pytest.fixture(scope="module")
+def own_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with RedisServer(tmp_path_factory.mktemp("tasks-redis")) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def own_redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with RedisClusterServers(tmp_path_factory.mktemp("tasks-redis-cluster")) as cluster:
+        yield cluster.url
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[RedisBackend]:
-    name = "redis_url" if request.param == "redis" else "redis_cluster_url"
+    name = "own_redis_url" if request.param == "redis" else "own_redis_cluster_url"
     b = RedisBackend.from_url(str(request.getfixturevalue(name)), Settings())
     await b.open()
     try:
