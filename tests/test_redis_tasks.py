@@ -36,10 +36,11 @@ from .test_task_store import task as new_task
 NOW = 1_700_000_000.0
 
 
-# These tests run on servers of their own. On the session's servers, the sweeper of a
-# service another test left running (a sweep at the real time settles the expired leases
-# of every queue) settled these tests' leases, all long past on this clock, and their
-# own sweeps of finished tasks reached other tests' tasks.
+# These tests run on servers of their own. On the session's servers, the coordination
+# rounds of a service or hive another test left open (each settles, at the real time,
+# the expired leases of every queue) settled these tests' leases, all long past on this
+# clock; and with a clock past the real time, their own sweeps of finished tasks reached
+# other tests' tasks.
 @pytest.fixture(scope="module")
 def own_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with RedisServer(tmp_path_factory.mktemp("tasks-redis")) as server:
