@@ -199,6 +199,30 @@ class ItemsMixin(Area):
             for w, t in zip(writes, texts, strict=True)
         ], stamp
 
+    def _put_checked(
+        self,
+        namespace: str,
+        key: str,
+        value: Any,
+        if_version: int | None,
+        ttl: float | None,
+        text: str | None,
+        metadata: dict[str, Any] | None,
+        fence: tuple[str, int] | None,
+    ) -> tuple[PutWrite, CheckWrite | None, str | None, str]:
+        """The checks a put makes before counting its text's terms, in order (shared by
+        :meth:`put` and :meth:`_put_here`): the write, its fence's check (None without
+        one), the text search indexes (None: none) and the field that text came from.
+
+        Raises:
+            InvalidInput, TooLarge: a bad argument; PermissionDenied: the namespace.
+        """
+        write = self._put_write(namespace, key, value, if_version, ttl, text, metadata)
+        guard = None if fence is None else self._fence(fence)
+        self._must("write", write.namespace, "namespace")
+        indexed = searchable_text(text, value)
+        return write, guard, indexed, "text" if text is not None else "value"
+
     async def put(
         self,
         namespace: str,
@@ -211,11 +235,10 @@ class ItemsMixin(Area):
         metadata: dict[str, Any] | None = None,
         fence: tuple[str, int] | None = None,
     ) -> Item:
-        write = self._put_write(namespace, key, value, if_version, ttl, text, metadata)
-        guard = None if fence is None else self._fence(fence)
-        self._must("write", write.namespace, "namespace")
-        indexed = searchable_text(text, value)
-        await self._check_terms([(indexed, "text" if text is not None else "value")])
+        write, guard, indexed, field = self._put_checked(
+            namespace, key, value, if_version, ttl, text, metadata, fence
+        )
+        await self._check_terms([(indexed, field)])
         request_id = self._scoped_request_id("put", write, guard)
         await self._ready()
         (write,), now = await self._index([write], [indexed], self._now)
@@ -250,12 +273,10 @@ class ItemsMixin(Area):
             return False, None
         if self._embedder is not None and self._settings.index_mode != "deferred":
             return False, None
-        write = self._put_write(namespace, key, value, if_version, ttl, text, metadata)
-        guard = None if fence is None else self._fence(fence)
-        self._must("write", write.namespace, "namespace")
-        indexed = searchable_text(text, value)
+        write, guard, indexed, field = self._put_checked(
+            namespace, key, value, if_version, ttl, text, metadata, fence
+        )
         if indexed is not None:
-            field = "text" if text is not None else "value"
             check_terms(indexed, self._settings.max_text_terms, field)
         request_id = self._scoped_request_id("put", write, guard)
         (write,), now = self._index_now([write], [indexed], self._now)
