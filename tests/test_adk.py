@@ -243,6 +243,10 @@ async def test_the_memory_service_finds_what_a_session_said(hive: hivemem.Hive, 
     assert session is not None
     await memory.add_session_to_memory(session)
     await memory.add_session_to_memory(session)  # again: nothing twice
+    # Both memories ranked by vector and words: while the indexer has embedded one and
+    # not the other, the ranking is by whichever has a vector (a CI run saw the reply
+    # first on the session's shared store).
+    assert await hive.wait_indexed(timeout=60)
     found = await memory.search_memory(app_name="app", user_id="ann", query="green tea morning")
     texts = [m.content.parts[0].text for m in found.memories if m.content.parts]
     assert texts and "green tea" in (texts[0] or "")
