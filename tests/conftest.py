@@ -77,6 +77,10 @@ _SERVER_FIXTURES = {
 #: neighbours is the point of that setting in a service, not something these tests check
 #: (tests/test_embedders.py checks the niceness itself, with its own setting).
 os.environ.setdefault("HIVEMEM_INDEX_NICE", "0")
+#: And a search with consistency="indexed" waits up to 120 s (30 s by default): on the
+#: session's shared stores the indexer also embeds the other tests' writes first, and
+#: beside three other busy workers that backlog took over 30 s in CI (Redis, 2 writes).
+os.environ.setdefault("HIVEMEM_INDEX_WAIT_SECONDS", "120")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
