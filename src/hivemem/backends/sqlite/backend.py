@@ -40,7 +40,7 @@ from hivemem.backends.sqlite.schema import (
     item_row,
     session_row,
 )
-from hivemem.backends.sqlite.search import SearchMixin, index_put, index_remove
+from hivemem.backends.sqlite.search import LEXICAL_BATCH, SearchMixin, index_put, index_remove
 from hivemem.backends.sqlite.tasks import TasksMixin
 from hivemem.config import Settings
 from hivemem.errors import Conflict, CursorExpired, InvalidInput, NotFound
@@ -157,9 +157,11 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         return once(request_id, now, run)
 
     async def open(self) -> None:
+        self._lexical_closed = False
         await self._engine.open()
 
     async def close(self) -> None:
+        await self._close_lexical()
         await self._engine.close()
 
     async def ping(self) -> None:
@@ -183,7 +185,9 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         request_id: str | None = None,
     ) -> list[ItemRow | bool]:
         job = self._items_job(writes, author, now, history_limit, request_id)
-        return await self._engine.write(job)
+        results = await self._engine.write(job)
+        self._lexical_due()
+        return results
 
     def can_write_here(self) -> bool:
         return not self._engine.memory
@@ -198,7 +202,10 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         request_id: str | None = None,
     ) -> tuple[bool, list[ItemRow | bool] | None]:
         job = self._items_job(writes, author, now, history_limit, request_id)
-        return self._engine.write_here(job)
+        done = self._engine.write_here(job)
+        if self._lexical_marks >= LEXICAL_BATCH:
+            self._engine.call_soon(self._lexical_due)
+        return done
 
     def _items_job(
         self,
@@ -282,7 +289,8 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
                         row.metadata,
                     ),
                 )
-                index_put(c, w.namespace, w.key, row.version, w.index_text, w.vector, w.model)
+                if index_put(c, w.namespace, w.key, row.version, w.index_text, w.vector, w.model):
+                    self._lexical_marks += 1
                 self._event(c, w.event or "item.put", w.namespace, w.key, row.version, author, now)
                 results.append(row)
             return results
@@ -307,11 +315,11 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
         assert cur.lastrowid is not None
         return cur.lastrowid
 
-    @staticmethod
-    def _delete_item(c: sqlite3.Connection, namespace: str, key: str) -> None:
+    def _delete_item(self, c: sqlite3.Connection, namespace: str, key: str) -> None:
         c.execute("DELETE FROM items WHERE ns = ? AND key = ?", (namespace, key))
         c.execute("DELETE FROM item_versions WHERE ns = ? AND key = ?", (namespace, key))
-        index_remove(c, namespace, key)
+        if index_remove(c, namespace, key):
+            self._lexical_marks += 1
 
     def _expire(
         self, c: sqlite3.Connection, namespace: str, key: str, version: int, now: float
@@ -410,7 +418,9 @@ class SqliteBackend(SearchMixin, TasksMixin, Backend):
             c.execute("DELETE FROM requests WHERE at < ?", (requests_before,))
             return len(expired) + len(sessions), trimmed
 
-        return await self._engine.write(run)
+        swept = await self._engine.write(run)
+        self._lexical_due()
+        return swept
 
     # Sessions ----------------------------------------------------------------------
 

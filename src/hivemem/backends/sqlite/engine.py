@@ -344,6 +344,14 @@ class SqliteEngine:
             outcomes = [(False, error)] * len(jobs)
         return outcomes
 
+    def call_soon(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn`` on the store's event loop soon, from any thread (nothing when the
+        loop is gone)."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(fn)
+
     def write_here(self, fn: Callable[[sqlite3.Connection], T]) -> tuple[bool, T | None]:
         """Run ``fn`` in a write transaction of its own in the calling thread, which is
         not the event loop's (a :class:`~hivemem.SyncHive` caller), and return (True,
@@ -369,10 +377,7 @@ class SqliteEngine:
             self._commit_lock.release()
         if not ok:
             raise value
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: no one watches
-                loop.call_soon_threadsafe(self.changes.notify)
+        self.call_soon(self.changes.notify)  # this process's watchers
         return True, value
 
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -109,6 +109,21 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE tasks ADD COLUMN claimed_at REAL;
     """,
+    # 9: the lexical index lags the writes (backends/sqlite/search.py). An entry's text
+    # moves to ``search_docs``; FTS5 indexes it there (external content) and keeps no
+    # copy; ``lexical_pending`` lists the entries FTS5 has not caught up with, each with
+    # the text FTS5 holds for it (NULL: none), which removing it from FTS5 needs.
+    """
+    ALTER TABLE search_docs ADD COLUMN text TEXT;
+    UPDATE search_docs SET text = (SELECT f.text FROM search_fts f WHERE f.rowid = search_docs.id);
+    DROP TABLE search_fts;
+    CREATE VIRTUAL TABLE search_fts USING fts5(
+        text, content = 'search_docs', content_rowid = 'id',
+        tokenize = 'porter unicode61 remove_diacritics 2'
+    );
+    INSERT INTO search_fts (search_fts) VALUES ('rebuild');
+    CREATE TABLE lexical_pending (id INTEGER PRIMARY KEY, old TEXT);
+    """,
 ]
 
 #: The columns of ``tasks`` in :class:`TaskRow` field order.

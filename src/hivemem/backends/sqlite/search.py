@@ -1,14 +1,31 @@
 """Search on SQLite: FTS5 (BM25) for text, float32 vectors as BLOBs beside the items.
 
-The index lives in ``search_docs`` (one row per searchable item: its version, the
-model and its vector) and ``search_fts`` (its text, rowid = ``search_docs.id``),
-written in the same transaction as the item, so search never sees an item with
-stale text or a stale vector. Vector similarity itself is computed in process
-(see :mod:`hivemem.core.vectors`); this module only stores and loads vectors.
+The index lives in ``search_docs`` (one row per searchable item: its version, its
+text, the model and its vector), written in the same transaction as the item, so
+search never sees an item with a stale vector. ``search_fts`` is an FTS5 index over
+``search_docs.text`` (external content, rowid = ``search_docs.id``) that lags the
+writes: a put records the entry in ``lexical_pending`` (with the text FTS5 holds for
+it, which an external-content table needs to remove it), and FTS5 is brought up to
+date in batches (:func:`lexical_catch_up`): in the background every
+:data:`LEXICAL_BATCH` entries a process marks, and before any lexical search that
+finds an entry pending, which also leaves out the entries a write marks while it runs.
+So lexical search sees every write acknowledged before it started, while a put writes
+three rows instead of FTS5's segment, structure and size records (half the pages of
+its commit; bench/README.md, "2026-12-01, night"). Vector similarity itself is
+computed in process (see :mod:`hivemem.core.vectors`); this module only stores and
+loads vectors.
+
+Invariant: for an id not in ``lexical_pending`` FTS5 holds exactly
+``search_docs.text`` (nothing when the row is gone); for an id in it, FTS5 holds
+``lexical_pending.old`` (nothing when NULL). FTS5's ``integrity-check`` holds once
+nothing is pending (tests/test_sqlite_lexical.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,8 +34,19 @@ from hivemem.backends.filters import Condition
 from hivemem.backends.rows import INDEXED, SYSTEM, IndexEntry, ItemRow, prefix_range
 from hivemem.backends.sqlite.engine import SqliteEngine
 from hivemem.backends.sqlite.schema import ITEM_COLS, item_row
+from hivemem.errors import HivememError
+
+log = logging.getLogger("hivemem.search")
 
 _OPS = {"=": "=", ">": ">", ">=": ">=", "<": "<", "<=": "<="}
+
+#: Entries a process marks pending before it brings FTS5 up to date in the background
+#: (one write of its own, about 15 µs per entry against about 100 µs per put when
+#: FTS5 was written with each put).
+LEXICAL_BATCH = 256
+#: Most entries one background catch-up writes in a transaction (it repeats until
+#: fewer are pending); a search's catch-up takes them all.
+LEXICAL_CATCH_UP_MAX = 4096
 
 
 def index_put(
@@ -29,28 +57,71 @@ def index_put(
     text: str | None,
     vector: bytes | None,
     model: str | None,
-) -> None:
-    """Store (or, when ``text`` is None, remove) the index entry of an item."""
+) -> bool:
+    """Store (or, when ``text`` is None, remove) the index entry of an item. Returns
+    whether its lexical entry was marked pending (FTS5 now lags it)."""
     if text is None:
-        index_remove(c, namespace, key)
-        return
-    doc_id = c.execute(
-        "INSERT INTO search_docs (ns, key, version, model, dim, vec) VALUES (?,?,?,?,?,?) "
-        "ON CONFLICT (ns, key) DO UPDATE SET version = excluded.version, "
-        "model = excluded.model, dim = excluded.dim, vec = excluded.vec RETURNING id",
-        (namespace, key, version, model, None if vector is None else len(vector) // 4, vector),
-    ).fetchone()[0]
-    # FTS5 takes REPLACE on the rowid: the old text's terms go, the new ones come.
-    c.execute("INSERT OR REPLACE INTO search_fts (rowid, text) VALUES (?, ?)", (doc_id, text))
-
-
-def index_remove(c: sqlite3.Connection, namespace: str, key: str) -> None:
-    """Remove the index entry of an item, if any."""
+        return index_remove(c, namespace, key)
+    dim = None if vector is None else len(vector) // 4
     found = c.execute(
-        "DELETE FROM search_docs WHERE ns = ? AND key = ? RETURNING id", (namespace, key)
+        "SELECT id, text FROM search_docs WHERE ns = ? AND key = ?", (namespace, key)
     ).fetchone()
-    if found is not None:
-        c.execute("DELETE FROM search_fts WHERE rowid = ?", (found[0],))
+    if found is None:
+        doc_id = c.execute(
+            "INSERT INTO search_docs (ns, key, version, model, dim, vec, text) "
+            "VALUES (?,?,?,?,?,?,?) RETURNING id",
+            (namespace, key, version, model, dim, vector, text),
+        ).fetchone()[0]
+        return _mark(c, doc_id, None)
+    doc_id, old = found
+    c.execute(
+        "UPDATE search_docs SET version = ?, model = ?, dim = ?, vec = ?, text = ? WHERE id = ?",
+        (version, model, dim, vector, text, doc_id),
+    )
+    return old != text and _mark(c, doc_id, old)
+
+
+def index_remove(c: sqlite3.Connection, namespace: str, key: str) -> bool:
+    """Remove the index entry of an item, if any. Returns whether its lexical entry was
+    marked pending (FTS5 still holds its text)."""
+    found = c.execute(
+        "DELETE FROM search_docs WHERE ns = ? AND key = ? RETURNING id, text", (namespace, key)
+    ).fetchone()
+    return found is not None and _mark(c, found[0], found[1])
+
+
+def _mark(c: sqlite3.Connection, doc_id: int, old: str | None) -> bool:
+    """Mark entry ``doc_id`` pending, ``old`` being the text FTS5 holds for it. An entry
+    already pending keeps the text it was marked with: FTS5 still holds that one."""
+    return (
+        c.execute(
+            "INSERT OR IGNORE INTO lexical_pending (id, old) VALUES (?, ?)", (doc_id, old)
+        ).rowcount
+        == 1
+    )
+
+
+def lexical_catch_up(c: sqlite3.Connection, limit: int | None = None) -> int:
+    """Bring FTS5 up to date for the pending entries (the oldest ``limit`` of them;
+    None: all), inside the caller's write transaction. Returns how many it wrote."""
+    sql = (
+        "SELECT p.id, p.old, d.text FROM lexical_pending p "
+        "LEFT JOIN search_docs d ON d.id = p.id ORDER BY p.id"
+    )
+    rows = c.execute(sql if limit is None else f"{sql} LIMIT {int(limit)}").fetchall()
+    if not rows:
+        return 0
+    # An external-content table removes a row's terms given the text it indexed.
+    c.executemany(
+        "INSERT INTO search_fts (search_fts, rowid, text) VALUES ('delete', ?, ?)",
+        [(i, old) for i, old, _ in rows if old is not None],
+    )
+    c.executemany(
+        "INSERT INTO search_fts (rowid, text) VALUES (?, ?)",
+        [(i, new) for i, _, new in rows if new is not None],
+    )
+    c.executemany("DELETE FROM lexical_pending WHERE id = ?", [(i,) for i, _, _ in rows])
+    return len(rows)
 
 
 def _typed_test(column: str, kind_of: str, op: str, value: Any) -> tuple[str, list[Any]]:
@@ -103,6 +174,43 @@ class SearchMixin:
     _engine: SqliteEngine
     #: Appends a feed event in the transaction (``SqliteBackend._event``).
     _event: Callable[..., int]
+    #: Lexical entries this process marked pending since its last background catch-up
+    #: (counted by write jobs under the commit lock, read on the loop: a trigger only).
+    _lexical_marks: int = 0
+    _lexical_task: asyncio.Task[None] | None = None
+    _lexical_closed: bool = False
+
+    def _lexical_due(self) -> None:
+        """On the loop: start a background catch-up of FTS5 when this process has marked
+        :data:`LEXICAL_BATCH` entries pending since the last one and none runs."""
+        if self._lexical_marks < LEXICAL_BATCH or self._lexical_closed:
+            return
+        if self._lexical_task is None or self._lexical_task.done():
+            self._lexical_marks = 0
+            self._lexical_task = asyncio.create_task(
+                self._lexical_catch_up(), name="hivemem-lexical-catch-up"
+            )
+
+    async def _lexical_catch_up(self) -> None:
+        try:
+            while not self._lexical_closed:
+                done = await self._engine.write(lambda c: lexical_catch_up(c, LEXICAL_CATCH_UP_MAX))
+                if done < LEXICAL_CATCH_UP_MAX:
+                    return
+        except HivememError as exc:  # closing, or the store failing: a search catches up
+            log.debug("lexical catch-up failed: %s", exc)
+        except Exception:
+            log.exception("lexical catch-up failed")
+
+    async def _close_lexical(self) -> None:
+        """Stop the background catch-up (the store is closing); pending entries stay
+        pending, for the next search or catch-up."""
+        self._lexical_closed = True
+        task, self._lexical_task = self._lexical_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def search_lexical(
         self,
@@ -115,20 +223,32 @@ class SearchMixin:
         if not terms:
             return []
         where, args = _where(prefix, conditions, now)
+        # Entries marked pending since the catch-up are left out: FTS5 may hold an
+        # older text of theirs (their writes began after this search did).
         sql = (
             "SELECT d.ns, d.key, bm25(search_fts) AS rank FROM search_fts "
             "JOIN search_docs d ON d.id = search_fts.rowid "
             "JOIN items i ON i.ns = d.ns AND i.key = d.key "
-            f"WHERE search_fts MATCH ? AND {' AND '.join(where)} ORDER BY rank LIMIT ?"
+            f"WHERE search_fts MATCH ? AND {' AND '.join(where)} "
+            "AND d.id NOT IN (SELECT id FROM lexical_pending) ORDER BY rank LIMIT ?"
         )
         params = [match_expression(terms), *args, limit]
-        # bm25() is lower for better matches; hits report higher = better.
-        return await self._engine.read(
-            lambda c: [(ns, key, -score) for ns, key, score in c.execute(sql, params)]
-        )
+
+        def run(c: sqlite3.Connection, first: bool) -> list[tuple[str, str, float]] | None:
+            if first and c.execute("SELECT 1 FROM lexical_pending LIMIT 1").fetchone():
+                return None
+            # bm25() is lower for better matches; hits report higher = better.
+            return [(ns, key, -score) for ns, key, score in c.execute(sql, params)]
+
+        found = await self._engine.read(lambda c: run(c, True))
+        if found is None:  # FTS5 lags writes acknowledged before this search: catch up
+            await self._engine.write(lexical_catch_up)
+            found = await self._engine.read(lambda c: run(c, False))
+        assert found is not None
+        return found
 
     async def load_texts(self) -> list[tuple[str, str, str]]:
-        sql = "SELECT d.ns, d.key, f.text FROM search_docs d JOIN search_fts f ON f.rowid = d.id"
+        sql = "SELECT ns, key, text FROM search_docs"
         return await self._engine.read(lambda c: [(r[0], r[1], r[2]) for r in c.execute(sql)])
 
     async def texts_of(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
@@ -136,9 +256,7 @@ class SearchMixin:
             found: dict[tuple[str, str], str] = {}
             for ns, key in keys:
                 row = c.execute(
-                    "SELECT f.text FROM search_docs d JOIN search_fts f ON f.rowid = d.id "
-                    "WHERE d.ns = ? AND d.key = ?",
-                    (ns, key),
+                    "SELECT text FROM search_docs WHERE ns = ? AND key = ?", (ns, key)
                 ).fetchone()
                 if row is not None:
                     found[(ns, key)] = row[0]
@@ -250,12 +368,15 @@ class SearchMixin:
                 ).fetchone()
                 if current is None or current[0] != e.version:
                     continue
-                index_put(c, e.namespace, e.key, e.version, e.text, e.vector, e.model)
+                if index_put(c, e.namespace, e.key, e.version, e.text, e.vector, e.model):
+                    self._lexical_marks += 1
                 self._event(c, INDEXED, e.namespace, e.key, e.version, SYSTEM, now)
                 stored += 1
             return stored
 
-        return await self._engine.write(run)
+        stored = await self._engine.write(run)
+        self._lexical_due()
+        return stored
 
     async def pending_vectors(
         self, model: str, part: int, parts: int, limit: int, now: float
