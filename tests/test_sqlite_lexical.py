@@ -212,3 +212,23 @@ async def test_a_store_of_the_previous_schema_keeps_its_index(tmp_path: Path) ->
             "alpha three",
         )
     integrity_check(db)
+
+
+async def test_storing_a_vector_leaves_the_lexical_entry_alone(tmp_path: Path) -> None:
+    """The indexer stores each deferred vector with the text the put indexed: FTS5 is
+    not written again for it."""
+    db = tmp_path / "h.db"
+    settings = Settings(embedder="minilm", lexical_index="engine")
+    async with hivemem.connect(f"sqlite:///{db}", agent="a", settings=settings) as hive:
+        for i in range(5):
+            await hive.put("t", f"k{i}", f"{WORDS[i]} note {i}")
+        hits = await hive.search("t", "note", mode="lexical")
+        assert {h.item.key for h in hits} == {f"k{i}" for i in range(5)}
+        assert pending(db) == 0
+        hits = await hive.search("t", "note", consistency="indexed")  # runs the indexer
+        assert len(hits) == 5
+        with sqlite3.connect(db) as c:
+            assert c.execute("SELECT count(*) FROM search_docs WHERE vec IS NULL").fetchone() == (
+                0,
+            )
+        assert pending(db) == 0
