@@ -86,6 +86,8 @@ COMPARISONS: list[tuple[str, str, str, str]] = [
     ("writes.none.1", "writes.raw.1", "put, embedder=none vs floor", "cpu"),
     ("writes.none.8", "writes.raw.8", "put, embedder=none vs floor", "cpu"),
     ("writes.synchive.1", "writes.raw.1", "text put, SyncHive, default vs floor", "cpu"),
+    ("writes.job.1", "writes.raw.1", "the store's put job alone vs floor", "cpu"),
+    ("writes.synchive.1", "writes.job.1", "text put, SyncHive vs the store's job alone", "cpu"),
     ("writes.synchive.1", "writes.langgraph-sqlite.1", "text put, SyncHive vs LangGraph", "cpu"),
     ("writes.none.1", "writes.langgraph-sqlite.1", "put, embedder=none vs LangGraph", "cpu"),
     ("writes.default.1", "writes.langgraph-sqlite.1", "text put, default vs LangGraph", "cpu"),

@@ -17,6 +17,9 @@ Rows (each measured in the same run as its floor):
 - ``writes.synchive.1``: ``SyncHive.put`` of the same text items from one thread, default
   settings (a synchronous caller, like the floor and LangGraph's ``SqliteStore``; on an
   idle writer the put runs in the calling thread).
+- ``writes.job.1``: the SQLite backend's write job of the same text put alone, on a plain
+  connection, one transaction per put from one thread (what the store writes per put,
+  without the core or a thread hop: the floor of a put beside the raw one-row floor).
 - ``writes.indexed``: while one task writes 200 text items per second, the time from a
   put's return until its vector is stored (the store's ``item.indexed`` event, which the
   in-process vector index follows), p50/p99 over every item.
@@ -361,6 +364,55 @@ async def _store_rows(tmp: Path, duration: float, warmup: float) -> list[Result]
     return results
 
 
+def _job_row(db: Path, duration: float, warmup: float) -> Result:
+    """The SQLite backend's write job of a text put alone, one transaction per put on a
+    plain connection (WAL, synchronous=FULL as the floor), from one thread: the item,
+    its history, its index entry and its event, with the lexical catch-up every
+    ``LEXICAL_BATCH`` puts as the store runs it; no core (validation, encoding), no
+    thread hop. What the store writes per put costs this much beside the floor's one
+    row, whatever the layers above it do."""
+    import sqlite3 as sql
+
+    from hivemem.backends.rows import PutWrite
+    from hivemem.backends.sqlite import SqliteBackend
+    from hivemem.backends.sqlite.schema import MIGRATIONS
+    from hivemem.backends.sqlite.search import LEXICAL_BATCH, lexical_catch_up
+    from hivemem.config import Settings
+
+    conn = sql.connect(db, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    for number, script in enumerate(MIGRATIONS, start=1):
+        conn.executescript(script)
+        conn.execute(f"PRAGMA user_version={number}")
+    backend = SqliteBackend(str(db), Settings())  # never opened: its job runs here
+
+    def put(i: int) -> None:
+        text = text_of(i)
+        value = ('"' + text + '"').encode()
+        write = PutWrite("bench", f"k{i % 5000}", value, None, None, None, None, text, None, "m")
+        job = backend._items_job([write], "bench", time.time(), 10, None)
+        conn.execute("BEGIN IMMEDIATE")
+        job(conn)
+        conn.execute("COMMIT")
+        if backend._lexical_marks >= LEXICAL_BATCH:
+            backend._lexical_marks = 0
+            conn.execute("BEGIN IMMEDIATE")
+            lexical_catch_up(conn)
+            conn.execute("COMMIT")
+
+    try:
+        return run_sync_loop(
+            "writes.job.1",
+            "the store's write job of a text put alone, plain connection, 1 thread",
+            put,
+            duration,
+            warmup,
+        )
+    finally:
+        conn.close()
+
+
 def _sync_hive_row(db: Path, duration: float, warmup: float) -> Result:
     """SyncHive puts of text items from one thread, default settings (the API the README
     teaches; like the raw floor and LangGraph's SqliteStore, a synchronous caller)."""
@@ -527,6 +579,7 @@ def bench_writes(tmp: Path, duration: float, warmup: float) -> list[Result]:
             _hive_rows(tmp / f"{tag}.db", tag, label, duration, warmup, **settings)
         )
     results.append(_sync_hive_row(tmp / "synchive.db", duration, warmup))
+    results.append(_job_row(tmp / "job.db", duration, warmup))
     peer = _langgraph_sqlite(tmp / "langgraph.db", duration, warmup)
     if peer is not None:
         results.append(peer)
