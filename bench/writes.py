@@ -402,13 +402,23 @@ def _job_row(db: Path, duration: float, warmup: float) -> Result:
             conn.execute("COMMIT")
 
     try:
-        return run_sync_loop(
+        r = run_sync_loop(
             "writes.job.1",
             "the store's write job of a text put alone, plain connection, 1 thread",
             put,
             duration,
             warmup,
         )
+        # Pages a put writes (WAL frames of 1,024 puts of existing keys, the lexical
+        # catch-ups included, with checkpoints off meanwhile): no clock in it.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        for i in range(5000, 5000 + 1024):
+            put(i)
+        frames = Path(f"{db}-wal").stat().st_size / (4096 + 24) / 1024
+        r.extra["wal_frames_per_put"] = round(frames, 2)
+        r.extra["meaning"] = f"{frames:.1f} WAL frames (pages) per put"
+        return r
     finally:
         conn.close()
 
