@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -1105,7 +1106,9 @@ async def test_a_key_prefix_listing_is_one_range_of_the_primary_key(
         monkeypatch.setattr(b._engine, "read", read)
         ((sql, args),) = sent
         plan = await explain(b, sql, args)
-    assert "Index Scan using hivemem_items_pkey" in plan, plan
+    # A plain or a bitmap index scan, as the planner's statistics of the shared table
+    # have it: either way the range is the primary key's index condition.
+    assert re.search(r"(Index Scan using|Bitmap Index Scan on) hivemem_items_pkey", plan), plan
     (cond,) = [line for line in plan.splitlines() if "Index Cond" in line]
     assert "key >=" in cond and "key <" in cond, plan
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -49,24 +50,32 @@ STOP_TIMEOUT_SECONDS = 15.0
 CLUSTER_TIMEOUT_SECONDS = 60.0
 
 
+#: Where the servers' ports are picked: below Linux's default ephemeral range (32768-
+#: 60999), which the system hands to every outgoing connection. A port picked there could
+#: be taken by some client's connection before the server binds it (a cluster's twelve
+#: ports wait for all six nodes to start): CI lost a cluster to it once.
+PORT_RANGE = (20000, 32767)
+
+
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return _free_ports(1)[0]
 
 
 def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free right now (all bound at once, so none repeats)."""
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct ports of :data:`PORT_RANGE` that nothing listens on right now."""
+    rng = random.SystemRandom()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randint(*PORT_RANGE)
+        if port in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
 
 
 def _binary(name: str) -> str:
