@@ -33,15 +33,16 @@ KINDS = [
     "postgres",
     "redis",
     pytest.param("redis-cluster", marks=pytest.mark.matrix),
-    # moto's server answers one request at a time: the thousand tasks take minutes
-    pytest.param("dynamodb", marks=pytest.mark.matrix),
+    # moto's server answers one request at a time: the thousand tasks take minutes (over
+    # 300 s in one CI rehearsal on a slow day, so 900 s for both DynamoDB cases)
+    pytest.param("dynamodb", marks=[pytest.mark.matrix, pytest.mark.timeout(900)]),
     # the service over each store: its processes are the longest of these cases
     # (.ci/run's matrix pass)
     pytest.param("remote", marks=pytest.mark.matrix),
     pytest.param("remote-postgres", marks=pytest.mark.matrix),
     pytest.param("remote-redis", marks=pytest.mark.matrix),
     pytest.param("remote-redis-cluster", marks=pytest.mark.matrix),
-    pytest.param("remote-dynamodb", marks=pytest.mark.matrix),
+    pytest.param("remote-dynamodb", marks=[pytest.mark.matrix, pytest.mark.timeout(900)]),
 ]
 
 
