@@ -81,6 +81,11 @@ os.environ.setdefault("HIVEMEM_INDEX_NICE", "0")
 #: session's shared stores the indexer also embeds the other tests' writes first, and
 #: beside three other busy workers that backlog took over 30 s in CI (Redis, 2 writes).
 os.environ.setdefault("HIVEMEM_INDEX_WAIT_SECONDS", "120")
+#: And a search may take 60 s (10 s by default): on the session's shared DynamoDB (moto,
+#: one request at a time) a hybrid search's first load of the in-process indexes reads
+#: every other test's items too, and took over 10 s in a CI rehearsal on a slow day.
+#: tests/test_bounds.py checks the timeout itself, with its own setting.
+os.environ.setdefault("HIVEMEM_SEARCH_TIMEOUT_SECONDS", "60")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
