@@ -20,7 +20,7 @@ import pytest
 
 import hivemem
 from hivemem.errors import PermissionDenied, RateLimited, Unauthenticated
-from tests.conftest import ServiceProcess, free_port
+from tests.conftest import HEALTH_TIMEOUT_SECONDS, ServiceProcess, free_port
 from tests.test_permissions import POLICY, add_agent
 
 SECRET = "s" * 40
@@ -293,7 +293,7 @@ def _serve(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 async def _wait_healthy(url: str, ssl_context: Any = None) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + HEALTH_TIMEOUT_SECONDS
     async with aiohttp.ClientSession() as http:
         while True:
             try:
