@@ -5,6 +5,7 @@ FTS5 agrees with the items once it has caught up (its own integrity check)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import sqlite3
 import time
@@ -181,9 +182,11 @@ async def test_an_entry_marked_while_a_search_runs_is_left_out(tmp_path: Path) -
     integrity_check(db)
 
 
-async def test_a_store_of_the_previous_schema_keeps_its_index(tmp_path: Path) -> None:
+async def test_a_store_of_the_previous_schema_keeps_its_index(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Migration 9 moves each entry's text from FTS5's own copy to ``search_docs`` and
-    rebuilds FTS5 over it."""
+    rebuilds FTS5 over it, saying so before and after (it takes a while on a large store)."""
     db = tmp_path / "old.db"
     c = sqlite3.connect(db, isolation_level=None)
     for number, script in enumerate(MIGRATIONS[:8], start=1):
@@ -202,7 +205,13 @@ async def test_a_store_of_the_previous_schema_keeps_its_index(tmp_path: Path) ->
         ).fetchone()[0]
         c.execute("INSERT INTO search_fts (rowid, text) VALUES (?, ?)", (doc, text))
     c.close()
+    caplog.set_level(logging.WARNING, logger="hivemem.sqlite")
     async with engine_hive(db) as hive:
+        said = [r.getMessage() for r in caplog.records if r.name == "hivemem.sqlite"]
+        assert len(said) == 2, said
+        assert said[0].startswith(f"upgrading the store {db} from schema 8 to {len(MIGRATIONS)}")
+        assert "rebuilds the lexical index" in said[0]
+        assert said[1].startswith(f"upgraded the store {db} to schema {len(MIGRATIONS)} in ")
         assert await found(hive, "alpha") == {"k0", "k2"}
         await hive.put("t", "k0", 1, text="bravo now")
         assert await found(hive, "bravo") == {"k0", "k1"}
@@ -212,6 +221,11 @@ async def test_a_store_of_the_previous_schema_keeps_its_index(tmp_path: Path) ->
             "alpha three",
         )
     integrity_check(db)
+    # Opening it again, or opening a new store, upgrades nothing and says nothing.
+    caplog.clear()
+    async with engine_hive(db), engine_hive(tmp_path / "new.db"):
+        pass
+    assert not [r for r in caplog.records if r.name == "hivemem.sqlite"]
 
 
 async def test_storing_a_vector_leaves_the_lexical_entry_alone(tmp_path: Path) -> None:
