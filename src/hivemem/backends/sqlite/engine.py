@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hivemem.backends.signals import ChangeSignal
-from hivemem.backends.sqlite.schema import MIGRATIONS
+from hivemem.backends.sqlite.schema import MIGRATIONS, SLOW_MIGRATIONS
 from hivemem.config import Settings
 from hivemem.errors import Unavailable
 
@@ -170,18 +170,13 @@ class SqliteEngine:
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             upgrade = 0 < current < len(MIGRATIONS)
             if upgrade:
-                # Said before the work: an upgrade of a large store may take a while and
-                # the process answers nothing meanwhile. Migration 9 rebuilds the lexical
-                # index: 5 s of CPU for 200,000 entries of 12 words on a 2-core machine.
+                slow = [note for n, note in SLOW_MIGRATIONS.items() if n > current]
                 log.warning(
                     "upgrading the store %s from schema %d to %d%s",
                     self.path,
                     current,
                     len(MIGRATIONS),
-                    "; it rebuilds the lexical index: about 25 s of CPU per million "
-                    "search entries"
-                    if current < 9
-                    else "",
+                    "".join(f"; {note}" for note in slow),
                 )
             for number, script in enumerate(MIGRATIONS, start=1):
                 if number > current:
